@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pretrain",
+    version="0.1.0",
+    description="Distributed GPT pretraining: tensor, pipeline and data parallelism with DeepSpeed ZeRO",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pretrain", "pretrain.*"]),
+    install_requires=[
+        # Install with `-c constraints.txt`: it pins the CPU/CUDA build already on the machine.
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "tensorboard",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "transformers", "safetensors"],
+        "hf": ["transformers", "safetensors"],
+        "kernels": ["triton"],
+        "mpi": ["mpi4py"],
+    },
+)
