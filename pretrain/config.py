@@ -1,0 +1,442 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted command-line overrides, validation.
+
+A run config is a tree of small dataclasses, one per component. `load_config(path, overrides)`
+reads YAML, applies `section.key=value` overrides, fills derived values and validates the whole
+tree before anything else runs (no process group, no data, no model), so a typo in a key or a
+layout that cannot work fails in a second with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    flavour: Literal["gpt2", "llama"] = "gpt2"
+    """`gpt2`: learned positions, LayerNorm, GeLU MLP, tied embeddings, biases.
+    `llama`: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied output, no biases."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_heads: int = 4
+    """Attention (query) heads; hidden_size must be divisible by it."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; default num_heads (plain multi-head)."""
+    ffn_hidden_size: Optional[int] = None
+    """MLP width; default 4*hidden (gpt2) or 8/3*hidden rounded up to a multiple of 64 (llama)."""
+    vocab_size: int = 8000
+    """Tokenizer vocabulary size (real ids); the embedding is padded, see padded_vocab_size."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding rows are padded to a multiple of this times parallel.tensor (Megatron)."""
+    padded_vocab_size: Optional[int] = None
+    """Rows of the embedding; filled at load from vocab_size. Set it to pin a checkpoint's size."""
+    seq_length: int = 256
+    """Training sequence length in tokens."""
+    max_position_embeddings: Optional[int] = None
+    """Size of the position table (gpt2) / RoPE cache (llama); default seq_length."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and residual branches."""
+    norm_eps: float = 1e-5
+    """Epsilon of LayerNorm / RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base (llama flavour)."""
+    tie_embeddings: Optional[bool] = None
+    """Share input embedding and output projection; default True for gpt2, False for llama."""
+    init_std: float = 0.02
+    """Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """`full` recomputes each block in backward; `selective` only the attention core."""
+
+    # Derived values: read these, not the optional fields above.
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.flavour == "llama":
+            return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        return 4 * self.hidden_size
+
+    @property
+    def tied(self) -> bool:
+        return self.flavour == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def vocab_rows(self) -> int:
+        """Padded vocabulary actually allocated (single-device default when not filled at load)."""
+        return self.padded_vocab_size or pad_vocab(self.vocab_size, self.make_vocab_size_divisible_by)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (Megatron column/row split); keep it within a node."""
+    pipeline: int = 1
+    """Pipeline-parallel stages."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
+    sequence_parallel: bool = False
+    """Split activations outside tensor-parallel regions along the sequence."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (0 = plain data parallelism)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """A dataset prefix (PREFIX for PREFIX.bin/.idx), or `w1 p1 w2 p2 ...` to blend."""
+    tokenizer: str = ""
+    """Tokenizer model file (sentencepiece .model); used to check the vocabulary and to sample."""
+    split: str = "98,2,0"
+    """Train/valid/test shares of the documents, comma separated."""
+
+    @property
+    def split_ratios(self) -> tuple[float, float, float]:
+        parts = [float(x) for x in self.split.split(",")]
+        return (parts + [0.0, 0.0, 0.0])[:3]  # type: ignore[return-value]
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay; never applied to biases and norm weights."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 0
+    """Linear warmup from 0 to optimizer.lr over these steps."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay from lr to min_lr after warmup."""
+    decay_steps: Optional[int] = None
+    """Steps (counted from step 0) at which min_lr is reached; default train.steps."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one data-parallel rank."""
+    global_batch_size: Optional[int] = None
+    """Sequences per optimizer step across all ranks; default micro_batch_size x DP."""
+    seed: int = 1234
+    """Seed of weights, dropout and data order."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16` runs matmuls under bf16 autocast with fp32 master weights."""
+    log_interval: int = 10
+    """Log metrics every this many steps."""
+    eval_interval: int = 100
+    """Evaluate validation loss every this many steps (0 disables; also runs at the end)."""
+    eval_iters: int = 10
+    """Micro-batches per evaluation."""
+    exit_after_minutes: Optional[float] = None
+    """Save a checkpoint and stop cleanly after this many minutes of training."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train; `auto` picks CUDA when present."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Directory holding step_N/ checkpoints and the `latest` pointer (empty: no checkpoints)."""
+    interval: int = 0
+    """Save every this many steps (0: only at the end)."""
+    resume: str = "auto"
+    """`auto` resumes from `latest` when there is one, `none` never, or a step_N directory path."""
+    keep_last: int = 0
+    """Keep only the newest K checkpoints (0 keeps all)."""
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = ""
+    """Directory for metrics.jsonl and TensorBoard events (empty: console only)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under logging.dir."""
+    peak_tflops: Optional[float] = None
+    """Peak TFLOP/s per device for MFU; default measured at start with a matmul."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def pad_vocab(vocab_size: int, multiple: int) -> int:
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks that name the key.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML or override value to the annotated type; raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise AssertionError(f"unsupported config type {tp} at {key}")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = prefix + unknown[0]
+        raise ConfigError(f"{key}: unknown key; valid keys under '{prefix.rstrip('.') or 'config'}' "
+                          f"are {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=40")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: bad key {key!r}")
+    # YAML parsing gives `40` -> int, `true` -> bool, `null` -> None, `1e-4` -> str in YAML 1.1,
+    # so numbers in exponent form are retried as float.
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed for c in "eE.") else parsed
+        except ValueError:
+            pass
+    if isinstance(parsed, (dict, list)):
+        parsed = value  # `data.path=a b` style strings stay strings
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides to a nested dict (before typing, so types are checked once)."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict, overrides: list[str] = ()) -> RunConfig:
+    raw = apply_overrides(_deep_copy(raw), list(overrides))
+    config = _build(RunConfig, raw, "")
+    finalize(config)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply `key.sub=value` overrides, fill derived values, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(config: RunConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of the whole tree (world size is checked again by the topology when it is known).
+
+
+def finalize(config: RunConfig) -> None:
+    """Fill derived fields and validate; raises ConfigError naming the first bad key."""
+    m, p, t, o, s = config.model, config.parallel, config.train, config.optimizer, config.schedule
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    for key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "seq_length",
+                "make_vocab_size_divisible_by"):
+        need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    need(m.hidden_size % m.num_heads == 0, "model.hidden_size",
+         f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    need(m.kv_heads > 0 and m.num_heads % m.kv_heads == 0, "model.num_kv_heads",
+         f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.kv_heads}")
+    need(m.flavour == "llama" or m.kv_heads == m.num_heads, "model.num_kv_heads",
+         "grouped-query attention needs model.flavour=llama")
+    need(m.flavour == "gpt2" or m.head_dim % 2 == 0, "model.hidden_size",
+         f"RoPE needs an even head dimension, got {m.head_dim}")
+    need(m.ffn_size > 0, "model.ffn_hidden_size", f"must be positive, got {m.ffn_hidden_size}")
+    need(m.positions >= m.seq_length, "model.seq_length",
+         f"{m.seq_length} is longer than model.max_position_embeddings={m.positions}")
+    need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    need(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
+
+    for key in ("tensor", "pipeline", "virtual_stages"):
+        need(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
+    need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {p.zero_stage}")
+    need(m.num_heads % p.tensor == 0, "parallel.tensor",
+         f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
+    need(m.kv_heads % p.tensor == 0, "parallel.tensor",
+         f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tensor={p.tensor}")
+    need(m.ffn_size % p.tensor == 0, "parallel.tensor",
+         f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
+    stages = p.pipeline * p.virtual_stages
+    need(m.num_layers % stages == 0, "model.num_layers",
+         f"{m.num_layers} layers cannot be split into parallel.pipeline={p.pipeline} x "
+         f"parallel.virtual_stages={p.virtual_stages} = {stages} equal stages")
+    need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel",
+         "needs parallel.tensor > 1")
+    need(not p.sequence_parallel or m.seq_length % p.tensor == 0, "parallel.sequence_parallel",
+         f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={p.tensor}")
+
+    multiple = m.make_vocab_size_divisible_by * p.tensor
+    if m.padded_vocab_size is None:
+        m.padded_vocab_size = pad_vocab(m.vocab_size, multiple)
+    need(m.padded_vocab_size >= m.vocab_size, "model.padded_vocab_size",
+         f"{m.padded_vocab_size} is smaller than model.vocab_size={m.vocab_size}")
+    need(m.padded_vocab_size % p.tensor == 0, "model.padded_vocab_size",
+         f"{m.padded_vocab_size} is not divisible by parallel.tensor={p.tensor}")
+
+    need(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    if t.global_batch_size is not None:
+        need(t.global_batch_size >= 1 and t.global_batch_size % t.micro_batch_size == 0,
+             "train.global_batch_size",
+             f"{t.global_batch_size} is not a positive multiple of train.micro_batch_size="
+             f"{t.micro_batch_size}")
+    need(t.log_interval >= 1, "train.log_interval", f"must be >= 1, got {t.log_interval}")
+    need(t.eval_interval >= 0, "train.eval_interval", f"must be >= 0, got {t.eval_interval}")
+    need(t.eval_iters >= 1, "train.eval_iters", f"must be >= 1, got {t.eval_iters}")
+    need(t.exit_after_minutes is None or t.exit_after_minutes > 0, "train.exit_after_minutes",
+         f"must be positive, got {t.exit_after_minutes}")
+
+    need(o.lr > 0, "optimizer.lr", f"must be positive, got {o.lr}")
+    need(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr={o.lr}], got {o.min_lr}")
+    need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    need(0 <= o.beta1 < 1, "optimizer.beta1", f"must be in [0, 1), got {o.beta1}")
+    need(0 <= o.beta2 < 1, "optimizer.beta2", f"must be in [0, 1), got {o.beta2}")
+    need(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {o.clip_grad}")
+    need(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
+    if s.decay_steps is not None:
+        need(s.decay_steps > s.warmup_steps, "schedule.decay_steps",
+             f"{s.decay_steps} must exceed schedule.warmup_steps={s.warmup_steps}")
+
+    try:
+        ratios = config.data.split_ratios
+    except ValueError:
+        raise ConfigError(f"data.split: expected three comma-separated numbers, got "
+                          f"{config.data.split!r}") from None
+    need(all(r >= 0 for r in ratios) and ratios[0] > 0, "data.split",
+         f"needs a positive train share and no negative shares, got {config.data.split!r}")
+    need(config.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
+    need(config.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+    need(config.logging.peak_tflops is None or config.logging.peak_tflops > 0,
+         "logging.peak_tflops", "must be positive")

@@ -1,0 +1,99 @@
+"""Throughput, model FLOPs, MFU and memory, and the sinks metrics go to (console, JSONL, TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pretrain.config import ModelConfig
+
+
+def training_flops(config: ModelConfig, *, batch: int, seq: int) -> float:
+    """Model FLOPs of one forward+backward over `batch` sequences of `seq` tokens.
+
+    Counts matmuls only, without recomputation: 6 x tokens x (matmul weights), plus the
+    attention score and value products 12 x batch x s^2 x layers x h, plus the logits. For the
+    GPT-2 shape (MHA, ffn = 4h) this is exactly Megatron's 72 B s l h^2 (1 + s/6h + V/12lh);
+    for Llama it counts the real GQA and SwiGLU widths instead of assuming that shape.
+    """
+    h, layers = config.hidden_size, config.num_layers
+    attn_weights = h * (config.num_heads + 2 * config.kv_heads) * config.head_dim + config.num_heads * config.head_dim * h
+    mlp_weights = h * config.ffn_size * (3 if config.flavour == "llama" else 2)
+    tokens = batch * seq
+    return (6 * tokens * (layers * (attn_weights + mlp_weights) + config.vocab_rows * h)
+            + 12 * batch * seq * seq * layers * h)
+
+
+def megatron_flops(config: ModelConfig, *, batch: int, seq: int) -> float:
+    """Megatron-LM's formula 72 B s l h^2 (1 + s/6h + V/12lh), for comparison with its reports."""
+    h, layers, vocab = config.hidden_size, config.num_layers, config.vocab_rows
+    return 72 * batch * seq * layers * h * h * (1 + seq / (6 * h) + vocab / (12 * layers * h))
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
+    """A measured matmul rate, used as the MFU denominator when the config gives none."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up (thread pool, cuBLAS handles)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak device memory allocated (CUDA) or peak resident set size of this process (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class MetricsLogger:
+    """Writes each logged record to the console, `{dir}/metrics.jsonl` and TensorBoard."""
+
+    def __init__(self, log_dir: str, *, tensorboard: bool = True, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.jsonl = None
+        self.writer = None
+        if not (enabled and log_dir):
+            return
+        path = Path(log_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        # Append: a resumed run continues the same file.
+        self.jsonl = open(path / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(path / "tensorboard"))
+
+    def log(self, record: dict, *, console: Optional[str] = None) -> None:
+        if not self.enabled:
+            return
+        if console:
+            print(console, flush=True, file=sys.stdout)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+        if self.writer:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.writer:
+            self.writer.close()
