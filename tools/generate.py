@@ -1,0 +1,42 @@
+"""Print a sample from a checkpoint: `python tools/generate.py --checkpoint DIR --prompt TEXT`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.checkpoint import CheckpointError, load_model  # noqa: E402
+from pretrain.data.tokenizer import load_tokenizer  # noqa: E402
+from pretrain.generate import generate  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint root (uses latest) or step_N dir")
+    parser.add_argument("--prompt", default="def ", help="text to continue")
+    parser.add_argument("--tokenizer", help="tokenizer model (default: the one in the run config)")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    try:
+        model, config = load_model(args.checkpoint)
+    except CheckpointError as e:
+        parser.error(str(e))
+    tokenizer_path = args.tokenizer or config.data.tokenizer
+    if not tokenizer_path or not Path(tokenizer_path).is_file():
+        parser.error(f"tokenizer {tokenizer_path!r} not found; pass --tokenizer MODEL")
+    tokenizer = load_tokenizer(tokenizer_path)
+    ids = generate(model, tokenizer.encode(args.prompt), max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                   stop_token=tokenizer.eod)
+    print(args.prompt + tokenizer.decode(ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
