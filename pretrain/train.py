@@ -162,6 +162,8 @@ def run(config: RunConfig) -> dict:
     # Throughput counts step time only: evaluation and checkpoint time are not training speed.
     interval_time, interval_steps, last = 0.0, 0, {}
     saved_at = evaluated_at = step
+    if data.valid is not None and t.eval_interval and step == 0:
+        run_eval(0)  # the baseline the validation curve starts from
     while step < t.steps:
         step += 1
         step_start = time.perf_counter()
