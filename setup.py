@@ -17,7 +17,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "safetensors"],
+        "test": ["pytest", "hypothesis", "transformers", "safetensors", "megatron-core==0.16.1"],
         "hf": ["transformers", "safetensors"],
         "kernels": ["triton"],
         "mpi": ["mpi4py"],
