@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from pretrain.checkpoint import (CheckpointError, find_resume_checkpoint, load_checkpoint,
+from pretrain.checkpoint import (find_resume_checkpoint, load_checkpoint,
                                  prune_checkpoints, read_meta, save_checkpoint)
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data.gpt_dataset import GPTDataset
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv[0], argv[1:])
         run(config)
-    except (ConfigError, CheckpointError) as e:
+    except ValueError as e:  # ConfigError, CheckpointError, dataset errors: user mistakes
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
