@@ -192,6 +192,7 @@ def test_stdlib_corpus_is_deterministic_and_bounded(tmp_path):
     assert len(records) > 3
     paths = [r["path"] for r in records]
     assert all(p.endswith(".py") and "site-packages" not in p for p in paths)
+    assert len({p.split("/")[0] for p in paths}) > 2  # mixed across packages, not one prefix
     assert sum(len(r["text"].encode()) for r in records) <= 300_000
     import sysconfig
 
