@@ -299,15 +299,30 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
             parsed = float(parsed) if any(c in parsed for c in "eE.") else parsed
         except ValueError:
             pass
-    if isinstance(parsed, (dict, list)):
-        parsed = value  # `data.path=a b` style strings stay strings
+    if not isinstance(parsed, (bool, int, float, str, type(None))):
+        parsed = value  # lists, mappings, dates: keep the text, the field type decides
     return key.split("."), parsed
+
+
+def _is_string_field(path: list[str]) -> bool:
+    """Whether `path` names a str-typed config field (its override text is then taken verbatim)."""
+    cls: Any = RunConfig
+    for part in path:
+        if not dataclasses.is_dataclass(cls):
+            return False
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return False
+        cls = hints[part]
+    return cls is str
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b=value` overrides to a nested dict (before typing, so types are checked once)."""
     for text in overrides:
         path, value = _parse_override(text)
+        if _is_string_field(path):
+            value = text.split("=", 1)[1]  # `data.tokenizer=1e5` stays the path "1e5"
         node = raw
         for part in path[:-1]:
             child = node.setdefault(part, {})

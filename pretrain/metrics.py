@@ -37,8 +37,10 @@ def megatron_flops(config: ModelConfig, *, batch: int, seq: int) -> float:
     return 72 * batch * seq * layers * h * h * (1 + seq / (6 * h) + vocab / (12 * layers * h))
 
 
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048) -> float:
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """A measured matmul rate, used as the MFU denominator when the config gives none."""
+    # Large enough to reach the device's sustained rate, small enough to take well under a second.
+    size = 8192 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up (thread pool, cuBLAS handles)

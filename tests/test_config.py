@@ -38,6 +38,9 @@ def test_overrides_are_typed():
     assert c.data.path == "0.3 a 0.7 b"
     assert c.train.global_batch_size == 16
     assert c.train.exit_after_minutes is None
+    # String fields take the text verbatim, whatever YAML would make of it.
+    c = load_config("configs/gpt_tiny.yaml", ["data.tokenizer=1e5", "checkpoint.dir=2020-01-01", "train.steps=1e2"])
+    assert (c.data.tokenizer, c.checkpoint.dir, c.train.steps) == ("1e5", "2020-01-01", 100)
 
 
 @pytest.mark.parametrize("overrides, key", [
