@@ -1,17 +1,18 @@
 """Checkpoints: save, publish atomically, find the one to resume from, load safely.
 
 Layout of one checkpoint, `{checkpoint.dir}/step_N/`:
-  meta.json       format version, step, parallel layout, trainer state (data position, ...)
-  config.yaml     the whole run config, so a checkpoint alone rebuilds its model
-  model.pt        model state dict (tensors only)
-  optimizer.pt    optimizer state dict (tensors and numbers only)
-  rng.pt          RNG states (torch CPU, CUDA)
+  meta.json                  format version, step, parallel layout, trainer state (data position)
+  config.yaml                the whole run config, so a checkpoint alone rebuilds its model
+  model_tp{T}_pp{P}.pt       the weights one TP/PP position holds, with each tensor's shard spec
+  optimizer_tp{T}_pp{P}.pt   that position's optimizer state
+  rng_rank{R}.pt             every rank's RNG states (torch CPU, CUDA)
 `{checkpoint.dir}/latest` holds the name of the newest complete checkpoint.
 
-A checkpoint is written into a hidden temporary directory, synced, and renamed into place;
-`latest` is replaced atomically only after that. A crash at any moment leaves the previous
-`latest` pointing at a complete checkpoint. Every file is read with `weights_only=True`, so
-loading a checkpoint never runs code from it.
+Every rank writes its own files, in parallel, into one hidden temporary directory; after a
+barrier rank 0 writes meta.json, renames the directory into place, and only then replaces
+`latest` atomically. A crash at any moment leaves the previous `latest` pointing at a complete
+checkpoint. Data-parallel replicas hold equal weights and optimizer state, so only DP rank 0
+writes them. Every file is read with `weights_only=True`: loading never runs code from it.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import yaml
 
 from pretrain.config import RunConfig, config_from_dict, to_dict
+from pretrain.models.layers import ShardSpec, unshard_tensors
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -57,39 +60,75 @@ def _layout(config: RunConfig, *, data_parallel: int) -> dict:
             "data": data_parallel, "zero_stage": p.zero_stage}
 
 
-def save_checkpoint(root: str | Path, *, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, config: RunConfig, train_state: dict,
-                    data_parallel: int = 1) -> Path:
-    """Write step_N under root and point `latest` at it; returns the published directory."""
+def _chunks(model) -> list[torch.nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _shard_state(chunks: list[torch.nn.Module]) -> dict:
+    """This rank's weights, and for each TP-sharded one, how to put the full tensor together."""
+    state, specs = {}, {}
+    for chunk in chunks:
+        for name, tensor in chunk.state_dict().items():
+            state[name] = tensor
+        for name, param in chunk.named_parameters():
+            spec = getattr(param, "tp_spec", None)
+            if spec is not None:
+                specs[name] = [spec.dim, spec.parts]
+    return {"state": state, "specs": specs}
+
+
+def _barrier(topo) -> None:
+    if topo is not None and topo.world_size > 1:
+        dist.barrier()
+
+
+def save_checkpoint(root: str | Path, *, step: int, model, optimizer: torch.optim.Optimizer,
+                    config: RunConfig, train_state: dict, topo=None) -> Path:
+    """Write step_N under root from every rank and point `latest` at it (collective: every rank
+    calls it). `model` is a module or this rank's list of pipeline chunks. Returns step_N."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    rank = topo.rank if topo else 0
+    tp_rank, pp_rank, dp_rank = (topo.tp_rank, topo.pp_rank, topo.dp_rank) if topo else (0, 0, 0)
     final = root / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step}-", dir=root))
+    tmp = root / f".tmp-step_{step}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that crashed
+        tmp.mkdir()
+    _barrier(topo)
     try:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        meta = {"format_version": FORMAT_VERSION, "step": step,
-                "layout": _layout(config, data_parallel=data_parallel), "train_state": train_state}
-        _write(tmp / "model.pt", lambda f: torch.save(model.state_dict(), f))
-        _write(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
-        _write(tmp / "rng.pt", lambda f: torch.save(rng, f))
-        _write(tmp / "config.yaml", lambda f: f.write(yaml.safe_dump(to_dict(config), sort_keys=False).encode()))
-        # meta.json last: its presence marks the directory complete.
-        _write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
-            trash = Path(tempfile.mkdtemp(prefix=f".old-step_{step}-", dir=root))
-            final.rename(trash / "old")
-            shutil.rmtree(trash)
-        tmp.rename(final)
+        _write(tmp / f"rng_rank{rank}.pt", lambda f: torch.save(rng, f))
+        if dp_rank == 0:
+            suffix = f"tp{tp_rank}_pp{pp_rank}"
+            _write(tmp / f"model_{suffix}.pt", lambda f: torch.save(_shard_state(_chunks(model)), f))
+            _write(tmp / f"optimizer_{suffix}.pt", lambda f: torch.save(optimizer.state_dict(), f))
+        _barrier(topo)
+        if rank == 0:
+            meta = {"format_version": FORMAT_VERSION, "step": step,
+                    "layout": _layout(config, data_parallel=topo.dp if topo else 1),
+                    "world_size": topo.world_size if topo else 1, "train_state": train_state}
+            _write(tmp / "config.yaml",
+                   lambda f: f.write(yaml.safe_dump(to_dict(config), sort_keys=False).encode()))
+            # meta.json last: its presence marks the directory complete.
+            _write(tmp / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
+                trash = Path(tempfile.mkdtemp(prefix=f".old-step_{step}-", dir=root))
+                final.rename(trash / "old")
+                shutil.rmtree(trash)
+            tmp.rename(final)
+            pointer = root / f".{LATEST}.tmp"
+            _write(pointer, lambda f: f.write(f"{final.name}\n".encode()))
+            os.replace(pointer, root / LATEST)
+            _fsync_dir(root)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = root / f".{LATEST}.tmp"
-    _write(pointer, lambda f: f.write(f"{final.name}\n".encode()))
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
+    _barrier(topo)
     return final
 
 
@@ -157,26 +196,61 @@ def read_config(step_dir: Path) -> RunConfig:
     return config_from_dict(raw)
 
 
-def load_model_state(step_dir: Path, model: torch.nn.Module) -> None:
-    state = _load_tensors(step_dir / "model.pt")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
+def _load_shard(step_dir: Path, *, tp_rank: int, pp_rank: int) -> dict:
+    shard = _load_tensors(step_dir / f"model_tp{tp_rank}_pp{pp_rank}.pt")
+    if not isinstance(shard, dict) or "state" not in shard:
+        raise CheckpointError(f"{step_dir}: model_tp{tp_rank}_pp{pp_rank}.pt is not a pretrain weight shard")
+    return shard
+
+
+def _load_into(step_dir: Path, chunks: list[torch.nn.Module], state: dict) -> None:
+    expected = {name for chunk in chunks for name in chunk.state_dict()}
+    unexpected = sorted(set(state) - expected)
+    if unexpected:
         raise CheckpointError(f"{step_dir}: weights do not fit this model (a different model shape?): "
-                              f"{e}") from None
+                              f"unexpected {', '.join(unexpected[:5])}")
+    for chunk in chunks:
+        own = {name: state[name] for name in chunk.state_dict() if name in state}
+        try:
+            chunk.load_state_dict(own)
+        except RuntimeError as e:
+            raise CheckpointError(f"{step_dir}: weights do not fit this model (a different model shape?): "
+                                  f"{e}") from None
 
 
-def load_checkpoint(step_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    config: RunConfig, data_parallel: int = 1) -> dict:
-    """Restore model, optimizer and RNG in place; returns the meta (step, train_state)."""
+def merged_state_dict(step_dir: Path) -> dict:
+    """The single-device state dict from the shards of any TP/PP layout."""
+    layout = read_meta(step_dir)["layout"]
+    merged: dict[str, torch.Tensor] = {}
+    for pp_rank in range(layout["pipeline"]):
+        shards = [_load_shard(step_dir, tp_rank=t, pp_rank=pp_rank) for t in range(layout["tensor"])]
+        for name, tensor in shards[0]["state"].items():
+            spec = shards[0]["specs"].get(name)
+            if spec is None:
+                merged[name] = tensor  # replicated (a tied embedding copy on the last stage too)
+            else:
+                merged[name] = unshard_tensors([s["state"][name] for s in shards], ShardSpec(*spec))
+    return merged
+
+
+def load_checkpoint(step_dir: Path, *, model, optimizer: torch.optim.Optimizer, config: RunConfig,
+                    topo=None) -> dict:
+    """Restore this rank's weights, optimizer and RNG in place; returns the meta (step, train_state).
+    The data-parallel size may differ from the saved one; tensor and pipeline layout may not."""
     meta = read_meta(step_dir)
-    here = _layout(config, data_parallel=data_parallel)
-    if meta["layout"] != here:
-        raise CheckpointError(f"{step_dir} was saved with layout {meta['layout']}, this run has {here}; "
-                              "loading into another layout is not supported yet")
-    load_model_state(step_dir, model)
-    optimizer.load_state_dict(_load_tensors(step_dir / "optimizer.pt"))
-    rng = _load_tensors(step_dir / "rng.pt")
+    saved, here = meta["layout"], _layout(config, data_parallel=topo.dp if topo else 1)
+    keys = ("tensor", "pipeline", "virtual_stages", "zero_stage")
+    if any(saved[k] != here[k] for k in keys):
+        raise CheckpointError(f"{step_dir} was saved with layout {saved}, this run has {here}; loading "
+                              "into another tensor/pipeline layout is not supported yet")
+    tp_rank, pp_rank = (topo.tp_rank, topo.pp_rank) if topo else (0, 0)
+    _load_into(step_dir, _chunks(model), _load_shard(step_dir, tp_rank=tp_rank, pp_rank=pp_rank)["state"])
+    optimizer.load_state_dict(_load_tensors(step_dir / f"optimizer_tp{tp_rank}_pp{pp_rank}.pt"))
+    rank = topo.rank if topo else 0
+    rng_file = step_dir / f"rng_rank{rank}.pt"
+    if not rng_file.exists():  # fewer ranks saved it (a DP change): take a same-position rank's
+        rng_file = step_dir / f"rng_rank{rank % meta.get('world_size', 1)}.pt"
+    rng = _load_tensors(rng_file)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -184,12 +258,13 @@ def load_checkpoint(step_dir: Path, *, model: torch.nn.Module, optimizer: torch.
 
 
 def load_model(checkpoint_dir: str | Path):
-    """(single-device GPT with the checkpoint's weights, its run config), in eval mode."""
+    """(single-device GPT with the checkpoint's weights, its run config), from any layout, in
+    eval mode."""
     from pretrain.models.gpt import GPT
 
     step_dir = resolve_checkpoint(checkpoint_dir)
     read_meta(step_dir)
     config = read_config(step_dir)
-    model = GPT(config.model)
-    load_model_state(step_dir, model)
+    model = GPT(config.model, init_seed=0)
+    _load_into(step_dir, [model], merged_state_dict(step_dir))
     return model.eval(), config

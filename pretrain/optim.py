@@ -1,4 +1,7 @@
-"""Optimizer (AdamW with decay only on matrices), learning-rate schedule and gradient clipping."""
+"""Optimizer (AdamW with decay only on matrices) and the learning-rate schedule.
+
+Gradient clipping needs the norm over the whole parallel grid: pretrain/parallel/data.py.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,10 @@ from torch import nn
 from pretrain.config import OptimizerConfig, ScheduleConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
+def build_optimizer(params: Iterable[nn.Parameter], config: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW with two groups: weight decay on matrices and embeddings, none on biases and norms."""
     decay, no_decay = [], []
-    for param in model.parameters():
+    for param in params:
         if not param.requires_grad:
             continue
         # Biases and norm gains are the 1-D parameters; decaying them hurts and Megatron skips them.
@@ -48,12 +51,3 @@ def learning_rate(step: int, *, optim: OptimizerConfig, schedule: ScheduleConfig
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip the global L2 norm of the gradients to max_norm (0: no clipping); returns the norm
-    before clipping."""
-    params = [p for p in parameters if p.grad is not None]
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))

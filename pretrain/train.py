@@ -1,12 +1,13 @@
 """The training loop: `python -m pretrain.train CONFIG.yaml [section.key=value ...]`.
 
-The loop is thin on purpose: build (data, model, optimizer), resume, then per step run the
-micro-batches, clip, step, and hand off to logging, evaluation and checkpointing beside it.
+The same command trains on one process or, under torchrun/srun/mpirun, on a TP x PP x DP grid.
+The loop is thin on purpose: build (topology, data, model, optimizer), resume, then per step
+run the schedule, synchronise gradients, clip, step; logging, evaluation and checkpointing
+plug in beside it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -15,16 +16,19 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
-from pretrain.checkpoint import (find_resume_checkpoint, load_checkpoint,
-                                 prune_checkpoints, read_meta, save_checkpoint)
+from pretrain.checkpoint import (find_resume_checkpoint, load_checkpoint, prune_checkpoints, read_meta,
+                                 save_checkpoint)
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data.gpt_dataset import GPTDataset
 from pretrain.data.loader import SampleLoader
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
-from pretrain.models.gpt import GPT
-from pretrain.optim import build_optimizer, clip_gradients, learning_rate, set_learning_rate
+from pretrain.optim import build_optimizer, learning_rate, set_learning_rate
+from pretrain.parallel.data import GradientSync, grad_norm_and_clip, reduce_loss
+from pretrain.parallel.pipeline import build_model_chunks, forward_backward
+from pretrain.parallel.topology import Topology, init_distributed
 
 
 @dataclass
@@ -38,11 +42,17 @@ def pick_device(choice: str) -> torch.device:
         raise ConfigError("train.device: cuda was asked for but torch sees no GPU")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        # One GPU per local rank (torchrun and srun both set LOCAL_RANK or SLURM_LOCALID).
+        import os
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        torch.cuda.set_device(local % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(choice)
 
 
-def build_data(config: RunConfig, *, consumed_samples: int = 0) -> Data:
-    """Open the dataset named by data.path and check it against the tokenizer and the model."""
+def check_data(config: RunConfig) -> str:
+    """Check data.path and the tokenizer against the model before anything is built."""
     d, m = config.data, config.model
     parts = d.path.split()
     if not parts:
@@ -61,13 +71,16 @@ def build_data(config: RunConfig, *, consumed_samples: int = 0) -> Data:
         if vocab > m.vocab_size:
             raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({vocab} in {d.tokenizer}); set model.vocab_size={vocab}")
-    seq, seed = m.seq_length, config.train.seed
-    train = GPTDataset(prefix, seq_length=seq, split="train", split_ratios=d.split_ratios, seed=seed)
-    valid = None
-    if d.split_ratios[1] > 0:
-        valid = GPTDataset(prefix, seq_length=seq, split="valid", split_ratios=d.split_ratios, seed=seed)
+    return prefix
+
+
+def build_data(config: RunConfig, topo: Topology, *, consumed_samples: int) -> Data:
+    prefix = check_data(config)
+    seq, seed, ratios = config.model.seq_length, config.train.seed, config.data.split_ratios
+    train = GPTDataset(prefix, seq_length=seq, split="train", split_ratios=ratios, seed=seed)
+    valid = GPTDataset(prefix, seq_length=seq, split="valid", split_ratios=ratios, seed=seed) if ratios[1] else None
     loader = SampleLoader(train, micro_batch_size=config.train.micro_batch_size, seed=seed,
-                          consumed_samples=consumed_samples)
+                          dp_rank=topo.dp_rank, dp_size=topo.dp, consumed_samples=consumed_samples)
     return Data(train=loader, valid=valid)
 
 
@@ -82,82 +95,104 @@ def accumulation_steps(config: RunConfig, *, data_parallel: int) -> int:
     return global_batch // per_step
 
 
-def train_step(model: GPT, batches: Iterator[dict], *, accum: int, device: torch.device,
-               autocast) -> float:
-    """Forward/backward over `accum` micro-batches; gradients are the mean over all of them."""
-    total = 0.0
-    for _ in range(accum):
-        batch = next(batches)
-        tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
-        with autocast():
-            loss = model(tokens, labels=labels)
-        (loss / accum).backward()
-        total += loss.item()
-    return total / accum
+class Trainer:
+    """What one step needs, built once; `step()` and `evaluate()` are the loop's two verbs."""
 
+    def __init__(self, config: RunConfig, topo: Topology, chunks: list, *, train_batches: Iterator[dict],
+                 valid: GPTDataset | None = None) -> None:
+        self.config, self.topo, self.chunks, self.valid = config, topo, chunks, valid
+        self.batches = train_batches
+        self.params = [p for chunk in chunks for p in chunk.parameters()]
+        self.optimizer = build_optimizer(self.params, config.optimizer)
+        self.grad_sync = GradientSync(chunks, topo)
+        self.accum = accumulation_steps(config, data_parallel=topo.dp)
+        bf16 = config.train.precision == "bf16"
+        device_type = topo.device.type
+        self.autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+        seq = config.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
+        self.hidden_shape = (config.train.micro_batch_size, seq, config.model.hidden_size)
 
-@torch.no_grad()
-def evaluate(model: GPT, dataset: GPTDataset, config: RunConfig, *, device, autocast) -> float:
-    """Mean loss over the first train.eval_iters validation micro-batches (the same each time)."""
-    model.eval()
-    loader = SampleLoader(dataset, micro_batch_size=config.train.micro_batch_size, seed=config.train.seed)
-    iters = min(config.train.eval_iters, max(1, len(dataset) // config.train.micro_batch_size))
-    losses = []
-    for _ in range(iters):
-        batch = next(loader)
-        with autocast():
-            losses.append(model(batch["tokens"].to(device), labels=batch["labels"].to(device)).item())
-    model.train()
-    return sum(losses) / len(losses)
+    def step(self, step: int) -> dict:
+        c = self.config
+        lr = learning_rate(step, optim=c.optimizer, schedule=c.schedule, total_steps=c.train.steps)
+        set_learning_rate(self.optimizer, lr)
+        losses = forward_backward(chunks=self.chunks, topo=self.topo, batches=self.batches,
+                                  micro_batches=self.accum, autocast=self.autocast,
+                                  hidden_shape=self.hidden_shape, on_last_backward=self.grad_sync.enable)
+        self.grad_sync.finish()
+        grad_norm = grad_norm_and_clip(self.params, max_norm=c.optimizer.clip_grad, topo=self.topo)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = reduce_loss(torch.stack(losses).mean(), self.topo) if losses else math.nan
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first train.eval_iters validation micro-batches of each DP rank
+        (the same ones every time, so evaluations are comparable)."""
+        t = self.config.train
+        for chunk in self.chunks:
+            chunk.eval()
+        loader = SampleLoader(self.valid, micro_batch_size=t.micro_batch_size, seed=t.seed,
+                              dp_rank=self.topo.dp_rank, dp_size=self.topo.dp)
+        iters = min(t.eval_iters, max(1, len(self.valid) // (t.micro_batch_size * self.topo.dp)))
+        losses = forward_backward(chunks=self.chunks, topo=self.topo, batches=iter(loader), micro_batches=iters,
+                                  autocast=self.autocast, hidden_shape=self.hidden_shape, forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
+        return reduce_loss(torch.stack(losses).mean(), self.topo) if losses else math.nan
 
 
 def run(config: RunConfig) -> dict:
-    """Train as configured; returns the last logged record."""
+    """Train as configured; returns the last record logged (on the logging rank)."""
     t, ck = config.train, config.checkpoint
     device = pick_device(t.device)
-    accum = accumulation_steps(config, data_parallel=1)
+    topo = init_distributed(config, device=device)  # validates the layout first
     resume_from = find_resume_checkpoint(ck.dir, ck.resume)
     # Data first: a missing or mismatched dataset should fail before a model is built.
     consumed = read_meta(resume_from)["train_state"]["consumed_samples"] if resume_from else 0
-    data = build_data(config, consumed_samples=consumed)
-    batches = iter(data.train)
+    data = build_data(config, topo, consumed_samples=consumed)
 
-    torch.manual_seed(t.seed)
-    model = GPT(config.model).to(device)
-    optimizer = build_optimizer(model, config.optimizer)
+    # Dropout streams: equal across TP and DP ranks, different per pipeline stage.
+    torch.manual_seed(t.seed + 100 * topo.pp_rank)
+    chunks = build_model_chunks(config.model, topo, init_seed=t.seed)
+    trainer = Trainer(config, topo, chunks, train_batches=iter(data.train), valid=data.valid)
     step = 0
     if resume_from is not None:
-        step = load_checkpoint(resume_from, model=model, optimizer=optimizer, config=config)["step"]
-        print(f"resumed from {resume_from} at step {step}", flush=True)
+        step = load_checkpoint(resume_from, model=chunks, optimizer=trainer.optimizer, config=config, topo=topo)["step"]
+        if topo.rank == 0:
+            print(f"resumed from {resume_from} at step {step}", flush=True)
 
+    logging_rank = topo.is_logging_rank
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")  # noqa: E731
     peak = config.logging.peak_tflops or measure_peak_tflops(device, dtype)
-    global_batch = t.micro_batch_size * accum
+    global_batch = t.micro_batch_size * trainer.accum * topo.dp
     step_flops = training_flops(config.model, batch=global_batch, seq=config.model.seq_length)
-    logger = MetricsLogger(config.logging.dir, tensorboard=config.logging.tensorboard)
-    print(f"model: {config.model.flavour}, {model.num_parameters() / 1e6:.2f}M parameters, "
-          f"{config.model.num_layers} layers, hidden {config.model.hidden_size}; global batch "
-          f"{global_batch} x {config.model.seq_length} tokens ({accum} accumulation steps); "
-          f"{device.type}, {t.precision}, peak {peak:.2f} TFLOP/s for MFU", flush=True)
+    logger = MetricsLogger(config.logging.dir, tensorboard=config.logging.tensorboard, enabled=logging_rank)
+    if logging_rank:
+        params = sum(p.numel() for p in trainer.params)
+        print(f"model: {config.model.flavour}, {config.model.num_layers} layers, hidden "
+              f"{config.model.hidden_size}, {params / 1e6:.2f}M parameters on this rank; {topo.describe()}; "
+              f"global batch {global_batch} x {config.model.seq_length} tokens ({trainer.accum} micro-batches "
+              f"per rank); {device.type}, {t.precision}, peak {peak:.2f} TFLOP/s per rank for MFU", flush=True)
 
     def save(step_now: int) -> None:
         if not ck.dir:
             return
-        path = save_checkpoint(ck.dir, step=step_now, model=model, optimizer=optimizer, config=config,
-                               train_state={"consumed_samples": data.train.consumed_samples})
-        prune_checkpoints(ck.dir, keep_last=ck.keep_last)
-        print(f"saved checkpoint {path}", flush=True)
+        path = save_checkpoint(ck.dir, step=step_now, model=chunks, optimizer=trainer.optimizer, config=config,
+                               train_state={"consumed_samples": data.train.consumed_samples}, topo=topo)
+        if topo.rank == 0:
+            prune_checkpoints(ck.dir, keep_last=ck.keep_last)
+            print(f"saved checkpoint {path}", flush=True)
 
     def run_eval(step_now: int) -> dict:
-        val = evaluate(model, data.valid, config, device=device, autocast=autocast)
+        val = trainer.evaluate()
         record = {"step": step_now, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
         logger.log(record, console=f"step {step_now:>6} | validation loss {val:.4f} | "
                                    f"perplexity {record['val_ppl']:.2f}")
         return record
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model.train()
     start_time = time.perf_counter()
     # Throughput counts step time only: evaluation and checkpoint time are not training speed.
     interval_time, interval_steps, last = 0.0, 0, {}
@@ -167,27 +202,22 @@ def run(config: RunConfig) -> dict:
     while step < t.steps:
         step += 1
         step_start = time.perf_counter()
-        lr = learning_rate(step, optim=config.optimizer, schedule=config.schedule, total_steps=t.steps)
-        set_learning_rate(optimizer, lr)
-        loss = train_step(model, batches, accum=accum, device=device, autocast=autocast)
-        grad_norm = clip_gradients(model.parameters(), config.optimizer.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        record = trainer.step(step)
         sync()
         interval_time += time.perf_counter() - step_start
         interval_steps += 1
         if step % t.log_interval == 0 or step == t.steps:
             elapsed = interval_time / interval_steps
-            tflops = step_flops / elapsed / 1e12
-            last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            tflops = step_flops / elapsed / 1e12 / topo.world_size
+            last = {"step": step, **record,
                     "tokens_per_s": global_batch * config.model.seq_length / elapsed,
                     "tflops": tflops, "mfu": tflops / peak, "step_time_s": elapsed,
                     "consumed_samples": data.train.consumed_samples,
                     "peak_mem_bytes": peak_memory_bytes(device)}
             logger.log(last, console=(
-                f"step {step:>6}/{t.steps} | loss {loss:.4f} | lr {lr:.3e} | grad {grad_norm:.3f} | "
-                f"{last['tokens_per_s']:,.0f} tok/s | {tflops:.3f} TFLOP/s | MFU {100 * last['mfu']:.1f}% | "
-                f"mem {last['peak_mem_bytes'] / 2**30:.2f} GiB"))
+                f"step {step:>6}/{t.steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                f"grad {record['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s | {tflops:.3f} TFLOP/s | "
+                f"MFU {100 * last['mfu']:.1f}% | mem {last['peak_mem_bytes'] / 2**30:.2f} GiB"))
             interval_time, interval_steps = 0.0, 0
         if data.valid is not None and t.eval_interval and step % t.eval_interval == 0:
             run_eval(step)
@@ -195,8 +225,9 @@ def run(config: RunConfig) -> dict:
         if ck.interval and step % ck.interval == 0:
             save(step)
             saved_at = step
-        if t.exit_after_minutes and time.perf_counter() - start_time > 60 * t.exit_after_minutes:
-            print(f"train.exit_after_minutes={t.exit_after_minutes} reached at step {step}", flush=True)
+        if t.exit_after_minutes and _agreed_timeout(start_time, t.exit_after_minutes, topo):
+            if logging_rank:
+                print(f"train.exit_after_minutes={t.exit_after_minutes} reached at step {step}", flush=True)
             break
 
     if data.valid is not None and evaluated_at != step:
@@ -205,6 +236,14 @@ def run(config: RunConfig) -> dict:
         save(step)
     logger.close()
     return last
+
+
+def _agreed_timeout(start_time: float, minutes: float, topo: Topology) -> bool:
+    """Whether the time limit is reached, decided by rank 0 so that every rank stops together."""
+    flag = torch.tensor([float(time.perf_counter() - start_time > 60 * minutes)], device=topo.device)
+    if topo.world_size > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # ConfigError, CheckpointError, dataset errors: user mistakes
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -17,7 +17,7 @@ def setup():
                                          "num_heads": 2, "vocab_size": 100, "seq_length": 16}})
     torch.manual_seed(0)
     model = GPT(config.model)
-    optimizer = build_optimizer(model, config.optimizer)
+    optimizer = build_optimizer(model.parameters(), config.optimizer)
     model(torch.randint(0, 100, (2, 16)), labels=torch.randint(0, 100, (2, 16))).backward()
     optimizer.step()
     return config, model, optimizer
@@ -41,7 +41,7 @@ def test_save_load_round_trip(tmp_path):
 
     torch.manual_seed(1)
     fresh = GPT(config.model)
-    fresh_opt = build_optimizer(fresh, config.optimizer)
+    fresh_opt = build_optimizer(fresh.parameters(), config.optimizer)
     torch.rand(3)
     meta = load_checkpoint(path, model=fresh, optimizer=fresh_opt, config=config)
     assert meta["step"] == 5 and meta["train_state"]["consumed_samples"] == 40
@@ -101,7 +101,7 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     bigger = GPT(config_from_dict({"model": {"flavour": "llama", "num_layers": 2, "hidden_size": 32,
                                              "num_heads": 2, "vocab_size": 100}}).model)
     with pytest.raises(CheckpointError, match="do not fit"):
-        load_checkpoint(path, model=bigger, optimizer=build_optimizer(bigger, config.optimizer), config=config)
+        load_checkpoint(path, model=bigger, optimizer=build_optimizer(bigger.parameters(), config.optimizer), config=config)
 
     (tmp_path / "latest").write_text("step_7\n")
     with pytest.raises(CheckpointError, match="step_7"):
@@ -116,9 +116,9 @@ class Evil:
 def test_pickled_code_is_refused(tmp_path):
     config, model, optimizer = setup()
     path = save(tmp_path, 1, config, model, optimizer)
-    torch.save({"weights": Evil()}, path / "model.pt")
+    torch.save({"state": {"weights": Evil()}}, path / "model_tp0_pp0.pt")
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         load_model(path)
-    (path / "model.pt").unlink()
+    (path / "model_tp0_pp0.pt").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         load_model(path)

@@ -7,7 +7,9 @@ import torch
 
 from pretrain.config import OptimizerConfig, ScheduleConfig, config_from_dict
 from pretrain.models.gpt import GPT
-from pretrain.optim import build_optimizer, clip_gradients, learning_rate
+from pretrain.optim import build_optimizer, learning_rate
+from pretrain.parallel.data import grad_norm_and_clip
+from pretrain.parallel.topology import single_process
 
 OPT = OptimizerConfig(lr=1.0, min_lr=0.1)
 
@@ -46,7 +48,7 @@ def test_linear_and_constant_and_decay_steps():
 def test_no_weight_decay_on_biases_and_norms():
     model = GPT(config_from_dict({"model": {"num_layers": 1, "hidden_size": 32, "num_heads": 2,
                                             "vocab_size": 100}}).model)
-    optimizer = build_optimizer(model, OptimizerConfig(weight_decay=0.1))
+    optimizer = build_optimizer(model.parameters(), OptimizerConfig(weight_decay=0.1))
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -60,7 +62,7 @@ def test_clip_returns_norm_before_clipping():
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
     params[0].grad = torch.tensor([3.0, 0.0, 0.0])
     params[1].grad = torch.tensor([0.0, 4.0, 0.0, 0.0])
-    assert clip_gradients(params, 1.0) == pytest.approx(5.0)
+    assert grad_norm_and_clip(params, max_norm=1.0, topo=single_process()) == pytest.approx(5.0)
     total = torch.cat([p.grad for p in params]).norm().item()
     assert total == pytest.approx(1.0, rel=1e-5)
-    assert clip_gradients(params, 0.0) == pytest.approx(1.0, rel=1e-5)  # 0 disables clipping
+    assert grad_norm_and_clip(params, max_norm=0.0, topo=single_process()) == pytest.approx(1.0, rel=1e-5)  # 0 disables clipping

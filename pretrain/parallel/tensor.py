@@ -1,0 +1,191 @@
+"""Megatron-style tensor parallelism: column/row-parallel linears, a vocabulary-parallel
+embedding and cross-entropy, and the layer factory that swaps them into the GPT.
+
+Every sharded parameter carries a `tp_spec` (ShardSpec): which dimension is split and into how
+many stacked parts, so that initialisation, checkpoint merging and resharding all slice full
+tensors the same way. A parameter without one is replicated on every TP rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.models.layers import IGNORE_INDEX, ShardSpec, make_norm
+from pretrain.parallel.comm import (all_reduce, copy_to_tp, gather_sequence, reduce_from_tp, scatter_sequence,
+                                    split_sequence)
+from pretrain.parallel.random import tensor_parallel_rng
+from pretrain.parallel.topology import Topology
+
+
+def _param(shape: tuple[int, ...], spec: ShardSpec | None = None, *, sequence_parallel: bool = False) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape))
+    if spec is not None:
+        p.tp_spec = spec
+    if sequence_parallel:
+        # Replicated, but applied to a sequence shard: its gradient is partial on each TP rank.
+        p.sequence_parallel = True
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's output rows split across TP ranks; y stays split (no comm)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, stacked: int, topo: Topology) -> None:
+        super().__init__()
+        if out_features % (topo.tp * stacked):
+            raise ValueError(f"{out_features} output features cannot be split into {stacked} parts x "
+                             f"{topo.tp} tensor-parallel ranks")
+        self.group, self.sequence_parallel = topo.tp_group, topo.sequence_parallel
+        spec = ShardSpec(dim=0, parts=stacked)
+        self.weight = _param((out_features // topo.tp, in_features), spec)
+        self.bias = _param((out_features // topo.tp,), spec) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [b, s(/tp under SP), in] -> [b, s, out/tp]
+        x = gather_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's input columns split; partial products are summed across TP."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, topo: Topology) -> None:
+        super().__init__()
+        if in_features % topo.tp:
+            raise ValueError(f"{in_features} input features cannot be split across {topo.tp} ranks")
+        self.group, self.sequence_parallel = topo.tp_group, topo.sequence_parallel
+        self.weight = _param((out_features, in_features // topo.tp), ShardSpec(dim=1))
+        self.bias = _param((out_features,), sequence_parallel=topo.sequence_parallel) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [b, s, in/tp] -> [b, s(/tp under SP), out]
+        y = F.linear(x, self.weight)
+        y = scatter_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary rows split; each rank looks up the ids it owns."""
+
+    def __init__(self, rows: int, dim: int, *, topo: Topology) -> None:
+        super().__init__()
+        if rows % topo.tp:
+            raise ValueError(f"{rows} vocabulary rows cannot be split across {topo.tp} ranks")
+        self.group = topo.tp_group
+        self.local_rows = rows // topo.tp
+        self.start = topo.tp_rank * self.local_rows
+        self.weight = _param((self.local_rows, dim), ShardSpec(dim=0))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.local_rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.group)  # [b, s, h], full on every rank
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of logits split along the vocabulary, never gathering them:
+    only the row max, the target logit and the softmax denominator ([tokens] each) cross ranks."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, group, vocab_start):
+        # logits [N, V/tp] fp32 (a buffer owned here), labels [N]
+        local_vocab = logits.shape[1]
+        row_max = logits.amax(dim=1)
+        all_reduce(row_max, group, op=dist.ReduceOp.MAX)
+        logits.sub_(row_max.unsqueeze(1))
+        local = labels - vocab_start
+        mine = (local >= 0) & (local < local_vocab)
+        local = local.masked_fill(~mine, 0)
+        target = logits.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill(~mine, 0.0)
+        all_reduce(target, group)
+        softmax = logits.exp_()
+        sum_exp = softmax.sum(dim=1)
+        all_reduce(sum_exp, group)
+        softmax.div_(sum_exp.unsqueeze(1))
+        ctx.save_for_backward(softmax, local, mine)
+        return sum_exp.log() - target
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, mine = ctx.saved_tensors
+        grad = softmax.clone()
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, local] -= mine.to(grad.dtype)
+        return grad.mul_(grad_loss.unsqueeze(1)), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, topo: Topology) -> torch.Tensor:
+    """Mean cross-entropy over labels != IGNORE_INDEX of vocab-split logits [b, s, V/tp]."""
+    vocab_start = topo.tp_rank * logits.shape[-1]
+    flat_labels = labels.flatten()
+    per_token = _VocabParallelCrossEntropy.apply(logits.float().flatten(0, 1).clone(), flat_labels,
+                                                 topo.tp_group, vocab_start)
+    valid = flat_labels != IGNORE_INDEX
+    return (per_token * valid).sum() / valid.sum()
+
+
+class _GatherVocab(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(dist.get_world_size(ctx.group), dim=-1)[ctx.rank].contiguous(), None
+
+
+class TensorParallelLayers:
+    """The layer factory for tensor parallelism (see pretrain/models/layers.py for the contract)."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+        self.tp_size = topo.tp
+        self.tp_rank = topo.tp_rank
+        self.group = topo.tp_group
+        self.sequence_parallel = topo.sequence_parallel
+
+    def column(self, in_features: int, out_features: int, *, bias: bool, stacked: int = 1) -> nn.Module:
+        return ColumnParallelLinear(in_features, out_features, bias=bias, stacked=stacked, topo=self.topo)
+
+    def row(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
+        return RowParallelLinear(in_features, out_features, bias=bias, topo=self.topo)
+
+    def embedding(self, rows: int, dim: int) -> nn.Module:
+        return VocabParallelEmbedding(rows, dim, topo=self.topo)
+
+    def norm(self, config) -> nn.Module:
+        norm = make_norm(config)
+        if self.sequence_parallel:
+            for p in norm.parameters():
+                p.sequence_parallel = True
+        return norm
+
+    def enter_sequence_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        """After the embedding: keep only this rank's sequence chunk under sequence parallelism."""
+        return split_sequence(x, self.group) if self.sequence_parallel else x
+
+    def output_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # hidden [b, s(/tp), h] -> logits [b, s, V/tp]; the vocabulary stays split.
+        x = gather_sequence(hidden, self.group) if self.sequence_parallel else copy_to_tp(hidden, self.group)
+        return F.linear(x, weight)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.tp_size == 1 else _GatherVocab.apply(logits, self.group)
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, topo=self.topo)
+
+    def rng_region(self):
+        """Dropout inside a TP region (attention probabilities of this rank's heads) draws from a
+        stream that differs per TP rank."""
+        return tensor_parallel_rng(self.topo.tp_rank) if self.tp_size > 1 else contextlib.nullcontext()

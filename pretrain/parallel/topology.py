@@ -1,0 +1,169 @@
+"""The TP x DP x PP grid of ranks: one object, validated and built once, passed down explicitly.
+
+Rank order follows Megatron: tensor-parallel ranks are contiguous (so a TP group stays inside
+a node, where its all-reduces are cheapest), then data-parallel, then pipeline:
+
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+There are no process-group globals: every function that communicates takes the Topology (or
+one of its groups). A single process (world size 1) has no groups at all and every
+collective short-circuits, so the single-device code path pays nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class Topology:
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    virtual_stages: int
+    sequence_parallel: bool
+    device: torch.device
+    tp_group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
+    dp_group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
+    pp_group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
+    # All ranks of one model replica (TP x PP): grad-norm and loss reductions.
+    model_group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
+    # First and last pipeline stage of one TP/DP position: keeps tied embeddings in sync.
+    embedding_group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
+
+    # Coordinates of this rank.
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def global_rank(self, *, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return pp_rank * (self.dp * self.tp) + dp_rank * self.tp + tp_rank
+
+    def pp_peer(self, offset: int) -> int:
+        """Global rank of the pipeline stage `offset` away (wrapping), same TP and DP position."""
+        return self.global_rank(tp_rank=self.tp_rank, dp_rank=self.dp_rank,
+                                pp_rank=(self.pp_rank + offset) % self.pp)
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that prints and writes metrics: last stage (it has the loss), TP 0, DP 0."""
+        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, "
+                f"dp {self.dp_rank}/{self.dp}, pp {self.pp_rank}/{self.pp}"
+                + (f" x {self.virtual_stages} virtual" if self.virtual_stages > 1 else ""))
+
+
+def single_process(device: torch.device = torch.device("cpu")) -> Topology:
+    """The one-rank grid: no process groups, every collective a no-op."""
+    return Topology(world_size=1, rank=0, tp=1, pp=1, dp=1, virtual_stages=1, sequence_parallel=False,
+                    device=device)
+
+
+def validate_layout(config: RunConfig, world_size: int) -> int:
+    """Check that the config's layout fits `world_size` ranks; returns the data-parallel size.
+
+    Called before any process group exists, so a bad layout fails in a second with the numbers.
+    """
+    p, t = config.parallel, config.train
+    model_parallel = p.tensor * p.pipeline
+    if world_size % model_parallel:
+        raise ConfigError(f"parallel: world size {world_size} is not divisible by parallel.tensor x "
+                          f"parallel.pipeline = {p.tensor} x {p.pipeline} = {model_parallel}")
+    dp = world_size // model_parallel
+    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} "
+                          f"(world {world_size} / (tensor {p.tensor} x pipeline {p.pipeline}))")
+    if p.virtual_stages > 1:
+        if p.pipeline == 1:
+            raise ConfigError("parallel.virtual_stages: interleaving needs parallel.pipeline > 1")
+        global_batch = t.global_batch_size or t.micro_batch_size * dp
+        micro_batches = global_batch // (t.micro_batch_size * dp)
+        if micro_batches % p.pipeline:
+            raise ConfigError(f"parallel.virtual_stages: the interleaved schedule needs the number of "
+                              f"micro-batches per step ({micro_batches}) to be a multiple of "
+                              f"parallel.pipeline={p.pipeline}; raise train.global_batch_size")
+    return dp
+
+
+def init_distributed(config: RunConfig, *, device: torch.device, timeout_minutes: float = 10.0) -> Topology:
+    """Build the Topology for this process.
+
+    Under torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), joins the
+    default process group (NCCL on GPU, gloo on CPU) and creates the TP/DP/PP groups. Alone,
+    returns a one-rank Topology without any process group.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dp = validate_layout(config, world_size)
+    p = config.parallel
+    if world_size == 1:
+        return single_process(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return build_topology(tp=p.tensor, pp=p.pipeline, dp=dp, virtual_stages=p.virtual_stages,
+                          sequence_parallel=p.sequence_parallel, device=device)
+
+
+def build_topology(*, tp: int, pp: int, dp: int, virtual_stages: int = 1, sequence_parallel: bool = False,
+                   device: torch.device = torch.device("cpu")) -> Topology:
+    """Create all groups of the grid over an initialised default process group.
+
+    Every rank must call new_group for every group, in the same order, even the groups it is
+    not in; that is why all groups are enumerated here, once.
+    """
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    assert world_size == tp * pp * dp, (world_size, tp, pp, dp)
+    topo = Topology(world_size=world_size, rank=rank, tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages,
+                    sequence_parallel=sequence_parallel, device=device)
+    g = topo.global_rank
+    mine: dict[str, Optional[dist.ProcessGroup]] = {}
+
+    def make(kind: str, ranks: list[int]) -> None:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine[kind] = group
+
+    for pp_rank in range(pp):
+        for dp_rank in range(dp):
+            make("tp_group", [g(tp_rank=t, dp_rank=dp_rank, pp_rank=pp_rank) for t in range(tp)])
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            make("dp_group", [g(tp_rank=tp_rank, dp_rank=d, pp_rank=pp_rank) for d in range(dp)])
+    for dp_rank in range(dp):
+        for tp_rank in range(tp):
+            make("pp_group", [g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=s) for s in range(pp)])
+            make("embedding_group", sorted({g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=0),
+                                            g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp - 1)}))
+    for dp_rank in range(dp):
+        make("model_group", [g(tp_rank=t, dp_rank=dp_rank, pp_rank=s) for s in range(pp) for t in range(tp)])
+    return Topology(**{**topo.__dict__, **mine})

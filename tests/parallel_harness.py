@@ -1,0 +1,101 @@
+"""Run a few training steps of a tiny GPT on a TP x PP x DP grid of real gloo ranks.
+
+Every layout sees the same global batches (synthetic tokens from a fixed seed, split across DP
+ranks the way the loader splits them), so its losses can be compared with the single-process
+run. Used by tests/test_parallel.py; also runnable by hand:
+    python tests/parallel_harness.py parallel.tensor=2 parallel.pipeline=2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.config import config_from_dict  # noqa: E402
+
+BASE = {
+    "model": {"num_layers": 4, "hidden_size": 64, "num_heads": 4, "vocab_size": 250, "seq_length": 32},
+    "train": {"micro_batch_size": 2, "global_batch_size": 8, "seed": 7, "steps": 3},
+    "optimizer": {"lr": 1e-2, "min_lr": 1e-3, "clip_grad": 1.0},
+    "schedule": {"warmup_steps": 1},
+}
+
+
+def make_config(overrides: list[str]):
+    return config_from_dict(BASE, overrides)
+
+
+def global_batches(config, steps: int) -> torch.Tensor:
+    """[steps, global_batch, seq + 1] token ids, the same for every layout."""
+    g = torch.Generator().manual_seed(1234)
+    t = config.train
+    return torch.randint(0, config.model.vocab_size, (steps, t.global_batch_size, config.model.seq_length + 1),
+                         generator=g)
+
+
+def rank_batches(data: torch.Tensor, *, micro: int, dp: int, dp_rank: int):
+    """This DP rank's micro-batches in order: chunks of micro*dp samples, rank r takes slice r."""
+    for step in data:
+        for start in range(0, step.shape[0], micro * dp):
+            sample = step[start + dp_rank * micro: start + (dp_rank + 1) * micro]
+            yield {"tokens": sample[:, :-1], "labels": sample[:, 1:]}
+
+
+def train_steps(config, steps: int) -> dict:
+    """Train `steps` steps on this process's part of the grid; returns losses and grad norms."""
+    from pretrain.parallel.pipeline import build_model_chunks
+    from pretrain.parallel.topology import init_distributed
+    from pretrain.train import Trainer
+
+    torch.manual_seed(config.train.seed)
+    topo = init_distributed(config, device=torch.device("cpu"))
+    chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed)
+    batches = rank_batches(global_batches(config, steps), micro=config.train.micro_batch_size, dp=topo.dp,
+                           dp_rank=topo.dp_rank)
+    trainer = Trainer(config, topo, chunks, train_batches=batches)
+    records = [trainer.step(step) for step in range(1, steps + 1)]
+    return {"rank": topo.rank, "logging": topo.is_logging_rank,
+            "loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records]}
+
+
+def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = train_steps(make_config(overrides), steps)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    import torch.distributed as dist
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_layout(overrides: list[str], *, world: int, steps: int = 3) -> dict:
+    """Spawn `world` ranks; returns the logging rank's losses and grad norms."""
+    if world == 1:
+        return train_steps(make_config(overrides), steps)
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(world, free_port(), overrides, steps, out), nprocs=world, join=True)
+        results = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    (logging,) = [r for r in results if r["logging"]]
+    return logging
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    cfg = make_config(args)
+    world = cfg.parallel.tensor * cfg.parallel.pipeline * int(os.environ.get("DP", "1"))
+    print(run_layout(args, world=world))
