@@ -80,7 +80,7 @@ def test_attention_matches_naive_reference(flavour):
     model = make(flavour).eval()
     x = torch.randn(2, 32, 64)
     rope = (model.rope_cos[:32], model.rope_sin[:32]) if flavour == "llama" else None
-    attn = model.blocks[0].attn
+    attn = model.blocks["0"].attn
     assert torch.allclose(attn(x, rope), naive_attention(attn, x, rope), atol=1e-5)
 
 
@@ -100,21 +100,21 @@ def test_rope_is_relative():
 def test_flavour_structure():
     gpt2, llama = make("gpt2"), make("llama")
     assert gpt2.head is None and gpt2.pos_embed is not None  # tied, learned positions
-    assert isinstance(gpt2.blocks[0].norm1, torch.nn.LayerNorm) and gpt2.blocks[0].attn.qkv.bias is not None
+    assert isinstance(gpt2.blocks["0"].norm1, torch.nn.LayerNorm) and gpt2.blocks["0"].attn.qkv.bias is not None
     assert llama.head is not None and llama.pos_embed is None  # untied, RoPE
-    assert isinstance(llama.blocks[0].norm1, torch.nn.RMSNorm) and llama.blocks[0].attn.qkv.bias is None
+    assert isinstance(llama.blocks["0"].norm1, torch.nn.RMSNorm) and llama.blocks["0"].attn.qkv.bias is None
     # GQA: 4 query heads and 2 kv heads of 16 -> (4 + 2*2) * 16 fused rows; SwiGLU gate|up.
-    assert llama.blocks[0].attn.qkv.weight.shape == (128, 64)
-    assert llama.blocks[0].mlp.fc1.weight.shape == (2 * llama.config.ffn_size, 64)
+    assert llama.blocks["0"].attn.qkv.weight.shape == (128, 64)
+    assert llama.blocks["0"].mlp.fc1.weight.shape == (2 * llama.config.ffn_size, 64)
 
 
 def test_megatron_init():
     model = make("gpt2", num_layers=8, hidden_size=256, num_heads=4)
     std = lambda p: p.detach().std().item()  # noqa: E731
-    assert std(model.blocks[0].attn.qkv.weight) == pytest.approx(0.02, rel=0.05)
-    assert std(model.blocks[0].attn.proj.weight) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
-    assert std(model.blocks[3].mlp.fc2.weight) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
-    assert torch.all(model.blocks[0].attn.qkv.bias == 0) and torch.all(model.blocks[0].norm1.weight == 1)
+    assert std(model.blocks["0"].attn.qkv.weight) == pytest.approx(0.02, rel=0.05)
+    assert std(model.blocks["0"].attn.proj.weight) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert std(model.blocks["3"].mlp.fc2.weight) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert torch.all(model.blocks["0"].attn.qkv.bias == 0) and torch.all(model.blocks["0"].norm1.weight == 1)
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)

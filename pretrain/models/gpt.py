@@ -14,7 +14,10 @@ groups (grouped-query attention included) and no reshuffle is needed.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import zlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -24,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
 from pretrain.models.attention import causal_attention
-from pretrain.models.layers import DenseLayers
+from pretrain.models.layers import DenseLayers, full_shape, shard_tensor
 
 
 def rope_tables(*, positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,12 +45,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
-    if config.flavour == "llama":
-        return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layers) -> None:
         super().__init__()
@@ -56,6 +53,7 @@ class Attention(nn.Module):
         self.kv_heads = config.kv_heads // layers.tp_size
         self.dropout = config.dropout
         self.selective_checkpoint = config.activation_checkpointing == "selective"
+        self.rng_region = layers.rng_region
         bias = config.flavour == "gpt2"
         qkv_out = (config.num_heads + 2 * config.kv_heads) * self.head_dim
         self.qkv = layers.column(config.hidden_size, qkv_out, bias=bias)
@@ -65,19 +63,26 @@ class Attention(nn.Module):
         return causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        b, s, _ = x.shape
+        qkv = self.qkv(x)  # [b, s, (heads + 2 kv_heads) * d]; s is the full sequence under SP
+        b, s, _ = qkv.shape
         group = self.heads // self.kv_heads
-        qkv = self.qkv(x).view(b, s, self.kv_heads, group + 2, self.head_dim)
-        q = qkv[:, :, :, :group].reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = qkv[:, :, :, group].transpose(1, 2)  # [b, kv_heads, s, d]
-        v = qkv[:, :, :, group + 1].transpose(1, 2)
+        qkv = qkv.view(b, s, self.kv_heads, group + 2, self.head_dim)
+        # split, not three index selects: its backward is one cat into the qkv gradient instead
+        # of three zero-filled qkv-sized buffers summed.
+        q, k, v = qkv.split([group, 1, 1], dim=3)
+        q = q.reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k = k.squeeze(3).transpose(1, 2)  # [b, kv_heads, s, d]
+        v = v.squeeze(3).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.selective_checkpoint and self.training:
-            out = checkpoint(self._core, q, k, v, use_reentrant=False)
-        else:
-            out = self._core(q, k, v)
+        # Dropout on this rank's heads draws from the TP-rank stream; entered outside the
+        # checkpoint so that recomputation replays the same mask.
+        with self.rng_region() if self.dropout and self.training else contextlib.nullcontext():
+            if self.selective_checkpoint and self.training:
+                out = checkpoint(self._core, q, k, v, use_reentrant=False)
+            else:
+                out = self._core(q, k, v)
         # [b, heads, s, d] -> [b, s, heads * d]
         return self.proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
@@ -104,9 +109,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layers) -> None:
         super().__init__()
-        self.norm1 = make_norm(config)
+        self.norm1 = layers.norm(config)
         self.attn = Attention(config, layers)
-        self.norm2 = make_norm(config)
+        self.norm2 = layers.norm(config)
         self.mlp = MLP(config, layers)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -115,31 +120,64 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
-class GPT(nn.Module):
-    """`model(tokens)` -> logits [b, s, vocab_size]; `model(tokens, labels=labels)` -> mean loss."""
+@dataclass(frozen=True)
+class Stage:
+    """The part of the model one pipeline (virtual) stage builds: a slice of the layers, plus the
+    embedding on the first stage and the final norm, output layer and loss on the last."""
 
-    def __init__(self, config: ModelConfig, *, layers=None) -> None:
+    layer_ids: range
+    first: bool
+    last: bool
+
+
+class GPT(nn.Module):
+    """`model(tokens)` -> logits [b, s, vocab_size]; `model(tokens, labels=labels)` -> mean loss.
+
+    `layers` is the layer factory (tensor parallelism swaps it); `stage` builds one pipeline
+    stage instead of the whole model. Blocks are keyed by their global index, so a parameter
+    has the same name (and the same initial value) in every parallel layout.
+    """
+
+    def __init__(self, config: ModelConfig, *, layers=None, stage: Optional[Stage] = None,
+                 init_seed: Optional[int] = None) -> None:
         super().__init__()
         self.config = config
         self.layers = layers or DenseLayers()
+        self.stage = stage or Stage(range(config.num_layers), first=True, last=True)
+        first, last = self.stage.first, self.stage.last
         self.full_checkpoint = config.activation_checkpointing == "full"
-        self.embed = self.layers.embedding(config.vocab_rows, config.hidden_size)
-        self.pos_embed = nn.Embedding(config.positions, config.hidden_size) if config.flavour == "gpt2" else None
+        # The last stage of a pipelined tied model keeps its own copy of the embedding for the
+        # output layer; the two copies are kept equal by summing their gradients.
+        needs_embed = first or (last and config.tied)
+        self.embed = self.layers.embedding(config.vocab_rows, config.hidden_size) if needs_embed else None
+        if needs_embed and not (first and last) and config.tied:
+            self.embed.weight.tied_embedding = True
+        use_positions = first and config.flavour == "gpt2"
+        self.pos_embed = nn.Embedding(config.positions, config.hidden_size) if use_positions else None
         self.embed_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, self.layers) for _ in range(config.num_layers))
-        self.final_norm = make_norm(config)
-        self.head = None if config.tied else self.layers.column(config.hidden_size, config.vocab_rows, bias=False)
+        self.blocks = nn.ModuleDict({str(i): Block(config, self.layers) for i in self.stage.layer_ids})
+        self.final_norm = self.layers.norm(config) if last else None
+        self.head = None
+        if last and not config.tied:
+            self.head = self.layers.column(config.hidden_size, config.vocab_rows, bias=False)
         if config.flavour == "llama":
             cos, sin = rope_tables(positions=config.positions, head_dim=config.head_dim,
                                    theta=config.rope_theta)
             # Not persistent: derived from config, so checkpoints hold only learned weights.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.reset_parameters(seed=init_seed)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Megatron init: N(0, std) everywhere, output projections N(0, std / sqrt(2 layers))."""
+    def reset_parameters(self, seed: Optional[int] = None) -> None:
+        """Megatron init: N(0, std) everywhere, output projections N(0, std / sqrt(2 layers)).
+
+        Each weight is drawn whole from a generator seeded by (seed, its name), then this rank's
+        shard is kept, so every TP/PP layout starts from exactly the single-device weights. The
+        default seed is drawn from torch's global generator (torch.manual_seed decides it).
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.num_layers)
         for name, param in self.named_parameters():
@@ -147,10 +185,14 @@ class GPT(nn.Module):
                 param.zero_()
             elif "norm" in name:
                 param.fill_(1.0)
-            elif name.endswith(("attn.proj.weight", "mlp.fc2.weight")):
-                param.normal_(0.0, out_std)
             else:
-                param.normal_(0.0, std)
+                scale = out_std if name.endswith(("attn.proj.weight", "mlp.fc2.weight")) else std
+                generator = torch.Generator(device=param.device).manual_seed(seed + zlib.crc32(name.encode()))
+                full = torch.empty(full_shape(param, self.layers.tp_size), device=param.device)
+                full.normal_(0.0, scale, generator=generator)
+                spec = getattr(param, "tp_spec", None)
+                param.copy_(full if spec is None else
+                            shard_tensor(full, spec, rank=self.layers.tp_rank, size=self.layers.tp_size))
 
     # The three pieces a pipeline stage runs; forward() chains them on one device.
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -158,12 +200,15 @@ class GPT(nn.Module):
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device))
+        x = self.layers.enter_sequence_parallel(x)  # [b, s/tp, h] under sequence parallelism
         return self.embed_dropout(x)
 
-    def run_blocks(self, x: torch.Tensor, blocks=None) -> torch.Tensor:
-        s = x.shape[1]
-        rope = (self.rope_cos[:s], self.rope_sin[:s]) if self.pos_embed is None else None
-        for block in self.blocks if blocks is None else blocks:
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        # RoPE tables for the full sequence: attention runs on whole sequences even under
+        # sequence parallelism (the QKV projection gathers them).
+        s = x.shape[1] * (self.layers.tp_size if self.layers.sequence_parallel else 1)
+        rope = (self.rope_cos[:s], self.rope_sin[:s]) if self.config.flavour == "llama" else None
+        for block in self.blocks.values():
             if self.full_checkpoint and self.training:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
@@ -175,14 +220,24 @@ class GPT(nn.Module):
         weight = self.embed.weight if self.head is None else self.head.weight
         return self.layers.output_logits(self.final_norm(x), weight)
 
+    def head_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """hidden [b, s, h], labels [b, s] -> mean cross-entropy: `cross_entropy(head_logits(x))`,
+        fused when the layer factory offers `linear_cross_entropy` (the [tokens, vocab] logits
+        and their gradient then share one buffer)."""
+        fused = getattr(self.layers, "linear_cross_entropy", None)
+        if fused is None:
+            return self.layers.cross_entropy(self.head_logits(x), labels)
+        weight = self.embed.weight if self.head is None else self.head.weight
+        return fused(self.final_norm(x), weight, labels)
+
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens.shape[1] > self.config.positions:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the model's "
                              f"{self.config.positions} positions")
-        logits = self.head_logits(self.run_blocks(self.embed_tokens(tokens)))
+        x = self.run_blocks(self.embed_tokens(tokens))
         if labels is not None:
-            return self.layers.cross_entropy(logits, labels)
-        return self.layers.gather_logits(logits)[..., : self.config.vocab_size]
+            return self.head_loss(x, labels)
+        return self.layers.gather_logits(self.head_logits(x))[..., : self.config.vocab_size]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

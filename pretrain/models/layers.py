@@ -8,6 +8,9 @@ same parameter names, so the model code never changes between layouts.
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,10 +18,113 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
+def make_norm(config) -> nn.Module:
+    """LayerNorm (gpt2) or RMSNorm (llama) over the hidden size."""
+    if config.flavour == "llama":
+        return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a parameter is split across tensor-parallel ranks: along `dim`, each of `parts`
+    stacked blocks (SwiGLU's [gate; up] has 2) split separately so every rank holds a slice of
+    each. Attached to a parameter as `param.tp_spec`; a parameter without one is replicated."""
+
+    dim: int
+    parts: int = 1
+
+
+def shard_tensor(full: torch.Tensor, spec: ShardSpec, *, rank: int, size: int) -> torch.Tensor:
+    """This rank's slice of a full tensor."""
+    blocks = full.chunk(spec.parts, dim=spec.dim)
+    return torch.cat([b.chunk(size, dim=spec.dim)[rank] for b in blocks], dim=spec.dim)
+
+
+def unshard_tensors(shards: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
+    """The full tensor from every rank's slice, in rank order (inverse of shard_tensor)."""
+    per_rank = [s.chunk(spec.parts, dim=spec.dim) for s in shards]
+    return torch.cat([torch.cat([p[i] for p in per_rank], dim=spec.dim) for i in range(spec.parts)],
+                     dim=spec.dim)
+
+
+def full_shape(param: torch.Tensor, tp_size: int) -> torch.Size:
+    """The unsharded shape of a (possibly TP-sharded) parameter."""
+    spec = getattr(param, "tp_spec", None)
+    if spec is None:
+        return param.shape
+    shape = list(param.shape)
+    shape[spec.dim] *= tp_size
+    return torch.Size(shape)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T`, with the fp32 logits buffer reused in place.
+
+    The same function as `F.cross_entropy(F.linear(hidden, weight).float(), labels)`, but the
+    unfused pair allocates and fills three [tokens, vocab] fp32 buffers per step (log-softmax
+    output, NLL-backward zeros, log-softmax-backward output); at GPT vocabularies these dominate
+    everything but the matmuls. Here the logits buffer, which nothing outside sees, becomes
+    exp(logits - max) in forward and the logits gradient in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index):
+        # hidden [N, h], weight [V, h], labels [N]
+        device = hidden.device.type
+        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if ctx.autocast_dtype is not None:  # what autocast does to F.linear, done by hand
+            hidden, weight = hidden.to(ctx.autocast_dtype), weight.to(ctx.autocast_dtype)
+        logits = F.linear(hidden, weight).float()  # [N, V] fp32, a fresh buffer owned here
+        valid = labels != ignore_index
+        target = labels.masked_fill(~valid, 0)
+        target_logit = logits.gather(1, target[:, None]).squeeze(1)
+        row_max = logits.amax(dim=1, keepdim=True)
+        exps = logits.sub_(row_max).exp_()  # logits is overwritten from here on
+        sumexp = exps.sum(dim=1)
+        count = valid.sum()
+        loss = ((sumexp.log() + row_max.squeeze(1) - target_logit) * valid).sum() / count
+        ctx.save_for_backward(hidden, weight, exps, sumexp, target, valid, count)
+        ctx.used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:
+            raise RuntimeError("the fused linear cross-entropy backward runs once (its saved buffer "
+                               "becomes the gradient); for retain_graph use "
+                               "layers.cross_entropy(layers.output_logits(...), labels)")
+        ctx.used = True
+        hidden, weight, exps, sumexp, target, valid, count = ctx.saved_tensors
+        per_row = grad_loss / count * valid  # [N]; 0 on ignored rows
+        # d loss / d logits = (softmax - onehot(target)) * per_row, written over exps.
+        grad = exps.mul_((per_row / sumexp)[:, None])
+        grad[torch.arange(grad.shape[0], device=grad.device), target] -= per_row
+        if ctx.autocast_dtype is not None:
+            grad = grad.to(ctx.autocast_dtype)
+        grad_hidden = (grad @ weight).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad.t() @ hidden).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None
+
+
 class DenseLayers:
     """Single-device layers (tensor-parallel size 1)."""
 
     tp_size = 1
+    tp_rank = 0
+    sequence_parallel = False
+
+    def norm(self, config) -> nn.Module:
+        return make_norm(config)
+
+    def enter_sequence_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        """After the embedding; sequence parallelism keeps only this rank's chunk."""
+        return x
+
+    def rng_region(self):
+        """Context for dropout inside a TP region (TP gives each rank its own stream)."""
+        return contextlib.nullcontext()
 
     def column(self, in_features: int, out_features: int, *, bias: bool, stacked: int = 1) -> nn.Module:
         """A linear layer whose output dimension TP splits. `stacked` says the output is that
@@ -46,3 +152,9 @@ class DenseLayers:
         # [b, s, V] -> [b*s, V]; fp32 because bf16 log-softmax over a large vocabulary drifts.
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                ignore_index=IGNORE_INDEX)
+
+    def linear_cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor,
+                             labels: torch.Tensor) -> torch.Tensor:
+        """cross_entropy(output_logits(hidden, weight), labels), fused so the [tokens, vocab]
+        logits are allocated once: hidden [b, s, h], weight [vocab, h], labels [b, s]."""
+        return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, labels.flatten(), IGNORE_INDEX)
