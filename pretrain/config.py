@@ -104,6 +104,9 @@ class ParallelConfig:
     """Split activations outside tensor-parallel regions along the sequence."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (0 = plain data parallelism)."""
+    bucket_mb: float = 25.0
+    """Data-parallel gradients are all-reduced in buckets of about this many MB, each started
+    as soon as its gradients are ready so communication overlaps the backward pass."""
 
 
 @dataclass
@@ -397,6 +400,7 @@ def finalize(config: RunConfig) -> None:
     for key in ("tensor", "pipeline", "virtual_stages"):
         need(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {p.zero_stage}")
+    need(p.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {p.bucket_mb}")
     need(m.num_heads % p.tensor == 0, "parallel.tensor",
          f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
     need(m.kv_heads % p.tensor == 0, "parallel.tensor",

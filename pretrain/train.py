@@ -104,7 +104,7 @@ class Trainer:
         self.batches = train_batches
         self.params = [p for chunk in chunks for p in chunk.parameters()]
         self.optimizer = build_optimizer(self.params, config.optimizer)
-        self.grad_sync = GradientSync(chunks, topo)
+        self.grad_sync = GradientSync(chunks, topo, bucket_mb=config.parallel.bucket_mb)
         self.accum = accumulation_steps(config, data_parallel=topo.dp)
         bf16 = config.train.precision == "bf16"
         device_type = topo.device.type

@@ -64,6 +64,7 @@ def train_steps(config, steps: int) -> dict:
     trainer = Trainer(config, topo, chunks, train_batches=batches)
     records = [trainer.step(step) for step in range(1, steps + 1)]
     return {"rank": topo.rank, "logging": topo.is_logging_rank,
+            "buckets": len(trainer.grad_sync.buckets), "overlapped": trainer.grad_sync.overlapped,
             "loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records]}
 
 

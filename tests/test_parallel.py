@@ -15,10 +15,10 @@ LAYOUTS = {
     "tp2_sp": (["parallel.tensor=2", "parallel.sequence_parallel=true"], 2),
     "pp2_1f1b": (["parallel.pipeline=2"], 2),
     "pp2_interleaved": (["parallel.pipeline=2", "parallel.virtual_stages=2"], 2),
-    "dp2": ([], 2),
+    "dp2": (["parallel.bucket_mb=0.01"], 2),  # small buckets: several per step
     "tp2_pp2": (["parallel.tensor=2", "parallel.pipeline=2"], 4),
     "tp2_pp2_dp2": (["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true",
-                     "parallel.virtual_stages=2"], 8),
+                     "parallel.virtual_stages=2", "parallel.bucket_mb=0.01"], 8),
 }
 
 # llama runs every layout; gpt2 the three that cover its own paths (tied embeddings across
@@ -42,3 +42,5 @@ def test_layout_matches_single_process(flavour, layout):
     assert got["loss"] == pytest.approx(ref["loss"], abs=2e-5), layout
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), layout
     assert ref["loss"][0] != ref["loss"][-1]  # the steps did change the model
+    if "dp2" in layout:  # every bucket's all-reduce started inside the backward pass, each step
+        assert got["buckets"] > 1 and got["overlapped"] == 3 * got["buckets"]

@@ -41,6 +41,7 @@ class GradientSync:
         self.dp_group = topo.dp_group if group_size(topo.dp_group) > 1 else None
         self.enabled = [False] * len(chunks)  # per chunk: during its last micro-batch's backward
         self.buckets: list[_Bucket] = []
+        self.overlapped = 0  # buckets whose reduction started during backward (for tests, benches)
         self._bucket_of: dict[int, tuple[int, _Bucket]] = {}
         if self.dp_group is None:
             return
@@ -72,6 +73,7 @@ class GradientSync:
         bucket.pending -= 1
         if bucket.pending == 0:
             self._launch(bucket)
+            self.overlapped += 1
 
     def _launch(self, bucket: _Bucket) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
