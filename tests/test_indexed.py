@@ -18,6 +18,7 @@ from pretrain.data.indexed import (
     IndexedDatasetError,
     IndexedDatasetWriter,
     dtype_for_vocab,
+    merge_datasets,
 )
 
 ALL_DTYPES = [np.uint8, np.int8, np.int16, np.int32, np.int64, np.float64, np.float32, np.uint16]
@@ -274,3 +275,61 @@ def test_megatron_reads_ours_and_we_read_megatrons(tmp_path):
         mine = IndexedDataset(theirs)
         for i, doc in enumerate(docs):
             np.testing.assert_array_equal(mine[i], doc)
+
+
+def test_bulk_add_documents_equals_one_by_one(tmp_path):
+    docs = random_documents(np.random.default_rng(3), np.uint16, n=40)
+    write(str(tmp_path / "single"), docs, np.uint16)
+    with IndexedDatasetWriter(str(tmp_path / "bulk"), dtype=np.uint16) as writer:
+        writer.add_documents(np.concatenate(docs[:25]), [len(d) for d in docs[:25]])
+        writer.add_document(docs[25])
+        writer.add_documents(np.concatenate(docs[26:]), np.array([len(d) for d in docs[26:]]))
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"single{ext}").read_bytes() == (tmp_path / f"bulk{ext}").read_bytes()
+    with IndexedDatasetWriter(str(tmp_path / "bad"), dtype=np.uint16) as writer:
+        with pytest.raises(ValueError, match="sum to 5"):
+            writer.add_documents(np.zeros(4, np.uint16), [2, 3])
+        with pytest.raises(ValueError, match="needs a 1-D uint16 array"):
+            writer.add_documents(np.zeros(4, np.int64), [4])
+
+
+def test_merge_keeps_megatrons_multi_sequence_documents(tmp_path):
+    """Sentence-level data (several sequences per document) survives a merge, for megatron too."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset as MegatronDataset
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(4)
+    theirs = str(tmp_path / "sentences")
+    builder = IndexedDatasetBuilder(theirs + ".bin", dtype=np.int32)
+    sentences = []
+    for _ in range(7):  # documents of 1-3 sentences
+        for _ in range(int(rng.integers(1, 4))):
+            s = rng.integers(0, 1000, size=int(rng.integers(1, 9)))
+            sentences.append(s)
+            builder.add_item(torch.from_numpy(s))
+        builder.end_document()
+    builder.finalize(theirs + ".idx")
+    ours = str(tmp_path / "flat")
+    flat_docs = random_documents(rng, np.int32, n=5)
+    write(ours, flat_docs, np.int32)
+
+    merged = merge_datasets([theirs, ours, theirs], str(tmp_path / "merged"))
+    source = MegatronDataset(theirs, multimodal=False, mmap=True)
+    n_seq, n_doc = len(sentences), len(source.document_indices) - 1
+    expected_docs = np.concatenate([
+        source.document_indices, n_seq + np.arange(1, 6), n_seq + 5 + source.document_indices[1:]
+    ])
+    np.testing.assert_array_equal(merged.document_indices, expected_docs)
+    assert len(merged) == 2 * n_seq + 5 and len(merged.document_indices) == 2 * n_doc + 5 + 1
+    mega = MegatronDataset(str(tmp_path / "merged"), multimodal=False, mmap=True)
+    np.testing.assert_array_equal(mega.document_indices, expected_docs)
+    for i, seq in enumerate(sentences + flat_docs + sentences):
+        np.testing.assert_array_equal(mega[i], seq)
+        np.testing.assert_array_equal(merged[i], seq)
+
+    write(str(tmp_path / "small"), [[1, 2]], np.uint16)
+    with pytest.raises(ValueError, match="different token dtypes"):
+        merge_datasets([ours, str(tmp_path / "small")], str(tmp_path / "mixed"))
+    with pytest.raises(ValueError, match="also an input"):
+        merge_datasets([ours], ours)
+    assert not (tmp_path / "mixed.bin").exists()

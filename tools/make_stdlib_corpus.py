@@ -28,7 +28,8 @@ def iter_stdlib_sources(root: str) -> Iterator[tuple[str, str]]:
     byte-identical across runs and machines with the same Python version) but mixed across
     packages, so a contiguous train/valid split by document, or a --max-bytes prefix, is a fair
     sample of the whole library rather than its alphabetically last packages. Files that are
-    not valid UTF-8 (a few deliberately broken test inputs) are skipped: the corpus is JSON text.
+    not valid UTF-8 (a few deliberately broken test inputs) are skipped: the corpus is JSON text;
+    so are empty ones (many `__init__.py`), which preprocessing would reject as empty documents.
     """
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -43,6 +44,8 @@ def iter_stdlib_sources(root: str) -> Iterator[tuple[str, str]]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
+            continue
+        if text.isspace() or not text:  # empty __init__.py files carry nothing to learn
             continue
         yield rel, text
 

@@ -2,8 +2,9 @@
 
     python tools/train_tokenizer.py --input corpus.jsonl --output tokenizer --vocab-size 8000
 
-writes tokenizer.model and tokenizer.vocab. Special ids: unk=0, bos=1, eos=2, pad=3; eos is
-the end-of-document token that `preprocess_data.py --append-eod` appends.
+writes tokenizer.model and tokenizer.vocab. Special ids: unk=0, bos=1, eos=2, pad=3, <mask>=4;
+eos is the end-of-document token that `preprocess_data.py --append-eod` appends, <mask> the
+masked-LM mask token (`pretrain/data/masking.py`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ def trainer_options(args: argparse.Namespace) -> dict:
         bos_id=1,
         eos_id=2,
         pad_id=3,
+        # Reserved for masked-LM training (id 4). A control symbol, so no text ever encodes to
+        # it, not even a literal "<mask>".
+        control_symbols=["<mask>"],
         # Keep text exactly as written: no NFKC rewriting, no collapsing of runs of spaces
         # (indentation is syntax), no invented leading space; so decode(encode(x)) == x.
         normalization_rule_name="identity",

@@ -16,7 +16,8 @@ data preprocessed here trains there and the reverse. Layout, all little-endian:
     int64[D]  document indices: document j is sequences [doc[j], doc[j+1])
    (int8[N]   sequence modes, only in megatron's multimodal variant; ignored here)
 
-Our writer stores one sequence per document, as megatron's GPT preprocessing does.
+Our writer stores one sequence per document, as megatron's GPT preprocessing does; appending
+another dataset (merging) keeps that dataset's grouping of sequences into documents.
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ class IndexedDatasetWriter:
         os.fchmod(fd, _default_file_mode())
         self._bin = os.fdopen(fd, "wb")
         self._idx_tmp: str | None = None
-        # A compact int64 array: a Python list of ints costs ~4x more per document.
+        # Compact int64 arrays: a Python list of ints costs ~4x more per document.
         self._lengths = array("q")
+        # Sequence count at the end of each document; our own writes put one sequence in each
+        # document, appended datasets (merging) keep their own grouping.
+        self._doc_ends = array("q")
         self._done = False
         if np.issubdtype(self.dtype, np.integer):
             info = np.iinfo(self.dtype)
@@ -120,8 +124,7 @@ class IndexedDatasetWriter:
 
     def add_document(self, tokens: np.ndarray | list[int]) -> None:
         """Append one document (one sequence) of tokens."""
-        if self._done:
-            raise RuntimeError(f"writer for {self.prefix} is already finalized or aborted")
+        self._check_open()
         ids = np.asarray(tokens)
         if ids.ndim != 1:
             raise ValueError(f"a document must be a 1-D token sequence, got shape {ids.shape}")
@@ -139,6 +142,45 @@ class IndexedDatasetWriter:
                 )
         self._bin.write(np.ascontiguousarray(ids, dtype=_le(self.dtype)).tobytes())
         self._lengths.append(int(ids.size))
+        self._doc_ends.append(len(self._lengths))
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many documents at once: `tokens` back to back, `lengths[i]` tokens each.
+
+        `tokens` must already have the writer's dtype (the bulk path does no per-id range check).
+        """
+        self._check_open()
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if tokens.dtype.newbyteorder("=") != self.dtype.newbyteorder("=") or tokens.ndim != 1:
+            raise ValueError(f"add_documents needs a 1-D {self.dtype} array, got {tokens.dtype} {tokens.shape}")
+        if lengths.ndim != 1 or (lengths.size and (lengths.min() < 0 or lengths.max() > _MAX_SEQUENCE_LENGTH)):
+            raise ValueError("document lengths must be a 1-D array of int32-sized non-negative counts")
+        if int(lengths.sum()) != tokens.size:
+            raise ValueError(f"document lengths sum to {int(lengths.sum())}, but {tokens.size} tokens were given")
+        self._bin.write(np.ascontiguousarray(tokens, dtype=_le(self.dtype)).data)
+        start = len(self._lengths)
+        self._lengths.frombytes(lengths.astype(np.int64).tobytes())
+        self._doc_ends.frombytes(np.arange(start + 1, start + len(lengths) + 1, dtype=np.int64).tobytes())
+
+    def add_dataset(self, other: IndexedDataset, *, chunk_bytes: int = 64 << 20) -> None:
+        """Append every sequence of another dataset of the same dtype, keeping its documents."""
+        self._check_open()
+        if other.dtype != self.dtype:
+            raise ValueError(
+                f"cannot append {other.prefix} ({other.dtype}) to {self.prefix} ({self.dtype}): "
+                "token dtypes differ"
+            )
+        with open(other.bin_path, "rb") as src:  # the reader validated its size on open
+            while block := src.read(chunk_bytes):
+                self._bin.write(block)
+        start = len(self._lengths)
+        self._lengths.frombytes(other.sequence_lengths.astype(np.int64).tobytes())
+        self._doc_ends.frombytes((other.document_indices[1:].astype(np.int64) + start).tobytes())
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise RuntimeError(f"writer for {self.prefix} is already finalized or aborted")
 
     def __len__(self) -> int:
         return len(self._lengths)
@@ -155,7 +197,7 @@ class IndexedDatasetWriter:
             lengths = np.frombuffer(self._lengths, dtype=np.int64) if self._lengths else np.zeros(0, np.int64)
             pointers = np.zeros(len(lengths), dtype=np.int64)
             np.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
-            documents = np.arange(len(lengths) + 1, dtype=np.int64)
+            documents = np.concatenate([[0], np.frombuffer(self._doc_ends, dtype=np.int64)]).astype(np.int64)
             directory = os.path.dirname(self._bin_tmp)
             fd, self._idx_tmp = tempfile.mkstemp(
                 prefix=f".{os.path.basename(self.prefix)}.idx.", suffix=".tmp", dir=directory
@@ -256,6 +298,7 @@ class IndexedDataset:
             raise self._error(path, f"index is {size} bytes, expected {expected}: trailing bytes or garbled counts")
         self._dtype = _DTYPE_BY_CODE[code]
         self._n_seq = n_seq
+        self._idx_size = size
         with open(path, "rb") as f:
             self._idx_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         offset = HEADER_SIZE
@@ -391,6 +434,11 @@ class IndexedDataset:
         return self._tokens
 
     @property
+    def idx_bytes(self) -> int:
+        """Size of the `.idx` file: part of what identifies the data for index caches."""
+        return self._idx_size
+
+    @property
     def num_tokens(self) -> int:
         return int(self._tokens.shape[0])
 
@@ -399,3 +447,21 @@ class IndexedDataset:
             f"IndexedDataset({self.prefix!r}, sequences={self._n_seq}, "
             f"tokens={self.num_tokens}, dtype={self._dtype})"
         )
+
+
+def merge_datasets(prefixes: list[str], output_prefix: str) -> IndexedDataset:
+    """Write `output_prefix` as the concatenation of `prefixes` (sequences and documents in
+    order) and return it opened. All inputs are validated before anything is written."""
+    if not prefixes:
+        raise ValueError(f"nothing to merge into {output_prefix}")
+    out = os.path.abspath(output_prefix)
+    if any(os.path.abspath(p) == out for p in prefixes):
+        raise ValueError(f"the output prefix {output_prefix!r} is also an input")
+    sources = [IndexedDataset(p) for p in prefixes]
+    if len({s.dtype for s in sources}) > 1:
+        detail = ", ".join(f"{s.prefix}: {s.dtype}" for s in sources)
+        raise ValueError(f"inputs have different token dtypes ({detail}); tokenize them with one tokenizer")
+    with IndexedDatasetWriter(output_prefix, dtype=sources[0].dtype) as writer:
+        for source in sources:
+            writer.add_dataset(source)
+    return IndexedDataset(output_prefix)

@@ -1,15 +1,22 @@
 """Deterministic, resumable, data-parallel stream of micro-batches.
 
-The global sample stream is an endless sequence of epochs; epoch e visits every sample once,
-in the order of a permutation drawn from `np.random.default_rng((seed, e))`. Stream position
-k is sample perm_e[k % N] with e = k // N. Each step consumes the next
-`micro_batch_size * dp_size` positions, and DP rank r takes the r-th block of
-`micro_batch_size` of them. The position (`consumed_samples`) is global, so a run resumed
-with a different number of DP ranks still continues the same stream.
+The dataset is already in training order (a GPT or blended dataset is shuffled by its own
+indices, as in megatron-core), so the loader reads the global sample stream sequentially, as
+megatron's pretraining sampler does: stream position k is dataset sample k. Each step consumes
+the next `micro_batch_size * dp_size` positions and DP rank r takes the r-th block of
+`micro_batch_size` of them, reading only those samples. The position (`consumed_samples`) is
+global, so a run resumed with another number of DP ranks still continues the same stream: no
+sample is skipped or seen twice.
+
+A dataset is built for the number of samples the run needs, so the stream normally never runs
+past its end. If it does (more steps than planned, or an evaluation loader that keeps going),
+pass p >= 1 visits the dataset again in the order of a permutation seeded by (seed, p), rather
+than repeating the first pass exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,8 +29,24 @@ class SampleDataset(Protocol):
     def __getitem__(self, index: int) -> np.ndarray: ...
 
 
+Collate = Callable[[np.ndarray, np.ndarray], dict[str, torch.Tensor]]
+
+
+def causal_lm_collate(samples: np.ndarray, positions: np.ndarray) -> dict[str, torch.Tensor]:
+    """[b, s+1] samples -> tokens = samples[:, :-1], labels = samples[:, 1:] (LongTensor [b, s])."""
+    del positions  # the shift needs no randomness
+    batch = torch.from_numpy(samples)
+    return {"tokens": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
+
+
 class SampleLoader:
-    """Endless iterator of this DP rank's micro-batches: dict(tokens, labels), LongTensor [b, s]."""
+    """Endless iterator of this DP rank's micro-batches: dict(tokens, labels), LongTensor [b, s].
+
+    `collate(samples [b, s+1] int64, positions [b] int64) -> dict` turns the samples into a
+    batch; `positions` are the global stream positions, a seed for per-sample randomness (such
+    as masked-LM masks) that does not depend on the data-parallel layout. Default: the causal
+    shift (`causal_lm_collate`).
+    """
 
     def __init__(
         self,
@@ -34,6 +57,7 @@ class SampleLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         consumed_samples: int = 0,
+        collate: Collate | None = None,
     ) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
@@ -49,26 +73,30 @@ class SampleLoader:
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.consumed_samples = consumed_samples
+        self.collate = collate if collate is not None else causal_lm_collate
         self._num_samples = len(dataset)
-        self._permutations: dict[int, np.ndarray] = {}  # epoch -> permutation (a couple kept)
+        self._permutations: dict[int, np.ndarray] = {}  # pass -> permutation (a couple kept)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        perm = self._permutations.get(epoch)
+    def _permutation(self, pass_: int) -> np.ndarray:
+        perm = self._permutations.get(pass_)
         if perm is None:
-            perm = np.random.default_rng((self.seed, epoch)).permutation(self._num_samples)
-            # A batch spans at most a few epochs; keep only the newest to bound memory.
+            perm = np.random.default_rng((self.seed, pass_)).permutation(self._num_samples)
+            # A batch spans at most a few passes; keep only the newest to bound memory.
             if len(self._permutations) >= 2:
                 del self._permutations[min(self._permutations)]
-            self._permutations[epoch] = perm
+            self._permutations[pass_] = perm
         return perm
 
     def sample_indices(self, positions: np.ndarray) -> np.ndarray:
         """Dataset indices of global stream positions (int64 array in, int64 array out)."""
-        epochs, within = np.divmod(positions, self._num_samples)
-        out = np.empty_like(positions)
-        for epoch in np.unique(epochs):  # one or two epochs per batch, rarely more
-            mask = epochs == epoch
-            out[mask] = self._permutation(int(epoch))[within[mask]]
+        positions = np.asarray(positions, dtype=np.int64)
+        passes, within = np.divmod(positions, self._num_samples)
+        if not passes.any():
+            return within  # the normal case: the first pass is the dataset's own order
+        out = within.copy()
+        for p in np.unique(passes[passes > 0]):
+            mask = passes == p
+            out[mask] = self._permutation(int(p))[within[mask]]
         return out
 
     def _read(self, indices: np.ndarray) -> np.ndarray:
@@ -83,9 +111,9 @@ class SampleLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
         positions = np.arange(start, start + self.micro_batch_size, dtype=np.int64)
-        samples = torch.from_numpy(self._read(self.sample_indices(positions)))  # [b, s+1]
+        samples = self._read(self.sample_indices(positions))  # [b, s+1]
         self.consumed_samples += self.micro_batch_size * self.dp_size
-        return {"tokens": samples[:, :-1].contiguous(), "labels": samples[:, 1:].contiguous()}  # [b, s]
+        return self.collate(samples, positions)
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed}
