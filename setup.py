@@ -15,6 +15,8 @@ setup(
         "tensorboard",
         "matplotlib",
         "tqdm",
+        "zstandard",  # .zst corpora in tools/preprocess_data.py
+        "tokenizers",  # Hugging Face tokenizer.json files (no transformers needed)
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "transformers", "safetensors", "megatron-core==0.16.1"],
