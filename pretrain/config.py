@@ -60,6 +60,8 @@ class ModelConfig:
     """Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."""
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     """`full` recomputes each block in backward; `selective` only the attention core."""
+    bidirectional: bool = False
+    """Attend in both directions (no causal mask), for data.objective=masked."""
 
     # Derived values: read these, not the optional fields above.
     @property
@@ -117,6 +119,15 @@ class DataConfig:
     """Tokenizer model file (sentencepiece .model); used to check the vocabulary and to sample."""
     split: str = "98,2,0"
     """Train/valid/test shares of the documents, comma separated."""
+    objective: Literal["causal", "masked"] = "causal"
+    """`causal`: next-token prediction. `masked`: BERT-style 80/10/10 masked-LM on the same files
+    (needs model.bidirectional=true and a tokenizer with a mask token)."""
+    mask_prob: float = 0.15
+    """masked objective: share of tokens chosen for prediction."""
+    mean_span: Optional[float] = None
+    """masked objective: mask whole spans of geometric length with this mean (SpanBERT)."""
+    cache_dir: str = ""
+    """Where sample indices are cached (default: index-cache/ beside the data)."""
 
     @property
     def split_ratios(self) -> tuple[float, float, float]:
@@ -455,6 +466,18 @@ def finalize(config: RunConfig) -> None:
                           f"{config.data.split!r}") from None
     need(all(r >= 0 for r in ratios) and ratios[0] > 0, "data.split",
          f"needs a positive train share and no negative shares, got {config.data.split!r}")
+    if config.data.path:
+        from pretrain.data.blend import parse_data_path
+
+        try:
+            parse_data_path(config.data.path)
+        except ValueError as e:
+            raise ConfigError(f"data.path: {e}") from None
+    masked = config.data.objective == "masked"
+    need(masked == m.bidirectional, "model.bidirectional",
+         "must be true exactly when data.objective=masked (a causal model cannot learn masked-LM, "
+         "and a bidirectional one sees the next token)")
+    need(0 < config.data.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {config.data.mask_prob}")
     need(config.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(config.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     need(config.logging.peak_tflops is None or config.logging.peak_tflops > 0,

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,8 +21,10 @@ import torch.distributed as dist
 from pretrain.checkpoint import (find_resume_checkpoint, load_checkpoint, prune_checkpoints, read_meta,
                                  save_checkpoint)
 from pretrain.config import ConfigError, RunConfig, load_config
-from pretrain.data.gpt_dataset import GPTDataset
-from pretrain.data.loader import SampleLoader
+from pretrain.data.blend import parse_data_path
+from pretrain.data.builder import build_datasets
+from pretrain.data.loader import SampleDataset, SampleLoader
+from pretrain.data.masking import MaskedLMCollator
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
 from pretrain.optim import build_optimizer, learning_rate, set_learning_rate
@@ -34,7 +36,8 @@ from pretrain.parallel.topology import Topology, init_distributed
 @dataclass
 class Data:
     train: SampleLoader
-    valid: GPTDataset | None
+    valid: Optional[SampleDataset]
+    collate: Optional[Callable]
 
 
 def pick_device(choice: str) -> torch.device:
@@ -51,37 +54,47 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def check_data(config: RunConfig) -> str:
-    """Check data.path and the tokenizer against the model before anything is built."""
+def check_data(config: RunConfig):
+    """Check data.path and the tokenizer against the model; returns the tokenizer (or None)."""
     d, m = config.data, config.model
-    parts = d.path.split()
-    if not parts:
+    if not d.path:
         raise ConfigError("data.path: no dataset given; run `bash launch/quickstart.sh` to build one, "
-                          "or set data.path=PREFIX (for PREFIX.bin/.idx)")
-    if len(parts) > 1:
-        raise ConfigError(f"data.path: blending several datasets ({d.path!r}) is not supported yet; "
-                          "give one prefix")
-    prefix = parts[0]
-    for suffix in (".bin", ".idx"):
-        if not Path(prefix + suffix).is_file():
-            raise ConfigError(f"data.path: {prefix}{suffix} does not exist (data.path is the prefix "
-                              "written by tools/preprocess_data.py, without .bin/.idx)")
-    if d.tokenizer:
-        vocab = load_tokenizer(d.tokenizer).vocab_size
-        if vocab > m.vocab_size:
-            raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's "
-                              f"vocabulary ({vocab} in {d.tokenizer}); set model.vocab_size={vocab}")
-    return prefix
+                          "or set data.path=PREFIX (for PREFIX.bin/.idx) or 'w1 PREFIX1 w2 PREFIX2 ...'")
+    for _, prefix in parse_data_path(d.path):
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise ConfigError(f"data.path: {prefix}{suffix} does not exist (data.path names prefixes "
+                                  "written by tools/preprocess_data.py, without .bin/.idx)")
+    tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else None
+    if tokenizer is not None and tokenizer.vocab_size > m.vocab_size:
+        raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size} in {d.tokenizer}); set model.vocab_size={tokenizer.vocab_size}")
+    if d.objective == "masked" and tokenizer is None:
+        raise ConfigError("data.tokenizer: the masked objective needs the tokenizer (for its mask token)")
+    return tokenizer
 
 
 def build_data(config: RunConfig, topo: Topology, *, consumed_samples: int) -> Data:
-    prefix = check_data(config)
-    seq, seed, ratios = config.model.seq_length, config.train.seed, config.data.split_ratios
-    train = GPTDataset(prefix, seq_length=seq, split="train", split_ratios=ratios, seed=seed)
-    valid = GPTDataset(prefix, seq_length=seq, split="valid", split_ratios=ratios, seed=seed) if ratios[1] else None
-    loader = SampleLoader(train, micro_batch_size=config.train.micro_batch_size, seed=seed,
-                          dp_rank=topo.dp_rank, dp_size=topo.dp, consumed_samples=consumed_samples)
-    return Data(train=loader, valid=valid)
+    """Megatron-ordered datasets (indices built on rank 0, cached, memory-mapped by the others)
+    and this DP rank's loader."""
+    t, d = config.train, config.data
+    tokenizer = check_data(config)
+    global_batch = t.global_batch_size or t.micro_batch_size * topo.dp
+    datasets = build_datasets(
+        d.path, seq_length=config.model.seq_length, seed=t.seed, split_ratios=d.split_ratios,
+        num_samples={"train": t.steps * global_batch,
+                     "valid": t.eval_iters * t.micro_batch_size * topo.dp if t.eval_interval else 0},
+        cache_dir=d.cache_dir or None, is_builder=topo.rank == 0,
+        barrier=dist.barrier if topo.world_size > 1 else None)
+    collate = None
+    if d.objective == "masked":
+        collate = MaskedLMCollator(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask, seed=t.seed,
+                                   special_ids=(tokenizer.eod, tokenizer.pad), mask_prob=d.mask_prob,
+                                   mean_span=d.mean_span)
+    loader = SampleLoader(datasets["train"], micro_batch_size=t.micro_batch_size, seed=t.seed,
+                          dp_rank=topo.dp_rank, dp_size=topo.dp, consumed_samples=consumed_samples,
+                          collate=collate)
+    return Data(train=loader, valid=datasets["valid"], collate=collate)
 
 
 def accumulation_steps(config: RunConfig, *, data_parallel: int) -> int:
@@ -99,8 +112,8 @@ class Trainer:
     """What one step needs, built once; `step()` and `evaluate()` are the loop's two verbs."""
 
     def __init__(self, config: RunConfig, topo: Topology, chunks: list, *, train_batches: Iterator[dict],
-                 valid: GPTDataset | None = None) -> None:
-        self.config, self.topo, self.chunks, self.valid = config, topo, chunks, valid
+                 valid: Optional[SampleDataset] = None, collate: Optional[Callable] = None) -> None:
+        self.config, self.topo, self.chunks, self.valid, self.collate = config, topo, chunks, valid, collate
         self.batches = train_batches
         self.params = [p for chunk in chunks for p in chunk.parameters()]
         self.optimizer = build_optimizer(self.params, config.optimizer)
@@ -134,7 +147,7 @@ class Trainer:
         for chunk in self.chunks:
             chunk.eval()
         loader = SampleLoader(self.valid, micro_batch_size=t.micro_batch_size, seed=t.seed,
-                              dp_rank=self.topo.dp_rank, dp_size=self.topo.dp)
+                              dp_rank=self.topo.dp_rank, dp_size=self.topo.dp, collate=self.collate)
         iters = min(t.eval_iters, max(1, len(self.valid) // (t.micro_batch_size * self.topo.dp)))
         losses = forward_backward(chunks=self.chunks, topo=self.topo, batches=iter(loader), micro_batches=iters,
                                   autocast=self.autocast, hidden_shape=self.hidden_shape, forward_only=True)
@@ -156,7 +169,7 @@ def run(config: RunConfig) -> dict:
     # Dropout streams: equal across TP and DP ranks, different per pipeline stage.
     torch.manual_seed(t.seed + 100 * topo.pp_rank)
     chunks = build_model_chunks(config.model, topo, init_seed=t.seed)
-    trainer = Trainer(config, topo, chunks, train_batches=iter(data.train), valid=data.valid)
+    trainer = Trainer(config, topo, chunks, train_batches=iter(data.train), valid=data.valid, collate=data.collate)
     step = 0
     if resume_from is not None:
         step = load_checkpoint(resume_from, model=chunks, optimizer=trainer.optimizer, config=config, topo=topo)["step"]
@@ -220,7 +233,7 @@ def run(config: RunConfig) -> dict:
                 f"MFU {100 * last['mfu']:.1f}% | mem {last['peak_mem_bytes'] / 2**30:.2f} GiB"))
             interval_time, interval_steps = 0.0, 0
         if data.valid is not None and t.eval_interval and step % t.eval_interval == 0:
-            run_eval(step)
+            last = {**last, **run_eval(step)}
             evaluated_at = step
         if ck.interval and step % ck.interval == 0:
             save(step)

@@ -111,3 +111,30 @@ def test_missing_data_and_small_vocab_fail_before_training(stdlib_data, tmp_path
     with pytest.raises(ConfigError, match="global_batch_size"):
         run(load_config("configs/gpt_tiny.yaml", base + ["train.global_batch_size=12"]))
     assert not (tmp_path / "run/ckpt").exists()
+
+
+def test_masked_lm_objective_trains_bidirectional_model(stdlib_data, tmp_path):
+    overrides = small("llama") + ["data.objective=masked", "model.bidirectional=true", "model.dropout=0.0",
+                                  "train.steps=30", "optimizer.lr=3e-3"]
+    last = run(load_config("configs/gpt_tiny.yaml", overrides + data_overrides(stdlib_data, tmp_path)))
+    records = [r for r in read_metrics(tmp_path / "run/logs") if "loss" in r]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert "val_loss" in last
+    model, config = load_model(tmp_path / "run/ckpt")
+    tokens = torch.randint(0, 2000, (1, 64))
+    changed = tokens.clone()
+    changed[0, 40] = (changed[0, 40] + 1) % 2000
+    assert not torch.allclose(model(tokens)[:, :40], model(changed)[:, :40])  # sees later tokens
+    with pytest.raises(ConfigError, match="model.bidirectional"):
+        load_config("configs/gpt_tiny.yaml", ["data.objective=masked"])
+
+
+def test_blended_data_path_trains(stdlib_data, tmp_path):
+    prefix = stdlib_data["prefix"]
+    overrides = small("gpt2") + ["train.steps=5", f"data.path=0.7 {prefix} 0.3 {prefix}_copy"]
+    for suffix in (".bin", ".idx"):
+        Path(prefix + "_copy" + suffix).write_bytes(Path(prefix + suffix).read_bytes())
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config("configs/gpt_tiny.yaml", ["data.path=0.7 a 0.3"])
+    run(load_config("configs/gpt_tiny.yaml", overrides + data_overrides(stdlib_data, tmp_path)[1:]))
+    assert (tmp_path / "run/ckpt/latest").read_text().strip() == "step_5"

@@ -54,13 +54,14 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         self.selective_checkpoint = config.activation_checkpointing == "selective"
         self.rng_region = layers.rng_region
+        self.causal = not config.bidirectional
         bias = config.flavour == "gpt2"
         qkv_out = (config.num_heads + 2 * config.kv_heads) * self.head_dim
         self.qkv = layers.column(config.hidden_size, qkv_out, bias=bias)
         self.proj = layers.row(config.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=self.causal)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, (heads + 2 kv_heads) * d]; s is the full sequence under SP
