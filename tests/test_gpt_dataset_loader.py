@@ -175,6 +175,10 @@ def test_rewritten_data_misses_the_cache(tmp_path):
     write_numbered(prefix, [30] * 12)  # same name, re-tokenized corpus
     b = GPTDataset(prefix, seq_length=4, split_ratios=(1, 0, 0))
     assert b.built_index and len(b) > len(a)
+    write_numbered(prefix, [20, 40] * 6)  # even with the same document and token counts
+    c = GPTDataset(prefix, seq_length=4, split_ratios=(1, 0, 0))
+    assert c.built_index and len(c) == len(b)
+    assert not np.array_equal(c.get_batch(np.arange(len(c))), b.get_batch(np.arange(len(b))))
 
 
 def test_damaged_cache_is_rebuilt_or_reported(numbered):
