@@ -19,6 +19,7 @@ cached files. Without a barrier, non-builders poll for the cache files (up to
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 from pretrain.data.blend import BlendedDataset, blend_cache_dir, component_sizes, parse_data_path
@@ -52,7 +53,7 @@ def build_datasets(
     if unknown:
         raise ValueError(f"num_samples has unknown splits {sorted(unknown)}; use {SPLITS}")
     for split, n in num_samples.items():
-        if n is not None and (not isinstance(n, int) or n < 0):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0):
             raise ValueError(f"num_samples[{split!r}] must be a non-negative int or None, got {n!r}")
 
     def build(create: bool) -> dict[str, GPTDataset | BlendedDataset | None]:
@@ -73,11 +74,11 @@ def build_datasets(
                 )
 
             if len(blend) == 1:
-                out[split] = gpt(0, wanted)
+                out[split] = gpt(0, None if wanted is None else int(wanted))
                 continue
             if wanted is None:
                 raise ValueError(f"a blend needs a sample count for the {split} split, not None")
-            drawn, built = component_sizes([w for w, _ in blend], wanted)
+            drawn, built = component_sizes([w for w, _ in blend], int(wanted))
             components = [gpt(i, n) for i, n in enumerate(built)]
             out[split] = BlendedDataset(
                 components, drawn, name=f"blend-{split}",
