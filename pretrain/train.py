@@ -267,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(argv[0], argv[1:])
         run(config)
+        if dist.is_initialized():
+            # Every rank must be past its last collective before any tears its group down;
+            # otherwise a peer's gloo thread can find its connection gone and abort the process.
+            dist.barrier()
     except ValueError as e:  # ConfigError, CheckpointError, dataset errors: user mistakes
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -75,6 +75,7 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, 
     result = train_steps(make_config(overrides), steps)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     import torch.distributed as dist
+    dist.barrier()
     dist.destroy_process_group()
 
 

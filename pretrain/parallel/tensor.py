@@ -128,7 +128,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, 
     per_token = _VocabParallelCrossEntropy.apply(logits.float().flatten(0, 1).clone(), flat_labels,
                                                  topo.tp_group, vocab_start)
     valid = flat_labels != IGNORE_INDEX
-    return (per_token * valid).sum() / valid.sum()
+    # clamp: a micro-batch whose labels are all ignored contributes 0, not 0/0.
+    return (per_token * valid).sum() / valid.sum().clamp(min=1)
 
 
 class _GatherVocab(torch.autograd.Function):
