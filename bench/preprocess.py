@@ -2,23 +2,26 @@
 
     python bench/preprocess.py [--workers N] [--repeat 3] [--max-bytes N]
 
-Same corpus (the Python standard library as JSONL, built once under --workdir), same
-sentencepiece tokenizer (BPE, 8000 pieces, trained once), same number of workers, run side
-by side, each in its own fresh process:
+Same corpus, same sentencepiece tokenizer (BPE, 8000 pieces, trained once), same number of
+workers, run side by side, each in its own fresh process, on two corpora built once under
+--workdir from the Python standard library: its source files as documents (1.8k documents of
+18 KB on average, the quickstart's corpus), and the same text cut into documents of about
+1 KB on line boundaries (30k documents, closer to web text, where per-document costs show).
 
 - ours: `tools/preprocess_data.py --append-eod --workers N`, timed as the whole command
   (interpreter start, imports, tokenizer load, reading, tokenizing, writing: startup included);
 - Megatron-style: written the way Megatron-LM's `tools/preprocess_data.py` works: a
   `multiprocessing.Pool(N)` whose workers `json.loads` each line and tokenize it, fed by
   `pool.imap(encode, file, 32)`, and megatron-core's `IndexedDatasetBuilder` writing in the main
-  process. Timed from after its imports (importing megatron-core alone takes seconds here),
-  which flatters it;
+  process. Timed as the whole command too (importing megatron-core is part of its startup, as
+  in Megatron's tool); its time after imports is printed as well;
 - bare tokenizer: the same tokenizer encoding the whole corpus, already in memory, in one
   `encode(texts, num_threads=N)` call, and nothing else: the ceiling.
 
 Ours and Megatron-style must write byte-identical .bin/.idx files (checked). Best of --repeat
-runs each. Ends with
-`RESULT preprocess mb_per_s=... megatron_mb_per_s=... bare_mb_per_s=... of_bare=<ours/bare> ratio=<ours/megatron>`.
+runs each, interleaved. Ends with `RESULT preprocess ...`: MB/s of text on the file corpus,
+`of_bare` = ours / bare tokenizer and `ratio` = ours / Megatron-style (whole commands), each
+the lower of the two corpora.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def run_megatron_style(corpus: str, tokenizer: str, workers: int, prefix: str) -
     import multiprocessing
 
     import numpy as np
-    import torch  # noqa: F401 - megatron-core's builder takes tensors; import before timing
+    import torch  # noqa: F401 - megatron-core's builder takes tensors
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     t0 = time.perf_counter()
@@ -90,22 +93,68 @@ def run_megatron_style(corpus: str, tokenizer: str, workers: int, prefix: str) -
 # -- the driver -----------------------------------------------------------------------------------
 
 
-def child(*args: str) -> dict:
+def child(*args: str) -> tuple[float, dict]:
+    """(wall seconds of the whole child process, what it printed last as JSON)."""
+    t0 = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return time.perf_counter() - t0, json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def prepare(workdir: str, max_bytes: int | None) -> tuple[str, str, int]:
+def small_documents(corpus: str, out: str, size: int) -> None:
+    """The same text, cut into documents of about `size` bytes on line boundaries."""
+    with open(corpus, encoding="utf-8") as fin, open(out + ".tmp", "w", encoding="utf-8") as fout:
+        for line in fin:
+            piece: list[str] = []
+            length = 0
+            for text_line in json.loads(line)["text"].splitlines(keepends=True):
+                piece.append(text_line)
+                length += len(text_line)
+                if length >= size:
+                    if "".join(piece).strip():
+                        fout.write(json.dumps({"text": "".join(piece)}) + "\n")
+                    piece, length = [], 0
+            if "".join(piece).strip():
+                fout.write(json.dumps({"text": "".join(piece)}) + "\n")
+    os.replace(out + ".tmp", out)
+
+
+def prepare(workdir: str, max_bytes: int | None) -> tuple[list[str], str]:
     corpus, tokenizer = os.path.join(workdir, "corpus.jsonl"), os.path.join(workdir, "tokenizer.model")
+    small = os.path.join(workdir, "corpus_1kb_docs.jsonl")
     if not os.path.exists(corpus):
         cmd = [sys.executable, os.path.join(ROOT, "tools", "make_stdlib_corpus.py"), "--output", corpus]
         subprocess.run(cmd + (["--max-bytes", str(max_bytes)] if max_bytes else []), check=True)
+    if not os.path.exists(small):
+        small_documents(corpus, small, 1000)
     if not os.path.exists(tokenizer):
         subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", corpus,
                         "--output", tokenizer[: -len(".model")], "--vocab-size", "8000"], check=True)
+    return [corpus, small], tokenizer
+
+
+def measure(corpus: str, tokenizer: str, workers: int, repeat: int, workdir: str) -> dict:
     with open(corpus, encoding="utf-8") as f:
-        text_bytes = sum(len(json.loads(line)["text"].encode()) for line in f)
-    return corpus, tokenizer, text_bytes
+        texts = [json.loads(line)["text"] for line in f]
+    mb = sum(len(t.encode()) for t in texts) / 1e6
+    common = ["--corpus", corpus, "--tokenizer", tokenizer, "--workers", str(workers)]
+    ours_prefix = os.path.join(workdir, "ours")
+    theirs_prefix = os.path.join(workdir, "megatron_text_document")
+    times: dict[str, list[float]] = {"ours": [], "megatron": [], "megatron_after_imports": [], "bare": []}
+    for _ in range(repeat):  # interleaved, so that a busy moment hurts all alike
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus,
+                        "--output-prefix", ours_prefix, "--tokenizer", tokenizer, "--json-keys", "text",
+                        "--append-eod", "--workers", str(workers)], check=True, capture_output=True)
+        times["ours"].append(time.perf_counter() - t0)
+        whole, inner = child("--run", "megatron", "--prefix", theirs_prefix, *common)
+        times["megatron"].append(whole)
+        times["megatron_after_imports"].append(inner["seconds"])
+        times["bare"].append(child("--run", "bare", *common)[1]["seconds"])
+    for ext in (".bin", ".idx"):
+        with open(ours_prefix + "_text_document" + ext, "rb") as a, open(theirs_prefix + ext, "rb") as b:
+            assert a.read() == b.read(), f"ours and the Megatron-style pipeline wrote different {ext} files"
+    best = {k: min(v) for k, v in times.items()}
+    return {"docs": len(texts), "mb": mb, "times": times, "best": best, "rate": {k: mb / t for k, t in best.items()}}
 
 
 def main() -> int:
@@ -127,36 +176,29 @@ def main() -> int:
         return 0
 
     os.makedirs(args.workdir, exist_ok=True)
-    corpus, tokenizer, text_bytes = prepare(args.workdir, args.max_bytes)
-    common = ["--corpus", corpus, "--tokenizer", tokenizer, "--workers", str(args.workers)]
-    ours_prefix = os.path.join(args.workdir, "ours")
-    theirs_prefix = os.path.join(args.workdir, "megatron_text_document")
-    times: dict[str, list[float]] = {"ours": [], "megatron": [], "bare": []}
-    for _ in range(args.repeat):  # interleaved, so that a busy moment hurts all three alike
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus,
-                        "--output-prefix", ours_prefix, "--tokenizer", tokenizer, "--json-keys", "text",
-                        "--append-eod", "--workers", str(args.workers)], check=True, capture_output=True)
-        times["ours"].append(time.perf_counter() - t0)
-        times["megatron"].append(child("--run", "megatron", "--prefix", theirs_prefix, *common)["seconds"])
-        times["bare"].append(child("--run", "bare", *common)["seconds"])
-    for ext in (".bin", ".idx"):
-        with open(ours_prefix + "_text_document" + ext, "rb") as a, open(theirs_prefix + ext, "rb") as b:
-            assert a.read() == b.read(), f"ours and the Megatron-style pipeline wrote different {ext} files"
-
-    mb = text_bytes / 1e6
-    best = {k: min(v) for k, v in times.items()}
-    rate = {k: mb / t for k, t in best.items()}
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.2f}, "
-          f"Python {platform.python_version()}")
-    print(f"corpus: {mb:.1f} MB of text, {corpus}; tokenizer: sentencepiece BPE 8000; workers: {args.workers}")
-    for name, label in (("ours", "ours (whole command)"), ("megatron", "Megatron-style (after imports)"),
-                        ("bare", "bare tokenizer (encode only)")):
-        runs = ", ".join(f"{t:.2f}" for t in times[name])
-        print(f"{label:32s} best {best[name]:6.2f} s  {rate[name]:6.2f} MB/s   runs: {runs}")
-    print(f"RESULT preprocess mb_per_s={rate['ours']:.2f} megatron_mb_per_s={rate['megatron']:.2f} "
-          f"bare_mb_per_s={rate['bare']:.2f} of_bare={rate['ours'] / rate['bare']:.2f} "
-          f"ratio={rate['ours'] / rate['megatron']:.2f}")
+    corpora, tokenizer = prepare(args.workdir, args.max_bytes)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
+          f"tokenizer: sentencepiece BPE 8000; workers: {args.workers}")
+    results = []
+    for corpus in corpora:
+        r = measure(corpus, tokenizer, args.workers, args.repeat, args.workdir)
+        results.append(r)
+        print(f"\n{os.path.basename(corpus)}: {r['docs']} documents, {r['mb']:.1f} MB of text "
+              f"(load average now {os.getloadavg()[0]:.2f})")
+        for name, label in (("ours", "ours (whole command)"), ("megatron", "Megatron-style (whole command)"),
+                            ("megatron_after_imports", "Megatron-style (after imports)"),
+                            ("bare", "bare tokenizer (encode only)")):
+            runs = ", ".join(f"{t:.2f}" for t in r["times"][name])
+            print(f"  {label:32s} best {r['best'][name]:6.2f} s  {r['rate'][name]:6.2f} MB/s   runs: {runs}")
+        print(f"  ours / bare {r['rate']['ours'] / r['rate']['bare']:.2f}, ours / Megatron-style "
+              f"{r['rate']['ours'] / r['rate']['megatron']:.2f} (whole commands), "
+              f"{r['rate']['ours'] / r['rate']['megatron_after_imports']:.2f} (its imports excluded)")
+    files, small = results
+    of_bare = min(r["rate"]["ours"] / r["rate"]["bare"] for r in results)
+    ratio = min(r["rate"]["ours"] / r["rate"]["megatron"] for r in results)
+    print(f"RESULT preprocess mb_per_s={files['rate']['ours']:.2f} megatron_mb_per_s={files['rate']['megatron']:.2f} "
+          f"bare_mb_per_s={files['rate']['bare']:.2f} small_docs_mb_per_s={small['rate']['ours']:.2f} "
+          f"small_docs_megatron_mb_per_s={small['rate']['megatron']:.2f} of_bare={of_bare:.2f} ratio={ratio:.2f}")
     return 0
 
 

@@ -50,8 +50,9 @@ _CODE_BY_DTYPE: dict[np.dtype, int] = {dt: code for code, dt in _DTYPE_BY_CODE.i
 
 # Sequence lengths are int32 on disk.
 _MAX_SEQUENCE_LENGTH = np.iinfo(np.int32).max
-# Index arrays are validated in chunks so that opening a huge index never allocates its size.
-_VALIDATE_CHUNK = 1 << 22
+# Index arrays are validated in cache-sized blocks, so that opening a huge index allocates nothing
+# of its size.
+_VALIDATE_CHUNK = 1 << 16
 
 
 class IndexedDatasetError(ValueError):
@@ -340,35 +341,41 @@ class IndexedDataset:
             raise self._error(
                 idx, f"document indices must run from 0 to the sequence count {self._n_seq}, got {first}..{last}"
             )
+        # Blocks small enough to stay in cache, through reused buffers: opening a large index
+        # costs a few passes over it at memory speed and no fresh allocations.
+        block = min(_VALIDATE_CHUNK, max(1, self._n_seq))
+        lengths, expected = np.empty(block, dtype=np.int64), np.empty(block + 1, dtype=np.int64)
         expected_pointer = 0
-        for start in range(0, self._n_seq, _VALIDATE_CHUNK):
-            lengths = self._lengths[start : start + _VALIDATE_CHUNK].astype(np.int64)
-            pointers = self._pointers[start : start + _VALIDATE_CHUNK]
-            if lengths.min() < 0:
-                bad = start + int(np.argmax(lengths < 0))
-                raise self._error(idx, f"sequence {bad} has negative length {int(lengths[bad - start])}")
-            expected = np.empty_like(lengths)
+        for start in range(0, self._n_seq, block):
+            n = min(block, self._n_seq - start)
+            np.multiply(self._lengths[start : start + n], itemsize, out=lengths[:n], dtype=np.int64)
+            if lengths[:n].min() < 0:
+                bad = start + int(np.argmax(lengths[:n] < 0))
+                raise self._error(idx, f"sequence {bad} has negative length {int(self._lengths[bad])}")
             expected[0] = expected_pointer
-            np.cumsum(lengths[:-1] * itemsize, out=expected[1:])
-            expected[1:] += expected_pointer
-            if not np.array_equal(expected, pointers):
-                bad = start + int(np.argmax(expected != pointers))
+            np.cumsum(lengths[:n], out=expected[1 : n + 1])
+            expected[1 : n + 1] += expected_pointer
+            pointers = self._pointers[start : start + n]
+            if not np.array_equal(expected[:n], pointers):
+                bad = start + int(np.argmax(expected[:n] != pointers))
                 raise self._error(
                     idx,
                     f"sequence {bad} has pointer {int(self._pointers[bad])}, expected {int(expected[bad - start])} "
                     "(sequences must be stored back to back)",
                 )
-            expected_pointer = int(expected[-1]) + int(lengths[-1]) * itemsize
+            expected_pointer = int(expected[n])
         if expected_pointer != self._bin_size:
             raise self._error(
                 self.bin_path,
                 f"size {self._bin_size} bytes, but {idx} describes {expected_pointer} bytes "
                 "(the .bin and .idx do not belong together, or one is truncated)",
             )
-        for start in range(0, len(docs), _VALIDATE_CHUNK):
-            # Overlap by one so the step across chunk borders is checked too.
-            chunk = docs[max(start - 1, 0) : start + _VALIDATE_CHUNK]
-            if np.any(np.diff(chunk) < 0):
+        decreasing = np.empty(block, dtype=bool)
+        for start in range(1, len(docs), block):
+            # Each element against its predecessor, across block borders too.
+            n = min(block, len(docs) - start)
+            np.less(docs[start : start + n], docs[start - 1 : start - 1 + n], out=decreasing[:n])
+            if decreasing[:n].any():
                 raise self._error(idx, "document indices are not non-decreasing")
 
     # -- pickling: workers reopen the files instead of copying mapped memory ------------------
