@@ -5,6 +5,7 @@ Layout of one checkpoint, `{checkpoint.dir}/step_N/`:
   config.yaml                the whole run config, so a checkpoint alone rebuilds its model
   model_tp{T}_pp{P}.pt       the weights one TP/PP position holds, with each tensor's shard spec
   optimizer_tp{T}_pp{P}.pt   that position's optimizer state
+  optimizer_tp{T}_pp{P}_dp{D}.pt   instead, under ZeRO: each DP rank's partition of it
   rng_rank{R}.pt             every rank's RNG states (torch CPU, CUDA)
 `{checkpoint.dir}/latest` holds the name of the newest complete checkpoint.
 
@@ -12,7 +13,10 @@ Every rank writes its own files, in parallel, into one hidden temporary director
 barrier rank 0 writes meta.json, renames the directory into place, and only then replaces
 `latest` atomically. A crash at any moment leaves the previous `latest` pointing at a complete
 checkpoint. Data-parallel replicas hold equal weights and optimizer state, so only DP rank 0
-writes them. Every file is read with `weights_only=True`: loading never runs code from it.
+writes them. Under ZeRO the optimizer state is partitioned over the DP ranks, so each writes its
+own partition (DeepSpeed's state, converted to plain tensors and numbers), and the weight file
+holds the fp32 master weights gathered whole, so `load_model` reads ZeRO checkpoints unchanged.
+Every file is read with `weights_only=True`: loading never runs code from it.
 """
 
 from __future__ import annotations
@@ -64,12 +68,15 @@ def _chunks(model) -> list[torch.nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def _shard_state(chunks: list[torch.nn.Module]) -> dict:
-    """This rank's weights, and for each TP-sharded one, how to put the full tensor together."""
+def _shard_state(chunks: list[torch.nn.Module], full: Optional[list[dict]] = None) -> dict:
+    """This rank's weights, and for each TP-sharded one, how to put the full tensor together.
+    `full`: per chunk, parameters to store instead of the module's own (ZeRO's fp32 masters;
+    the module may hold 16-bit copies or, under ZeRO-3, only a shard)."""
     state, specs = {}, {}
-    for chunk in chunks:
-        for name, tensor in chunk.state_dict().items():
-            state[name] = tensor
+    for index, chunk in enumerate(chunks):
+        state.update(chunk.state_dict())
+        if full is not None:
+            state.update(full[index])
         for name, param in chunk.named_parameters():
             spec = getattr(param, "tp_spec", None)
             if spec is not None:
@@ -83,9 +90,10 @@ def _barrier(topo) -> None:
 
 
 def save_checkpoint(root: str | Path, *, step: int, model, optimizer: torch.optim.Optimizer,
-                    config: RunConfig, train_state: dict, topo=None) -> Path:
+                    config: RunConfig, train_state: dict, topo=None, zero=None) -> Path:
     """Write step_N under root from every rank and point `latest` at it (collective: every rank
-    calls it). `model` is a module or this rank's list of pipeline chunks. Returns step_N."""
+    calls it). `model` is a module or this rank's list of pipeline chunks; `zero` the ZeroEngine
+    that owns weights and optimizer state under ZeRO (then `optimizer` is unused). Returns step_N."""
     root = Path(root)
     rank = topo.rank if topo else 0
     tp_rank, pp_rank, dp_rank = (topo.tp_rank, topo.pp_rank, topo.dp_rank) if topo else (0, 0, 0)
@@ -101,8 +109,14 @@ def save_checkpoint(root: str | Path, *, step: int, model, optimizer: torch.opti
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         _write(tmp / f"rng_rank{rank}.pt", lambda f: torch.save(rng, f))
-        if dp_rank == 0:
-            suffix = f"tp{tp_rank}_pp{pp_rank}"
+        suffix = f"tp{tp_rank}_pp{pp_rank}"
+        if zero is not None:
+            # Gathering the master weights is collective over the DP group: every DP rank joins.
+            weights = _shard_state(_chunks(model), full=[zero.full_parameters(c) for c in _chunks(model)])
+            if dp_rank == 0:
+                _write(tmp / f"model_{suffix}.pt", lambda f: torch.save(weights, f))
+            _write(tmp / f"optimizer_{suffix}_dp{dp_rank}.pt", lambda f: torch.save(zero.optimizer_state(), f))
+        elif dp_rank == 0:
             _write(tmp / f"model_{suffix}.pt", lambda f: torch.save(_shard_state(_chunks(model)), f))
             _write(tmp / f"optimizer_{suffix}.pt", lambda f: torch.save(optimizer.state_dict(), f))
         _barrier(topo)
@@ -234,18 +248,28 @@ def merged_state_dict(step_dir: Path) -> dict:
 
 
 def load_checkpoint(step_dir: Path, *, model, optimizer: torch.optim.Optimizer, config: RunConfig,
-                    topo=None) -> dict:
+                    topo=None, zero=None) -> dict:
     """Restore this rank's weights, optimizer and RNG in place; returns the meta (step, train_state).
-    The data-parallel size may differ from the saved one; tensor and pipeline layout may not."""
+    The data-parallel size may differ from the saved one (not under ZeRO); tensor and pipeline
+    layout may not."""
     meta = read_meta(step_dir)
     saved, here = meta["layout"], _layout(config, data_parallel=topo.dp if topo else 1)
     keys = ("tensor", "pipeline", "virtual_stages", "zero_stage")
     if any(saved[k] != here[k] for k in keys):
         raise CheckpointError(f"{step_dir} was saved with layout {saved}, this run has {here}; loading "
-                              "into another tensor/pipeline layout is not supported yet")
+                              "into another tensor/pipeline layout or ZeRO stage is not supported yet")
+    if zero is not None and saved["data"] != here["data"]:
+        raise CheckpointError(f"{step_dir} holds ZeRO optimizer state partitioned over {saved['data']} "
+                              f"data-parallel ranks; this run has {here['data']}. Resume a ZeRO run with the "
+                              "same data-parallel size (resharding ZeRO partitions is not supported yet)")
     tp_rank, pp_rank = (topo.tp_rank, topo.pp_rank) if topo else (0, 0)
-    _load_into(step_dir, _chunks(model), _load_shard(step_dir, tp_rank=tp_rank, pp_rank=pp_rank)["state"])
-    optimizer.load_state_dict(_load_tensors(step_dir / f"optimizer_tp{tp_rank}_pp{pp_rank}.pt"))
+    if zero is None or zero.stage < 3:  # ZeRO-3 restores its weight shards from the optimizer state
+        _load_into(step_dir, _chunks(model), _load_shard(step_dir, tp_rank=tp_rank, pp_rank=pp_rank)["state"])
+    if zero is not None:
+        dp_rank = topo.dp_rank if topo else 0
+        zero.load_optimizer_state(_load_tensors(step_dir / f"optimizer_tp{tp_rank}_pp{pp_rank}_dp{dp_rank}.pt"))
+    else:
+        optimizer.load_state_dict(_load_tensors(step_dir / f"optimizer_tp{tp_rank}_pp{pp_rank}.pt"))
     rank = topo.rank if topo else 0
     rng_file = step_dir / f"rng_rank{rank}.pt"
     if not rng_file.exists():  # fewer ranks saved it (a DP change): take a same-position rank's

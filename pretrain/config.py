@@ -105,7 +105,17 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Split activations outside tensor-parallel regions along the sequence."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3 (0 = plain data parallelism)."""
+    """DeepSpeed ZeRO stage 0-3 (0 = plain data parallelism): 1 shards the optimizer state
+    across the data-parallel ranks, 2 also the gradients, 3 also the weights. Needs the `zero`
+    extra (deepspeed); the DeepSpeed config is generated from this run config."""
+    offload_optimizer: bool = False
+    """ZeRO: keep the optimizer state (fp32 master weights, Adam moments) in CPU memory and run
+    the optimizer step there (DeepSpeed ZeRO-Offload); needs parallel.zero_stage >= 1."""
+    offload_params: bool = False
+    """ZeRO-3: keep the weight shards in CPU memory between uses; needs parallel.zero_stage=3."""
+    zero3_persistence_threshold: int = 100000
+    """ZeRO-3: parameters with fewer elements than this stay whole on every rank (norms, biases),
+    which saves many tiny gathers; 0 partitions every parameter."""
     bucket_mb: float = 25.0
     """Data-parallel gradients are all-reduced in buckets of about this many MB, each started
     as soon as its gradients are ready so communication overlaps the backward pass."""
@@ -173,8 +183,10 @@ class TrainConfig:
     """Sequences per optimizer step across all ranks; default micro_batch_size x DP."""
     seed: int = 1234
     """Seed of weights, dropout and data order."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """`bf16` runs matmuls under bf16 autocast with fp32 master weights."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """`bf16` runs matmuls under bf16 autocast with fp32 master weights. `fp16` likewise in fp16,
+    with dynamic loss scaling. With ZeRO both map to DeepSpeed's bf16/fp16 modes: 16-bit weights
+    and gradients, fp32 master weights in the (sharded) optimizer state."""
     log_interval: int = 10
     """Log metrics every this many steps."""
     eval_interval: int = 100
@@ -412,6 +424,9 @@ def finalize(config: RunConfig) -> None:
         need(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
     need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {p.zero_stage}")
     need(p.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {p.bucket_mb}")
+    from pretrain.parallel.zero import validate_zero  # lazy: zero.py imports this module
+
+    validate_zero(config)
     need(m.num_heads % p.tensor == 0, "parallel.tensor",
          f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
     need(m.kv_heads % p.tensor == 0, "parallel.tensor",

@@ -51,3 +51,120 @@ def learning_rate(step: int, *, optim: OptimizerConfig, schedule: ScheduleConfig
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16: dynamic loss scaling. The constants are DeepSpeed's defaults and are also written into
+# the DeepSpeed config of ZeRO runs (pretrain/parallel/zero.py), so fp16 behaves the same with
+# and without ZeRO.
+
+LOSS_SCALE_INIT_POWER = 16
+"""Initial loss scale 2**16."""
+LOSS_SCALE_WINDOW = 1000
+"""Double the scale after this many steps without overflow."""
+LOSS_SCALE_HYSTERESIS = 2
+"""Overflows tolerated (steps skipped at the same scale) before the scale is halved."""
+LOSS_SCALE_MIN = 1.0
+"""The scale never goes below this."""
+
+
+class DynamicLossScaler:
+    """The fp16 loss scale without ZeRO, with DeepSpeed's update rule: on overflow the step is
+    skipped and, once `hysteresis` overflows have been seen, the scale halves (an overflow at the
+    minimum scale stops the run); after `window` steps since the last overflow it doubles.
+    Its state goes into checkpoints (`state_dict`)."""
+
+    def __init__(self) -> None:
+        self.scale = float(2**LOSS_SCALE_INIT_POWER)
+        self.iteration = 0
+        self.last_overflow = -1
+        self.hysteresis = LOSS_SCALE_HYSTERESIS
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            if self.hysteresis <= 1:
+                if self.scale == LOSS_SCALE_MIN:  # as DeepSpeed: fp16 cannot represent this run
+                    raise RuntimeError(f"fp16 loss scale is already at its minimum ({LOSS_SCALE_MIN}) and the "
+                                       "gradients still overflow; train with train.precision=bf16")
+                self.scale = max(self.scale / 2, LOSS_SCALE_MIN)
+            else:
+                self.hysteresis -= 1
+            self.last_overflow = self.iteration
+        else:
+            stable = self.iteration - self.last_overflow - 1
+            if stable > 0 and stable % LOSS_SCALE_WINDOW == 0:
+                self.hysteresis = LOSS_SCALE_HYSTERESIS
+                self.scale *= 2
+        self.iteration += 1
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "iteration": self.iteration, "last_overflow": self.last_overflow,
+                "hysteresis": self.hysteresis}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.iteration = float(state["scale"]), int(state["iteration"])
+        self.last_overflow, self.hysteresis = int(state["last_overflow"]), int(state["hysteresis"])
+
+
+def unscale_and_check(params: list[nn.Parameter], *, scale: float, group=None) -> bool:
+    """Divide gradients by the loss scale; True when any rank found inf/NaN (all ranks agree, so
+    they all skip the step together). `group=None` is the whole world when distributed."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    found = torch.zeros((), device=grads[0].device if grads else "cpu")
+    if grads:
+        torch._foreach_mul_(grads, 1.0 / scale)
+        found = torch.stack([g.isfinite().all().logical_not() for g in grads]).any().float()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+    return bool(found.item())
+
+
+class _BackwardRoot(torch.autograd.Function):
+    """Identity forward. Its backward is the first node of the backward pass that starts at its
+    output: it calls `on_start` and multiplies the incoming gradient by the loss scale."""
+
+    @staticmethod
+    def forward(ctx, x, scale, on_start):
+        ctx.scale, ctx.on_start = scale, on_start
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.on_start is not None:
+            ctx.on_start()
+        scale = ctx.scale()
+        return (grad * scale if scale != 1.0 else grad), None, None
+
+
+class BackwardRootChunk:
+    """A model chunk as the pipeline executor sees it, whose every backward pass starts in a
+    `_BackwardRoot`: the loss (whole model, or a last stage's head) gets scaled, and `on_start`
+    runs before any gradient of the pass exists (ZeRO's backward prologue).
+
+    The executor calls backward on what `__call__` or `head_loss` return (a loss) and, on a
+    pipeline stage that is not the last, on what `run_blocks` returns (with the next stage's
+    gradient, already scaled there). Everything else is the wrapped chunk's own attribute."""
+
+    def __init__(self, chunk: nn.Module, *, scale=lambda: 1.0, on_start=None) -> None:
+        self.chunk, self.scale, self.on_start = chunk, scale, on_start
+
+    def __getattr__(self, name: str):
+        return getattr(self.chunk, name)
+
+    def _root(self, x: torch.Tensor, *, loss: bool) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return x
+        return _BackwardRoot.apply(x, self.scale if loss else (lambda: 1.0), self.on_start)
+
+    def __call__(self, tokens: torch.Tensor, labels=None) -> torch.Tensor:
+        out = self.chunk(tokens, labels=labels)
+        return self._root(out, loss=True) if labels is not None else out
+
+    def head_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self._root(self.chunk.head_loss(x, labels), loss=True)
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.chunk.run_blocks(x)
+        return out if self.chunk.stage.last else self._root(out, loss=False)

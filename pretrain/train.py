@@ -8,6 +8,7 @@ plug in beside it.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -27,7 +28,8 @@ from pretrain.data.loader import SampleDataset, SampleLoader
 from pretrain.data.masking import MaskedLMCollator
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
-from pretrain.optim import build_optimizer, learning_rate, set_learning_rate
+from pretrain.optim import (BackwardRootChunk, DynamicLossScaler, build_optimizer, learning_rate,
+                            set_learning_rate, unscale_and_check)
 from pretrain.parallel.data import GradientSync, grad_norm_and_clip, reduce_loss
 from pretrain.parallel.pipeline import build_model_chunks, forward_backward
 from pretrain.parallel.topology import Topology, init_distributed
@@ -109,35 +111,69 @@ def accumulation_steps(config: RunConfig, *, data_parallel: int) -> int:
 
 
 class Trainer:
-    """What one step needs, built once; `step()` and `evaluate()` are the loop's two verbs."""
+    """What one step needs, built once; `step()` and `evaluate()` are the loop's two verbs.
+
+    Without ZeRO: our AdamW, our bucketed DP reduction, our clipping (and, in fp16, our dynamic
+    loss scaler). With parallel.zero_stage > 0 a ZeroEngine owns all four (DeepSpeed's ZeRO
+    optimizer); the schedule, data and loss are the same code either way."""
 
     def __init__(self, config: RunConfig, topo: Topology, chunks: list, *, train_batches: Iterator[dict],
                  valid: Optional[SampleDataset] = None, collate: Optional[Callable] = None) -> None:
         self.config, self.topo, self.chunks, self.valid, self.collate = config, topo, chunks, valid, collate
         self.batches = train_batches
         self.params = [p for chunk in chunks for p in chunk.parameters()]
-        self.optimizer = build_optimizer(self.params, config.optimizer)
-        self.grad_sync = GradientSync(chunks, topo, bucket_mb=config.parallel.bucket_mb)
+        self.num_params = sum(p.numel() for p in self.params)  # before ZeRO-3 partitions them
         self.accum = accumulation_steps(config, data_parallel=topo.dp)
-        bf16 = config.train.precision == "bf16"
+        self.zero, self.grad_sync, self.scaler = None, None, None
+        precision = config.train.precision
+        if config.parallel.zero_stage:
+            from pretrain.parallel.zero import ZeroEngine  # imports deepspeed
+
+            self.zero = ZeroEngine(config, topo, chunks, accumulation=self.accum)
+            self.optimizer = self.zero.optimizer
+            self.schedule_chunks = self.zero.chunks
+        else:
+            self.optimizer = build_optimizer(self.params, config.optimizer)
+            self.grad_sync = GradientSync(chunks, topo, bucket_mb=config.parallel.bucket_mb)
+            self.schedule_chunks = chunks
+            if precision == "fp16":
+                self.scaler = DynamicLossScaler()
+                self.schedule_chunks = [BackwardRootChunk(c, scale=lambda: self.scaler.scale) for c in chunks]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         device_type = topo.device.type
-        self.autocast = lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+        self.autocast = lambda: torch.autocast(device_type, dtype=dtype or torch.bfloat16,  # noqa: E731
+                                               enabled=dtype is not None)
         seq = config.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
         self.hidden_shape = (config.train.micro_batch_size, seq, config.model.hidden_size)
 
     def step(self, step: int) -> dict:
         c = self.config
         lr = learning_rate(step, optim=c.optimizer, schedule=c.schedule, total_steps=c.train.steps)
-        set_learning_rate(self.optimizer, lr)
-        losses = forward_backward(chunks=self.chunks, topo=self.topo, batches=self.batches,
-                                  micro_batches=self.accum, autocast=self.autocast,
-                                  hidden_shape=self.hidden_shape, on_last_backward=self.grad_sync.enable)
-        self.grad_sync.finish()
-        grad_norm = grad_norm_and_clip(self.params, max_norm=c.optimizer.clip_grad, topo=self.topo)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        losses = forward_backward(chunks=self.schedule_chunks, topo=self.topo, batches=self.batches,
+                                  micro_batches=self.accum, autocast=self.autocast, hidden_shape=self.hidden_shape,
+                                  on_last_backward=self.zero.on_last_backward if self.zero else self.grad_sync.enable)
+        record = self.zero.step(lr) if self.zero else self._step(lr)
         loss = reduce_loss(torch.stack(losses).mean(), self.topo) if losses else math.nan
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm}
+        if c.train.precision == "fp16":
+            record["loss_scale"] = float(self.zero.optimizer.loss_scale if self.zero else self.scaler.scale)
+        else:
+            record.pop("skipped")
+        return {"loss": loss, "lr": lr, **record}
+
+    def _step(self, lr: float) -> dict:
+        set_learning_rate(self.optimizer, lr)
+        self.grad_sync.finish()
+        skipped = False
+        if self.scaler is not None:
+            scale = self.scaler.scale
+            skipped = unscale_and_check(self.params, scale=scale)
+            self.scaler.update(skipped)
+        grad_norm = math.inf
+        if not skipped:
+            grad_norm = grad_norm_and_clip(self.params, max_norm=self.config.optimizer.clip_grad, topo=self.topo)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": grad_norm, "skipped": skipped}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -170,20 +206,26 @@ def run(config: RunConfig) -> dict:
     torch.manual_seed(t.seed + 100 * topo.pp_rank)
     chunks = build_model_chunks(config.model, topo, init_seed=t.seed)
     trainer = Trainer(config, topo, chunks, train_batches=iter(data.train), valid=data.valid, collate=data.collate)
+    if trainer.zero is not None and topo.rank == 0:
+        print(f"DeepSpeed config: {json.dumps(trainer.zero.ds_config)}", flush=True)
     step = 0
     if resume_from is not None:
-        step = load_checkpoint(resume_from, model=chunks, optimizer=trainer.optimizer, config=config, topo=topo)["step"]
+        meta = load_checkpoint(resume_from, model=chunks, optimizer=trainer.optimizer, config=config, topo=topo,
+                               zero=trainer.zero)
+        step = meta["step"]
+        if trainer.scaler is not None and "loss_scaler" in meta["train_state"]:
+            trainer.scaler.load_state_dict(meta["train_state"]["loss_scaler"])
         if topo.rank == 0:
             print(f"resumed from {resume_from} at step {step}", flush=True)
 
     logging_rank = topo.is_logging_rank
-    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
     peak = config.logging.peak_tflops or measure_peak_tflops(device, dtype)
     global_batch = t.micro_batch_size * trainer.accum * topo.dp
     step_flops = training_flops(config.model, batch=global_batch, seq=config.model.seq_length)
     logger = MetricsLogger(config.logging.dir, tensorboard=config.logging.tensorboard, enabled=logging_rank)
     if logging_rank:
-        params = sum(p.numel() for p in trainer.params)
+        params = trainer.num_params
         print(f"model: {config.model.flavour}, {config.model.num_layers} layers, hidden "
               f"{config.model.hidden_size}, {params / 1e6:.2f}M parameters on this rank; {topo.describe()}; "
               f"global batch {global_batch} x {config.model.seq_length} tokens ({trainer.accum} micro-batches "
@@ -192,8 +234,11 @@ def run(config: RunConfig) -> dict:
     def save(step_now: int) -> None:
         if not ck.dir:
             return
+        train_state = {"consumed_samples": data.train.consumed_samples}
+        if trainer.scaler is not None:  # equal on every rank: overflow decisions are global
+            train_state["loss_scaler"] = trainer.scaler.state_dict()
         path = save_checkpoint(ck.dir, step=step_now, model=chunks, optimizer=trainer.optimizer, config=config,
-                               train_state={"consumed_samples": data.train.consumed_samples}, topo=topo)
+                               train_state=train_state, topo=topo, zero=trainer.zero)
         if topo.rank == 0:
             prune_checkpoints(ck.dir, keep_last=ck.keep_last)
             print(f"saved checkpoint {path}", flush=True)

@@ -1,0 +1,397 @@
+"""DeepSpeed ZeRO glue: the DeepSpeed config generated from ours, the `mpu` view of our Topology,
+the combinations we refuse, and the driver that runs DeepSpeed's ZeRO optimizer under our own
+pipeline executor.
+
+DeepSpeed's engine is used as a factory only: `deepspeed.initialize` builds the ZeRO optimizer
+(flat fp32 master partitions, gradient reduce hooks, 16-bit module casting, ZeRO-3 weight
+partitioning) from a config we generate, so a user never writes a second config that could
+disagree with ours. The forward and backward passes stay ours (`pretrain.parallel.pipeline`),
+because the engine's own loop can only call backward on a loss, while a pipeline stage calls
+it on an activation with a received gradient. What `engine.backward` adds around autograd is
+reproduced per backward pass (see `ZeroEngine._backward_start/_backward_end`): loss scaling,
+the ZeRO backward prologue, and the epilogue that flushes the reduce buckets (stages 2 and 3,
+every micro-batch) or reduces everything at the accumulation boundary (stage 1).
+
+ZeRO shards over the data-parallel group only: the mpu hands DeepSpeed `topo.dp_group`, and
+the model-parallel group (TP x PP) is where it sums the squared gradient norm, counting a
+tensor-parallel shard on every TP rank and a replicated weight on TP rank 0 only.
+
+`import deepspeed` happens only when a ZeroEngine is built, so the rest of the framework runs
+without it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain.config import ConfigError, RunConfig
+from pretrain.optim import (LOSS_SCALE_HYSTERESIS, LOSS_SCALE_INIT_POWER, LOSS_SCALE_MIN, LOSS_SCALE_WINDOW,
+                            BackwardRootChunk, build_optimizer)
+from pretrain.parallel.comm import all_reduce, group_size
+from pretrain.parallel.topology import Topology
+
+INSTALL_HINT = "pip install -c constraints.txt -e '.[zero]' (with DS_BUILD_OPS=0 in the environment)"
+
+
+def validate_zero(config: RunConfig) -> None:
+    """Refuse ZeRO settings we do not support, before any process group exists."""
+    p, m = config.parallel, config.model
+    if p.offload_optimizer and p.zero_stage == 0:
+        raise ConfigError("parallel.offload_optimizer: needs parallel.zero_stage >= 1 (the optimizer state "
+                          "is offloaded by DeepSpeed's ZeRO optimizer)")
+    if p.offload_params and p.zero_stage != 3:
+        raise ConfigError("parallel.offload_params: needs parallel.zero_stage=3 (only ZeRO-3 partitions "
+                          "the weights, which is what gets offloaded)")
+    if p.zero3_persistence_threshold < 0:
+        raise ConfigError(f"parallel.zero3_persistence_threshold: must be >= 0, got {p.zero3_persistence_threshold}")
+    if p.zero_stage == 0:
+        return
+    if p.zero_stage == 3 and p.pipeline > 1:
+        raise ConfigError(
+            "parallel.zero_stage: ZeRO-3 with parallel.pipeline > 1 is not supported: ZeRO-3 gathers each "
+            "weight around its module's forward and backward through hooks on the whole model, while a "
+            "pipeline stage runs slices of the model on activations received from another rank, so every "
+            "weight would be gathered and released once per micro-batch with nothing in flight to hide it "
+            "(DeepSpeed's own pipeline engine refuses it too). Use parallel.zero_stage=1 or 2 with pipelining")
+    if p.zero_stage == 2 and p.pipeline > 1 and m.tied:
+        raise ConfigError(
+            "parallel.zero_stage: ZeRO-2 with parallel.pipeline > 1 needs untied embeddings: ZeRO-2 reduces "
+            "and shards each gradient during every micro-batch's backward, but the two copies of a tied "
+            "embedding (first and last stage) must first be summed, and the first stage only has its "
+            "gradient at the very end of the pipeline's backward. Set model.tie_embeddings=false, or use "
+            "parallel.zero_stage=1")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs DeepSpeed, which is not installed: "
+                          f"{INSTALL_HINT}")
+
+
+def deepspeed_config(config: RunConfig, *, data_parallel: int, accumulation: int) -> dict:
+    """The DeepSpeed config equivalent to our run config (printed at start, saved nowhere else)."""
+    p, t, o = config.parallel, config.train, config.optimizer
+    element_bytes = 4 if t.precision == "fp32" else 2
+    # DeepSpeed counts elements, and wants a multiple of its (2-element) all-gather alignment.
+    bucket = 64 * max(1, math.ceil(p.bucket_mb * 2**20 / element_bytes / 64))
+    zero: dict = {
+        "stage": p.zero_stage,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        # Our driver flushes the reduce buckets at the end of each backward pass itself; overlap
+        # streams exist only on GPUs, and stage 1 must not reduce before the tied-embedding sum.
+        "overlap_comm": False,
+    }
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if p.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = bucket
+        zero["stage3_param_persistence_threshold"] = p.zero3_persistence_threshold
+        if p.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": t.micro_batch_size * accumulation * data_parallel,
+        "gradient_clipping": o.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        # loss_scale 0 = dynamic; the same constants as our own scaler (pretrain/optim.py).
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": LOSS_SCALE_INIT_POWER,
+                 "loss_scale_window": LOSS_SCALE_WINDOW, "hysteresis": LOSS_SCALE_HYSTERESIS,
+                 "min_loss_scale": LOSS_SCALE_MIN},
+        # Our torch AdamW steps the offloaded state on the CPU; DeepSpeed's CPU Adam would first
+        # compile a C++ op, and would make the update differ from a run without ZeRO.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # we log; DeepSpeed's own progress lines would interleave
+        "wall_clock_breakdown": False,
+    }
+
+
+class TopologyMPU:
+    """DeepSpeed's `mpu` interface (Megatron's names) answered from our Topology.
+
+    Data parallel: the group ZeRO shards over. Model parallel: all TP x PP ranks of one replica,
+    where DeepSpeed sums gradient norms and overflow flags. Tensor parallel: its rank decides which
+    replicated weights count towards the norm (TP rank 0's)."""
+
+    def __init__(self, topo: Topology) -> None:
+        self.topo = topo
+
+    def get_data_parallel_group(self):
+        return self.topo.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topo.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.topo.dp
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        t = self.topo
+        return [t.global_rank(tp_rank=t.tp_rank, dp_rank=d, pp_rank=t.pp_rank) for d in range(t.dp)]
+
+    def get_model_parallel_group(self):
+        return self.topo.model_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.topo.pp_rank * self.topo.tp + self.topo.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.topo.tp * self.topo.pp
+
+    def get_tensor_model_parallel_group(self):
+        return self.topo.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.topo.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.topo.tp
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        t = self.topo
+        return t.global_rank(tp_rank=0, dp_rank=t.dp_rank, pp_rank=t.pp_rank)
+
+    def get_pipeline_model_parallel_group(self):
+        return self.topo.pp_group
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.topo.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.topo.pp
+
+
+def _mark_parameters(chunks: list[nn.Module], topo: Topology) -> None:
+    """Tell DeepSpeed's norm which parameters are TP shards and which are pipeline copies."""
+    for chunk in chunks:
+        for param in chunk.parameters():
+            if getattr(param, "tp_spec", None) is not None:
+                param.tensor_model_parallel = True  # a shard: every TP rank's part counts
+            if getattr(param, "tied_embedding", False) and not topo.is_first_stage:
+                param.ds_pipe_replicated = True  # the last stage's copy: counted on the first
+
+
+def _sum_sequence_parallel_grads(params: list[nn.Parameter], topo: Topology) -> list:
+    """Sequence-parallel replicas (norms, row biases) see only their sequence shard: sum each
+    micro-batch's gradient over the TP group before it is accumulated, so ZeRO's reduce hooks
+    (which fire right after accumulation, stage 2/3) see the full gradient. Every TP rank runs
+    the same backward graph in the same order, so these all-reduces line up."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return all_reduce(grad.contiguous(), topo.tp_group)
+
+    return [p.register_hook(hook) for p in params if getattr(p, "sequence_parallel", False)]
+
+
+def _check_precision_supported(precision: str) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if precision == "fp16" and not accelerator.is_fp16_supported():
+        raise ConfigError(f"train.precision: DeepSpeed does not support fp16 on this device "
+                          f"({accelerator.device_name()}: a CPU without fp16 matmul support); use train.precision=bf16, "
+                          "or fp16 without ZeRO (parallel.zero_stage=0)")
+    if precision == "bf16" and not accelerator.is_bf16_supported():
+        raise ConfigError(f"train.precision: DeepSpeed does not support bf16 on this device "
+                          f"({accelerator.device_name()}); use train.precision=fp16 or fp32")
+
+
+def _ensure_process_group(topo: Topology) -> None:
+    """DeepSpeed needs torch.distributed even on one process (ZeRO-Offload on one GPU), and
+    insists on LOCAL_RANK, which srun (SLURM_LOCALID) and a plain `python -m` do not set."""
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    if topo.world_size == 1 and not dist.is_initialized():
+        backend = "nccl" if topo.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(minutes=10))
+
+
+class ZeroEngine:
+    """This rank's ZeRO optimizer over its model chunks, driven around our pipeline executor.
+
+    Per optimizer step: `forward_backward(chunks=engine.chunks, on_last_backward=
+    engine.on_last_backward, ...)`, then `engine.step(lr)`.
+    """
+
+    def __init__(self, config: RunConfig, topo: Topology, chunks: list[nn.Module], *, accumulation: int) -> None:
+        import deepspeed  # lazy: only ZeRO runs need it
+
+        self.config, self.topo, self.stage = config, topo, config.parallel.zero_stage
+        self.ds_config = deepspeed_config(config, data_parallel=topo.dp, accumulation=accumulation)
+        params = [p for chunk in chunks for p in chunk.parameters()]
+        _mark_parameters(chunks, topo)
+        self._hooks = _sum_sequence_parallel_grads(params, topo) if topo.sequence_parallel else []
+        self.tied = [p for p in params if getattr(p, "tied_embedding", False)] if topo.pp > 1 else []
+        _ensure_process_group(topo)
+        _check_precision_supported(config.train.precision)
+        # One module holding all of this rank's chunks: the engine flattens their parameters into
+        # one ZeRO partition per parameter group.
+        module = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=build_optimizer(params, config.optimizer), config=self.ds_config,
+            mpu=TopologyMPU(topo) if topo.world_size > 1 else None, dist_init_required=False)
+        self.engine, self.optimizer = engine, optimizer
+        # The engine would run its backward epilogue from the optimizer's gradient hooks; ours
+        # runs instead (once per backward pass, with the boundary we decide).
+        optimizer.unregister_grad_acc_post_hooks()
+        self.chunks = [BackwardRootChunk(chunk, scale=self._loss_scale, on_start=self._backward_start)
+                       for chunk in chunks]
+        self._announced = 0  # chunks whose last backward of the step has been announced
+
+    # -- the per-backward protocol (what engine.backward does around autograd) ------------------
+
+    def _loss_scale(self) -> float:
+        return float(self.optimizer.loss_scale) if self.config.train.precision == "fp16" else 1.0
+
+    def on_last_backward(self, chunk: int) -> None:
+        """Called by the schedule right before a chunk's last backward of the step."""
+        self._announced += 1
+
+    def _backward_start(self) -> None:
+        """First node of every backward pass: ZeRO's prologue, then its epilogue queued for when
+        autograd has finished this pass (after every gradient hook)."""
+        opt = self.optimizer
+        # After the final chunk's last backward is announced, the pass that follows is the last
+        # one of the step: stage 2/3 turn their accumulated partitions into the step's gradient.
+        boundary = self._announced == len(self.chunks)
+        opt.clear_backward_seen_flag()
+        opt.backward_prologue()
+        opt.enter_backward()
+        opt.set_gradient_accumulation_boundary(boundary if self.stage >= 2 else False)
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
+
+    def _backward_end(self) -> None:
+        opt = self.optimizer
+        if self.stage >= 2:
+            opt.overlapping_partition_gradients_reduce_epilogue()
+        opt.backward_epilogue()
+        opt.exit_backward()
+
+    def step(self, lr: float) -> dict:
+        """Reduce what is left, clip and step inside ZeRO; returns grad_norm and whether the step
+        was skipped (fp16 overflow)."""
+        opt = self.optimizer
+        if self.stage == 1:
+            # Stage 1 keeps whole gradients until here: sum the tied embedding copies first, then
+            # reduce-scatter everything over the DP group at once.
+            _sum_tied(self.tied, self.topo)
+            opt.set_gradient_accumulation_boundary(True)
+            opt.reduce_gradients(pipeline_parallel=False)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        skipped = bool(getattr(opt, "overflow", False))
+        norm = getattr(opt, "_global_grad_norm", None)  # set by step (what engine.step reads too)
+        opt.zero_grad(set_to_none=True)
+        opt.set_gradient_accumulation_boundary(False)
+        self._announced = 0
+        grad_norm = math.inf if skipped else float(norm) if norm is not None else math.nan
+        return {"grad_norm": grad_norm, "skipped": skipped}
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def full_parameters(self, chunk: nn.Module) -> dict[str, torch.Tensor]:
+        """chunk's fp32 master weights, whole (gathered over DP). Collective over the DP group."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, param in chunk.named_parameters():
+            full = safe_get_full_fp32_param(param)
+            state[name] = (param.detach() if full is None else full).float().cpu().clone()
+        return state
+
+    def optimizer_state(self) -> dict:
+        """This DP rank's ZeRO optimizer state as plain tensors and numbers (weights_only-safe)."""
+        state = dict(self.optimizer.state_dict())
+        scaler = state.pop("loss_scaler", None)
+        state["loss_scaler"] = _plain(dict(vars(scaler))) if scaler is not None else None
+        state.pop("param_slice_mappings", None)  # fragment maps for universal checkpoints only
+        return _plain(state)
+
+    def load_optimizer_state(self, state: dict) -> None:
+        state = dict(state)
+        scaler_state = state.pop("loss_scaler", None) or {}
+        scaler = self.optimizer.loss_scaler
+        for key, value in scaler_state.items():
+            if key != "dtype":
+                setattr(scaler, key, value)
+        state["loss_scaler"] = scaler
+        # Every DP rank reads only its own partition: DeepSpeed indexes the list by DP rank.
+        states = [state if d == self.topo.dp_rank else None for d in range(self.topo.dp)]
+        # fp32 master partitions from the checkpoint (exact), not re-derived from 16-bit weights.
+        self.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        if hasattr(self.optimizer, "checkpoint_event_epilogue"):
+            self.optimizer.checkpoint_event_epilogue()  # ZeRO-3: re-gather the persistent weights
+
+    # -- measurement (tests and bench/memory.py) ----------------------------------------------
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds: fp32 master partitions + Adam moments."""
+        opt = self.optimizer
+        masters = (opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups)
+        tensors = list(masters) + [t for s in opt.optimizer.state.values() for t in s.values()
+                                   if torch.is_tensor(t) and t.numel() > 1]
+        return _unique_bytes(tensors)
+
+    def weight_bytes(self) -> int:
+        """Bytes of model weights this rank holds at rest (ZeRO-3: its shards)."""
+        total = 0
+        for param in self.engine.module.parameters():
+            shard = getattr(param, "ds_tensor", None)
+            total += (shard.numel() * shard.element_size() if shard is not None
+                      else param.numel() * param.element_size())
+        return total
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self.optimizer.destroy() if hasattr(self.optimizer, "destroy") else None
+
+
+def _sum_tied(params: list[nn.Parameter], topo: Topology) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or group_size(topo.embedding_group) == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    all_reduce(flat, topo.embedding_group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _unique_bytes(tensors: list[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def _plain(value):
+    """Tensors, numbers, strings, lists and dicts only, so torch.load(weights_only=True) reads it."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)  # also int enums (ZeRO stage)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    raise TypeError(f"cannot store {type(value).__name__} in a weights-only checkpoint")
