@@ -19,7 +19,12 @@ setup(
         "tokenizers",  # Hugging Face tokenizer.json files (no transformers needed)
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "safetensors", "megatron-core==0.16.1"],
+        # Install with DS_BUILD_OPS=0: no C++ op is built at install; the first ZeRO run compiles
+        # one small communication op with g++ and ninja (~30 s, cached under TORCH_EXTENSIONS_DIR).
+        # Pinned: pretrain/parallel/zero.py drives the ZeRO optimizer's backward hooks itself.
+        "zero": ["deepspeed==0.19.8"],
+        "test": ["pytest", "hypothesis", "transformers", "safetensors", "megatron-core==0.16.1",
+                 "deepspeed==0.19.8"],
         "hf": ["transformers", "safetensors"],
         "kernels": ["triton"],
         "mpi": ["mpi4py"],

@@ -9,6 +9,7 @@ holds is read from the ZeRO optimizer itself (its fp32 master partition and Adam
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -175,6 +176,64 @@ def test_resume_into_another_data_parallel_size_is_refused(tmp_path):
     config = make_config(["parallel.zero_stage=1"])
     with pytest.raises(CheckpointError, match="partitioned over 2 data-parallel ranks; this run has 1"):
         load_checkpoint(tmp_path / "step_1", model=[], optimizer=None, config=config, zero=SimpleNamespace())
+
+
+def _torchrun(nproc: int, overrides: list[str]) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "-m", "pretrain.train", "configs/llama_tiny.yaml", *overrides],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_train_command_with_zero3_resumes_exactly_and_exports(stdlib_data, tmp_path):
+    """`python -m pretrain.train` under torchrun with ZeRO-3: prints the DeepSpeed config it
+    uses, resumes bit-exactly from its per-DP-rank checkpoint, and load_model() gathers the
+    sharded weights into the single-device model (its validation loss matches the run's)."""
+    def overrides(run_dir, steps):
+        return [f"data.path={stdlib_data['prefix']}", f"data.tokenizer={stdlib_data['tokenizer']}",
+                "model.vocab_size=2000", "model.num_layers=2", "model.hidden_size=64", "model.seq_length=64",
+                "train.micro_batch_size=2", "train.global_batch_size=8", "train.log_interval=1",
+                "train.eval_interval=6", "train.eval_iters=2", "schedule.warmup_steps=2", "schedule.decay_steps=6",
+                "logging.tensorboard=false",
+                "logging.peak_tflops=1", "parallel.zero_stage=3", "parallel.zero3_persistence_threshold=0",
+                f"checkpoint.dir={run_dir}/ckpt", f"logging.dir={run_dir}/logs", f"train.steps={steps}"]
+
+    def losses(run_dir):
+        lines = (Path(run_dir) / "logs/metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+    straight = _torchrun(2, overrides(tmp_path / "a", 6))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    used = json.loads(straight.stdout.split("DeepSpeed config: ", 1)[1].splitlines()[0])
+    assert used["zero_optimization"]["stage"] == 3 and used["train_batch_size"] == 8
+    first = _torchrun(2, overrides(tmp_path / "b", 3))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _torchrun(2, overrides(tmp_path / "b", 6))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [a[s] for s in range(4, 7)] == [b[s] for s in range(4, 7)]  # bit for bit
+    assert a[6] < a[1]
+
+    from pretrain.checkpoint import load_model
+    from pretrain.data.gpt_dataset import GPTDataset
+    from pretrain.data.loader import SampleLoader
+
+    model, config = load_model(tmp_path / "a/ckpt")
+    valid = GPTDataset(config.data.path, seq_length=64, split="valid", split_ratios=config.data.split_ratios,
+                       seed=config.train.seed)
+    # What the run evaluated: the first 2 validation micro-batches of each of its 2 DP ranks.
+    batches = [b for rank in range(2) for b in itertools.islice(
+        SampleLoader(valid, micro_batch_size=2, seed=config.train.seed, dp_rank=rank, dp_size=2), 2)]
+    with torch.no_grad():
+        ours = sum(model(b["tokens"], labels=b["labels"]).item() for b in batches) / len(batches)
+    lines = (tmp_path / "a/logs/metrics.jsonl").read_text().splitlines()
+    logged = [r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r][-1]
+    assert abs(ours - logged) < 1e-5
 
 
 # -- fp16 ------------------------------------------------------------------------------------

@@ -245,6 +245,7 @@ class ZeroEngine:
         self.chunks = [BackwardRootChunk(chunk, scale=self._loss_scale, on_start=self._backward_start)
                        for chunk in chunks]
         self._announced = 0  # chunks whose last backward of the step has been announced
+        self._finished = False  # finish_gradients() ran this step
 
     # -- the per-backward protocol (what engine.backward does around autograd) ------------------
 
@@ -275,16 +276,21 @@ class ZeroEngine:
         opt.backward_epilogue()
         opt.exit_backward()
 
+    def finish_gradients(self) -> None:
+        """After the step's backward passes: stage 1 keeps whole gradients until here, so sum the
+        tied embedding copies, then reduce everything over the DP group into this rank's
+        partition. Stages 2 and 3 did that during the backward passes."""
+        if self.stage == 1 and not self._finished:
+            _sum_tied(self.tied, self.topo)
+            self.optimizer.set_gradient_accumulation_boundary(True)
+            self.optimizer.reduce_gradients(pipeline_parallel=False)
+        self._finished = True
+
     def step(self, lr: float) -> dict:
-        """Reduce what is left, clip and step inside ZeRO; returns grad_norm and whether the step
+        """Finish the gradients, clip and step inside ZeRO; returns grad_norm and whether the step
         was skipped (fp16 overflow)."""
         opt = self.optimizer
-        if self.stage == 1:
-            # Stage 1 keeps whole gradients until here: sum the tied embedding copies first, then
-            # reduce-scatter everything over the DP group at once.
-            _sum_tied(self.tied, self.topo)
-            opt.set_gradient_accumulation_boundary(True)
-            opt.reduce_gradients(pipeline_parallel=False)
+        self.finish_gradients()
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
@@ -292,7 +298,7 @@ class ZeroEngine:
         norm = getattr(opt, "_global_grad_norm", None)  # set by step (what engine.step reads too)
         opt.zero_grad(set_to_none=True)
         opt.set_gradient_accumulation_boundary(False)
-        self._announced = 0
+        self._announced, self._finished = 0, False
         grad_norm = math.inf if skipped else float(norm) if norm is not None else math.nan
         return {"grad_norm": grad_norm, "skipped": skipped}
 
@@ -339,6 +345,19 @@ class ZeroEngine:
         masters = (opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups)
         tensors = list(masters) + [t for s in opt.optimizer.state.values() for t in s.values()
                                    if torch.is_tensor(t) and t.numel() > 1]
+        return _unique_bytes(tensors)
+
+    def gradient_bytes(self) -> int:
+        """Bytes of gradients this rank holds now: whole ones on the parameters (stage 1 until
+        finish_gradients) and ZeRO's partitioned accumulation buffers (stages 2, 3; stage 1
+        after the reduction). Reduce buckets (parallel.bucket_mb) are not counted."""
+        opt = self.optimizer
+        tensors = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        for holder in (getattr(opt, "averaged_gradients", None) or {}).values():
+            tensors += [t for t in holder or [] if torch.is_tensor(t)]
+        for name in ("grads_in_partition", "grad_partitions_flat_buffer"):
+            if torch.is_tensor(getattr(opt, name, None)):
+                tensors.append(getattr(opt, name))
         return _unique_bytes(tensors)
 
     def weight_bytes(self) -> int:
