@@ -33,6 +33,7 @@ from pretrain.optim import (BackwardRootChunk, DynamicLossScaler, build_optimize
 from pretrain.parallel.data import GradientSync, grad_norm_and_clip, reduce_loss
 from pretrain.parallel.pipeline import build_model_chunks, forward_backward
 from pretrain.parallel.topology import Topology, init_distributed
+from pretrain.parallel.zero import require_deepspeed
 
 
 @dataclass
@@ -175,6 +176,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": grad_norm, "skipped": skipped}
 
+    def train_state(self) -> dict:
+        """What the trainer itself must carry across a resume (saved in meta.json): the fp16 loss
+        scaler without ZeRO (equal on every rank: overflow decisions are global; under ZeRO it is
+        in DeepSpeed's optimizer state)."""
+        return {"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_train_state(self, state: dict) -> None:
+        if self.scaler is not None and "loss_scaler" in state:
+            self.scaler.load_state_dict(state["loss_scaler"])
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the first train.eval_iters validation micro-batches of each DP rank
@@ -196,6 +207,7 @@ def run(config: RunConfig) -> dict:
     """Train as configured; returns the last record logged (on the logging rank)."""
     t, ck = config.train, config.checkpoint
     device = pick_device(t.device)
+    require_deepspeed(config)
     topo = init_distributed(config, device=device)  # validates the layout first
     resume_from = find_resume_checkpoint(ck.dir, ck.resume)
     # Data first: a missing or mismatched dataset should fail before a model is built.
@@ -213,8 +225,7 @@ def run(config: RunConfig) -> dict:
         meta = load_checkpoint(resume_from, model=chunks, optimizer=trainer.optimizer, config=config, topo=topo,
                                zero=trainer.zero)
         step = meta["step"]
-        if trainer.scaler is not None and "loss_scaler" in meta["train_state"]:
-            trainer.scaler.load_state_dict(meta["train_state"]["loss_scaler"])
+        trainer.load_train_state(meta["train_state"])
         if topo.rank == 0:
             print(f"resumed from {resume_from} at step {step}", flush=True)
 
@@ -234,9 +245,7 @@ def run(config: RunConfig) -> dict:
     def save(step_now: int) -> None:
         if not ck.dir:
             return
-        train_state = {"consumed_samples": data.train.consumed_samples}
-        if trainer.scaler is not None:  # equal on every rank: overflow decisions are global
-            train_state["loss_scaler"] = trainer.scaler.state_dict()
+        train_state = {"consumed_samples": data.train.consumed_samples, **trainer.train_state()}
         path = save_checkpoint(ck.dir, step=step_now, model=chunks, optimizer=trainer.optimizer, config=config,
                                train_state=train_state, topo=topo, zero=trainer.zero)
         if topo.rank == 0:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -178,10 +180,7 @@ def test_resume_into_another_data_parallel_size_is_refused(tmp_path):
         load_checkpoint(tmp_path / "step_1", model=[], optimizer=None, config=config, zero=SimpleNamespace())
 
 
-def _torchrun(nproc: int, overrides: list[str]) -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
-
+def _torchrun(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -251,6 +250,37 @@ def test_fp16_trains_alike_with_and_without_zero():
         assert got["loss_scale"] == [2.0**16] * STEPS
 
 
+def test_fp16_without_zero_resumes_exactly(tmp_path):
+    """One process, our scaler: its state travels in meta.json's train_state."""
+    from pretrain.checkpoint import load_checkpoint, read_meta, save_checkpoint
+    from pretrain.parallel.pipeline import build_model_chunks
+    from pretrain.parallel.topology import single_process
+    from pretrain.train import Trainer
+
+    config = make_config(["train.precision=fp16", "train.global_batch_size=4", "train.steps=4"])
+    topo = single_process()
+
+    def trainer(first):
+        chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed)
+        data = rank_batches(global_batches(config, 4)[first - 1:], micro=2, dp=1, dp_rank=0)
+        return chunks, Trainer(config, topo, chunks, train_batches=data)
+
+    _, straight = trainer(1)
+    straight.scaler.scale, straight.scaler.hysteresis = 1024.0, 1  # as after some overflows
+    expected = [straight.step(s) for s in range(1, 5)]
+    chunks, first = trainer(1)
+    first.scaler.scale, first.scaler.hysteresis = 1024.0, 1
+    [first.step(s) for s in (1, 2)]
+    save_checkpoint(tmp_path, step=2, model=chunks, optimizer=first.optimizer, config=config,
+                    train_state={"consumed_samples": 0, **first.train_state()}, topo=topo)
+    chunks, resumed = trainer(3)
+    load_checkpoint(tmp_path / "step_2", model=chunks, optimizer=resumed.optimizer, config=config, topo=topo)
+    resumed.load_train_state(read_meta(tmp_path / "step_2")["train_state"])
+    got = [resumed.step(s) for s in (3, 4)]
+    assert [r["loss"] for r in got] == [r["loss"] for r in expected[2:]]
+    assert [r["loss_scale"] for r in got] == [r["loss_scale"] for r in expected[2:]] == [1024.0, 1024.0]
+
+
 def test_our_loss_scaler_follows_deepspeeds_rule(monkeypatch):
     from deepspeed.runtime.fp16 import loss_scaler as ds
 
@@ -316,6 +346,17 @@ def test_deepspeed_config_is_generated_from_ours():
 def test_unsupported_combinations_fail_when_the_config_loads(overrides, message):
     with pytest.raises(ConfigError, match=message):
         make_config(overrides)
+
+
+def test_precision_deepspeed_refuses_here_fails_before_any_process_group(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    from pretrain.parallel.zero import require_deepspeed
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)  # as on this CPU
+    with pytest.raises(ConfigError, match="DeepSpeed does not support fp16 on this device"):
+        require_deepspeed(make_config(["parallel.zero_stage=1", "train.precision=fp16"]))
+    require_deepspeed(make_config(["train.precision=fp16"]))  # without ZeRO: our own scaler
 
 
 def test_supported_combinations_load():

@@ -26,7 +26,7 @@ import datetime
 import importlib.util
 import math
 import os
-from typing import Optional
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -68,9 +68,18 @@ def validate_zero(config: RunConfig) -> None:
             "embedding (first and last stage) must first be summed, and the first stage only has its "
             "gradient at the very end of the pipeline's backward. Set model.tie_embeddings=false, or use "
             "parallel.zero_stage=1")
+
+
+def require_deepspeed(config: RunConfig) -> None:
+    """Fail before any process group when a ZeRO run lacks DeepSpeed, or DeepSpeed refuses its
+    precision on this device. Not part of validate_zero: reading a ZeRO checkpoint's config
+    (load_model) must not need DeepSpeed."""
+    if not config.parallel.zero_stage:
+        return
     if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs DeepSpeed, which is not installed: "
-                          f"{INSTALL_HINT}")
+        raise ConfigError(f"parallel.zero_stage={config.parallel.zero_stage} needs DeepSpeed, which is not "
+                          f"installed: {INSTALL_HINT}")
+    _check_precision_supported(config.train.precision)
 
 
 def deepspeed_config(config: RunConfig, *, data_parallel: int, accumulation: int) -> dict:
@@ -197,8 +206,9 @@ def _check_precision_supported(precision: str) -> None:
     accelerator = get_accelerator()
     if precision == "fp16" and not accelerator.is_fp16_supported():
         raise ConfigError(f"train.precision: DeepSpeed does not support fp16 on this device "
-                          f"({accelerator.device_name()}: a CPU without fp16 matmul support); use train.precision=bf16, "
-                          "or fp16 without ZeRO (parallel.zero_stage=0)")
+                          f"({accelerator.device_name()}; on a CPU it needs fp16 matmul support, e.g. "
+                          "AVX512-FP16 or AMX-FP16); use train.precision=bf16, or fp16 without ZeRO "
+                          "(parallel.zero_stage=0)")
     if precision == "bf16" and not accelerator.is_bf16_supported():
         raise ConfigError(f"train.precision: DeepSpeed does not support bf16 on this device "
                           f"({accelerator.device_name()}); use train.precision=fp16 or fp32")
@@ -224,11 +234,15 @@ class ZeroEngine:
     def __init__(self, config: RunConfig, topo: Topology, chunks: list[nn.Module], *, accumulation: int) -> None:
         import deepspeed  # lazy: only ZeRO runs need it
 
+        # DeepSpeed 0.19.8 calls torch's deprecated all_gather_into_tensor on every step; the
+        # warning is not actionable for our users and would be printed by every rank.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+
         self.config, self.topo, self.stage = config, topo, config.parallel.zero_stage
         self.ds_config = deepspeed_config(config, data_parallel=topo.dp, accumulation=accumulation)
         params = [p for chunk in chunks for p in chunk.parameters()]
         _mark_parameters(chunks, topo)
-        self._hooks = _sum_sequence_parallel_grads(params, topo) if topo.sequence_parallel else []
+        self.sp_hooks = _sum_sequence_parallel_grads(params, topo) if topo.sequence_parallel else []
         self.tied = [p for p in params if getattr(p, "tied_embedding", False)] if topo.pp > 1 else []
         _ensure_process_group(topo)
         _check_precision_supported(config.train.precision)
@@ -368,11 +382,6 @@ class ZeroEngine:
             total += (shard.numel() * shard.element_size() if shard is not None
                       else param.numel() * param.element_size())
         return total
-
-    def close(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self.optimizer.destroy() if hasattr(self.optimizer, "destroy") else None
 
 
 def _sum_tied(params: list[nn.Parameter], topo: Topology) -> None:
