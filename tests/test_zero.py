@@ -53,10 +53,12 @@ def _train(job: dict) -> dict:
     if job.get("resume"):
         load_checkpoint(Path(job["resume"]), model=chunks, optimizer=trainer.optimizer, config=config, topo=topo,
                         zero=trainer.zero)
-    records = [trainer.step(step) for step in range(first, last + 1)]
-    if job.get("save"):
-        save_checkpoint(job["save"], step=last, model=chunks, optimizer=trainer.optimizer, config=config,
-                        train_state={"consumed_samples": 0}, topo=topo, zero=trainer.zero)
+    records = []
+    for step in range(first, last + 1):
+        records.append(trainer.step(step))
+        if step == job.get("save_at"):  # and train on: the same run is the uninterrupted reference
+            save_checkpoint(job["save"], step=step, model=chunks, optimizer=trainer.optimizer, config=config,
+                            train_state={"consumed_samples": 0}, topo=topo, zero=trainer.zero)
     result = {"rank": topo.rank, "dp_rank": topo.dp_rank, "logging": topo.is_logging_rank,
               "loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
               "loss_scale": [r.get("loss_scale") for r in records], "params": trainer.num_params}
@@ -162,8 +164,7 @@ def test_zero2_bf16_resume_is_exact(tmp_path):
     """bf16 weights are derived from the fp32 masters each rank saves, so resuming needs the
     masters themselves: a resumed run continues with bit-identical losses."""
     overrides = ["parallel.zero_stage=2", "train.precision=bf16"]
-    straight = run(overrides, world=2, last=4)[0]
-    run(overrides, world=2, last=2, save=str(tmp_path))
+    straight = run(overrides, world=2, last=4, save=str(tmp_path), save_at=2)[0]
     files = sorted(p.name for p in (tmp_path / "step_2").glob("optimizer_*"))
     assert files == ["optimizer_tp0_pp0_dp0.pt", "optimizer_tp0_pp0_dp1.pt"]
     resumed = run(overrides, world=2, first=3, last=4, resume=str(tmp_path / "step_2"))[0]
@@ -172,12 +173,13 @@ def test_zero2_bf16_resume_is_exact(tmp_path):
 
 
 def test_resume_into_another_data_parallel_size_is_refused(tmp_path):
-    run(["parallel.zero_stage=1"], world=2, last=1, save=str(tmp_path))
-    from pretrain.checkpoint import CheckpointError, load_checkpoint
+    from pretrain.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint
 
+    layout = {"tensor": 1, "pipeline": 1, "virtual_stages": 1, "data": 2, "zero_stage": 1}
+    (tmp_path / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "step": 1, "layout": layout}))
     config = make_config(["parallel.zero_stage=1"])
     with pytest.raises(CheckpointError, match="partitioned over 2 data-parallel ranks; this run has 1"):
-        load_checkpoint(tmp_path / "step_1", model=[], optimizer=None, config=config, zero=SimpleNamespace())
+        load_checkpoint(tmp_path, model=[], optimizer=None, config=config, zero=SimpleNamespace())
 
 
 def _torchrun(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
