@@ -165,9 +165,8 @@ class Trainer:
         set_learning_rate(self.optimizer, lr)
         self.grad_sync.finish()
         skipped = False
-        if self.scaler is not None:
-            scale = self.scaler.scale
-            skipped = unscale_and_check(self.params, scale=scale)
+        if self.scaler is not None:  # every rank agrees on skipping (unscale_and_check reduces)
+            skipped = unscale_and_check(self.params, scale=self.scaler.scale)
             self.scaler.update(skipped)
         grad_norm = math.inf
         if not skipped:
