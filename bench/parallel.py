@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from parallel_harness import free_port, global_batches, rank_batches  # noqa: E402
+from parallel_harness import build_trainer, free_port  # noqa: E402
 from pretrain.config import config_from_dict  # noqa: E402
 
 # name -> (overrides, world size)
@@ -146,21 +146,13 @@ def _rank(rank: int, world: int, port: int, args, overrides: list[str], out: str
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from pretrain.parallel.pipeline import build_model_chunks
-    from pretrain.parallel.topology import init_distributed
-    from pretrain.train import Trainer
-
     steps = args.warmup + args.steps
     config = make_config(args, overrides, steps=steps)
     barrier = dist.barrier  # the unpatched one: aligns ranks between steps, not timed
     timer = CommTimer()
     timer.install()
-    torch.manual_seed(config.train.seed)
-    topo = init_distributed(config, device=torch.device("cpu"))
-    chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed)
-    batches = rank_batches(global_batches(config, steps), micro=config.train.micro_batch_size, dp=topo.dp,
-                           dp_rank=topo.dp_rank)
-    trainer = Trainer(config, topo, chunks, train_batches=batches)
+    trainer = build_trainer(config, steps)
+    topo = trainer.topo
     records = []
     for step in range(1, steps + 1):
         if world > 1:

@@ -50,8 +50,8 @@ def rank_batches(data: torch.Tensor, *, micro: int, dp: int, dp_rank: int):
             yield {"tokens": sample[:, :-1], "labels": sample[:, 1:]}
 
 
-def train_steps(config, steps: int) -> dict:
-    """Train `steps` steps on this process's part of the grid; returns losses and grad norms."""
+def build_trainer(config, steps: int):
+    """This process's Trainer on its part of the grid, fed the shared synthetic batches."""
     from pretrain.parallel.pipeline import build_model_chunks
     from pretrain.parallel.topology import init_distributed
     from pretrain.train import Trainer
@@ -61,7 +61,13 @@ def train_steps(config, steps: int) -> dict:
     chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed)
     batches = rank_batches(global_batches(config, steps), micro=config.train.micro_batch_size, dp=topo.dp,
                            dp_rank=topo.dp_rank)
-    trainer = Trainer(config, topo, chunks, train_batches=batches)
+    return Trainer(config, topo, chunks, train_batches=batches)
+
+
+def train_steps(config, steps: int) -> dict:
+    """Train `steps` steps on this process's part of the grid; returns losses and grad norms."""
+    trainer = build_trainer(config, steps)
+    topo = trainer.topo
     records = [trainer.step(step) for step in range(1, steps + 1)]
     return {"rank": topo.rank, "logging": topo.is_logging_rank,
             "buckets": len(trainer.grad_sync.buckets), "overlapped": trainer.grad_sync.overlapped,

@@ -157,8 +157,4 @@ class DenseLayers:
                              labels: torch.Tensor) -> torch.Tensor:
         """cross_entropy(output_logits(hidden, weight), labels), fused so the [tokens, vocab]
         logits are allocated once: hidden [b, s, h], weight [vocab, h], labels [b, s]."""
-        cls = type(self)
-        if cls.output_logits is not DenseLayers.output_logits or cls.cross_entropy is not DenseLayers.cross_entropy:
-            # A subclass (tensor-parallel, say) that redefines either half gets its own pair.
-            return self.cross_entropy(self.output_logits(hidden, weight), labels)
         return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, labels.flatten(), IGNORE_INDEX)
