@@ -208,7 +208,10 @@ class CheckpointConfig:
     resume: str = "auto"
     """`auto` resumes from `latest` when there is one, `none` never, or a step_N directory path."""
     keep_last: int = 0
-    """Keep only the newest K checkpoints (0 keeps all)."""
+    """Keep only the newest K checkpoints (0 keeps all); older ones go once a newer is complete."""
+    async_save: bool = True
+    """Write checkpoints in the background: training waits only while the tensors are copied to
+    host memory (and, at the next save, for the previous write to finish)."""
 
 
 @dataclass

@@ -19,8 +19,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import (find_resume_checkpoint, load_checkpoint, prune_checkpoints, read_meta,
-                                 save_checkpoint)
+from pretrain.checkpoint import Checkpointer, find_resume_checkpoint, load_checkpoint, read_meta
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data.blend import parse_data_path
 from pretrain.data.builder import build_datasets
@@ -177,13 +176,18 @@ class Trainer:
 
     def train_state(self) -> dict:
         """What the trainer itself must carry across a resume (saved in meta.json): the fp16 loss
-        scaler without ZeRO (equal on every rank: overflow decisions are global; under ZeRO it is
-        in DeepSpeed's optimizer state)."""
-        return {"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        scaler, ours or DeepSpeed's (equal on every rank: overflow decisions are global)."""
+        if self.scaler is not None:
+            return {"loss_scaler": self.scaler.state_dict()}
+        if self.zero is not None and self.config.train.precision == "fp16":
+            return {"zero_loss_scaler": self.zero.loss_scaler_state()}
+        return {}
 
     def load_train_state(self, state: dict) -> None:
         if self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
+        if self.zero is not None and "zero_loss_scaler" in state:
+            self.zero.load_loss_scaler_state(state["zero_loss_scaler"])
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -241,15 +245,18 @@ def run(config: RunConfig) -> dict:
               f"global batch {global_batch} x {config.model.seq_length} tokens ({trainer.accum} micro-batches "
               f"per rank); {device.type}, {t.precision}, peak {peak:.2f} TFLOP/s per rank for MFU", flush=True)
 
+    saver = Checkpointer(ck.dir, config, topo) if ck.dir else None
+
     def save(step_now: int) -> None:
-        if not ck.dir:
+        if saver is None:
             return
         train_state = {"consumed_samples": data.train.consumed_samples, **trainer.train_state()}
-        path = save_checkpoint(ck.dir, step=step_now, model=chunks, optimizer=trainer.optimizer, config=config,
-                               train_state=train_state, topo=topo, zero=trainer.zero)
+        path = saver.save(step_now, model=chunks, optimizer=None if trainer.zero else trainer.optimizer,
+                          zero=trainer.zero, train_state=train_state)
         if topo.rank == 0:
-            prune_checkpoints(ck.dir, keep_last=ck.keep_last)
-            print(f"saved checkpoint {path}", flush=True)
+            how = "writing in the background" if saver.async_save else "saved"
+            print(f"checkpoint {path}: {how} (training paused {saver.stats['snapshot_s']:.2f} s to copy "
+                  f"{saver.stats['bytes'] / 2**20:.1f} MiB per rank)", flush=True)
 
     def run_eval(step_now: int) -> dict:
         val = trainer.evaluate()
@@ -300,6 +307,8 @@ def run(config: RunConfig) -> dict:
         last = {**last, **run_eval(step)}
     if saved_at != step:
         save(step)
+    if saver is not None:
+        saver.wait()  # the last checkpoint is published before the run reports success
     logger.close()
     return last
 

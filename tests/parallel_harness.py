@@ -102,6 +102,71 @@ def run_layout(overrides: list[str], *, world: int, steps: int = 3) -> dict:
     return logging
 
 
+def train_job(job: dict) -> dict:
+    """This rank's part of one run: build, optionally resume (from a checkpoint of any layout),
+    train steps first..last on the shared batches, optionally save at step save_at and train on."""
+    from pretrain.checkpoint import Checkpointer, load_checkpoint
+    from pretrain.parallel.pipeline import build_model_chunks
+    from pretrain.parallel.topology import init_distributed
+    from pretrain.train import Trainer
+
+    if job.get("fp16_on_cpu"):
+        # DeepSpeed refuses fp16 on a CPU without fp16 matmul support (this machine); torch runs
+        # fp16 matmuls on it anyway, slowly, which is enough to exercise our fp16 glue.
+        from deepspeed.accelerator import get_accelerator
+        type(get_accelerator()).is_fp16_supported = lambda self: True
+    config = make_config(job["overrides"])
+    torch.manual_seed(config.train.seed)
+    topo = init_distributed(config, device=torch.device("cpu"))
+    chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed)
+    first, last = job.get("first", 1), job["last"]
+    data = global_batches(config, last)[first - 1:]
+    batches = rank_batches(data, micro=config.train.micro_batch_size, dp=topo.dp, dp_rank=topo.dp_rank)
+    trainer = Trainer(config, topo, chunks, train_batches=batches)
+    if job.get("resume"):
+        meta = load_checkpoint(Path(job["resume"]), model=chunks, optimizer=trainer.optimizer, config=config,
+                               topo=topo, zero=trainer.zero)
+        trainer.load_train_state(meta["train_state"])
+    # Saved in the background, as training does, while this run trains on.
+    saver = Checkpointer(job["save"], config, topo) if job.get("save") else None
+    records = []
+    for step in range(first, last + 1):
+        records.append(trainer.step(step))
+        if step == job.get("save_at"):  # and train on: the same run is the uninterrupted reference
+            saver.save(step, model=chunks, optimizer=trainer.optimizer, zero=trainer.zero,
+                       train_state={"consumed_samples": 0, **trainer.train_state()})
+    if saver is not None:
+        saver.wait()
+    result = {"rank": topo.rank, "dp_rank": topo.dp_rank, "logging": topo.is_logging_rank,
+              "loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
+              "loss_scale": [r.get("loss_scale") for r in records], "params": trainer.num_params}
+    if trainer.zero is not None:
+        result["optimizer_bytes"] = trainer.zero.optimizer_state_bytes()
+        result["weight_bytes"] = trainer.zero.weight_bytes()
+    return result
+
+
+def _job_worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = train_job(job)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_job(overrides: list[str], *, world: int, last: int = 3, **job) -> list[dict]:
+    """Spawn `world` ranks; every rank's result, logging rank first."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_job_worker, args=(world, free_port(), {"overrides": overrides, "last": last, **job}, out),
+                 nprocs=world, join=True)
+        results = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    return sorted(results, key=lambda r: not r["logging"])
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     cfg = make_config(args)

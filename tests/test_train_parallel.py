@@ -51,7 +51,7 @@ def test_tp2_pp2_trains_resumes_and_exports(stdlib_data, tmp_path):
 
     files = sorted(p.name for p in (tmp_path / "a/ckpt/step_8").iterdir())
     assert [f for f in files if f.startswith("model_")] == [
-        "model_tp0_pp0.pt", "model_tp0_pp1.pt", "model_tp1_pp0.pt", "model_tp1_pp1.pt"]
+        f"model_tp{t}_pp{p}_part0.safetensors" for t in (0, 1) for p in (0, 1)]
 
     # The merged single-device model reproduces the grid's final validation loss.
     model, config = load_model(tmp_path / "a/ckpt")

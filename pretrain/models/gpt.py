@@ -222,14 +222,16 @@ class GPT(nn.Module):
         return self.layers.output_logits(self.final_norm(x), weight)
 
     def head_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """hidden [b, s, h], labels [b, s] -> mean cross-entropy: `cross_entropy(head_logits(x))`,
+        """hidden [b, s, h], labels [b, s] -> mean cross-entropy: `cross_entropy(head_logits(x))`
+        over the real vocabulary (padding rows excluded),
         fused when the layer factory offers `linear_cross_entropy` (the [tokens, vocab] logits
         and their gradient then share one buffer)."""
         fused = getattr(self.layers, "linear_cross_entropy", None)
+        vocab = self.config.vocab_size
         if fused is None:
-            return self.layers.cross_entropy(self.head_logits(x), labels)
+            return self.layers.cross_entropy(self.head_logits(x), labels, vocab_size=vocab)
         weight = self.embed.weight if self.head is None else self.head.weight
-        return fused(self.final_norm(x), weight, labels)
+        return fused(self.final_norm(x), weight, labels, vocab_size=vocab)
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens.shape[1] > self.config.positions:

@@ -58,6 +58,14 @@ def full_shape(param: torch.Tensor, tp_size: int) -> torch.Size:
     return torch.Size(shape)
 
 
+def _with_specs(module: nn.Module, **specs: ShardSpec) -> nn.Module:
+    for name, spec in specs.items():
+        param = getattr(module, name)
+        if param is not None:
+            param.tp_spec = spec
+    return module
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T`, with the fp32 logits buffer reused in place.
 
@@ -94,7 +102,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("the fused linear cross-entropy backward runs once (its saved buffer "
                                "becomes the gradient); for retain_graph use "
-                               "layers.cross_entropy(layers.output_logits(...), labels)")
+                               "layers.cross_entropy(layers.output_logits(...), labels, vocab_size=...)")
         ctx.used = True
         hidden, weight, exps, sumexp, target, valid, count = ctx.saved_tensors
         per_row = grad_loss / count * valid  # [N]; 0 on ignored rows
@@ -126,18 +134,21 @@ class DenseLayers:
         """Context for dropout inside a TP region (TP gives each rank its own stream)."""
         return contextlib.nullcontext()
 
+    # The shard specs are attached on one device too, so that a checkpoint of any layout says
+    # how each tensor splits and can be loaded at another tensor-parallel size.
     def column(self, in_features: int, out_features: int, *, bias: bool, stacked: int = 1) -> nn.Module:
         """A linear layer whose output dimension TP splits. `stacked` says the output is that
         many equal parts (SwiGLU gate|up) that TP must split one by one."""
-        return nn.Linear(in_features, out_features, bias=bias)
+        return _with_specs(nn.Linear(in_features, out_features, bias=bias), weight=ShardSpec(0, stacked),
+                           bias=ShardSpec(0, stacked))
 
     def row(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
         """A linear layer whose input dimension TP splits (output is reduced across TP)."""
-        return nn.Linear(in_features, out_features, bias=bias)
+        return _with_specs(nn.Linear(in_features, out_features, bias=bias), weight=ShardSpec(1))
 
     def embedding(self, rows: int, dim: int) -> nn.Module:
         """The token embedding; TP splits its rows (the vocabulary)."""
-        return nn.Embedding(rows, dim)
+        return _with_specs(nn.Embedding(rows, dim), weight=ShardSpec(0))
 
     def output_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden [b, s, h] x weight [vocab, h] -> logits [b, s, vocab] (vocab local under TP)."""
@@ -147,14 +158,18 @@ class DenseLayers:
         """Full-vocabulary logits from this rank's output (identity on one device)."""
         return logits
 
-    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over labels != IGNORE_INDEX, computed in fp32."""
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
+        """Mean cross-entropy over labels != IGNORE_INDEX, computed in fp32, over the first
+        vocab_size logits: padding rows never enter the softmax, so the loss does not depend
+        on how far the vocabulary was padded (which changes with the TP size)."""
         # [b, s, V] -> [b*s, V]; fp32 because bf16 log-softmax over a large vocabulary drifts.
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+        return F.cross_entropy(logits[..., :vocab_size].float().flatten(0, 1), labels.flatten(),
                                ignore_index=IGNORE_INDEX)
 
-    def linear_cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor,
-                             labels: torch.Tensor) -> torch.Tensor:
+    def linear_cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                             vocab_size: int) -> torch.Tensor:
         """cross_entropy(output_logits(hidden, weight), labels), fused so the [tokens, vocab]
-        logits are allocated once: hidden [b, s, h], weight [vocab, h], labels [b, s]."""
-        return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, labels.flatten(), IGNORE_INDEX)
+        logits are allocated once: hidden [b, s, h], weight [padded vocab, h], labels [b, s]."""
+        # The first vocab_size rows are a view: the padding rows are neither multiplied nor given
+        # a gradient.
+        return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight[:vocab_size], labels.flatten(), IGNORE_INDEX)

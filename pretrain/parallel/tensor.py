@@ -121,12 +121,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.mul_(grad_loss.unsqueeze(1)), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, topo: Topology) -> torch.Tensor:
-    """Mean cross-entropy over labels != IGNORE_INDEX of vocab-split logits [b, s, V/tp]."""
-    vocab_start = topo.tp_rank * logits.shape[-1]
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, topo: Topology,
+                                 vocab_size: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy over labels != IGNORE_INDEX of vocab-split logits [b, s, V/tp].
+    Columns at or past `vocab_size` (padding) are left out of the softmax."""
+    local_vocab = logits.shape[-1]
+    vocab_start = topo.tp_rank * local_vocab
     flat_labels = labels.flatten()
-    per_token = _VocabParallelCrossEntropy.apply(logits.float().flatten(0, 1).clone(), flat_labels,
-                                                 topo.tp_group, vocab_start)
+    buffer = logits.float().flatten(0, 1).clone()
+    if vocab_size is not None and vocab_start + local_vocab > vocab_size:
+        # exp(-inf) = 0: the padding has no share of the softmax and gets no gradient. A rank
+        # holding only padding is fine: the row max is taken over the whole TP group.
+        buffer[:, max(0, vocab_size - vocab_start):] = float("-inf")
+    per_token = _VocabParallelCrossEntropy.apply(buffer, flat_labels, topo.tp_group, vocab_start)
     valid = flat_labels != IGNORE_INDEX
     # clamp: a micro-batch whose labels are all ignored contributes 0, not 0/0.
     return (per_token * valid).sum() / valid.sum().clamp(min=1)
@@ -183,8 +190,8 @@ class TensorParallelLayers:
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.tp_size == 1 else _GatherVocab.apply(logits, self.group)
 
-    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, labels, topo=self.topo)
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, topo=self.topo, vocab_size=vocab_size)
 
     def rng_region(self):
         """Dropout inside a TP region (attention probabilities of this rank's heads) draws from a

@@ -27,6 +27,7 @@ import importlib.util
 import math
 import os
 import warnings
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -224,6 +225,9 @@ def _ensure_process_group(topo: Topology) -> None:
                                 timeout=datetime.timedelta(minutes=10))
 
 
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
 class ZeroEngine:
     """This rank's ZeRO optimizer over its model chunks, driven around our pipeline executor.
 
@@ -328,28 +332,83 @@ class ZeroEngine:
             state[name] = (param.detach() if full is None else full).float().cpu().clone()
         return state
 
-    def optimizer_state(self) -> dict:
-        """This DP rank's ZeRO optimizer state as plain tensors and numbers (weights_only-safe)."""
-        state = dict(self.optimizer.state_dict())
-        scaler = state.pop("loss_scaler", None)
-        state["loss_scaler"] = _plain(dict(vars(scaler))) if scaler is not None else None
-        state.pop("param_slice_mappings", None)  # fragment maps for universal checkpoints only
-        return _plain(state)
+    def full_optimizer_state(self, chunk: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+        """chunk's Adam state per parameter, whole (gathered over DP; collective over the DP
+        group), in the plain AdamW form a checkpoint stores: exp_avg, exp_avg_sq, step."""
+        from deepspeed.utils import safe_get_full_optimizer_state
 
-    def load_optimizer_state(self, state: dict) -> None:
-        state = dict(state)
-        scaler_state = state.pop("loss_scaler", None) or {}
-        scaler = self.optimizer.loss_scaler
-        for key, value in scaler_state.items():
-            if key != "dtype":
+        self._ensure_adam_state()
+        step = torch.tensor(self._adam_step())
+        state = {}
+        for name, param in chunk.named_parameters():
+            moments = {key: safe_get_full_optimizer_state(param, key) for key in ADAM_KEYS}
+            if all(v is not None for v in moments.values()):
+                state[name] = {**{k: v.float().cpu() for k, v in moments.items()}, "step": step}
+        return state
+
+    def load_full_state(self, chunk: nn.Module, *, weights: dict[str, torch.Tensor],
+                        states: Optional[dict[str, dict[str, torch.Tensor]]]) -> None:
+        """Set chunk's fp32 master weights (and Adam state, when given) from whole tensors: each
+        rank keeps its own partition. Stages 1/2 hold whole 16-bit weights in the module, which
+        the caller sets; stage 3 re-derives its partitioned weights from the masters here."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if states:
+            self._ensure_adam_state()
+        for name, param in chunk.named_parameters():
+            device = param.device
+            safe_set_full_fp32_param(param, weights[name].to(device, torch.float32))
+            if states:
+                for key in ADAM_KEYS:
+                    safe_set_full_optimizer_state(param, states[name][key].to(device, torch.float32), key)
+        if states:
+            steps = {float(s["step"]) for s in states.values() if "step" in s}
+            if steps:
+                self._set_adam_step(steps.pop())
+        if self.stage == 3:
+            opt = self.optimizer
+            for group in range(len(opt.fp16_partitioned_groups_flat)):
+                opt._reassign_or_swap_out_partitioned_parameters(group)  # masters -> module partitions
+            opt.checkpoint_event_epilogue()  # re-gather the persistent (small, unpartitioned) weights
+
+    def _ensure_adam_state(self) -> None:
+        """Adam state for every flat fp32 partition, and DeepSpeed's per-parameter views of it.
+        torch's AdamW creates its state at the first step (a checkpoint may be saved or loaded
+        before one), and DeepSpeed 0.19.8 links each parameter to its slice of the state once,
+        right after stepping the first parameter group only, so the parameters of the other
+        groups (ours: those without weight decay) are left unlinked: link them all again."""
+        opt = self.optimizer
+        flats = opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups
+        for flat in flats:
+            state = opt.optimizer.state[flat]
+            if not state:  # what AdamW's first step would create
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+        if self.stage < 3:
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
+    def _adam_step(self) -> float:
+        """The step count of the Adam moments (one per run: every partition steps together)."""
+        for s in self.optimizer.optimizer.state.values():
+            if "step" in s:
+                return float(s["step"])
+        return 0.0
+
+    def _set_adam_step(self, step: float) -> None:
+        for s in self.optimizer.optimizer.state.values():
+            if "step" in s:
+                s["step"] = torch.tensor(step) if torch.is_tensor(s["step"]) else step
+
+    def loss_scaler_state(self) -> dict:
+        """The fp16 dynamic loss scaler (plain numbers, for meta.json)."""
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        return {k: v for k, v in vars(scaler).items() if isinstance(v, (int, float, bool))} if scaler else {}
+
+    def load_loss_scaler_state(self, state: dict) -> None:
+        scaler = getattr(self.optimizer, "loss_scaler", None)
+        for key, value in state.items():
+            if scaler is not None and hasattr(scaler, key):
                 setattr(scaler, key, value)
-        state["loss_scaler"] = scaler
-        # Every DP rank reads only its own partition: DeepSpeed indexes the list by DP rank.
-        states = [state if d == self.topo.dp_rank else None for d in range(self.topo.dp)]
-        # fp32 master partitions from the checkpoint (exact), not re-derived from 16-bit weights.
-        self.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
-        if hasattr(self.optimizer, "checkpoint_event_epilogue"):
-            self.optimizer.checkpoint_event_epilogue()  # ZeRO-3: re-gather the persistent weights
 
     # -- measurement (tests and bench/memory.py) ----------------------------------------------
 
@@ -404,22 +463,3 @@ def _unique_bytes(tensors: list[torch.Tensor]) -> int:
             seen.add(storage.data_ptr())
             total += storage.nbytes()
     return total
-
-
-def _plain(value):
-    """Tensors, numbers, strings, lists and dicts only, so torch.load(weights_only=True) reads it."""
-    if torch.is_tensor(value):
-        return value.detach().cpu()
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return int(value)  # also int enums (ZeRO stage)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, torch.dtype):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    raise TypeError(f"cannot store {type(value).__name__} in a weights-only checkpoint")

@@ -1,0 +1,208 @@
+"""The files of a checkpoint on disk: names, safe tensor files, metadata, and atomic publishing.
+
+Layout of one checkpoint, `{checkpoint.dir}/step_N/`:
+  meta.json                             format version, step, layout, trainer state; written last
+  config.yaml                           the whole run config, so a checkpoint alone rebuilds its model
+  model_tp{T}_pp{P}_part{D}.safetensors      weights held at TP rank T, pipeline rank P: part D of
+                                             them (the DP ranks of a position split its tensors
+                                             between them and write in parallel); each file's
+                                             metadata records every tensor's shard spec and
+                                             full (unsharded) shape
+  optimizer_tp{T}_pp{P}_part{D}.safetensors  the optimizer state of the same tensors, keyed
+                                             `{name}/{state key}` (exp_avg, exp_avg_sq, step)
+  rng_rank{R}.pt                        every rank's RNG states
+`{checkpoint.dir}/latest` names the newest complete checkpoint.
+
+Tensors are keyed by their global parameter names, sharded by tensor parallelism only (ZeRO
+partitions are gathered before writing), so a checkpoint is independent of the DP size and ZeRO
+stage and can be resharded to any TP/PP layout (pretrain/checkpoint/reshard.py).
+
+Tensor files are safetensors, written here as one streaming pass over the tensors' bytes (the
+library's writer builds the whole file in memory first) and read through the safetensors
+library, lazily: a rank reads only the slices it needs, and nothing in them can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from pretrain.config import RunConfig, config_from_dict
+
+FORMAT_VERSION = 2
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message says which and why."""
+
+
+def model_file(tp: int, pp: int, part: int) -> str:
+    return f"model_tp{tp}_pp{pp}_part{part}.safetensors"
+
+
+def optimizer_file(tp: int, pp: int, part: int) -> str:
+    return f"optimizer_tp{tp}_pp{pp}_part{part}.safetensors"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank}.pt"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> int:
+    """Write tensors (CPU, contiguous) as a safetensors file and fsync it; returns the bytes
+    written. Format: 8-byte little-endian header length, JSON header, then the raw data."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in tensors.values():
+            if t.numel():
+                # A byte view of the tensor's memory: no copy on the way to the file.
+                f.write(memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+    return 8 + len(head) + offset
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a complete temporary checkpoint into place, then point `latest` at it. A crash at
+    any moment leaves `latest` naming a complete checkpoint (the old one until the new pointer
+    replaces it atomically)."""
+    root = final.parent
+    fsync_dir(tmp)
+    if final.exists():  # re-saving a step (a resumed run's final save): move the old one aside
+        trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{final.name}-", dir=root))
+        final.rename(trash / "old")
+        shutil.rmtree(trash)
+    tmp.rename(final)
+    pointer = root / f"{TMP_PREFIX}{LATEST}"
+    write_file(pointer, f"{final.name}\n".encode())
+    os.replace(pointer, root / LATEST)
+    fsync_dir(root)
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete what interrupted saves left behind (never a published checkpoint)."""
+    for path in root.glob(f"{TMP_PREFIX}*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def complete_steps(root: Path) -> list[tuple[int, Path]]:
+    steps = []
+    for path in root.glob("step_*"):
+        suffix = path.name.split("_", 1)[1]
+        if suffix.isdigit() and (path / "meta.json").is_file():
+            steps.append((int(suffix), path))
+    return sorted(steps)
+
+
+def prune_checkpoints(root: str | Path, *, keep_last: int) -> None:
+    """Delete all but the newest keep_last complete checkpoints (never the one `latest` names)."""
+    if keep_last <= 0:
+        return
+    root = Path(root)
+    latest = (root / LATEST).read_text().strip() if (root / LATEST).exists() else None
+    for _, path in complete_steps(root)[:-keep_last]:
+        if path.name != latest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory, or a checkpoint root whose `latest` names one -> the step directory."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    pointer = path / LATEST
+    if pointer.is_file():
+        step_dir = path / pointer.read_text().strip()
+        if (step_dir / "meta.json").is_file():
+            return step_dir
+        raise CheckpointError(f"{pointer} names {step_dir.name}, which is missing or incomplete")
+    raise CheckpointError(f"{path} is not a checkpoint: no meta.json and no '{LATEST}' file in it")
+
+
+def find_resume_checkpoint(root: str, resume: str) -> Optional[Path]:
+    """Which checkpoint checkpoint.resume asks for: None for a fresh start."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        if root and (Path(root) / LATEST).exists():
+            return resolve_checkpoint(root)
+        return None
+    return resolve_checkpoint(resume)
+
+
+def read_meta(step_dir: Path) -> dict:
+    try:
+        meta = json.loads((Path(step_dir) / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{step_dir}/meta.json is unreadable: {e}") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{step_dir} has checkpoint format version {version}; this version of "
+                              f"pretrain reads version {FORMAT_VERSION} (convert it with the pretrain "
+                              "release that wrote it: load_model + tools/convert_to_hf.py, then "
+                              "tools/convert_from_hf.py here)")
+    return meta
+
+
+def read_config(step_dir: Path) -> RunConfig:
+    try:
+        raw = yaml.safe_load((Path(step_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{step_dir}/config.yaml is unreadable: {e}") from None
+    return config_from_dict(raw)
+
+
+def config_yaml(config: RunConfig) -> bytes:
+    from pretrain.config import to_dict
+
+    return yaml.safe_dump(to_dict(config), sort_keys=False).encode()
+
+
+def load_pt(path: Path):
+    """A small torch file (RNG states), read with weights_only=True: no code runs from it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle that is not plain tensors, or a damaged file
+        raise CheckpointError(f"{path} cannot be loaded safely: {e}") from None

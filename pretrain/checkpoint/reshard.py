@@ -1,0 +1,175 @@
+"""Loading a checkpoint into any layout, live or offline.
+
+A checkpoint holds every tensor under its global name with its TP shard spec, independent of
+DP size and ZeRO stage (pretrain/checkpoint/files.py). Loading at another layout is therefore:
+for each parameter this rank holds, read the saved shards of that name, put the full tensor
+together, and keep this rank's slice of it; the same for its optimizer state. The vocabulary
+tensors are cut or zero-padded when the padding differs (it grows with the TP size; padding
+rows take no part in the loss). `reshard_checkpoint` writes a checkpoint at another layout
+without starting any process (`tools/reshard_checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pretrain.checkpoint.files import (FORMAT_VERSION, CheckpointError, config_yaml, load_pt, publish, rng_file,
+                                       write_file)
+from pretrain.checkpoint.reader import VOCAB_PARAMS, SavedCheckpoint, check_same_model
+from pretrain.checkpoint.saver import Shard, assign_parts
+from pretrain.config import RunConfig
+from pretrain.parallel.topology import Topology, single_process
+
+
+def _layout(config: RunConfig, dp: int) -> dict:
+    p = config.parallel
+    return {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_stages": p.virtual_stages, "data": dp,
+            "zero_stage": p.zero_stage}
+
+
+def load_checkpoint(step_dir: str | Path, *, model, optimizer, config: RunConfig, topo: Optional[Topology] = None,
+                    zero=None) -> dict:
+    """Restore this rank's weights and optimizer state in place from a checkpoint of any layout
+    (and the RNG states when the layout is the same); returns the meta (step, train_state)."""
+    topo = topo or single_process()
+    saved = SavedCheckpoint(step_dir)
+    check_same_model(saved.config.model, config.model, saved.dir)
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
+    missing = sorted(set(params) - set(saved.names))
+    if missing:
+        raise CheckpointError(f"{saved.dir} lacks weights this model needs ({', '.join(missing[:3])}): "
+                              "a different model shape, or an incomplete checkpoint")
+    with_state = saved.has_optimizer and (optimizer is not None or zero is not None)
+
+    def shard(name: str, key: Optional[str] = None) -> torch.Tensor:
+        return saved.shard(name, key, tp_rank=topo.tp_rank, tp_size=topo.tp, rows=config.model.vocab_rows)
+
+    with torch.no_grad():
+        for name, param in params.items():
+            if zero is not None and zero.stage == 3:
+                continue  # partitioned: restored from the fp32 masters below
+            value = shard(name)
+            if value.shape != param.shape:
+                raise CheckpointError(f"{saved.dir}: {name} has shape {tuple(value.shape)} for this rank, the "
+                                      f"model has {tuple(param.shape)} (a different model shape?)")
+            param.copy_(value)
+        if zero is not None:
+            for chunk in chunks:
+                names = [n for n, _ in chunk.named_parameters()]
+                zero.load_full_state(chunk, weights={n: shard(n) for n in names},
+                                     states={n: {k: shard(n, k) for k in saved.optimizer_keys(n)} for n in names}
+                                     if with_state else None)
+        elif with_state:
+            for name, param in params.items():
+                keys = saved.optimizer_keys(name)
+                if keys:
+                    optimizer.state[param] = {k: shard(name, k).to(param.device) for k in keys}
+    _restore_rng(saved, topo)
+    return saved.meta
+
+
+def _restore_rng(saved: SavedCheckpoint, topo: Topology) -> None:
+    """The RNG streams continue exactly only at the saved layout; elsewhere ranks keep the
+    streams they were seeded with (dropout masks then differ from an uninterrupted run)."""
+    layout = saved.meta["layout"]
+    if (layout["tensor"], layout["pipeline"], saved.meta["world_size"]) != (topo.tp, topo.pp, topo.world_size):
+        return
+    rng = load_pt(saved.dir / rng_file(topo.rank))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# -- offline ---------------------------------------------------------------------------------------
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def stage_owners(name: str, config: RunConfig) -> list[int]:
+    """The pipeline ranks that hold parameter `name` at the config's layout (the tied GPT-2
+    embedding lives on the first and, as the output layer's copy, on the last stage)."""
+    pp, vp, layers = config.parallel.pipeline, config.parallel.virtual_stages, config.model.num_layers
+    block = _BLOCK.match(name)
+    if block:
+        return [(int(block.group(1)) // (layers // (pp * vp))) % pp]
+    if name.startswith("embed."):
+        return sorted({0, pp - 1}) if config.model.tied else [0]
+    if name.startswith("pos_embed."):
+        return [0]
+    return [pp - 1]  # final norm, output layer
+
+
+def write_layout(source, target: RunConfig, output: str | Path, *, step: int, train_state: dict,
+                 data_parallel: int = 1) -> Path:
+    """Write `source` (a SavedCheckpoint, or anything with its `names`, `specs`, `has_optimizer`,
+    `optimizer_keys`, `shard`) as step_N under `output` at the target config's TP/PP layout,
+    split into `data_parallel` parts per position; published atomically like a training save."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    final = output / f"step_{step}"
+    tmp = output / f".tmp-step_{step}"
+    tmp.mkdir()
+    tp, pp = target.parallel.tensor, target.parallel.pipeline
+    rows = target.model.vocab_rows
+    for pp_rank in range(pp):
+        names = [n for n in source.names if pp_rank in stage_owners(n, target)]
+        owner = assign_parts({n: _numel(source.shapes[n]) for n in names}, data_parallel)
+        for tp_rank in range(tp):
+            shards = [Shard() for _ in range(data_parallel)]
+            for name in names:
+                out = shards[owner[name]]
+                spec = source.specs.get(name)
+                out.specs[name] = None if spec is None else [spec.dim, spec.parts]
+                out.weights[name] = source.shard(name, tp_rank=tp_rank, tp_size=tp, rows=rows)
+                shape = list(source.shapes[name])
+                if name in VOCAB_PARAMS:
+                    shape[0] = rows
+                out.shapes[name] = shape
+                for key in source.optimizer_keys(name) if source.has_optimizer else ():
+                    out.optimizer[f"{name}/{key}"] = source.shard(name, key, tp_rank=tp_rank, tp_size=tp, rows=rows)
+            for part, out in enumerate(shards):
+                out.write(tmp, tp=tp_rank, pp=pp_rank, part=part)
+    p = target.parallel
+    meta = {"format_version": FORMAT_VERSION, "step": step,
+            "layout": {"tensor": tp, "pipeline": pp, "virtual_stages": p.virtual_stages, "data": data_parallel,
+                       "zero_stage": p.zero_stage},
+            "world_size": tp * pp * data_parallel, "parts": data_parallel, "has_optimizer": source.has_optimizer,
+            "train_state": train_state}
+    write_file(tmp / "config.yaml", config_yaml(target))
+    write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+    publish(tmp, final)
+    return final
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def reshard_checkpoint(checkpoint: str | Path, output: str | Path, overrides: list[str], *,
+                       data_parallel: int = 1) -> Path:
+    """Write the checkpoint at another layout: `overrides` are `parallel.*=value` keys, checked as
+    a training run of tensor x pipeline x data_parallel ranks would check them."""
+    from pretrain.config import config_from_dict, to_dict
+    from pretrain.parallel.topology import validate_layout
+
+    bad = [o for o in overrides if not o.startswith("parallel.")]
+    if bad:
+        raise CheckpointError(f"{bad[0]}: resharding changes only parallel.* keys")
+    saved = SavedCheckpoint(checkpoint)
+    raw = to_dict(saved.config)
+    # The padding follows the new TP size (the vocabulary tensors are cut or padded to it).
+    raw["model"] = {k: v for k, v in raw["model"].items() if k != "padded_vocab_size"}
+    target = config_from_dict(raw, overrides)
+    p = target.parallel
+    validate_layout(target, p.tensor * p.pipeline * data_parallel)
+    return write_layout(saved, target, output, step=saved.meta["step"], train_state=saved.meta["train_state"],
+                        data_parallel=data_parallel)

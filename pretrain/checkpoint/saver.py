@@ -1,0 +1,217 @@
+"""Saving: every rank snapshots its tensors to host memory, then writes them, in the background
+when checkpoint.async_save is on; rank 0 publishes the step once every rank has written.
+
+Only the snapshot blocks training (a copy of this rank's share of the weights and optimizer state
+into host memory). The write, the agreement that every rank succeeded, the atomic publish and the
+pruning of old checkpoints run on a background thread over a dedicated gloo group, so they never
+interleave with the training collectives; the next save (and the end of training) waits for it.
+
+Data-parallel replicas hold the same tensors (under ZeRO after gathering them), so the DP ranks
+of one TP/PP position split the tensors between them, each writing one part: all ranks write in
+parallel and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint.files import (FORMAT_VERSION, TMP_PREFIX, config_yaml, model_file, optimizer_file,
+                                       prune_checkpoints, publish, remove_leftovers, rng_file, write_file,
+                                       write_safetensors)
+from pretrain.config import RunConfig
+from pretrain.parallel.topology import Topology, single_process
+
+
+@dataclass
+class Shard:
+    """What one writer puts in its files: tensors on the host, keyed by global name."""
+
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)  # "{name}/{key}"
+    specs: dict[str, Optional[list[int]]] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)  # full (unsharded) shapes
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.weights, self.optimizer) for t in d.values())
+
+    def write(self, directory: Path, *, tp: int, pp: int, part: int) -> int:
+        meta = {"format": "pretrain", "specs": json.dumps(self.specs), "shapes": json.dumps(self.shapes)}
+        written = write_safetensors(directory / model_file(tp, pp, part), self.weights, meta)
+        if self.optimizer:
+            written += write_safetensors(directory / optimizer_file(tp, pp, part), self.optimizer)
+        return written
+
+
+def assign_parts(sizes: dict[str, int], parts: int) -> dict[str, int]:
+    """Which of `parts` writers writes each tensor: largest first, to the least loaded one.
+    Deterministic, so every DP rank of a position computes the same split without talking."""
+    load, owner = [0] * parts, {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        part = min(range(parts), key=lambda i: (load[i], i))
+        owner[name] = part
+        load[part] += sizes[name]
+    return owner
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy training cannot change under us (training updates weights in place)."""
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _spec(param) -> Optional[list[int]]:
+    spec = getattr(param, "tp_spec", None)
+    return None if spec is None else [spec.dim, spec.parts]
+
+
+def take_shard(chunks: list[torch.nn.Module], *, optimizer, zero, topo: Topology) -> Shard:
+    """This rank's part of its position's tensors, copied to the host. Collective over the DP
+    group under ZeRO (weights and optimizer state are gathered from their partitions)."""
+    params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
+    if zero is not None:
+        weights = {n: t for chunk in chunks for n, t in zero.full_parameters(chunk).items()}
+        states = {n: s for chunk in chunks for n, s in zero.full_optimizer_state(chunk).items()}
+    else:
+        weights = {n: p.detach() for n, p in params.items()}
+        states = {n: optimizer.state.get(p, {}) for n, p in params.items()} if optimizer is not None else {}
+    owner = assign_parts({n: t.numel() for n, t in weights.items()}, topo.dp)
+    shard = Shard()
+    for name, tensor in weights.items():
+        if owner[name] != topo.dp_rank:
+            continue
+        shard.weights[name] = _host(tensor)
+        spec = shard.specs[name] = _spec(params[name])
+        shape = list(tensor.shape)
+        if spec is not None:
+            shape[spec[0]] *= topo.tp
+        shard.shapes[name] = shape
+        for key, value in states.get(name, {}).items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            shard.optimizer[f"{name}/{key}"] = _host(value)
+    return shard
+
+
+def _rng_state() -> dict:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+class Checkpointer:
+    """Saves checkpoints of one run under `root` (every rank builds one, at the same point: it
+    creates the process group the background writes agree over)."""
+
+    def __init__(self, root: str | Path, config: RunConfig, topo: Optional[Topology] = None, *,
+                 async_save: Optional[bool] = None) -> None:
+        self.root, self.config = Path(root), config
+        self.topo = topo or single_process()
+        self.async_save = config.checkpoint.async_save if async_save is None else async_save
+        self.group = dist.new_group(backend="gloo") if self.topo.world_size > 1 else None
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self.stats: dict[str, float] = {}  # of the last save: snapshot_s (training blocked), write_s, bytes
+
+    def save(self, step: int, *, model, optimizer=None, zero=None, train_state: dict) -> Path:
+        """Snapshot this rank's tensors and write step_N (in the background when async). Every
+        rank calls it. Returns the directory the checkpoint will have once published."""
+        self.wait()
+        start = time.perf_counter()
+        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        shard = take_shard(chunks, optimizer=optimizer, zero=zero, topo=self.topo)
+        rng = _rng_state()
+        self.stats = {"snapshot_s": time.perf_counter() - start, "bytes": float(shard.nbytes())}
+        job = (step, shard, rng, dict(train_state), optimizer is not None or zero is not None)
+        if self.async_save:
+            self._thread = threading.Thread(target=self._background, args=job, name="checkpoint-writer")
+            self._thread.start()
+        else:
+            self._write(*job)
+        return self.root / f"step_{step}"
+
+    def wait(self) -> None:
+        """Block until the save in flight is published; raise if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _background(self, *job) -> None:
+        try:
+            self._write(*job)
+        except BaseException as e:  # re-raised on the training thread by wait()
+            self._error = e
+
+    def _agree(self, ok: bool) -> bool:
+        """Whether every rank's `ok` holds (a barrier that also carries failure)."""
+        if self.group is None:
+            return ok
+        flag = torch.tensor([1 if ok else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+    def _write(self, step: int, shard: Shard, rng: dict, train_state: dict, has_optimizer: bool) -> None:
+        topo, rank = self.topo, self.topo.rank
+        start = time.perf_counter()
+        final = self.root / f"step_{step}"
+        tmp = self.root / f"{TMP_PREFIX}step_{step}"
+        error: Optional[BaseException] = None
+        if rank == 0:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                remove_leftovers(self.root)  # of saves that crashed; none is in flight now
+                tmp.mkdir()
+            except OSError as e:
+                error = e
+        if not self._agree(error is None):
+            raise error or RuntimeError(f"rank 0 could not create {tmp}")
+        try:
+            written = shard.write(tmp, tp=topo.tp_rank, pp=topo.pp_rank, part=topo.dp_rank)
+            write_file(tmp / rng_file(rank), _pt_bytes(rng))
+        except BaseException as e:
+            error = e
+        if not self._agree(error is None):
+            if rank == 0:
+                remove_leftovers(self.root)
+            raise error or RuntimeError(f"another rank failed to write its part of {final}")
+        if rank == 0:
+            try:
+                p = self.config.parallel
+                meta = {"format_version": FORMAT_VERSION, "step": step,
+                        "layout": {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_stages": p.virtual_stages,
+                                   "data": topo.dp, "zero_stage": p.zero_stage},
+                        "world_size": topo.world_size, "parts": topo.dp, "has_optimizer": has_optimizer,
+                        "train_state": train_state}
+                write_file(tmp / "config.yaml", config_yaml(self.config))
+                write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())  # last: marks it complete
+                publish(tmp, final)
+                prune_checkpoints(self.root, keep_last=self.config.checkpoint.keep_last)
+            except BaseException as e:
+                error = e
+        if not self._agree(error is None):
+            raise error or RuntimeError(f"rank 0 failed to publish {final}")
+        self.stats.update(write_s=time.perf_counter() - start, written_bytes=float(written))
+
+
+def _pt_bytes(obj) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def save_checkpoint(root: str | Path, *, step: int, model, optimizer, config: RunConfig, train_state: dict,
+                    topo: Optional[Topology] = None, zero=None) -> Path:
+    """One synchronous save (collective: every rank calls it); returns step_N."""
+    saver = Checkpointer(root, config, topo, async_save=False)
+    return saver.save(step, model=model, optimizer=optimizer, zero=zero, train_state=train_state)
