@@ -1,20 +1,31 @@
-"""Checkpoint save/load: atomic publication, safe loading, clear errors."""
+"""Checkpoint save/load on one process: round trips (synchronous and in the background), atomic
+publication under failures and kills, pruning, safe loading and clear errors."""
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from pretrain.checkpoint import (CheckpointError, load_checkpoint, load_model, prune_checkpoints,
+from pretrain.checkpoint import (Checkpointer, CheckpointError, SavedCheckpoint, load_checkpoint, load_model,
                                  resolve_checkpoint, save_checkpoint)
+from pretrain.checkpoint import files as ckfiles
 from pretrain.config import config_from_dict
 from pretrain.models.gpt import GPT
 from pretrain.optim import build_optimizer
 
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = {"flavour": "llama", "num_layers": 1, "hidden_size": 32, "num_heads": 2, "vocab_size": 100, "seq_length": 16}
 
-def setup():
-    config = config_from_dict({"model": {"flavour": "llama", "num_layers": 1, "hidden_size": 32,
-                                         "num_heads": 2, "vocab_size": 100, "seq_length": 16}})
+
+def setup(**checkpoint):
+    config = config_from_dict({"model": MODEL, "checkpoint": checkpoint})
     torch.manual_seed(0)
     model = GPT(config.model)
     optimizer = build_optimizer(model.parameters(), config.optimizer)
@@ -28,16 +39,31 @@ def save(root, step, config, model, optimizer):
                            train_state={"consumed_samples": 8 * step})
 
 
-def test_save_load_round_trip(tmp_path):
+def optimizer_states(optimizer):
+    """name-independent view: parameter index -> state, in parameter order."""
+    return optimizer.state_dict()["state"]
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_save_load_round_trip(tmp_path, async_save):
     config, model, optimizer = setup()
     saved_rng = torch.get_rng_state()
-    path = save(tmp_path, 5, config, model, optimizer)
+    saver = Checkpointer(tmp_path, config, async_save=async_save)
+    path = saver.save(5, model=model, optimizer=optimizer, train_state={"consumed_samples": 40})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():  # training goes on while the background write runs
+        for p in model.parameters():
+            p.add_(1.0)
+    saver.wait()
     assert path == tmp_path / "step_5" and (tmp_path / "latest").read_text().strip() == "step_5"
     assert resolve_checkpoint(tmp_path) == path
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.yaml", "meta.json", "model_tp0_pp0_part0.safetensors", "optimizer_tp0_pp0_part0.safetensors",
+        "rng_rank0.pt"]
     loaded, loaded_config = load_model(tmp_path)
-    tokens = torch.randint(0, 100, (2, 16))
-    assert torch.equal(loaded(tokens), model.eval()(tokens))
     assert loaded_config == config
+    for name, p in loaded.named_parameters():  # the snapshot, not the weights changed afterwards
+        assert torch.equal(p, before[name]), name
 
     torch.manual_seed(1)
     fresh = GPT(config.model)
@@ -46,37 +72,49 @@ def test_save_load_round_trip(tmp_path):
     meta = load_checkpoint(path, model=fresh, optimizer=fresh_opt, config=config)
     assert meta["step"] == 5 and meta["train_state"]["consumed_samples"] == 40
     assert torch.equal(torch.get_rng_state(), saved_rng)  # RNG restored to the saved state
-    assert fresh_opt.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
-    for a, b in zip(fresh_opt.state_dict()["state"].values(), optimizer.state_dict()["state"].values()):
-        assert torch.equal(a["exp_avg"], b["exp_avg"])
+    ours, theirs = optimizer_states(fresh_opt), optimizer_states(optimizer)
+    assert sorted(ours) == sorted(theirs)
+    for index in theirs:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(ours[index][key], theirs[index][key])
 
 
-def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_failed_save_keeps_previous_latest(tmp_path, monkeypatch, async_save):
     config, model, optimizer = setup()
     save(tmp_path, 1, config, model, optimizer)
+    real = ckfiles.write_safetensors
     calls = {"n": 0}
-    real_save = torch.save
 
-    def failing_save(obj, f):
+    def failing(path, tensors, metadata=None):
         calls["n"] += 1
         if calls["n"] == 2:  # die while writing the optimizer state
             raise OSError("disk full")
-        real_save(obj, f)
+        return real(path, tensors, metadata)
 
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError):
-        save(tmp_path, 2, config, model, optimizer)
+    monkeypatch.setattr("pretrain.checkpoint.saver.write_safetensors", failing)
+    saver = Checkpointer(tmp_path, config, async_save=async_save)
+    with pytest.raises(OSError, match="disk full"):
+        saver.save(2, model=model, optimizer=optimizer, train_state={})
+        saver.wait()  # a background failure surfaces here (or at the next save)
     assert (tmp_path / "latest").read_text().strip() == "step_1"
     assert not (tmp_path / "step_2").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
     load_model(tmp_path)  # still loadable
+    monkeypatch.setattr("pretrain.checkpoint.saver.write_safetensors", real)
+    saver.save(2, model=model, optimizer=optimizer, train_state={})  # and the next save works
+    saver.wait()
+    assert (tmp_path / "latest").read_text().strip() == "step_2"
 
 
-def test_keep_last(tmp_path):
-    config, model, optimizer = setup()
+def test_keep_last_deletes_only_after_a_newer_one_is_complete(tmp_path):
+    config, model, optimizer = setup(keep_last=2)
+    saver = Checkpointer(tmp_path, config, async_save=True)
     for step in (1, 2, 3):
-        save(tmp_path, step, config, model, optimizer)
-        prune_checkpoints(tmp_path, keep_last=2)
+        saver.save(step, model=model, optimizer=optimizer, train_state={})
+        # step N-2 goes only when step N is published: while N is written, 2 complete remain
+        assert len([p for p in tmp_path.glob("step_*") if (p / "meta.json").exists()]) >= min(step - 1, 2)
+    saver.wait()
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_2", "step_3"]
 
 
@@ -92,16 +130,21 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         load_model(path)
     (path / "meta.json").write_text(json.dumps(meta))
 
-    other = config_from_dict({"model": {"flavour": "llama", "num_layers": 1, "hidden_size": 32,
-                                        "num_heads": 2, "vocab_size": 100, "seq_length": 16},
-                              "parallel": {"tensor": 2}})
-    with pytest.raises(CheckpointError, match="layout"):
-        load_checkpoint(path, model=model, optimizer=optimizer, config=other)
+    bigger = config_from_dict({"model": {**MODEL, "num_layers": 2}})
+    model2 = GPT(bigger.model)
+    with pytest.raises(CheckpointError, match=r"model.num_layers: checkpoint 1, this run 2"):
+        load_checkpoint(path, model=model2, optimizer=build_optimizer(model2.parameters(), bigger.optimizer),
+                        config=bigger)
 
-    bigger = GPT(config_from_dict({"model": {"flavour": "llama", "num_layers": 2, "hidden_size": 32,
-                                             "num_heads": 2, "vocab_size": 100}}).model)
-    with pytest.raises(CheckpointError, match="do not fit"):
-        load_checkpoint(path, model=bigger, optimizer=build_optimizer(bigger.parameters(), config.optimizer), config=config)
+    weights = path / "model_tp0_pp0_part0.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="model_tp0_pp0_part0.safetensors"):
+        load_model(path)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="model_tp0_pp0_part0.safetensors is missing"):
+        load_model(path)
+    weights.write_bytes(data)
 
     (tmp_path / "latest").write_text("step_7\n")
     with pytest.raises(CheckpointError, match="step_7"):
@@ -116,9 +159,73 @@ class Evil:
 def test_pickled_code_is_refused(tmp_path):
     config, model, optimizer = setup()
     path = save(tmp_path, 1, config, model, optimizer)
-    torch.save({"state": {"weights": Evil()}}, path / "model_tp0_pp0.pt")
+    torch.save({"torch": Evil()}, path / "rng_rank0.pt")
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
-        load_model(path)
-    (path / "model_tp0_pp0.pt").unlink()
-    with pytest.raises(CheckpointError, match="missing"):
-        load_model(path)
+        load_checkpoint(path, model=model, optimizer=optimizer, config=config)
+
+
+# -- kills ------------------------------------------------------------------------------------
+
+SAVER = r"""
+import sys, torch
+from pretrain.checkpoint import Checkpointer
+from pretrain.config import config_from_dict
+from pretrain.models.gpt import GPT
+from pretrain.optim import build_optimizer
+
+config = config_from_dict({"model": {"flavour": "llama", "num_layers": 4, "hidden_size": 256, "num_heads": 4,
+                                     "vocab_size": 4000}, "checkpoint": {"keep_last": 2}})
+model = GPT(config.model, init_seed=0)
+optimizer = build_optimizer(model.parameters(), config.optimizer)
+for p in model.parameters():
+    optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+saver = Checkpointer(sys.argv[1], config, async_save=sys.argv[2] == "async")
+start = int(sys.argv[3])
+print("ready", flush=True)
+for step in range(start, start + 1000):
+    with torch.no_grad():  # every tensor of step N holds the value N: a mix of steps is detectable
+        for p in model.parameters():
+            p.fill_(step)
+            optimizer.state[p]["exp_avg"].fill_(step)
+            optimizer.state[p]["step"].fill_(step)
+    saver.save(step, model=model, optimizer=optimizer, train_state={"consumed_samples": step})
+"""
+
+
+def check_latest_is_whole(root: Path) -> int:
+    saved = SavedCheckpoint(root)
+    step = saved.meta["step"]
+    assert saved.meta["train_state"]["consumed_samples"] == step
+    for name in saved.names:
+        assert torch.all(saved.full(name) == step), name
+        assert torch.all(saved.full(name, "exp_avg") == step), name
+        assert float(saved.full(name, "step")) == step
+    model, _ = load_model(root)
+    assert all(torch.all(p == step) for p in model.parameters())
+    return step
+
+
+def test_kill_at_random_moments_leaves_a_loadable_latest(tmp_path):
+    """SIGKILL a process that saves checkpoints back to back (~12 MB each, synchronous and in
+    the background, keep_last=2), at random moments, 8 times over the same directory: each time
+    `latest` names a whole checkpoint of one step, and the next process saves on from there."""
+    rng = random.Random(0)
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    root = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    last, published = 0, []
+    for trial in range(8):
+        mode = "async" if trial % 2 else "sync"
+        proc = subprocess.Popen([sys.executable, str(script), str(root), mode, str(last + 1)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if (root / "latest").exists():
+            last = check_latest_is_whole(root)
+            published.append(last)
+    assert len(published) >= 6 and published == sorted(published) and published[-1] > 2
+    complete = [p for p in root.glob("step_*") if (p / "meta.json").exists()]
+    assert len(complete) <= 3  # keep_last=2, plus at most one published just before the kill

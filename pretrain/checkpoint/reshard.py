@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from pretrain.checkpoint.files import (FORMAT_VERSION, CheckpointError, config_yaml, load_pt, publish, rng_file,
-                                       write_file)
+from pretrain.checkpoint.files import (FORMAT_VERSION, TMP_PREFIX, CheckpointError, config_yaml, load_pt, publish,
+                                       remove_leftovers, rng_file, write_file)
 from pretrain.checkpoint.reader import VOCAB_PARAMS, SavedCheckpoint, check_same_model
 from pretrain.checkpoint.saver import Shard, assign_parts
 from pretrain.config import RunConfig
@@ -111,9 +111,12 @@ def write_layout(source, target: RunConfig, output: str | Path, *, step: int, tr
     `optimizer_keys`, `shard`) as step_N under `output` at the target config's TP/PP layout,
     split into `data_parallel` parts per position; published atomically like a training save."""
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     final = output / f"step_{step}"
-    tmp = output / f".tmp-step_{step}"
+    if getattr(source, "dir", None) is not None and final.resolve() == Path(source.dir).resolve():
+        raise CheckpointError(f"{final} is the checkpoint being read; write to another directory")
+    output.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output)
+    tmp = output / f"{TMP_PREFIX}step_{step}"
     tmp.mkdir()
     tp, pp = target.parallel.tensor, target.parallel.pipeline
     rows = target.model.vocab_rows
