@@ -17,15 +17,16 @@ setup(
         "tqdm",
         "zstandard",  # .zst corpora in tools/preprocess_data.py
         "tokenizers",  # Hugging Face tokenizer.json files (no transformers needed)
+        "safetensors",  # checkpoint tensor files: read lazily, never unpickled
     ],
     extras_require={
         # Install with DS_BUILD_OPS=0: no C++ op is built at install; the first ZeRO run compiles
         # one small communication op with g++ and ninja (~30 s, cached under TORCH_EXTENSIONS_DIR).
         # Pinned: pretrain/parallel/zero.py drives the ZeRO optimizer's backward hooks itself.
         "zero": ["deepspeed==0.19.8"],
-        "test": ["pytest", "hypothesis", "transformers", "safetensors", "megatron-core==0.16.1",
-                 "deepspeed==0.19.8"],
-        "hf": ["transformers", "safetensors"],
+        "test": ["pytest", "hypothesis", "transformers", "megatron-core==0.16.1", "deepspeed==0.19.8",
+                 "mpi4py"],
+        "hf": ["transformers"],
         "kernels": ["triton"],
         "mpi": ["mpi4py"],
     },

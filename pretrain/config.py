@@ -119,6 +119,9 @@ class ParallelConfig:
     bucket_mb: float = 25.0
     """Data-parallel gradients are all-reduced in buckets of about this many MB, each started
     as soon as its gradients are ready so communication overlaps the backward pass."""
+    timeout_minutes: float = 10.0
+    """How long a rank waits to reach the master at start, and for any collective, before it
+    fails with a message instead of hanging."""
 
 
 @dataclass
@@ -496,6 +499,7 @@ def finalize(config: RunConfig) -> None:
          "must be true exactly when data.objective=masked (a causal model cannot learn masked-LM, "
          "and a bidirectional one sees the next token)")
     need(0 < config.data.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {config.data.mask_prob}")
+    need(p.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {p.timeout_minutes}")
     need(config.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(config.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     need(config.logging.peak_tflops is None or config.logging.peak_tflops > 0,

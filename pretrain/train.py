@@ -31,8 +31,10 @@ from pretrain.optim import (BackwardRootChunk, DynamicLossScaler, build_optimize
                             set_learning_rate, unscale_and_check)
 from pretrain.parallel.data import GradientSync, grad_norm_and_clip, reduce_loss
 from pretrain.parallel.pipeline import build_model_chunks, forward_backward
-from pretrain.parallel.topology import Topology, init_distributed
+from pretrain.launch import discover
+from pretrain.parallel.topology import Topology, init_distributed, validate_layout
 from pretrain.parallel.zero import require_deepspeed
+from pretrain.stopping import EXIT_RESUMABLE, StopRequests
 
 
 @dataclass
@@ -42,16 +44,14 @@ class Data:
     collate: Optional[Callable]
 
 
-def pick_device(choice: str) -> torch.device:
+def pick_device(choice: str, *, local_rank: int = 0) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda was asked for but torch sees no GPU")
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda":
-        # One GPU per local rank (torchrun and srun both set LOCAL_RANK or SLURM_LOCALID).
-        import os
-        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-        torch.cuda.set_device(local % torch.cuda.device_count())
+        # One GPU per local rank (one srun task / torchrun worker / MPI rank per GPU).
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(choice)
 
@@ -207,11 +207,14 @@ class Trainer:
 
 
 def run(config: RunConfig) -> dict:
-    """Train as configured; returns the last record logged (on the logging rank)."""
+    """Train as configured; returns the last record logged (on the logging rank), with
+    `stopped` set to the reason when a signal or train.exit_after_minutes ended it early."""
     t, ck = config.train, config.checkpoint
-    device = pick_device(t.device)
+    launch = discover()
+    validate_layout(config, launch.world_size)  # before touching devices or process groups
+    device = pick_device(t.device, local_rank=launch.local_rank)
     require_deepspeed(config)
-    topo = init_distributed(config, device=device)  # validates the layout first
+    topo = init_distributed(config, device=device, launch=launch)
     resume_from = find_resume_checkpoint(ck.dir, ck.resume)
     # Data first: a missing or mismatched dataset should fail before a model is built.
     consumed = read_meta(resume_from)["train_state"]["consumed_samples"] if resume_from else 0
@@ -266,59 +269,57 @@ def run(config: RunConfig) -> dict:
         return record
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    start_time = time.perf_counter()
     # Throughput counts step time only: evaluation and checkpoint time are not training speed.
     interval_time, interval_steps, last = 0.0, 0, {}
     saved_at = evaluated_at = step
+    stopped = None
     if data.valid is not None and t.eval_interval and step == 0:
         run_eval(0)  # the baseline the validation curve starts from
-    while step < t.steps:
-        step += 1
-        step_start = time.perf_counter()
-        record = trainer.step(step)
-        sync()
-        interval_time += time.perf_counter() - step_start
-        interval_steps += 1
-        if step % t.log_interval == 0 or step == t.steps:
-            elapsed = interval_time / interval_steps
-            tflops = step_flops / elapsed / 1e12 / topo.world_size
-            last = {"step": step, **record,
-                    "tokens_per_s": global_batch * config.model.seq_length / elapsed,
-                    "tflops": tflops, "mfu": tflops / peak, "step_time_s": elapsed,
-                    "consumed_samples": data.train.consumed_samples,
-                    "peak_mem_bytes": peak_memory_bytes(device)}
-            logger.log(last, console=(
-                f"step {step:>6}/{t.steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-                f"grad {record['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s | {tflops:.3f} TFLOP/s | "
-                f"MFU {100 * last['mfu']:.1f}% | mem {last['peak_mem_bytes'] / 2**30:.2f} GiB"))
-            interval_time, interval_steps = 0.0, 0
-        if data.valid is not None and t.eval_interval and step % t.eval_interval == 0:
+    with StopRequests(minutes=t.exit_after_minutes, world_size=topo.world_size, device=device) as stop:
+        while step < t.steps:
+            step += 1
+            step_start = time.perf_counter()
+            record = trainer.step(step)
+            sync()
+            interval_time += time.perf_counter() - step_start
+            interval_steps += 1
+            if step % t.log_interval == 0 or step == t.steps:
+                elapsed = interval_time / interval_steps
+                tflops = step_flops / elapsed / 1e12 / topo.world_size
+                last = {"step": step, **record,
+                        "tokens_per_s": global_batch * config.model.seq_length / elapsed,
+                        "tflops": tflops, "mfu": tflops / peak, "step_time_s": elapsed,
+                        "consumed_samples": data.train.consumed_samples,
+                        "peak_mem_bytes": peak_memory_bytes(device)}
+                logger.log(last, console=(
+                    f"step {step:>6}/{t.steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+                    f"grad {record['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s | {tflops:.3f} TFLOP/s | "
+                    f"MFU {100 * last['mfu']:.1f}% | mem {last['peak_mem_bytes'] / 2**30:.2f} GiB"))
+                interval_time, interval_steps = 0.0, 0
+            stopped = stop.check()
+            if stopped:
+                if logging_rank:
+                    print(f"stopping after step {step} of {t.steps}: {stopped}", flush=True)
+                break
+            if data.valid is not None and t.eval_interval and step % t.eval_interval == 0:
+                last = {**last, **run_eval(step)}
+                evaluated_at = step
+            if ck.interval and step % ck.interval == 0:
+                save(step)
+                saved_at = step
+
+        # A stopped run saves at once and skips the final evaluation: the time left before the
+        # scheduler's kill is for the checkpoint.
+        if data.valid is not None and evaluated_at != step and not stopped:
             last = {**last, **run_eval(step)}
-            evaluated_at = step
-        if ck.interval and step % ck.interval == 0:
+        if saved_at != step:
             save(step)
-            saved_at = step
-        if t.exit_after_minutes and _agreed_timeout(start_time, t.exit_after_minutes, topo):
-            if logging_rank:
-                print(f"train.exit_after_minutes={t.exit_after_minutes} reached at step {step}", flush=True)
-            break
-
-    if data.valid is not None and evaluated_at != step:
-        last = {**last, **run_eval(step)}
-    if saved_at != step:
-        save(step)
-    if saver is not None:
-        saver.wait()  # the last checkpoint is published before the run reports success
+        if saver is not None:
+            saver.wait()  # the last checkpoint is published before the run reports success
     logger.close()
+    if stopped:
+        last = {**last, "stopped": stopped}
     return last
-
-
-def _agreed_timeout(start_time: float, minutes: float, topo: Topology) -> bool:
-    """Whether the time limit is reached, decided by rank 0 so that every rank stops together."""
-    flag = torch.tensor([float(time.perf_counter() - start_time > 60 * minutes)], device=topo.device)
-    if topo.world_size > 1:
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,20 +327,25 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
+    code = 0
     try:
         config = load_config(argv[0], argv[1:])
-        run(config)
+        last = run(config)
+        if last.get("stopped"):
+            code = EXIT_RESUMABLE
+            where = f"; resume from {config.checkpoint.dir}" if config.checkpoint.dir else " (no checkpoint.dir)"
+            print(f"stopped early ({last['stopped']}) with exit code {EXIT_RESUMABLE}{where}", flush=True)
         if dist.is_initialized():
             # Every rank must be past its last collective before any tears its group down;
             # otherwise a peer's gloo thread can find its connection gone and abort the process.
             dist.barrier()
-    except ValueError as e:  # ConfigError, CheckpointError, dataset errors: user mistakes
+    except ValueError as e:  # ConfigError, CheckpointError, LaunchError, dataset errors: user mistakes
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -97,9 +97,47 @@ def test_gradient_accumulation_matches_one_big_batch(stdlib_data, tmp_path):
 
 def test_exit_after_minutes_saves_and_stops(stdlib_data, tmp_path):
     overrides = small("gpt2") + ["train.steps=1000", "train.exit_after_minutes=0.0001"]
-    run(load_config("configs/gpt_tiny.yaml", overrides + data_overrides(stdlib_data, tmp_path)))
-    latest = (tmp_path / "run/ckpt/latest").read_text().strip()
-    assert latest.startswith("step_") and int(latest[5:]) < 1000
+    last = run(load_config("configs/gpt_tiny.yaml", overrides + data_overrides(stdlib_data, tmp_path)))
+    assert last["stopped"] == "time limit"
+    assert (tmp_path / "run/ckpt/latest").read_text().strip() == f"step_{last['step']}"
+    assert last["step"] < 1000
+
+
+def test_signal_saves_exits_resumable_and_resumes_exactly(stdlib_data, tmp_path):
+    """SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: the run finishes its step,
+    saves, exits with 75; started again it resumes there and ends as an uninterrupted run."""
+    import signal
+    import time
+
+    from pretrain.stopping import EXIT_RESUMABLE
+
+    def command(name):
+        return [sys.executable, "-m", "pretrain.train", "configs/gpt_tiny.yaml", *small("gpt2"), "train.steps=30",
+                "model.dropout=0.0", *data_overrides(stdlib_data, tmp_path, name)]
+
+    straight = subprocess.run(command("straight"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        name = f"stopped_{sig.name}"
+        proc = subprocess.Popen(command(name), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics = tmp_path / name / "logs/metrics.jsonl"
+        deadline = time.time() + 300
+        while not (metrics.exists() and len([r for r in read_metrics(metrics.parent) if "loss" in r]) >= 3):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
+        assert f"stopped early ({sig.name})" in out
+        stopped_at = int((tmp_path / name / "ckpt/latest").read_text().strip()[5:])
+        assert 3 <= stopped_at < 30
+        again = subprocess.run(command(name), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"resumed from {tmp_path / name / 'ckpt'}/step_{stopped_at}" in again.stdout
+        a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "straight/logs") if "loss" in r}
+        b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / name / "logs") if "loss" in r}
+        assert sorted(b) == list(range(1, 31))
+        assert [b[s] for s in range(stopped_at + 1, 31)] == [a[s] for s in range(stopped_at + 1, 31)]
 
 
 def test_missing_data_and_small_vocab_fail_before_training(stdlib_data, tmp_path):

@@ -12,8 +12,6 @@ collective short-circuits, so the single-device code path pays nothing.
 
 from __future__ import annotations
 
-import datetime
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -114,22 +112,25 @@ def validate_layout(config: RunConfig, world_size: int) -> int:
     return dp
 
 
-def init_distributed(config: RunConfig, *, device: torch.device, timeout_minutes: float = 10.0) -> Topology:
+def init_distributed(config: RunConfig, *, device: torch.device, launch=None) -> Topology:
     """Build the Topology for this process.
 
-    Under torchrun (or any launcher that sets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), joins the
-    default process group (NCCL on GPU, gloo on CPU) and creates the TP/DP/PP groups. Alone,
-    returns a one-rank Topology without any process group.
+    Under torchrun, srun or mpirun (pretrain/launch.py finds the ranks and the master), joins
+    the default process group (NCCL on GPU, gloo on CPU) with parallel.timeout_minutes, prints
+    one line per node, and creates the TP/DP/PP groups. Alone, returns a one-rank Topology
+    without any process group. The layout is validated before any process group starts.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    dp = validate_layout(config, world_size)
+    from pretrain.launch import announce_nodes, discover, start_process_group
+
+    launch = launch or discover()
+    dp = validate_layout(config, launch.world_size)
     p = config.parallel
-    if world_size == 1:
+    if launch.world_size == 1:
         return single_process(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        start_process_group(launch, backend=backend, timeout_minutes=p.timeout_minutes)
+        announce_nodes(launch, backend=backend, device=str(device))
     return build_topology(tp=p.tensor, pp=p.pipeline, dp=dp, virtual_stages=p.virtual_stages,
                           sequence_parallel=p.sequence_parallel, device=device)
 
