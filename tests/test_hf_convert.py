@@ -253,8 +253,6 @@ def test_imported_checkpoint_trains(exported, stdlib_data, tmp_path):
         assert 0 < (a - b).abs().max() < 1e-4, name
 
 
-@pytest.mark.xfail(reason="pretrain/checkpoint/reshard.py _restore_rng requires rng_rank*.pt whenever the layout "
-                          "matches, and write_layout (import, reshard) writes none", strict=False)
 def test_imported_checkpoint_trains_at_its_own_layout(exported, stdlib_data, tmp_path):
     from pretrain.train import run
 

@@ -80,6 +80,8 @@ def _restore_rng(saved: SavedCheckpoint, topo: Topology) -> None:
     layout = saved.meta["layout"]
     if (layout["tensor"], layout["pipeline"], saved.meta["world_size"]) != (topo.tp, topo.pp, topo.world_size):
         return
+    if not saved.meta.get("has_rng", True):  # written offline (resharded, imported): fresh streams
+        return
     rng = load_pt(saved.dir / rng_file(topo.rank))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -143,7 +145,7 @@ def write_layout(source, target: RunConfig, output: str | Path, *, step: int, tr
             "layout": {"tensor": tp, "pipeline": pp, "virtual_stages": p.virtual_stages, "data": data_parallel,
                        "zero_stage": p.zero_stage},
             "world_size": tp * pp * data_parallel, "parts": data_parallel, "has_optimizer": source.has_optimizer,
-            "train_state": train_state}
+            "has_rng": False, "train_state": train_state}
     write_file(tmp / "config.yaml", config_yaml(target))
     write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())
     publish(tmp, final)
