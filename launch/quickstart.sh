@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default corpus, end to end on a CPU in under 10 minutes:
 # the Python standard library's own sources -> JSONL -> sentencepiece tokenizer -> .bin/.idx ->
-# a tiny GPT trained until validation loss falls -> a sample -> a metrics plot.
+# a tiny GPT trained until validation loss falls -> a sample -> a metrics plot -> the model in
+# Hugging Face format (transformers loads it with from_pretrained).
 # Everything is written under $QUICKSTART_DIR (default ./quickstart). Re-running skips finished
 # steps and resumes training from the latest checkpoint.
 # Extra arguments are passed to the trainer as overrides, e.g. `train.steps=100`.
@@ -18,19 +19,19 @@ START=$SECONDS
 
 step() { printf '\n== [%s] %s (%ss elapsed)\n' "$1" "$2" "$((SECONDS - START))"; }
 
-if ! "$PY" -c "import pretrain, torch, sentencepiece, yaml, tensorboard, matplotlib" 2>/dev/null; then
-  step 0/6 "installing pretrain and its requirements (CPU torch pinned by constraints.txt)"
-  "$PY" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT"
+if ! "$PY" -c "import pretrain, torch, sentencepiece, yaml, tensorboard, matplotlib, safetensors, transformers" 2>/dev/null; then
+  step 0/7 "installing pretrain and its requirements (CPU torch pinned by constraints.txt)"
+  "$PY" -m pip install -q -c "$ROOT/constraints.txt" -e "${ROOT}[hf]"
 fi
 
-step 1/6 "corpus: the Python standard library's source files -> $QS/corpus.jsonl"
+step 1/7 "corpus: the Python standard library's source files -> $QS/corpus.jsonl"
 if [ ! -s "$QS/corpus.jsonl" ]; then
   "$PY" "$ROOT/tools/make_stdlib_corpus.py" --output "$QS/corpus.jsonl"
 else
   echo "exists, skipped"
 fi
 
-step 2/6 "tokenizer: sentencepiece BPE, vocabulary $VOCAB -> $QS/tokenizer.model"
+step 2/7 "tokenizer: sentencepiece BPE, vocabulary $VOCAB -> $QS/tokenizer.model"
 if [ ! -s "$QS/tokenizer.model" ]; then
   "$PY" "$ROOT/tools/train_tokenizer.py" --input "$QS/corpus.jsonl" --output "$QS/tokenizer" \
     --vocab-size "$VOCAB" --model-type bpe
@@ -38,7 +39,7 @@ else
   echo "exists, skipped"
 fi
 
-step 3/6 "preprocess: tokenize with end-of-document tokens -> $QS/data/stdlib_text_document.bin/.idx"
+step 3/7 "preprocess: tokenize with end-of-document tokens -> $QS/data/stdlib_text_document.bin/.idx"
 mkdir -p "$QS/data"
 if [ ! -s "$QS/data/stdlib_text_document.idx" ]; then
   "$PY" "$ROOT/tools/preprocess_data.py" --input "$QS/corpus.jsonl" --output-prefix "$QS/data/stdlib" \
@@ -47,17 +48,20 @@ else
   echo "exists, skipped"
 fi
 
-step 4/6 "train: $(basename "$CONFIG") on $(nproc) CPU cores"
+step 4/7 "train: $(basename "$CONFIG") on $(nproc) CPU cores"
 "$PY" -m pretrain.train "$CONFIG" \
   data.path="$QS/data/stdlib_text_document" data.tokenizer="$QS/tokenizer.model" \
   model.vocab_size="$VOCAB" checkpoint.dir="$QS/checkpoints" logging.dir="$QS/logs" "$@"
 
-step 5/6 "sample: the trained model continues a prompt"
+step 5/7 "sample: the trained model continues a prompt"
 "$PY" "$ROOT/tools/generate.py" --checkpoint "$QS/checkpoints" --prompt "def " \
   --max-new-tokens 80 --temperature 0.7
 
-step 6/6 "plot: loss and throughput -> $QS/logs/metrics.png"
+step 6/7 "plot: loss and throughput -> $QS/logs/metrics.png"
 "$PY" "$ROOT/tools/plot_metrics.py" "$QS/logs"
+
+step 7/7 "export: Hugging Face format -> $QS/hf (model.safetensors, config.json, tokenizer)"
+"$PY" "$ROOT/tools/convert_to_hf.py" --checkpoint "$QS/checkpoints" --output "$QS/hf" --force
 
 "$PY" - "$QS/logs/metrics.jsonl" <<'PYEOF'
 import json, sys
@@ -81,4 +85,5 @@ done in $((SECONDS - START)) s. Everything is under $QS:
   checkpoints   $QS/checkpoints (latest: $(cat "$QS/checkpoints/latest" 2>/dev/null || echo none))
   metrics       $QS/logs/metrics.jsonl, plot $QS/logs/metrics.png
   tensorboard   tensorboard --logdir $QS/logs/tensorboard
+  hf model      $QS/hf (AutoModelForCausalLM.from_pretrained / AutoTokenizer.from_pretrained)
 TXT

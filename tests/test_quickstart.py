@@ -22,10 +22,20 @@ def test_quickstart_end_to_end(tmp_path):
     val = [json.loads(line) for line in (qs / "logs/metrics.jsonl").read_text().splitlines()
            if "val_loss" in line]
     assert [r["step"] for r in val] == [0, 10, 20] and val[-1]["val_loss"] < val[0]["val_loss"] - 1.0
-    assert "validation loss:" in result.stdout and "[5/6] sample" in result.stdout
+    assert "validation loss:" in result.stdout and "[5/7] sample" in result.stdout
     # The sample is printed after the prompt.
-    sample = result.stdout.split("[5/6] sample", 1)[1].split("== [6/6]", 1)[0]
+    sample = result.stdout.split("[5/7] sample", 1)[1].split("== [6/7]", 1)[0]
     assert "def " in sample and len(sample.strip().splitlines()) >= 2
+    # The exported model loads in transformers and scores text like ours.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pretrain.checkpoint import load_model
+    hf = AutoModelForCausalLM.from_pretrained(qs / "hf").eval()
+    tokens = AutoTokenizer.from_pretrained(qs / "hf")("def main(argv):\n    return 0\n", return_tensors="pt")["input_ids"]
+    ours, _ = load_model(qs / "checkpoints")
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens)).abs().max() < 1e-4
 
     # Running it again skips the finished steps and resumes from the latest checkpoint.
     again = subprocess.run(["bash", "launch/quickstart.sh", "train.steps=25", "train.eval_interval=10"],
