@@ -62,6 +62,12 @@ class ModelConfig:
     """`full` recomputes each block in backward; `selective` only the attention core."""
     bidirectional: bool = False
     """Attend in both directions (no causal mask), for data.objective=masked."""
+    attention_backend: Literal["sdpa", "flash_attn"] = "sdpa"
+    """`sdpa`: torch's scaled_dot_product_attention (FlashAttention/cuDNN kernels on GPU, a fused
+    kernel on CPU). `flash_attn`: the flash-attn package (GPU, bf16/fp16), when installed."""
+    compile: bool = False
+    """torch.compile each transformer block (fuses norms, activations, RoPE and residual adds;
+    inductor generates C++ on CPU, Triton on GPU). The first steps pay the compile time."""
 
     # Derived values: read these, not the optional fields above.
     @property
@@ -141,6 +147,9 @@ class DataConfig:
     """masked objective: mask whole spans of geometric length with this mean (SpanBERT)."""
     cache_dir: str = ""
     """Where sample indices are cached (default: index-cache/ beside the data)."""
+    document_attention_mask: bool = False
+    """Tokens attend only within their own document of a packed sequence (documents end at the
+    tokenizer's end-of-document token), like Megatron's --reset-attention-mask."""
 
     @property
     def split_ratios(self) -> tuple[float, float, float]:
@@ -498,6 +507,10 @@ def finalize(config: RunConfig) -> None:
     need(masked == m.bidirectional, "model.bidirectional",
          "must be true exactly when data.objective=masked (a causal model cannot learn masked-LM, "
          "and a bidirectional one sees the next token)")
+    need(not (m.attention_backend == "flash_attn" and config.train.precision == "fp32"),
+         "model.attention_backend", "flash_attn runs in bf16 or fp16 only: set train.precision=bf16, or use sdpa")
+    need(not (config.data.document_attention_mask and not config.data.tokenizer), "data.document_attention_mask",
+         "needs data.tokenizer (its end-of-document token separates the documents)")
     need(0 < config.data.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {config.data.mask_prob}")
     need(p.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {p.timeout_minutes}")
     need(config.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")

@@ -158,13 +158,13 @@ class BackwardRootChunk:
             return x
         return _BackwardRoot.apply(x, self.scale if loss else (lambda: 1.0), self.on_start)
 
-    def __call__(self, tokens: torch.Tensor, labels=None) -> torch.Tensor:
-        out = self.chunk(tokens, labels=labels)
+    def __call__(self, tokens: torch.Tensor, labels=None, segments=None) -> torch.Tensor:
+        out = self.chunk(tokens, labels=labels, segments=segments)
         return self._root(out, loss=True) if labels is not None else out
 
     def head_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self._root(self.chunk.head_loss(x, labels), loss=True)
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.chunk.run_blocks(x)
+    def run_blocks(self, x: torch.Tensor, segments=None) -> torch.Tensor:
+        out = self.chunk.run_blocks(x, segments)
         return out if self.chunk.stage.last else self._root(out, loss=False)

@@ -23,7 +23,7 @@ from pretrain.checkpoint import Checkpointer, find_resume_checkpoint, load_check
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data.blend import parse_data_path
 from pretrain.data.builder import build_datasets
-from pretrain.data.loader import SampleDataset, SampleLoader
+from pretrain.data.loader import SampleDataset, SampleLoader, causal_lm_collate, with_document_segments
 from pretrain.data.masking import MaskedLMCollator
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
@@ -32,6 +32,7 @@ from pretrain.optim import (BackwardRootChunk, DynamicLossScaler, build_optimize
 from pretrain.parallel.data import GradientSync, grad_norm_and_clip, reduce_loss
 from pretrain.parallel.pipeline import build_model_chunks, forward_backward
 from pretrain.launch import discover
+from pretrain.models.attention import check_backend
 from pretrain.parallel.topology import Topology, init_distributed, validate_layout
 from pretrain.parallel.zero import require_deepspeed
 from pretrain.stopping import EXIT_RESUMABLE, StopRequests
@@ -93,6 +94,8 @@ def build_data(config: RunConfig, topo: Topology, *, consumed_samples: int) -> D
         collate = MaskedLMCollator(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask, seed=t.seed,
                                    special_ids=(tokenizer.eod, tokenizer.pad), mask_prob=d.mask_prob,
                                    mean_span=d.mean_span)
+    if d.document_attention_mask:
+        collate = with_document_segments(collate or causal_lm_collate, tokenizer.eod)
     loader = SampleLoader(datasets["train"], micro_batch_size=t.micro_batch_size, seed=t.seed,
                           dp_rank=topo.dp_rank, dp_size=topo.dp, consumed_samples=consumed_samples,
                           collate=collate)
@@ -213,6 +216,7 @@ def run(config: RunConfig) -> dict:
     launch = discover()
     validate_layout(config, launch.world_size)  # before touching devices or process groups
     device = pick_device(t.device, local_rank=launch.local_rank)
+    check_backend(config.model.attention_backend, device)
     require_deepspeed(config)
     topo = init_distributed(config, device=device, launch=launch)
     resume_from = find_resume_checkpoint(ck.dir, ck.resume)

@@ -42,12 +42,17 @@ def global_batches(config, steps: int) -> torch.Tensor:
                          generator=g)
 
 
-def rank_batches(data: torch.Tensor, *, micro: int, dp: int, dp_rank: int):
-    """This DP rank's micro-batches in order: chunks of micro*dp samples, rank r takes slice r."""
+def rank_batches(data: torch.Tensor, *, micro: int, dp: int, dp_rank: int, segments: bool = False):
+    """This DP rank's micro-batches in order: chunks of micro*dp samples, rank r takes slice r.
+    `segments`: add document numbers, with every token divisible by 17 ending a document."""
     for step in data:
         for start in range(0, step.shape[0], micro * dp):
             sample = step[start + dp_rank * micro: start + (dp_rank + 1) * micro]
-            yield {"tokens": sample[:, :-1], "labels": sample[:, 1:]}
+            batch = {"tokens": sample[:, :-1], "labels": sample[:, 1:]}
+            if segments:
+                ends = (batch["tokens"] % 17 == 0).long()
+                batch["segments"] = ends.cumsum(1) - ends
+            yield batch
 
 
 def build_trainer(config, steps: int):
@@ -60,7 +65,7 @@ def build_trainer(config, steps: int):
     topo = init_distributed(config, device=torch.device("cpu"))
     chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed)
     batches = rank_batches(global_batches(config, steps), micro=config.train.micro_batch_size, dp=topo.dp,
-                           dp_rank=topo.dp_rank)
+                           dp_rank=topo.dp_rank, segments=config.data.document_attention_mask)
     return Trainer(config, topo, chunks, train_batches=batches)
 
 

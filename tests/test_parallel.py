@@ -23,8 +23,12 @@ LAYOUTS = {
 
 # llama runs every layout; gpt2 the three that cover its own paths (tied embeddings across
 # pipeline stages, LayerNorm and biases under sequence parallelism).
+# Attention kept within documents (data.document_attention_mask): every stage applies the mask.
+DOCUMENTS = ["data.document_attention_mask=true", "data.tokenizer=unused"]
+FLAVOURS["llama_documents"] = FLAVOURS["llama"] + DOCUMENTS
 CASES = [("llama", layout) for layout in LAYOUTS] + [("gpt2", layout) for layout in
-                                                     ("tp2_sp", "pp2_interleaved", "tp2_pp2_dp2")]
+                                                     ("tp2_sp", "pp2_interleaved", "tp2_pp2_dp2")] + \
+    [("llama_documents", "tp2_pp2")]
 _reference: dict = {}
 
 
@@ -42,5 +46,7 @@ def test_layout_matches_single_process(flavour, layout):
     assert got["loss"] == pytest.approx(ref["loss"], abs=2e-5), layout
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4), layout
     assert ref["loss"][0] != ref["loss"][-1]  # the steps did change the model
+    if flavour == "llama_documents":  # the mask did change what the model computes
+        assert ref["loss"] != reference("llama")["loss"]
     if "dp2" in layout:  # every bucket's all-reduce started inside the backward pass, each step
         assert got["buckets"] > 1 and got["overlapped"] == 3 * got["buckets"]

@@ -39,6 +39,18 @@ def causal_lm_collate(samples: np.ndarray, positions: np.ndarray) -> dict[str, t
     return {"tokens": batch[:, :-1].contiguous(), "labels": batch[:, 1:].contiguous()}
 
 
+def with_document_segments(collate: Collate, eod: int) -> Collate:
+    """`collate` plus "segments" [b, s]: how many end-of-document tokens precede each position,
+    so the tokens of one document (its closing EOD included) share a number and attention can
+    be kept within documents (data.document_attention_mask)."""
+    def collate_with_segments(samples: np.ndarray, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = collate(samples, positions)
+        ends = (batch["tokens"] == eod).long()
+        batch["segments"] = ends.cumsum(dim=1) - ends
+        return batch
+    return collate_with_segments
+
+
 class SampleLoader:
     """Endless iterator of this DP rank's micro-batches: dict(tokens, labels), LongTensor [b, s].
 

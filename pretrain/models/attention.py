@@ -1,19 +1,92 @@
-"""Attention core: softmax(QK^T / sqrt(d)) V with a causal mask.
+"""Attention core: softmax(QK^T / sqrt(d)) V, causal or not, optionally only within documents.
 
-The default backend is torch's `scaled_dot_product_attention`, which dispatches to
-FlashAttention / cuDNN on GPU and to a fused flash kernel on CPU. Grouped-query attention is
-passed through as `enable_gqa` so K/V are never copied per query head.
+Backends (model.attention_backend):
+- `sdpa` (default): torch's `scaled_dot_product_attention`, which dispatches to FlashAttention /
+  cuDNN / memory-efficient kernels on GPU and to a fused flash kernel on CPU. Grouped-query
+  attention is passed as `enable_gqa`, so K/V are never copied per query head.
+- `flash_attn`: the flash-attn package's kernels (GPU, bf16/fp16), when installed. Documents
+  become variable-length sequences (`flash_attn_varlen_func`), so no mask is materialised.
+
+Document masking (data.document_attention_mask): `segments` [b, s] numbers the documents packed
+into each sequence; a token attends only to earlier tokens of its own document. With SDPA this
+is a boolean [b, 1, s, s] mask (which rules out the flash kernels of SDPA: the math or
+memory-efficient kernel runs); with flash-attn it costs nothing extra.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+from pretrain.config import ConfigError
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                     dropout_p: float = 0.0, causal: bool = True) -> torch.Tensor:
-    """q: [b, heads, s, d]; k, v: [b, kv_heads, s, d] -> [b, heads, s, d]. `causal=False`
-    attends in both directions (masked-LM)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+BACKENDS = ("sdpa", "flash_attn")
+
+
+class BackendUnavailable(ConfigError):
+    """A requested attention backend cannot run here; the message says why and what to do."""
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Fail early, with what to do, when `backend` cannot run on `device`."""
+    if backend == "flash_attn":
+        if device.type != "cuda":
+            raise BackendUnavailable("model.attention_backend=flash_attn needs a CUDA GPU; use "
+                                     "model.attention_backend=sdpa (torch's fused attention) on CPU")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise BackendUnavailable("model.attention_backend=flash_attn: the flash-attn package is not "
+                                     "installed (pip install flash-attn --no-build-isolation), or use "
+                                     "model.attention_backend=sdpa, which runs FlashAttention kernels too")
+
+
+def document_mask(segments: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    """[b, s] document numbers -> boolean [b, 1, s, s]: True where query i may attend key j."""
+    mask = segments[:, None, :, None] == segments[:, None, None, :]
+    if causal:
+        s = segments.shape[1]
+        mask = mask & torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
+    return mask
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0, causal: bool = True,
+              segments: Optional[torch.Tensor] = None, backend: str = "sdpa") -> torch.Tensor:
+    """q: [b, heads, s, d]; k, v: [b, kv_heads, s, d] -> [b, heads, s, d]. `causal=False` attends
+    in both directions (masked-LM); `segments` [b, s] keeps attention within documents."""
+    if backend == "flash_attn":
+        return _flash_attn(q, k, v, dropout_p=dropout_p, causal=causal, segments=segments)
+    gqa = k.shape[1] != q.shape[1]
+    if segments is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(segments, causal=causal),
+                                          dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def _flash_attn(q, k, v, *, dropout_p: float, causal: bool, segments: Optional[torch.Tensor]) -> torch.Tensor:
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    b, heads, s, d = q.shape
+    # flash-attn takes [b, s, heads, d] and pairs query heads with kv heads itself (GQA).
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    if segments is None:
+        out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
+        return out.transpose(1, 2)
+    # Each document of each sequence is one variable-length sequence of the flattened batch.
+    cu_seqlens, max_len = document_offsets(segments)
+    flat = [t.reshape(b * s, t.shape[2], d) for t in (q, k, v)]
+    out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=dropout_p,
+                                 causal=causal)
+    return out.view(b, s, heads, d).transpose(1, 2)
+
+
+def document_offsets(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[b, s] document numbers -> (cumulative start offsets int32 [docs + 1] over the flattened
+    b * s tokens, longest document), what flash-attn's varlen kernels take."""
+    b, s = segments.shape
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # every row starts a document too
+    positions = torch.nonzero(starts.flatten(), as_tuple=True)[0]
+    cu = torch.cat([positions, torch.tensor([b * s], device=segments.device)]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
-from pretrain.models.attention import causal_attention
+from pretrain.models.attention import attention
 from pretrain.models.layers import DenseLayers, full_shape, shard_tensor
 
 
@@ -55,15 +55,19 @@ class Attention(nn.Module):
         self.selective_checkpoint = config.activation_checkpointing == "selective"
         self.rng_region = layers.rng_region
         self.causal = not config.bidirectional
+        self.backend = config.attention_backend
         bias = config.flavour == "gpt2"
         qkv_out = (config.num_heads + 2 * config.kv_heads) * self.head_dim
         self.qkv = layers.column(config.hidden_size, qkv_out, bias=bias)
         self.proj = layers.row(config.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=self.causal)
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              segments: Optional[torch.Tensor]) -> torch.Tensor:
+        return attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=self.causal,
+                         segments=segments, backend=self.backend)
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
+                segments: Optional[torch.Tensor] = None) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, (heads + 2 kv_heads) * d]; s is the full sequence under SP
         b, s, _ = qkv.shape
         group = self.heads // self.kv_heads
@@ -81,9 +85,9 @@ class Attention(nn.Module):
         # checkpoint so that recomputation replays the same mask.
         with self.rng_region() if self.dropout and self.training else contextlib.nullcontext():
             if self.selective_checkpoint and self.training:
-                out = checkpoint(self._core, q, k, v, use_reentrant=False)
+                out = checkpoint(self._core, q, k, v, segments, use_reentrant=False)
             else:
-                out = self._core(q, k, v)
+                out = self._core(q, k, v, segments)
         # [b, heads, s, d] -> [b, s, heads * d]
         return self.proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
@@ -116,8 +120,8 @@ class Block(nn.Module):
         self.mlp = MLP(config, layers)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), rope))
+    def forward(self, x: torch.Tensor, rope=None, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, segments))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
@@ -168,6 +172,10 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters(seed=init_seed)
+        if config.compile:
+            # In place (nn.Module.compile): parameter names, and so checkpoints, stay the same.
+            for block in self.blocks.values():
+                block.compile()
 
     @torch.no_grad()
     def reset_parameters(self, seed: Optional[int] = None) -> None:
@@ -204,16 +212,18 @@ class GPT(nn.Module):
         x = self.layers.enter_sequence_parallel(x)  # [b, s/tp, h] under sequence parallelism
         return self.embed_dropout(x)
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden [b, s(/tp), h] -> hidden; `segments` [b, s]: document numbers (attention stays
+        within a document), or None."""
         # RoPE tables for the full sequence: attention runs on whole sequences even under
         # sequence parallelism (the QKV projection gathers them).
         s = x.shape[1] * (self.layers.tp_size if self.layers.sequence_parallel else 1)
         rope = (self.rope_cos[:s], self.rope_sin[:s]) if self.config.flavour == "llama" else None
         for block in self.blocks.values():
             if self.full_checkpoint and self.training:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, segments, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, segments)
         return x
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,11 +243,12 @@ class GPT(nn.Module):
         weight = self.embed.weight if self.head is None else self.head.weight
         return fused(self.final_norm(x), weight, labels, vocab_size=vocab)
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                segments: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tokens.shape[1] > self.config.positions:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the model's "
                              f"{self.config.positions} positions")
-        x = self.run_blocks(self.embed_tokens(tokens))
+        x = self.run_blocks(self.embed_tokens(tokens), segments)
         if labels is not None:
             return self.head_loss(x, labels)
         return self.layers.gather_logits(self.head_logits(x))[..., : self.config.vocab_size]

@@ -98,6 +98,11 @@ def _tag(kind: str, vstage: int, micro: int) -> int:
     return ((0 if kind == "F" else 1) * 4096 + vstage) * 65536 + micro
 
 
+def _segments(batch: dict, device: torch.device):
+    segments = batch.get("segments")
+    return None if segments is None else segments.to(device)
+
+
 def forward_backward(*, chunks: list, topo: Topology, batches: Iterator[dict], micro_batches: int,
                      autocast: Callable, hidden_shape: tuple[int, int, int],
                      on_last_backward: Callable[[int], None] = lambda chunk: None,
@@ -117,7 +122,8 @@ def forward_backward(*, chunks: list, topo: Topology, batches: Iterator[dict], m
             if m == micro_batches - 1:
                 on_last_backward(0)
             with autocast():
-                loss = chunks[0](batch["tokens"].to(device), labels=batch["labels"].to(device))
+                loss = chunks[0](batch["tokens"].to(device), labels=batch["labels"].to(device),
+                                 segments=_segments(batch, device))
             if not forward_only:
                 (loss / micro_batches).backward()
             losses.append(loss.detach())
@@ -148,7 +154,8 @@ def forward_backward(*, chunks: list, topo: Topology, batches: Iterator[dict], m
                 dist.recv(x_in, src=topo.pp_peer(-1), tag=_tag("F", vstage - 1, op.micro))
                 x = x_in.requires_grad_(not forward_only)
             with autocast():
-                x = chunk.run_blocks(x)
+                # Every stage reads the micro-batch's document numbers: attention masks them.
+                x = chunk.run_blocks(x, _segments(micro_data[op.micro], device))
                 if chunk.stage.last:
                     labels = micro_data[op.micro]["labels"].to(device)
                     loss = chunk.head_loss(x, labels)

@@ -1,0 +1,122 @@
+"""Attention backends, attention kept within documents, and torch.compile of the blocks."""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ConfigError, config_from_dict
+from pretrain.data.loader import causal_lm_collate, with_document_segments
+from pretrain.models.attention import attention, check_backend, document_offsets
+from pretrain.models.gpt import GPT
+
+LLAMA = {"flavour": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
+         "vocab_size": 300, "seq_length": 48}
+
+
+def test_segments_number_documents_with_their_end_token():
+    collate = with_document_segments(causal_lm_collate, eod=0)
+    samples = np.array([[5, 6, 0, 7, 8, 0, 0, 9, 4]])
+    batch = collate(samples, np.zeros(1))
+    assert batch["tokens"].tolist() == [[5, 6, 0, 7, 8, 0, 0, 9]]
+    assert batch["segments"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 3]]  # an EOD closes its own document
+
+
+def test_document_mask_isolates_documents():
+    """llama (RoPE: attention depends on relative positions only): the second document of a
+    packed sequence gets the logits it gets alone, and the first is unaffected by the second."""
+    model = GPT(config_from_dict({"model": LLAMA}).model, init_seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randint(1, 300, (1, 17), generator=g), torch.randint(1, 300, (1, 31), generator=g)
+    first[0, -1] = 0  # its end-of-document token
+    packed = torch.cat([first, second], dim=1)
+    segments = torch.cat([torch.zeros(1, 17), torch.ones(1, 31)], dim=1).long()
+    with torch.no_grad():
+        together = model(packed, segments=segments)
+        assert (together[:, 17:] - model(second)).abs().max() < 1e-5
+        assert (together[:, :17] - model(first)).abs().max() < 1e-5
+        assert (model(packed)[:, 17:] - model(second)).abs().max() > 1e-2  # without the mask it leaks
+
+
+def test_document_mask_in_training_loss_and_grads():
+    model = GPT(config_from_dict({"model": LLAMA}).model, init_seed=1)
+    tokens = torch.randint(1, 300, (2, 48))
+    tokens[:, 20] = 0
+    segments = with_document_segments(causal_lm_collate, 0)(
+        torch.cat([tokens, tokens[:, :1]], dim=1).numpy(), np.zeros(2))["segments"]
+    loss = model(tokens, labels=tokens, segments=segments)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _fake_flash_attn():
+    """A stand-in for the flash-attn package with its documented semantics ([b, s, heads, d]
+    layout, GQA by head groups, varlen over cumulative offsets), computed with plain torch."""
+    def reference(q, k, v, causal):  # [s, heads, d] x [s, kv, d]
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+        if causal:
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, causal=False):
+        return torch.stack([reference(q[i], k[i], v[i], causal) for i in range(q.shape[0])])
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, causal=False):
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
+        out = torch.empty_like(q)
+        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            out[start:end] = reference(q[start:end], k[start:end], v[start:end], causal)
+        assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+        return out
+
+    return types.SimpleNamespace(flash_attn_func=flash_attn_func, flash_attn_varlen_func=flash_attn_varlen_func)
+
+
+def test_flash_attn_backend_layout_and_documents(monkeypatch):
+    """Our flash-attn path (transposes, GQA, documents as varlen sequences) against SDPA, with a
+    stand-in package (no GPU here)."""
+    monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn())
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g), \
+        torch.randn(2, 2, 24, 16, generator=g)
+    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 3 + [1] * 3 + [2] * 18])
+    for segs in (None, segments):
+        for causal in (True, False):
+            want = attention(q, k, v, causal=causal, segments=segs, backend="sdpa")
+            got = attention(q, k, v, causal=causal, segments=segs, backend="flash_attn")
+            assert (got - want).abs().max() < 1e-5, (segs is not None, causal)
+    cu, longest = document_offsets(segments)
+    assert cu.tolist() == [0, 10, 24, 27, 30, 48] and longest == 18
+
+
+def test_missing_backend_fails_with_what_to_do():
+    with pytest.raises(ConfigError, match="flash_attn needs a CUDA GPU"):
+        check_backend("flash_attn", torch.device("cpu"))
+    check_backend("sdpa", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="model.attention_backend"):
+        config_from_dict({"model": {**LLAMA, "attention_backend": "flash_attn"}})  # fp32
+    with pytest.raises(ConfigError, match="data.document_attention_mask"):
+        config_from_dict({"model": LLAMA, "data": {"document_attention_mask": True}})
+
+
+def test_compiled_blocks_match_eager():
+    """model.compile=true: inductor (C++ on this CPU) compiles each block; same loss and
+    gradients as eager, same parameter names (checkpoints are interchangeable)."""
+    eager = GPT(config_from_dict({"model": LLAMA}).model, init_seed=3)
+    compiled = GPT(config_from_dict({"model": {**LLAMA, "compile": True}}).model, init_seed=3)
+    assert list(eager.state_dict()) == list(compiled.state_dict())
+    tokens = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (eager, compiled):
+        loss = model(tokens, labels=tokens.roll(-1, 1))
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        assert F.cosine_similarity(a.grad.flatten(), b.grad.flatten(), dim=0) > 0.99999, name
+        assert (a.grad - b.grad).abs().max() < 1e-4, name
