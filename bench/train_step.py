@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pin glibc malloc so freed memory is kept and reused (no mmap/munmap and "
                         "page-fault churn for large tensors): compares compute alone")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--compile", action="store_true",
+                   help="ours with model.compile=true (torch.compile of each block); the peer stays eager")
+    p.add_argument("--compile-peer", action="store_true",
+                   help="also torch.compile the peer's decoder layers (both compiled)")
     return p.parse_args(argv)
 
 
@@ -83,6 +87,7 @@ def model_config(args: argparse.Namespace, flavour: str) -> ModelConfig:
         "seq_length": args.seq,
         "vocab_size": args.vocab or DEFAULT_VOCAB[flavour],
         "dropout": 0.0,
+        "compile": args.compile,
     }
     if flavour == "llama" and args.kv_heads:
         model["num_kv_heads"] = args.kv_heads
@@ -129,6 +134,10 @@ def bench_flavour(args: argparse.Namespace, flavour: str, peak: float) -> dict:
     torch.manual_seed(args.seed)
     ours = GPT(mc).train()
     peer = build_peer(mc).train()
+    if args.compile_peer:
+        layers = peer.model.layers if flavour == "llama" else peer.transformer.h
+        for layer in layers:
+            layer.compile()
     n_ours, n_peer = num_params(ours), num_params(peer)
     print(f"\n[{flavour}] hidden {mc.hidden_size}, layers {mc.num_layers}, heads {mc.num_heads}, "
           f"kv heads {mc.kv_heads}, ffn {mc.ffn_size}, vocab rows {mc.vocab_rows}, seq {args.seq}, "
