@@ -1,0 +1,217 @@
+"""The two conversions as files: a checkpoint of any layout -> a transformers directory, and back."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pretrain.config import ConfigError, ModelConfig, RunConfig, config_from_dict
+from pretrain.models.layers import shard_tensor
+
+from pretrain.hf.mapping import (VOCAB_PARAMS, HFConversionError, Log, _warn, check_shapes, from_hf_state_dict,
+                                 hf_config, model_fields_from_hf, model_params, to_hf_state_dict)
+from pretrain.hf.tokenizer import export_tokenizer, import_tokenizer
+
+
+# ================================================================================================
+# Files
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a local HF model directory: model.safetensors, or the shards a
+    model.safetensors.index.json names. Pickled weights (.bin, .pt) are refused: unpickling a
+    downloaded file can run arbitrary code."""
+    from safetensors.torch import load_file
+
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [hf_dir / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise HFConversionError(f"{index} names shards that are missing: {', '.join(missing[:3])}")
+    else:
+        pickles = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(p.name for p in hf_dir.glob("*.pt"))
+        if pickles:
+            raise HFConversionError(
+                f"{hf_dir} holds only pickled PyTorch weights ({', '.join(pickles[:3])}), which are not read "
+                "here because unpickling a file can run arbitrary code; convert them to safetensors first "
+                "where you trust them (e.g. model.save_pretrained(dir, safe_serialization=True))")
+        raise HFConversionError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json")
+    weights: dict[str, torch.Tensor] = {}
+    for path in files:
+        weights.update(load_file(str(path)))
+    return weights
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise HFConversionError(f"{hf_dir} is not a Hugging Face model directory: no config.json in it")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HFConversionError(f"{path} is unreadable: {e}") from None
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise HFConversionError(f"--output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise HFConversionError(f"--output {output} exists and is not empty; choose another directory or pass "
+                                "--force to overwrite")
+
+
+# ================================================================================================
+# The two conversions
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, *, force: bool = False,
+                      log: Log = print) -> Path:
+    """Write the checkpoint (root with `latest`, or step_N; any TP/PP layout) as a transformers
+    model directory; returns it."""
+    from safetensors.torch import save_file
+
+    from pretrain.checkpoint import SavedCheckpoint
+
+    output = Path(output)
+    saved = SavedCheckpoint(checkpoint)
+    model = saved.config.model
+    _check_output(output, force)
+    hf_state = to_hf_state_dict({name: saved.full(name) for name in saved.names}, model)
+    output.mkdir(parents=True, exist_ok=True)
+    # Stale weights of an earlier export (--force) would be loaded alongside the new ones.
+    for stale in [*output.glob("model*.safetensors"), output / "model.safetensors.index.json",
+                  *output.glob("pytorch_model*.bin")]:
+        stale.unlink(missing_ok=True)
+    save_file(hf_state, str(output / "model.safetensors"), metadata={"format": "pt"})
+
+    ids = {"bos": None, "eos": None, "pad": None}
+    tokenizer = saved.config.data.tokenizer
+    if tokenizer and Path(tokenizer).exists():
+        try:
+            ids = export_tokenizer(tokenizer, output, max_length=model.positions)
+        except (ValueError, ImportError, OSError) as e:  # the weights are still worth having
+            _warn(f"tokenizer {tokenizer} was not exported: {e}")
+    else:
+        _warn(f"tokenizer {tokenizer!r} (data.tokenizer of {saved.dir}/config.yaml) not found: the model is "
+              "exported without a tokenizer and without bos/eos/pad ids")
+    config = hf_config(model, bos=ids["bos"], eos=ids["eos"], pad=ids["pad"])
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_generation_config(output, ids)
+    log(f"exported {saved.dir} (step {saved.meta['step']}, layout tp={saved.tp} pp={saved.pp}) as "
+        f"{config['architectures'][0]} to {output}")
+    return output
+
+
+def _write_generation_config(output: Path, ids: dict) -> None:
+    try:
+        from transformers import GenerationConfig
+    except ImportError:  # the weights and config.json are still useful; say what is missing
+        _warn("transformers is not installed: no generation_config.json written (pip install 'pretrain[hf]')")
+        return
+    GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]).save_pretrained(
+        str(output))
+
+
+class HFSource:
+    """Imported weights in the shape `pretrain.checkpoint.write_layout` reads a checkpoint:
+    full tensors by our names, sliced per TP rank on request. No optimizer state."""
+
+    has_optimizer = False
+
+    def __init__(self, state: dict[str, torch.Tensor], model: ModelConfig) -> None:
+        self.tensors = state
+        skeleton = model_params(model)
+        self.names = sorted(state)
+        self.specs = {n: skeleton[n][0] for n in self.names}
+        self.shapes = {n: list(t.shape) for n, t in state.items()}
+
+    def optimizer_keys(self, name: str) -> list[str]:
+        return []
+
+    def shard(self, name: str, key: Optional[str] = None, *, tp_rank: int, tp_size: int,
+              rows: Optional[int] = None) -> torch.Tensor:
+        from pretrain.checkpoint.reader import fit_rows
+
+        assert key is None, "imported checkpoints hold no optimizer state"
+        full = self.tensors[name]
+        if name in VOCAB_PARAMS and rows is not None:
+            full = fit_rows(full, rows)
+        spec = self.specs[name]
+        if spec is None:
+            return full
+        return shard_tensor(full, spec, rank=tp_rank, size=tp_size).contiguous()
+
+
+# Model settings that decide the weights: an override may not change them.
+_WEIGHT_FIELDS = ("flavour", "num_layers", "hidden_size", "num_heads", "kv_heads", "ffn_size", "vocab_size",
+                  "tied", "positions", "norm_eps", "rope_theta")
+
+
+def import_config(hf: dict, overrides: list[str], *, tokenizer: Optional[Path]) -> RunConfig:
+    """Our run config for an HF config.json: model.* from it (padded_vocab_size unset, so it
+    pads to 128 x parallel.tensor), data.tokenizer the copied tokenizer, then the overrides
+    (layout, training settings). Overrides that would change the weights' shapes are refused."""
+    from pretrain.parallel.topology import validate_layout
+
+    fields = model_fields_from_hf(hf)
+    fields["seq_length"] = fields["max_position_embeddings"]
+    raw = {"model": fields, "data": {"tokenizer": str(tokenizer) if tokenizer else ""}}
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise HFConversionError(f"{bad[0]!r}: overrides are key=value, e.g. parallel.tensor=2")
+    try:
+        reference = config_from_dict(raw).model
+        config = config_from_dict(raw, overrides)
+        validate_layout(config, config.parallel.tensor * config.parallel.pipeline)  # as reshard_checkpoint does
+    except ConfigError as e:
+        raise HFConversionError(str(e)) from None
+    changed = [f for f in _WEIGHT_FIELDS if getattr(config.model, f) != getattr(reference, f)]
+    if changed:
+        raise HFConversionError(f"model.{changed[0]}: the override changes what the Hugging Face weights "
+                                f"fix ({getattr(reference, changed[0])} in config.json); only layout and "
+                                "training settings can be overridden")
+    return config
+
+
+def import_checkpoint(hf_dir: str | Path, output: str | Path, overrides: list[str] = (), *, force: bool = False,
+                      log: Log = print) -> Path:
+    """Write a local transformers LlamaForCausalLM / GPT2LMHeadModel directory as step_0 of a
+    checkpoint under `output`, at the layout the overrides choose; returns the step directory."""
+    from pretrain.checkpoint import write_layout
+
+    hf_dir, output = Path(hf_dir), Path(output)
+    if not hf_dir.is_dir():
+        raise HFConversionError(f"--input {hf_dir} is not a directory")
+    hf = read_hf_config(hf_dir)
+    # Everything that can fail is checked before anything is written under `output`.
+    config = import_config(hf, list(overrides), tokenizer=None)
+    _check_output(output, force)
+    state = from_hf_state_dict(read_hf_weights(hf_dir), config.model)
+    check_shapes(state, config.model)
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer = import_tokenizer(hf_dir, output)
+    if tokenizer is None:
+        _warn(f"{hf_dir} has no tokenizer.json or tokenizer.model: data.tokenizer is left empty")
+    config = import_config(hf, list(overrides), tokenizer=tokenizer)
+    step_dir = write_layout(HFSource(state, config.model), config, output, step=0,
+                            train_state={"consumed_samples": 0}, data_parallel=1)
+    p = config.parallel
+    log(f"imported {hf_dir} ({(hf.get('architectures') or [hf.get('model_type')])[0]}) as {step_dir} at layout "
+        f"tp={p.tensor} pp={p.pipeline}; train on it with: python -m pretrain.train {step_dir}/config.yaml "
+        f"data.path=... checkpoint.resume={step_dir}")
+    return step_dir
+
+
+def cli_error(message: str) -> int:
+    """The tools' way to report a user mistake: `error: ...` on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
