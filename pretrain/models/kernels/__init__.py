@@ -1,1 +1,137 @@
+"""Fused kernels for the GPT hot loop, each with a PyTorch reference version.
 
+    rms_norm(x, weight, eps)              == F.rms_norm over the last dim
+    layer_norm(x, weight, bias, eps)      == F.layer_norm over the last dim
+    swiglu(h)                             h [..., 2f] = [gate; up] -> silu(gate) * up [..., f]
+    apply_rope_(q, k, cos, sin)           rotate-half RoPE in place on q, k; returns (q, k)
+    apply_rope(q, k, cos, sin)            the same into new tensors (q, k untouched)
+    cross_entropy(logits, labels, *, vocab_start, vocab_size, group, inplace_backward)
+                                          per-token loss, vocab-parallel over `group`
+
+Every function takes fp32 or bf16 (fp16 runs the same code, untested), computes in fp32 and returns the input's dtype
+(cross_entropy returns fp32), supports autograd, any leading shape and any last-dim width.
+
+Which version runs: the Triton kernel when `use_triton(x)` (x on CUDA and triton importable),
+else the PyTorch reference (norms over rows wider than MAX_NORM_WIDTH always take it).
+Environment `PRETRAIN_KERNELS=torch` forces the reference; `PRETRAIN_KERNELS=triton` forces
+Triton, on CPU too, where it needs `TRITON_INTERPRET=1` set before triton is first imported
+(correctness checks only: the interpreter is slow).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from pretrain.models.kernels import reference
+
+# Norm rows wider than this run the reference: the Triton norms hold a row in registers.
+MAX_NORM_WIDTH = 8192
+
+__all__ = ["apply_rope", "apply_rope_", "cross_entropy", "layer_norm", "rms_norm", "swiglu",
+           "triton_available", "use_triton"]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    mode = os.environ.get("PRETRAIN_KERNELS", "auto").lower()
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if not triton_available():
+            raise RuntimeError("PRETRAIN_KERNELS=triton but triton is not importable: "
+                               "pip install -c constraints.txt -e '.[kernels]'")
+        return True
+    if mode != "auto":
+        raise ValueError(f"PRETRAIN_KERNELS={mode!r}: expected 'auto', 'torch' or 'triton'")
+    return x.is_cuda and triton_available()
+
+
+def _triton(module: str):
+    # Imported on first use only: importing triton costs seconds, and the CPU path never needs it.
+    return importlib.import_module(f"pretrain.models.kernels.{module}")
+
+
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: Optional[float] = None) -> torch.Tensor:
+    """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight (eps=None: finfo(x.dtype).eps,
+    as F.rms_norm). weight [N] (or None) gets its gradient summed over all rows."""
+    if not use_triton(x) or x.shape[-1] > MAX_NORM_WIDTH:
+        return reference.rms_norm(x, weight, eps)
+    return _triton("triton_norms").rms_norm(x, weight, torch.finfo(x.dtype).eps if eps is None else eps)
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim (biased variance, as F.layer_norm)."""
+    if not use_triton(x) or x.shape[-1] > MAX_NORM_WIDTH:
+        return reference.layer_norm(x, weight, bias, eps)
+    return _triton("triton_norms").layer_norm(x, weight, bias, eps)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """h [..., 2f] holding [gate; up] along the last dim (the MLP's fc1 output) ->
+    silu(gate) * up [..., f]."""
+    if not use_triton(h):
+        return reference.swiglu(h)
+    return _triton("triton_swiglu").swiglu(h)
+
+
+def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half RoPE (as gpt.apply_rope) applied in place to q [b, heads, s, d] and
+    k [b, kv_heads, s, d]; cos/sin [>= s, d] from gpt.rope_tables. Returns (q, k).
+
+    Any strides are fine (the QKV split's views are read and written where they lie). Autograd
+    rules for in-place ops hold: with grad enabled q and k must not be leaves that require grad,
+    nor views made by a multi-output op (split/chunk/unbind: PyTorch refuses in-place changes to
+    those; make them with narrow or indexing instead), nor tensors another op saved for its
+    backward. Backward applies the inverse rotation to the incoming gradients.
+    """
+    if not use_triton(q):
+        return reference.apply_rope_(q, k, cos, sin)
+    return _triton("triton_rope").apply_rope_(q, k, cos, sin)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE as apply_rope_, into new tensors: no autograd restrictions on q and k, same bytes
+    moved (one read, one write of q and k)."""
+    if not use_triton(q):
+        return reference.apply_rope(q, k, cos, sin)
+    return _triton("triton_rope").apply_rope(q, k, cos, sin)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int = 0,
+                  vocab_size: Optional[int] = None, group=None, inplace_backward: bool = False) -> torch.Tensor:
+    """Per-token cross-entropy [*labels.shape] fp32 of logits [..., V_local] (labels [...]).
+
+    The logits are this rank's vocabulary slice, columns vocab_start .. vocab_start + V_local of
+    the global vocabulary; columns at global id >= vocab_size are padding, left out of the
+    softmax and given zero gradient. Labels == -100 give loss 0 and zero gradient. With `group`
+    (a torch.distributed process group of the tensor-parallel ranks) the softmax spans all
+    ranks' slices: only [N]-sized tensors are all-reduced (a MAX, then one SUM of [2, N]).
+
+    The Triton version keeps per-row (max, sum-exp, target logit) only and recomputes the
+    softmax in backward; with `inplace_backward=True` it writes the logits' gradient over the
+    logits themselves (the caller must not use them after backward, and nothing else may have
+    saved them: true of F.linear's output). The reference materialises fp32 logits and ignores
+    `inplace_backward`.
+    """
+    if not use_triton(logits):
+        return reference.cross_entropy(logits, labels, vocab_start=vocab_start, vocab_size=vocab_size,
+                                       group=group)
+    return _triton("triton_cross_entropy").cross_entropy(
+        logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, group=group,
+        inplace_backward=inplace_backward)

@@ -1,0 +1,603 @@
+"""Fused kernels (pretrain/models/kernels) against float64 truth, forward and backward.
+
+- The PyTorch references run here, in the pytest process, against F.rms_norm, F.layer_norm,
+  F.silu, gpt.apply_rope and F.cross_entropy evaluated in float64.
+- The Triton kernels run in one subprocess (`python tests/test_kernels.py --worker triton`)
+  under TRITON_INTERPRET=1 + PRETRAIN_KERNELS=triton, which must be set before triton is
+  imported; there every torch.empty is filled with NaN first (an element a kernel fails to
+  write shows up as NaN), the references are made to raise (so dispatch really went to Triton),
+  and each output is compared with float64 truth and with the reference.
+- Vocab-parallel cross-entropy runs on 2 real gloo ranks (torch.multiprocessing spawn), with
+  padding columns and a rank holding only padding, for both versions.
+- Every kernel is compiled for sm_90 and sm_80 by Triton's own compiler and bundled ptxas (no
+  GPU needed), at the wrappers' launch configurations for 1.3B-13B sizes, and must not spill.
+- On a GPU machine, `python tests/test_kernels.py --worker cuda` runs the same cases with the
+  compiled kernels (not part of the pytest run, which has no GPU).
+
+Inputs are fresh random draws each run (the seed is printed on failure). Tolerances are
+‖out − truth‖ / ‖truth‖ (METHOD.md): fp32 < 1e-5, bf16 < 1e-2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DEVICE = "cpu"  # the --worker cuda mode runs the cases on a GPU, compiled
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WORKER_TIMEOUT = 300
+
+
+def rel_err(out: torch.Tensor, truth: torch.Tensor) -> float:
+    out, truth = out.detach().double(), truth.detach().double()
+    if out.shape != truth.shape:
+        return float("inf")
+    if not torch.isfinite(out).all():
+        return float("nan")
+    denom = truth.norm()
+    return float((out - truth).norm() / (denom if denom > 0 else 1.0))
+
+
+def _randn(shape, gen, dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(DEVICE, dtype)
+
+
+def _grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, [i for i in inputs if i is not None], grad_out)
+
+
+# Each case runs `api` (the reference module, or the public kernels module in the Triton worker)
+# on inputs drawn from `seed` and returns {metric: (value, float64 truth)}.
+
+def case_rms_norm(api, dtype, seed):
+    results = {}
+    # (shape, weight dtype or None): odd widths, leading dims, the autocast mix (fp32 weight).
+    for i, (shape, wdt) in enumerate([((4, 8, 96), dtype), ((37, 127), dtype), ((2, 3, 130), torch.float32),
+                                       ((16, 72), None)]):
+        gen = torch.Generator().manual_seed(seed + i)
+        n = shape[-1]
+        x = _randn(shape, gen, dtype)
+        w = None if wdt is None else (1 + 0.5 * torch.randn(n, generator=gen)).to(DEVICE, wdt)
+        dy = _randn(shape, gen, dtype)
+        eps = 1e-6 if i % 2 else None  # None: finfo(dtype).eps, as F.rms_norm
+        xs, ws = x.clone().requires_grad_(), None if w is None else w.clone().requires_grad_()
+        y = api.rms_norm(xs, ws, eps)
+        grads = _grads(y, [xs, ws], dy)
+        xd, wd = x.double().requires_grad_(), None if w is None else w.double().requires_grad_()
+        yd = F.rms_norm(xd, (n,), wd, torch.finfo(dtype).eps if eps is None else eps)
+        truth = _grads(yd, [xd, wd], dy.double())
+        results[f"{shape} y"] = (y, yd)
+        results[f"{shape} dx"] = (grads[0], truth[0])
+        if w is not None:
+            results[f"{shape} dw"] = (grads[1], truth[1])
+    return results
+
+
+def case_layer_norm(api, dtype, seed):
+    results = {}
+    for i, (shape, wdt, has_bias) in enumerate([((4, 8, 96), dtype, True), ((37, 127), dtype, True),
+                                                 ((2, 3, 130), torch.float32, True), ((16, 72), dtype, False)]):
+        gen = torch.Generator().manual_seed(seed + i)
+        n = shape[-1]
+        x = (3 + 2 * torch.randn(shape, generator=gen)).to(DEVICE, dtype)  # a mean far from 0
+        w = (1 + 0.5 * torch.randn(n, generator=gen)).to(DEVICE, wdt)
+        b = torch.randn(n, generator=gen).to(DEVICE, wdt) if has_bias else None
+        dy = _randn(shape, gen, dtype)
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bs = None if b is None else b.clone().requires_grad_()
+        y = api.layer_norm(xs, ws, bs, 1e-5)
+        grads = _grads(y, [xs, ws, bs], dy)
+        xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+        bd = None if b is None else b.double().requires_grad_()
+        yd = F.layer_norm(xd, (n,), wd, bd, 1e-5)
+        truth = _grads(yd, [xd, wd, bd], dy.double())
+        results[f"{shape} y"] = (y, yd)
+        for name, g, t in zip(["dx", "dw", "db"], grads, truth):
+            results[f"{shape} {name}"] = (g, t)
+    return results
+
+
+def case_swiglu(api, dtype, seed):
+    results = {}
+    for i, shape in enumerate([(4, 8, 2 * 96), (37, 2 * 127), (2, 3, 2 * 130), (5, 2 * 1100)]):
+        gen = torch.Generator().manual_seed(seed + i)
+        h = (2 * torch.randn(shape, generator=gen)).to(DEVICE, dtype)
+        dy = _randn(shape[:-1] + (shape[-1] // 2,), gen, dtype)
+        hs = h.clone().requires_grad_()
+        y = api.swiglu(hs)
+        (dh,) = _grads(y, [hs], dy)
+        hd = h.double().requires_grad_()
+        gate, up = hd.chunk(2, dim=-1)
+        yd = F.silu(gate) * up
+        (truth,) = _grads(yd, [hd], dy.double())
+        results[f"{shape} y"] = (y, yd)
+        results[f"{shape} dh"] = (dh, truth)
+    return results
+
+
+def _qkv_views(qkv: torch.Tensor, kv: int, group: int, d: int):
+    """q [b, kv*group, s, d], k, v [b, kv, s, d] as non-contiguous views of a fused
+    qkv [b, s, kv * (group + 2) * d] (narrow, not split: split's views refuse in-place ops)."""
+    b, s, _ = qkv.shape
+    x = qkv.view(b, s, kv, group + 2, d)
+    q = x.narrow(3, 0, group)
+    q = q.reshape(b, s, kv * group, d).transpose(1, 2)  # a view only when group == 1
+    k = x.narrow(3, group, 1).squeeze(3).transpose(1, 2)
+    v = x.narrow(3, group + 1, 1).squeeze(3).transpose(1, 2)
+    return q, k, v
+
+
+def case_rope(api, dtype, seed, *, inplace: bool):
+    from pretrain.models.gpt import apply_rope, rope_tables
+
+    results = {}
+    # (b, kv_heads, group, s, d): d/2 = 12 is not a power of 2; s = 33 is not a block multiple.
+    for i, (b, kv, group, s, d) in enumerate([(2, 2, 2, 33, 16), (1, 3, 1, 20, 24), (2, 1, 4, 9, 32)]):
+        gen = torch.Generator().manual_seed(seed + i)
+        cos, sin = rope_tables(positions=s + 7, head_dim=d, theta=10000.0)
+        cos, sin = cos.to(DEVICE, dtype), sin.to(DEVICE, dtype)  # as the model's buffers after .to(dtype)
+        qkv = _randn((b, s, kv * (group + 2) * d), gen, dtype)
+        dq = _randn((b, kv * group, s, d), gen, dtype)
+        dk = _randn((b, kv, s, d), gen, dtype)
+        leaf = qkv.clone().requires_grad_()
+        base = leaf * 1  # not a leaf: in-place on its views is allowed
+        q, k, v = _qkv_views(base, kv, group, d)
+        v_before = v.detach().clone()
+        fn = api.apply_rope_ if inplace else api.apply_rope
+        q_out, k_out = fn(q, k, cos, sin)
+        if inplace:
+            assert q_out is q and k_out is k, "apply_rope_ must return its own q, k"
+            assert torch.equal(v.detach(), v_before), "apply_rope_ wrote outside q and k"
+        (dqkv,) = torch.autograd.grad([q_out, k_out], [leaf], [dq, dk])
+        cd, sd = cos[:s].double(), sin[:s].double()
+        leaf_d = qkv.double().requires_grad_()
+        qd, kd, _ = _qkv_views(leaf_d, kv, group, d)
+        qr, kr = apply_rope(qd, cd, sd), apply_rope(kd, cd, sd)
+        (truth,) = torch.autograd.grad([qr, kr], [leaf_d], [dq.double(), dk.double()])
+        key = (b, kv, group, s, d)
+        results[f"{key} q"] = (q_out, qr)
+        results[f"{key} k"] = (k_out, kr)
+        results[f"{key} dqkv"] = (dqkv, truth)
+    return results
+
+
+def _ce_truth(logits: torch.Tensor, labels: torch.Tensor, vocab_size, grad: torch.Tensor):
+    """float64 F.cross_entropy over the first vocab_size columns; its logits gradient, zero on
+    padding columns."""
+    vocab = logits.shape[-1] if vocab_size is None else vocab_size
+    ld = logits.double().requires_grad_()
+    loss = F.cross_entropy(ld[..., :vocab].reshape(-1, vocab), labels.reshape(-1), reduction="none",
+                           ignore_index=-100)
+    (dl,) = torch.autograd.grad(loss, [ld], grad.double().reshape(-1))
+    return loss.view(labels.shape), dl
+
+
+def _labels(shape, vocab: int, gen) -> torch.Tensor:
+    labels = torch.randint(0, vocab, shape, generator=gen).to(DEVICE)
+    labels.view(-1)[::7] = -100
+    return labels
+
+
+def case_cross_entropy(api, dtype, seed):
+    results = {}
+    # (logits shape, vocab_size, inplace_backward)
+    for i, (shape, vocab_size, inplace) in enumerate([((48, 250), None, False), ((2, 20, 257), 250, False),
+                                                      ((40, 257), 250, True), ((8, 5000), 4999, False)]):
+        gen = torch.Generator().manual_seed(seed + i)
+        logits = 3 * torch.randn(shape, generator=gen)
+        logits.view(-1, shape[-1])[0] += 300  # a row whose exp overflows without the max shift
+        logits = logits.to(DEVICE, dtype)
+        # labels as a strided view (every other column of a wider tensor), as model labels can be
+        labels = _labels(shape[:-2] + (shape[-2], 2), vocab_size or shape[-1], gen)[..., 0]
+        grad = (torch.rand(shape[:-1], generator=gen) + 0.5).to(DEVICE)
+        ls = logits.clone().requires_grad_()
+        x = ls * 1  # a non-leaf buffer, as the model's F.linear output
+        loss = api.cross_entropy(x, labels, vocab_size=vocab_size, inplace_backward=inplace)
+        assert loss.dtype == torch.float32 and loss.shape == labels.shape, (loss.dtype, loss.shape)
+        (dl,) = torch.autograd.grad(loss, [ls], grad)
+        if vocab_size is not None:
+            assert not dl[..., vocab_size:].count_nonzero(), "padding columns got a gradient"
+        assert (loss[labels == -100] == 0).all(), "ignored labels must give loss 0"
+        truth, dtruth = _ce_truth(logits, labels, vocab_size, grad)
+        results[f"{shape} v{vocab_size} loss"] = (loss, truth)
+        results[f"{shape} v{vocab_size} dlogits"] = (dl, dtruth)
+    return results
+
+
+CASES = {
+    "rms_norm": case_rms_norm,
+    "layer_norm": case_layer_norm,
+    "swiglu": case_swiglu,
+    "rope": lambda api, dtype, seed: case_rope(api, dtype, seed, inplace=False),
+    "rope_inplace": lambda api, dtype, seed: case_rope(api, dtype, seed, inplace=True),
+    "cross_entropy": case_cross_entropy,
+}
+
+
+def run_case(name: str, dtype_name: str, api, ref_api=None, seed=None) -> dict:
+    """{"seed", "errors": {metric: err vs truth}, "vs_ref": {metric: err vs reference}} or {"error"}."""
+    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    dtype = DTYPES[dtype_name]
+    try:
+        results = CASES[name](api, dtype, seed)
+        report = {"seed": seed, "errors": {m: rel_err(v, t) for m, (v, t) in results.items()}}
+        if ref_api is not None:
+            ref = CASES[name](ref_api, dtype, seed)
+            report["vs_ref"] = {m: rel_err(v, ref[m][0]) for m, (v, _) in results.items()}
+        return report
+    except Exception as e:  # reported per case, so one failure does not hide the others
+        import traceback
+        return {"seed": seed, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"}
+
+
+def assert_report(report: dict, dtype_name: str, what: str) -> None:
+    assert "error" not in report, f"{what} (seed {report['seed']}): {report['error']}"
+    tol = TOL[DTYPES[dtype_name]]
+    for key in ("errors", "vs_ref"):
+        bad = {m: e for m, e in report.get(key, {}).items() if not e < tol}
+        assert not bad, f"{what} {key} over {tol} (seed {report['seed']}): {bad}"
+
+
+# Vocab-parallel cross-entropy on 2 gloo ranks.
+
+TP_CASES = [  # (N, V_local per rank, vocab_size): padding on rank 1; rank 1 all padding
+    (24, 257, 500),
+    (24, 250, 500),
+    (16, 257, 250),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tp_rank(rank: int, world: int, port: int, seed: int, out_dir: str, dtype_name: str) -> None:
+    import torch.distributed as dist
+
+    from pretrain.models import kernels
+
+    if os.environ.get("PRETRAIN_KERNELS") == "triton":
+        _forbid_reference()
+        _poison_empty()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out = {}
+        for i, (n, local_vocab, vocab_size) in enumerate(TP_CASES):
+            full, labels, grad = _tp_inputs(i, n, local_vocab * world, vocab_size, seed, DTYPES[dtype_name])
+            shard = full[:, rank * local_vocab:(rank + 1) * local_vocab].clone().requires_grad_()
+            loss = kernels.cross_entropy(shard * 1, labels, vocab_start=rank * local_vocab,
+                                         vocab_size=vocab_size, group=dist.group.WORLD)
+            (dshard,) = torch.autograd.grad(loss, [shard], grad)
+            out[i] = (loss, dshard)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _tp_inputs(i, n, padded_vocab, vocab_size, seed, dtype):
+    gen = torch.Generator().manual_seed(seed + i)
+    full = (3 * torch.randn(n, padded_vocab, generator=gen)).to(dtype)
+    labels = _labels((n,), vocab_size, gen)
+    grad = torch.rand(n, generator=gen) + 0.5
+    return full, labels, grad
+
+
+def run_tp(dtype_name: str, seed=None) -> dict:
+    """Both ranks' losses must equal the single-rank float64 truth, and the concatenated
+    gradient shards its gradient (zero on padding)."""
+    import torch.multiprocessing as mp
+
+    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
+    world = 2
+    try:
+        with tempfile.TemporaryDirectory() as out_dir:
+            mp.spawn(_tp_rank, args=(world, _free_port(), seed, out_dir, dtype_name), nprocs=world)
+            ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+        errors = {}
+        for i, (n, local_vocab, vocab_size) in enumerate(TP_CASES):
+            full, labels, grad = _tp_inputs(i, n, local_vocab * world, vocab_size, seed, DTYPES[dtype_name])
+            truth, dtruth = _ce_truth(full, labels, vocab_size, grad)
+            key = f"N{n} V{local_vocab}x{world} v{vocab_size}"
+            for r in range(world):
+                errors[f"{key} loss rank{r}"] = rel_err(ranks[r][i][0], truth)
+            dl = torch.cat([ranks[r][i][1] for r in range(world)], dim=1)
+            errors[f"{key} dlogits"] = rel_err(dl, dtruth)
+            if dl[:, vocab_size:].count_nonzero():
+                errors[f"{key} padding grad"] = float("inf")
+        return {"seed": seed, "errors": errors}
+    except Exception as e:
+        import traceback
+        return {"seed": seed, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"}
+
+
+# ---------------------------------------------------------------- the Triton worker (subprocess)
+
+def _poison_empty() -> None:
+    """Every torch.empty comes back NaN-filled (max int for integers): an output element a kernel
+    does not write then fails the comparison."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(torch.iinfo(t.dtype).max)
+        return t
+
+    torch.empty = empty
+
+
+def _forbid_reference():
+    """Make the public API's reference fallbacks raise; returns an object holding the originals."""
+    import types
+
+    from pretrain.models.kernels import reference
+
+    names = ["rms_norm", "layer_norm", "swiglu", "apply_rope", "apply_rope_", "cross_entropy"]
+    originals = types.SimpleNamespace(**{n: getattr(reference, n) for n in names})
+
+    def forbidden(name):
+        def fn(*args, **kwargs):
+            raise AssertionError(f"PRETRAIN_KERNELS=triton but kernels.{name} ran the PyTorch reference")
+        return fn
+
+    for n in names:
+        setattr(reference, n, forbidden(n))
+    return originals
+
+
+def triton_worker() -> int:
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["PRETRAIN_KERNELS"] = "triton"
+    if "triton" in sys.modules:
+        print("triton was imported before TRITON_INTERPRET=1 was set", file=sys.stderr)
+        return 2
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        print(f"triton is not importable ({e}): run tests/run.sh, which installs it", file=sys.stderr)
+        return 3
+    from pretrain.models import kernels
+
+    ref_api = _forbid_reference()
+    _poison_empty()
+    reports = {}
+    for name in [*CASES, "tp"]:
+        for dt in DTYPES:
+            # A kernel that writes out of bounds can crash the interpreter: say which case ran.
+            print(f"running {name} {dt}", file=sys.stderr, flush=True)
+            reports[f"{name}-{dt}"] = run_tp(dt) if name == "tp" else run_case(name, dt, kernels, ref_api)
+    print("RESULTS " + json.dumps(reports))
+    return 0
+
+
+# ------------------------------------------------ compiling for real GPUs (no GPU needed)
+
+# The interpreter checks what the kernels compute, not that they compile: Triton's compiler and
+# the ptxas bundled in its wheel build them for a GPU target on this CPU machine. Each kernel is
+# built at the launch configuration the wrappers pick for 1.3B-13B sizes, for every dtype, and
+# cuobjdump's resource report must show no register spills (LOCAL/STACK bytes).
+COMPILE_TARGETS = [("cuda", 90, 32), ("cuda", 80, 32)]  # H100/H200, A100
+STAT_POINTERS = {"mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr", "max_ptr", "sums_ptr", "lse_ptr", "scale_ptr"}
+
+
+def _compile_variants():
+    """(label, jit function, {constexpr: value}, num_warps, data dtype, param dtype)."""
+    from pretrain.models.kernels import triton_cross_entropy as ce, triton_norms as norms, triton_rope as rope
+    from pretrain.models.kernels import triton_swiglu as sw
+    from pretrain.models.kernels.triton_common import row_block, row_warps
+
+    variants = []
+    for dt in ("fp32", "bf16"):
+        for hidden in (1024, 2048, 5120):  # 5120 (13B): an 8192 block
+            block = row_block(hidden)
+            for rms, has_b in ((True, False), (False, True)):
+                const = dict(RMS=rms, HAS_W=True, HAS_B=has_b, BLOCK=block)
+                for fn in (norms._norm_fwd, norms._norm_bwd):
+                    variants.append((f"{fn.__name__} h{hidden} rms={rms}", fn, const, row_warps(block), dt, "fp32"))
+        for fn in (sw._swiglu_fwd, sw._swiglu_bwd):
+            variants.append((fn.__name__, fn, dict(BLOCK=sw.BLOCK_MAX), 4, dt, dt))
+        for backward in (False, True):
+            const = dict(BACKWARD=backward, BLOCK_S=rope.BLOCK_S, BLOCK_H=64)
+            variants.append((f"_rope_kernel backward={backward}", rope._rope_kernel, const, 4, dt, dt))
+        variants.append(("_ce_fwd", ce._ce_fwd, dict(BLOCK=ce.BLOCK_FWD), 8, dt, dt))
+        variants.append(("_ce_bwd", ce._ce_bwd, dict(BLOCK=ce.BLOCK_BWD), 8, dt, dt))
+    return variants
+
+
+def _signature(fn, constexprs: dict, data: str, param: str) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "labels_ptr":
+            sig[name] = "*i64"
+        elif name in STAT_POINTERS:
+            sig[name] = "*fp32"
+        elif name in ("w_ptr", "b_ptr"):
+            sig[name] = f"*{param}"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{data}"
+        elif name == "eps":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_worker() -> int:
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    try:
+        import triton
+    except ImportError as e:
+        print(f"triton is not importable ({e}): run tests/run.sh, which installs it", file=sys.stderr)
+        return 3
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    reports = {}
+    for target in COMPILE_TARGETS:
+        for label, fn, const, warps, data, param in _compile_variants():
+            key = f"sm{target[1]} {label} {data} warps={warps}"
+            try:
+                src = ASTSource(fn=fn, signature=_signature(fn, const, data, param), constexprs=const)
+                kernel = triton.compile(src, target=GPUTarget(*target), options={"num_warps": warps})
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(kernel.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True,
+                                           text=True, check=True).stdout
+                fields = dict(tok.split(":", 1) for line in usage.splitlines() if "REG:" in line
+                              for tok in line.split())
+                reports[key] = {k: int(fields[k]) for k in ("REG", "STACK", "LOCAL", "SHARED")}
+            except Exception as e:
+                reports[key] = {"error": f"{type(e).__name__}: {str(e)[-1500:]}"}
+    print("RESULTS " + json.dumps(reports))
+    return 0
+
+
+def test_triton_compiles_for_gpus():
+    """Every kernel compiles for sm_90 and sm_80 at the wrappers' GPU launch configurations,
+    without register spills."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PRETRAIN_KERNELS")}
+    proc = subprocess.run([sys.executable, __file__, "--worker", "compile"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=WORKER_TIMEOUT)
+    if proc.returncode == 3:
+        pytest.fail("triton is not importable: run tests/run.sh (it installs triton)\n" + proc.stderr[-2000:],
+                    pytrace=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"compile worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    reports = json.loads(lines[-1][len("RESULTS "):])
+    failed = {k: r["error"] for k, r in reports.items() if "error" in r}
+    assert not failed, f"kernels that do not compile: {failed}"
+    spills = {k: r for k, r in reports.items() if r["LOCAL"] or r["STACK"]}
+    assert not spills, f"kernels that spill registers: {spills}"
+
+
+def cuda_worker() -> int:
+    """On a GPU machine: `python tests/test_kernels.py --worker cuda` runs every case with the
+    compiled Triton kernels (PRETRAIN_KERNELS unset: CUDA tensors dispatch to Triton), prints a
+    table and exits 1 if any error is over its tolerance."""
+    global DEVICE
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    DEVICE = "cuda"
+    os.environ.pop("PRETRAIN_KERNELS", None)
+    os.environ.pop("TRITON_INTERPRET", None)
+    from pretrain.models import kernels
+
+    ref_api = _forbid_reference()
+    _poison_empty()
+    failed = 0
+    for name in CASES:
+        for dt in DTYPES:
+            report = run_case(name, dt, kernels, ref_api)
+            torch.cuda.synchronize()
+            if "error" in report:
+                print(f"{name} {dt}: ERROR {report['error']}")
+                failed += 1
+                continue
+            worst = max(report["errors"].values())
+            worst_ref = max(report["vs_ref"].values())
+            ok = worst < TOL[DTYPES[dt]] and worst_ref < TOL[DTYPES[dt]]
+            failed += not ok
+            print(f"{name:14s} {dt}  max err vs float64 {worst:.2e}  vs reference {worst_ref:.2e}  "
+                  f"{'ok' if ok else 'FAIL'}  (seed {report['seed']})")
+    print(f"{torch.cuda.get_device_name()}: {'all ok' if not failed else f'{failed} FAILED'}")
+    return 1 if failed else 0
+
+
+@pytest.fixture(scope="module")
+def triton_reports() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1", PRETRAIN_KERNELS="triton")
+    proc = subprocess.run([sys.executable, __file__, "--worker", "triton"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=WORKER_TIMEOUT)
+    if proc.returncode == 3:
+        pytest.fail("triton is not importable: the Triton kernels are tested under TRITON_INTERPRET=1; "
+                    "run tests/run.sh (it installs triton)\n" + proc.stderr[-2000:], pytrace=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    signal = " (killed by a signal: an out-of-bounds access segfaults the interpreter)" if proc.returncode < 0 else ""
+    assert proc.returncode == 0 and lines, f"Triton worker failed ({proc.returncode}){signal}:\n{proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_reference(name, dtype_name):
+    """The PyTorch references equal F.* / gpt.apply_rope in float64."""
+    from pretrain.models.kernels import reference
+
+    assert_report(run_case(name, dtype_name, reference), dtype_name, f"reference {name} {dtype_name}")
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton(triton_reports, name, dtype_name):
+    """The Triton kernels (interpreted) equal float64 truth and the references."""
+    assert_report(triton_reports[f"{name}-{dtype_name}"], dtype_name, f"triton {name} {dtype_name}")
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_triton_vocab_parallel_cross_entropy(triton_reports, dtype_name):
+    assert_report(triton_reports[f"tp-{dtype_name}"], dtype_name, f"triton 2-rank cross-entropy {dtype_name}")
+
+
+def test_reference_vocab_parallel_cross_entropy():
+    """2 gloo ranks, reference version (fp32; bf16 runs in the Triton worker's pair)."""
+    env = dict(os.environ, PRETRAIN_KERNELS="torch")
+    proc = subprocess.run([sys.executable, __file__, "--worker", "tp-torch"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=WORKER_TIMEOUT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    assert_report(json.loads(lines[-1][len("RESULTS "):]), "fp32", "reference 2-rank cross-entropy")
+
+
+def test_dispatch(monkeypatch):
+    from pretrain.models import kernels
+
+    x = torch.randn(2, 3)
+    monkeypatch.setenv("PRETRAIN_KERNELS", "torch")
+    assert not kernels.use_triton(x)
+    monkeypatch.setenv("PRETRAIN_KERNELS", "auto")
+    assert not kernels.use_triton(x)  # CPU tensors use the reference unless forced
+    monkeypatch.setenv("PRETRAIN_KERNELS", "fast")
+    with pytest.raises(ValueError, match="PRETRAIN_KERNELS"):
+        kernels.use_triton(x)
+
+
+if __name__ == "__main__":
+    mode = sys.argv[sys.argv.index("--worker") + 1] if "--worker" in sys.argv else None
+    if mode == "triton":
+        sys.exit(triton_worker())
+    if mode == "cuda":
+        sys.exit(cuda_worker())
+    if mode == "compile":
+        sys.exit(compile_worker())
+    if mode == "tp-torch":
+        os.environ["PRETRAIN_KERNELS"] = "torch"
+        print("RESULTS " + json.dumps(run_tp("fp32")))
+        sys.exit(0)
+    sys.exit(f"usage: {sys.argv[0]} --worker triton|compile|cuda|tp-torch (pytest runs this file)")
