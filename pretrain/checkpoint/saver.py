@@ -62,9 +62,26 @@ def assign_parts(sizes: dict[str, int], parts: int) -> dict[str, int]:
     return owner
 
 
-def _host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy training cannot change under us (training updates weights in place)."""
-    return t.detach().to("cpu", copy=True).contiguous()
+class HostBuffers:
+    """Host copies of this rank's tensors, kept from one save to the next: copying into memory
+    that is already mapped runs at memory bandwidth, while fresh allocations fault in every page
+    first (measured here: 1.1 GB in 0.03-0.05 s instead of 0.21 s). A save starts only after the
+    previous write finished, so the buffers are free again by then."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, key: str, t: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
+        """A host copy of t that training cannot change under us (it updates weights in place).
+        `fresh`: t is already a private host tensor (gathered for us): keep it as it is."""
+        t = t.detach()
+        if fresh and t.device.type == "cpu":
+            return t.contiguous()
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
+            buffer = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu",
+                                                     pin_memory=t.device.type == "cuda")
+        return buffer.copy_(t, non_blocking=t.device.type == "cuda")
 
 
 def _spec(param) -> Optional[list[int]]:
@@ -72,9 +89,11 @@ def _spec(param) -> Optional[list[int]]:
     return None if spec is None else [spec.dim, spec.parts]
 
 
-def take_shard(chunks: list[torch.nn.Module], *, optimizer, zero, topo: Topology) -> Shard:
+def take_shard(chunks: list[torch.nn.Module], *, optimizer, zero, topo: Topology,
+               host: Optional[HostBuffers] = None) -> Shard:
     """This rank's part of its position's tensors, copied to the host. Collective over the DP
     group under ZeRO (weights and optimizer state are gathered from their partitions)."""
+    host = host or HostBuffers()
     params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
     if zero is not None:
         weights = {n: t for chunk in chunks for n, t in zero.full_parameters(chunk).items()}
@@ -87,7 +106,7 @@ def take_shard(chunks: list[torch.nn.Module], *, optimizer, zero, topo: Topology
     for name, tensor in weights.items():
         if owner[name] != topo.dp_rank:
             continue
-        shard.weights[name] = _host(tensor)
+        shard.weights[name] = host.copy(name, tensor, fresh=zero is not None)
         spec = shard.specs[name] = _spec(params[name])
         shape = list(tensor.shape)
         if spec is not None:
@@ -95,7 +114,9 @@ def take_shard(chunks: list[torch.nn.Module], *, optimizer, zero, topo: Topology
         shard.shapes[name] = shape
         for key, value in states.get(name, {}).items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
-            shard.optimizer[f"{name}/{key}"] = _host(value)
+            shard.optimizer[f"{name}/{key}"] = host.copy(f"{name}/{key}", value, fresh=zero is not None)
+    if any(t.is_pinned() for t in shard.weights.values()):
+        torch.cuda.synchronize()  # the device-to-host copies above are asynchronous
     return shard
 
 
@@ -118,6 +139,7 @@ class Checkpointer:
         self.group = dist.new_group(backend="gloo") if self.topo.world_size > 1 else None
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
+        self._host = HostBuffers()
         self.stats: dict[str, float] = {}  # of the last save: snapshot_s (training blocked), write_s, bytes
 
     def save(self, step: int, *, model, optimizer=None, zero=None, train_state: dict) -> Path:
@@ -126,7 +148,7 @@ class Checkpointer:
         self.wait()
         start = time.perf_counter()
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-        shard = take_shard(chunks, optimizer=optimizer, zero=zero, topo=self.topo)
+        shard = take_shard(chunks, optimizer=optimizer, zero=zero, topo=self.topo, host=self._host)
         rng = _rng_state()
         self.stats = {"snapshot_s": time.perf_counter() - start, "bytes": float(shard.nbytes())}
         job = (step, shard, rng, dict(train_state), optimizer is not None or zero is not None)
