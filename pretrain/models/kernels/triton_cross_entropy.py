@@ -92,11 +92,16 @@ class _CrossEntropy(torch.autograd.Function):
         valid = flat_labels != IGNORE_INDEX
         ctx.save_for_backward(x, flat_labels, lse, valid)
         ctx.n_valid, ctx.vocab_start, ctx.inplace = n_valid, vocab_start, inplace_backward
+        ctx.used = False
         ctx.logits_shape = logits.shape
         return torch.where(valid, lse - sums[1], 0.0).view(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.inplace and ctx.used:
+            raise RuntimeError("cross_entropy(inplace_backward=True) runs backward once (its first backward "
+                               "overwrote the logits); pass inplace_backward=False for retain_graph")
+        ctx.used = True
         x, labels, lse, valid = ctx.saved_tensors
         n_rows, local_vocab = x.shape
         scale = torch.where(valid, grad_loss.reshape(-1).float(), 0.0).contiguous()
