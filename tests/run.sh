@@ -3,7 +3,8 @@
 # .ci/run calls on a fresh clone.
 # - Debian packages (root or sudo): g++ (DeepSpeed compiles one small op at its first start),
 #   Open MPI (mpirun tests), shellcheck (script lint), SLURM + munge (a real 2-node cluster).
-# - pip: pretrain with its test extra, CPU torch pinned by constraints.txt; DeepSpeed without
+# - pip: pretrain with its test and kernels extras (triton, ~300 MB: its kernels are checked on
+#   CPU under TRITON_INTERPRET=1), CPU torch pinned by constraints.txt; DeepSpeed without
 #   prebuilt C++ ops (DS_BUILD_OPS=0).
 # - tests/slurm/cluster_up.sh starts the SLURM cluster the sbatch tests submit to; it is
 #   stopped again when the suite ends.
@@ -30,7 +31,7 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-DS_BUILD_OPS=0 "$PY" -m pip install -q -c constraints.txt -e ".[test]"
+DS_BUILD_OPS=0 "$PY" -m pip install -q -c constraints.txt -e ".[test,kernels]"
 # torch finds ninja on PATH; pip puts it beside this Python, which may not be on PATH yet.
 PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 export PATH

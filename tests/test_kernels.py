@@ -391,8 +391,34 @@ def triton_worker() -> int:
             # A kernel that writes out of bounds can crash the interpreter: say which case ran.
             print(f"running {name} {dt}", file=sys.stderr, flush=True)
             reports[f"{name}-{dt}"] = run_tp(dt) if name == "tp" else run_case(name, dt, kernels, ref_api)
+    print("running the model", file=sys.stderr, flush=True)
+    reports["model"] = model_with_kernels()
     print("RESULTS " + json.dumps(reports))
     return 0
+
+
+def model_with_kernels() -> dict:
+    """A tiny GPT of each flavour (llama: GQA, padded vocabulary) through every wired-in kernel
+    (norms, SwiGLU, RoPE, the fused loss) against the model's own torch path: the worst
+    relative error over the loss and every parameter's gradient."""
+    from pretrain.config import config_from_dict
+    from pretrain.models.gpt import GPT
+
+    errors = {}
+    for flavour, extra in (("llama", {"num_kv_heads": 1}), ("gpt2", {})):
+        config = config_from_dict({"model": {"flavour": flavour, "num_layers": 1, "hidden_size": 32, "num_heads": 2,
+                                             "vocab_size": 50, "seq_length": 8, **extra}}).model
+        tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+        results = {}
+        for mode in ("torch", "triton"):
+            os.environ["PRETRAIN_KERNELS"] = mode
+            model = GPT(config, init_seed=0)
+            loss = model(tokens, labels=tokens.roll(-1, 1))
+            loss.backward()
+            results[mode] = [loss.detach()] + [p.grad for p in model.parameters()]
+        errors[flavour] = max(rel_err(a, b) for a, b in zip(results["triton"], results["torch"]))
+    os.environ["PRETRAIN_KERNELS"] = "triton"
+    return errors
 
 
 # ------------------------------------------------ compiling for real GPUs (no GPU needed)
@@ -564,6 +590,13 @@ def test_reference(name, dtype_name):
 def test_triton(triton_reports, name, dtype_name):
     """The Triton kernels (interpreted) equal float64 truth and the references."""
     assert_report(triton_reports[f"{name}-{dtype_name}"], dtype_name, f"triton {name} {dtype_name}")
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt2"])
+def test_model_runs_the_kernels_like_its_torch_path(triton_reports, flavour):
+    """Wired into the GPT (layers.py norms and losses, gpt.py SwiGLU and RoPE): same loss and
+    gradients, fp32, as the model's own torch ops."""
+    assert triton_reports["model"][flavour] < 1e-5, triton_reports["model"]
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))

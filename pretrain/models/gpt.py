@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
+from pretrain.models import kernels
 from pretrain.models.attention import attention
 from pretrain.models.layers import DenseLayers, full_shape, shard_tensor
 
@@ -80,7 +81,10 @@ class Attention(nn.Module):
         v = v.squeeze(3).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if kernels.use_triton(q):
+                q, k = kernels.apply_rope(q, k, cos, sin)  # reads the split's views where they lie
+            else:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Dropout on this rank's heads draws from the TP-rank stream; entered outside the
         # checkpoint so that recomputation replays the same mask.
         with self.rng_region() if self.dropout and self.training else contextlib.nullcontext():
@@ -103,7 +107,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        if self.swiglu:
+        if self.swiglu and kernels.use_triton(h):
+            h = kernels.swiglu(h)  # [..., 2f/tp] = [gate; up] of this rank -> [..., f/tp]
+        elif self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:

@@ -15,14 +15,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.models import kernels
+
 IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameters and state dict), running the fused Triton kernel where
+    kernels.use_triton says so and torch's own op otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.use_triton(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.use_triton(x):
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
 
 def make_norm(config) -> nn.Module:
     """LayerNorm (gpt2) or RMSNorm (llama) over the hidden size."""
     if config.flavour == "llama":
-        return nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        return RMSNorm(config.hidden_size, eps=config.norm_eps)
+    return LayerNorm(config.hidden_size, eps=config.norm_eps)
 
 
 @dataclass(frozen=True)
@@ -162,6 +181,11 @@ class DenseLayers:
         """Mean cross-entropy over labels != IGNORE_INDEX, computed in fp32, over the first
         vocab_size logits: padding rows never enter the softmax, so the loss does not depend
         on how far the vocabulary was padded (which changes with the TP size)."""
+        if kernels.use_triton(logits):
+            # Fused: fp32 inside, bf16 logits in; the gradient is written over the logits.
+            per_token = kernels.cross_entropy(logits.flatten(0, 1), labels.flatten(), vocab_size=vocab_size,
+                                              inplace_backward=True)
+            return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
         # [b, s, V] -> [b*s, V]; fp32 because bf16 log-softmax over a large vocabulary drifts.
         return F.cross_entropy(logits[..., :vocab_size].float().flatten(0, 1), labels.flatten(),
                                ignore_index=IGNORE_INDEX)
@@ -170,6 +194,12 @@ class DenseLayers:
                              vocab_size: int) -> torch.Tensor:
         """cross_entropy(output_logits(hidden, weight), labels), fused so the [tokens, vocab]
         logits are allocated once: hidden [b, s, h], weight [padded vocab, h], labels [b, s]."""
+        if kernels.use_triton(hidden):
+            # The logits stay in the matmul's dtype (bf16 under autocast; _LinearCrossEntropy keeps
+            # an fp32 copy), and their gradient is written over them.
+            logits = F.linear(hidden.flatten(0, 1), weight[:vocab_size])
+            per_token = kernels.cross_entropy(logits, labels.flatten(), inplace_backward=True)
+            return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
         # The first vocab_size rows are a view: the padding rows are neither multiplied nor given
         # a gradient.
         return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight[:vocab_size], labels.flatten(), IGNORE_INDEX)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain.models import kernels
 from pretrain.models.layers import IGNORE_INDEX, ShardSpec, make_norm
 from pretrain.parallel.comm import (all_reduce, copy_to_tp, gather_sequence, reduce_from_tp, scatter_sequence,
                                     split_sequence)
@@ -128,6 +129,12 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, 
     local_vocab = logits.shape[-1]
     vocab_start = topo.tp_rank * local_vocab
     flat_labels = labels.flatten()
+    if kernels.use_triton(logits):
+        # No fp32 copy of the logits: per-row max / sum-exp / target cross ranks, and the
+        # gradient is written over the logits (only this loss uses them).
+        per_token = kernels.cross_entropy(logits.flatten(0, 1), flat_labels, vocab_start=vocab_start,
+                                          vocab_size=vocab_size, group=topo.tp_group, inplace_backward=True)
+        return per_token.sum() / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
     buffer = logits.float().flatten(0, 1).clone()
     if vocab_size is not None and vocab_start + local_vocab > vocab_size:
         # exp(-inf) = 0: the padding has no share of the softmax and gets no gradient. A rank

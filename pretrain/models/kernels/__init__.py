@@ -56,7 +56,9 @@ def use_triton(x: torch.Tensor) -> bool:
         return True
     if mode != "auto":
         raise ValueError(f"PRETRAIN_KERNELS={mode!r}: expected 'auto', 'torch' or 'triton'")
-    return x.is_cuda and triton_available()
+    # Inside a torch.compile'd region (model.compile) inductor fuses the torch ops itself; a
+    # hand-written kernel there would only cut its fusion graph.
+    return x.is_cuda and triton_available() and not torch.compiler.is_compiling()
 
 
 def _triton(module: str):
