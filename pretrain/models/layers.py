@@ -96,11 +96,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index):
-        # hidden [N, h], weight [V, h], labels [N]
+    def forward(ctx, hidden, weight, labels, ignore_index, vocab_size):
+        # hidden [N, h], weight [V padded, h], labels [N]; only the first vocab_size rows count.
         device = hidden.device.type
-        ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.dtypes, ctx.rows = (hidden.dtype, weight.dtype), weight.shape[0]
         ctx.autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        weight = weight[:vocab_size]  # a view: padding rows are neither multiplied nor differentiated
         if ctx.autocast_dtype is not None:  # what autocast does to F.linear, done by hand
             hidden, weight = hidden.to(ctx.autocast_dtype), weight.to(ctx.autocast_dtype)
         logits = F.linear(hidden, weight).float()  # [N, V] fp32, a fresh buffer owned here
@@ -131,8 +132,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.autocast_dtype is not None:
             grad = grad.to(ctx.autocast_dtype)
         grad_hidden = (grad @ weight).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_weight = (grad.t() @ hidden).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # Straight into a buffer of the padded shape (padding rows zero): slicing the weight
+            # outside would cost a zero-filled [V padded, h] buffer and a copy into it.
+            vocab = weight.shape[0]
+            grad_weight = torch.empty((ctx.rows, hidden.shape[1]), dtype=ctx.dtypes[1], device=hidden.device)
+            if grad.dtype == grad_weight.dtype:
+                torch.mm(grad.t(), hidden, out=grad_weight[:vocab])
+            else:
+                grad_weight[:vocab] = grad.t() @ hidden
+            grad_weight[vocab:].zero_()
+        return grad_hidden, grad_weight, None, None, None
 
 
 class DenseLayers:
@@ -200,6 +211,4 @@ class DenseLayers:
             logits = F.linear(hidden.flatten(0, 1), weight[:vocab_size])
             per_token = kernels.cross_entropy(logits, labels.flatten(), inplace_backward=True)
             return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
-        # The first vocab_size rows are a view: the padding rows are neither multiplied nor given
-        # a gradient.
-        return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight[:vocab_size], labels.flatten(), IGNORE_INDEX)
+        return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, labels.flatten(), IGNORE_INDEX, vocab_size)
