@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = Path(os.environ.get("PRETRAIN_SLURM_DIR", "/tmp/pretrain-slurm"))
-SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + sorted((ROOT / "launch").glob("*.sh"))
+SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + sorted((ROOT / "launch").glob("*.sh")) + [ROOT / "bench/gpu.sh"]
 TINY = ["model.vocab_size=2000", "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
         "model.seq_length=64", "model.dropout=0.0", "train.micro_batch_size=2", "train.global_batch_size=8",
         "train.log_interval=1", "train.eval_interval=0", "logging.tensorboard=false", "logging.peak_tflops=1"]
