@@ -99,6 +99,19 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Op
     return 8 + len(head) + offset
 
 
+def write_meta_and_config(directory: Path, config: RunConfig, *, step: int, data_parallel: int,
+                          has_optimizer: bool, has_rng: bool, train_state: dict) -> None:
+    """config.yaml, then meta.json, whose presence marks the checkpoint complete: written last."""
+    p = config.parallel
+    meta = {"format_version": FORMAT_VERSION, "step": step,
+            "layout": {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_stages": p.virtual_stages,
+                       "data": data_parallel, "zero_stage": p.zero_stage},
+            "world_size": p.tensor * p.pipeline * data_parallel, "parts": data_parallel,
+            "has_optimizer": has_optimizer, "has_rng": has_rng, "train_state": train_state}
+    write_file(directory / "config.yaml", config_yaml(config))
+    write_file(directory / "meta.json", json.dumps(meta, indent=1).encode())
+
+
 def publish(tmp: Path, final: Path) -> None:
     """Rename a complete temporary checkpoint into place, then point `latest` at it. A crash at
     any moment leaves `latest` naming a complete checkpoint (the old one until the new pointer

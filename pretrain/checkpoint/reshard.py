@@ -11,15 +11,14 @@ without starting any process (`tools/reshard_checkpoint.py`).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from pretrain.checkpoint.files import (FORMAT_VERSION, TMP_PREFIX, CheckpointError, config_yaml, load_pt, publish,
-                                       remove_leftovers, rng_file, write_file)
+from pretrain.checkpoint.files import (TMP_PREFIX, CheckpointError, load_pt, publish, remove_leftovers, rng_file,
+                                       write_meta_and_config)
 from pretrain.checkpoint.reader import VOCAB_PARAMS, SavedCheckpoint, check_same_model
 from pretrain.checkpoint.saver import Shard, assign_parts
 from pretrain.config import RunConfig
@@ -140,14 +139,8 @@ def write_layout(source, target: RunConfig, output: str | Path, *, step: int, tr
                     out.optimizer[f"{name}/{key}"] = source.shard(name, key, tp_rank=tp_rank, tp_size=tp, rows=rows)
             for part, out in enumerate(shards):
                 out.write(tmp, tp=tp_rank, pp=pp_rank, part=part)
-    p = target.parallel
-    meta = {"format_version": FORMAT_VERSION, "step": step,
-            "layout": {"tensor": tp, "pipeline": pp, "virtual_stages": p.virtual_stages, "data": data_parallel,
-                       "zero_stage": p.zero_stage},
-            "world_size": tp * pp * data_parallel, "parts": data_parallel, "has_optimizer": source.has_optimizer,
-            "has_rng": False, "train_state": train_state}
-    write_file(tmp / "config.yaml", config_yaml(target))
-    write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())
+    write_meta_and_config(tmp, target, step=step, data_parallel=data_parallel, has_optimizer=source.has_optimizer,
+                          has_rng=False, train_state=train_state)
     publish(tmp, final)
     return final
 

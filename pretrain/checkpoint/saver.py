@@ -24,8 +24,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint.files import (FORMAT_VERSION, TMP_PREFIX, config_yaml, model_file, optimizer_file,
-                                       prune_checkpoints, publish, remove_leftovers, rng_file, write_file,
+from pretrain.checkpoint.files import (TMP_PREFIX, model_file, optimizer_file, prune_checkpoints, publish,
+                                       remove_leftovers, rng_file, write_file, write_meta_and_config,
                                        write_safetensors)
 from pretrain.config import RunConfig
 from pretrain.parallel.topology import Topology, single_process
@@ -209,14 +209,8 @@ class Checkpointer:
             raise error or RuntimeError(f"another rank failed to write its part of {final}")
         if rank == 0:
             try:
-                p = self.config.parallel
-                meta = {"format_version": FORMAT_VERSION, "step": step,
-                        "layout": {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_stages": p.virtual_stages,
-                                   "data": topo.dp, "zero_stage": p.zero_stage},
-                        "world_size": topo.world_size, "parts": topo.dp, "has_optimizer": has_optimizer,
-                        "train_state": train_state}
-                write_file(tmp / "config.yaml", config_yaml(self.config))
-                write_file(tmp / "meta.json", json.dumps(meta, indent=1).encode())  # last: marks it complete
+                write_meta_and_config(tmp, self.config, step=step, data_parallel=topo.dp,
+                                      has_optimizer=has_optimizer, has_rng=True, train_state=train_state)
                 publish(tmp, final)
                 prune_checkpoints(self.root, keep_last=self.config.checkpoint.keep_last)
             except BaseException as e:

@@ -129,7 +129,7 @@ def forward_backward(*, chunks: list, topo: Topology, batches: Iterator[dict], m
             losses.append(loss.detach())
         return losses
 
-    pp, vp = topo.pp, topo.virtual_stages
+    pp = topo.pp
     # Only the first and the last virtual stages read data; every rank advances the loader
     # the same way so that data positions stay equal across the pipeline.
     micro_data = [next(batches) for _ in range(micro_batches)]
