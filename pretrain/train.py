@@ -26,13 +26,13 @@ from pretrain.data.builder import build_datasets
 from pretrain.data.loader import SampleDataset, SampleLoader, causal_lm_collate, with_document_segments
 from pretrain.data.masking import MaskedLMCollator
 from pretrain.data.tokenizer import load_tokenizer
+from pretrain.launch import discover
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
+from pretrain.models.attention import check_backend
 from pretrain.optim import (BackwardRootChunk, DynamicLossScaler, build_optimizer, learning_rate,
                             set_learning_rate, unscale_and_check)
 from pretrain.parallel.data import GradientSync, grad_norm_and_clip, reduce_loss
 from pretrain.parallel.pipeline import build_model_chunks, forward_backward
-from pretrain.launch import discover
-from pretrain.models.attention import check_backend
 from pretrain.parallel.topology import Topology, init_distributed, validate_layout
 from pretrain.parallel.zero import require_deepspeed
 from pretrain.stopping import EXIT_RESUMABLE, StopRequests
@@ -77,11 +77,11 @@ def check_data(config: RunConfig):
     return tokenizer
 
 
-def build_data(config: RunConfig, topo: Topology, *, consumed_samples: int) -> Data:
+def build_data(config: RunConfig, topo: Topology, *, consumed_samples: int, tokenizer=None) -> Data:
     """Megatron-ordered datasets (indices built on rank 0, cached, memory-mapped by the others)
     and this DP rank's loader."""
     t, d = config.train, config.data
-    tokenizer = check_data(config)
+    tokenizer = tokenizer or check_data(config)
     global_batch = t.global_batch_size or t.micro_batch_size * topo.dp
     datasets = build_datasets(
         d.path, seq_length=config.model.seq_length, seed=t.seed, split_ratios=d.split_ratios,
@@ -213,8 +213,10 @@ def run(config: RunConfig) -> dict:
     """Train as configured; returns the last record logged (on the logging rank), with
     `stopped` set to the reason when a signal or train.exit_after_minutes ended it early."""
     t, ck = config.train, config.checkpoint
+    # Everything a user can get wrong is checked before any process group starts.
     launch = discover()
-    validate_layout(config, launch.world_size)  # before touching devices or process groups
+    validate_layout(config, launch.world_size)
+    tokenizer = check_data(config)
     device = pick_device(t.device, local_rank=launch.local_rank)
     check_backend(config.model.attention_backend, device)
     require_deepspeed(config)
@@ -222,7 +224,7 @@ def run(config: RunConfig) -> dict:
     resume_from = find_resume_checkpoint(ck.dir, ck.resume)
     # Data first: a missing or mismatched dataset should fail before a model is built.
     consumed = read_meta(resume_from)["train_state"]["consumed_samples"] if resume_from else 0
-    data = build_data(config, topo, consumed_samples=consumed)
+    data = build_data(config, topo, consumed_samples=consumed, tokenizer=tokenizer)
 
     # Dropout streams: equal across TP and DP ranks, different per pipeline stage.
     torch.manual_seed(t.seed + 100 * topo.pp_rank)

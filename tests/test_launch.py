@@ -66,7 +66,7 @@ def test_single_process_and_bad_values():
         discover({"RANK": "x", "WORLD_SIZE": "2"})
 
 
-def test_unreachable_master_fails_within_the_timeout_naming_the_address(tmp_path):
+def test_unreachable_master_fails_within_the_timeout_naming_the_address(stdlib_data, tmp_path):
     """Rank 1 of 2 with no master listening: exits 2 after parallel.timeout_minutes (6 s) with
     the address in the message, instead of hanging."""
     with socket.socket() as s:
@@ -76,8 +76,9 @@ def test_unreachable_master_fails_within_the_timeout_naming_the_address(tmp_path
            "MASTER_PORT": str(port)}
     start = time.time()
     result = subprocess.run([sys.executable, "-m", "pretrain.train", "configs/gpt_tiny.yaml", "parallel.timeout_minutes=0.1",
-                             "data.path=", f"logging.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+                             f"data.path={stdlib_data['prefix']}", f"data.tokenizer={stdlib_data['tokenizer']}",
+                             "model.vocab_size=2000", f"logging.dir={tmp_path}", f"checkpoint.dir={tmp_path}/ckpt"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     took = time.time() - start
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"rank 1 of 2 (torchrun, node {socket.gethostname()}) could not reach the master at 127.0.0.1:{port} " \
