@@ -46,8 +46,12 @@ def load_checkpoint(step_dir: str | Path, *, model, optimizer, config: RunConfig
                               "a different model shape, or an incomplete checkpoint")
     with_state = saved.has_optimizer and (optimizer is not None or zero is not None)
 
+    # At the saved TP size a rank needs exactly its own position's files: read them whole.
+    saved.read_whole_files = saved.tp == topo.tp and saved.pp == topo.pp
+
     def shard(name: str, key: Optional[str] = None) -> torch.Tensor:
-        return saved.shard(name, key, tp_rank=topo.tp_rank, tp_size=topo.tp, rows=config.model.vocab_rows)
+        return saved.shard(name, key, tp_rank=topo.tp_rank, tp_size=topo.tp, rows=config.model.vocab_rows,
+                           pp_rank=topo.pp_rank if saved.pp == topo.pp else None)
 
     with torch.no_grad():
         for name, param in params.items():
