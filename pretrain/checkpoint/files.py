@@ -76,27 +76,72 @@ def write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A byte view of a CPU tensor's memory: no copy on the way to the file."""
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
+
+
+def _header(entries: dict[str, dict], metadata: Optional[dict[str, str]]) -> bytes:
+    """The safetensors prefix: 8-byte little-endian length, then the JSON header, padded so the
+    data starts 8-byte aligned."""
+    head = json.dumps({**({"__metadata__": metadata} if metadata else {}), **entries}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head
+
+
+def _entries(tensors) -> tuple[dict[str, dict], int]:
+    entries, offset = {}, 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    return entries, offset
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> int:
     """Write tensors (CPU, contiguous) as a safetensors file and fsync it; returns the bytes
     written. Format: 8-byte little-endian header length, JSON header, then the raw data."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    entries, size = _entries(tensors.items())
+    prefix = _header(entries, metadata)
     with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
+        f.write(prefix)
         for t in tensors.values():
             if t.numel():
-                # A byte view of the tensor's memory: no copy on the way to the file.
-                f.write(memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()))
+                f.write(_bytes(t))
         f.flush()
         os.fsync(f.fileno())
-    return 8 + len(head) + offset
+    return len(prefix) + size
+
+
+class StreamingTensorFile:
+    """A safetensors file built one tensor at a time, holding none of them: the data goes to a
+    side file as the tensors come, and the header (which comes first in the format) is written
+    with a copy of the data once the set is complete. For offline tools that produce a whole
+    model's tensors one by one (a 13B model at one TP/PP position would not fit in memory)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.side = path, path.with_name(path.name + ".data")
+        self.file = open(self.side, "wb")
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous()
+        entry, nbytes = _entries([(name, t)])
+        entry[name]["data_offsets"] = [self.size, self.size + nbytes]
+        self.entries.update(entry)
+        if nbytes:
+            self.file.write(_bytes(t))
+        self.size += nbytes
+
+    def close(self, metadata: Optional[dict[str, str]] = None) -> None:
+        self.file.close()
+        with open(self.path, "wb") as out, open(self.side, "rb") as data:
+            out.write(_header(self.entries, metadata))
+            shutil.copyfileobj(data, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        self.side.unlink()
 
 
 def write_meta_and_config(directory: Path, config: RunConfig, *, step: int, data_parallel: int,

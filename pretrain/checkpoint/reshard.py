@@ -17,10 +17,10 @@ from typing import Optional
 
 import torch
 
-from pretrain.checkpoint.files import (TMP_PREFIX, CheckpointError, load_pt, publish, remove_leftovers, rng_file,
-                                       write_meta_and_config)
+from pretrain.checkpoint.files import (TMP_PREFIX, CheckpointError, StreamingTensorFile, load_pt, model_file,
+                                       optimizer_file, publish, remove_leftovers, rng_file, write_meta_and_config)
 from pretrain.checkpoint.reader import VOCAB_PARAMS, SavedCheckpoint, check_same_model
-from pretrain.checkpoint.saver import Shard, assign_parts
+from pretrain.checkpoint.saver import assign_parts, shard_metadata
 from pretrain.config import RunConfig
 from pretrain.parallel.topology import Topology, single_process
 
@@ -129,20 +129,22 @@ def write_layout(source, target: RunConfig, output: str | Path, *, step: int, tr
         names = [n for n in source.names if pp_rank in stage_owners(n, target)]
         owner = assign_parts({n: _numel(source.shapes[n]) for n in names}, data_parallel)
         for tp_rank in range(tp):
-            shards = [Shard() for _ in range(data_parallel)]
+            # One tensor in memory at a time: each goes straight to its file.
+            files = [(StreamingTensorFile(tmp / model_file(tp_rank, pp_rank, part)),
+                      StreamingTensorFile(tmp / optimizer_file(tp_rank, pp_rank, part)) if source.has_optimizer
+                      else None, {}, {}) for part in range(data_parallel)]
             for name in names:
-                out = shards[owner[name]]
+                weights, optimizer, specs, shapes = files[owner[name]]
                 spec = source.specs.get(name)
-                out.specs[name] = None if spec is None else [spec.dim, spec.parts]
-                out.weights[name] = source.shard(name, tp_rank=tp_rank, tp_size=tp, rows=rows)
-                shape = list(source.shapes[name])
-                if name in VOCAB_PARAMS:
-                    shape[0] = rows
-                out.shapes[name] = shape
-                for key in source.optimizer_keys(name) if source.has_optimizer else ():
-                    out.optimizer[f"{name}/{key}"] = source.shard(name, key, tp_rank=tp_rank, tp_size=tp, rows=rows)
-            for part, out in enumerate(shards):
-                out.write(tmp, tp=tp_rank, pp=pp_rank, part=part)
+                specs[name] = None if spec is None else [spec.dim, spec.parts]
+                weights.add(name, source.shard(name, tp_rank=tp_rank, tp_size=tp, rows=rows))
+                shapes[name] = [rows, *source.shapes[name][1:]] if name in VOCAB_PARAMS else list(source.shapes[name])
+                for key in source.optimizer_keys(name) if optimizer is not None else ():
+                    optimizer.add(f"{name}/{key}", source.shard(name, key, tp_rank=tp_rank, tp_size=tp, rows=rows))
+            for weights, optimizer, specs, shapes in files:
+                weights.close(shard_metadata(specs, shapes))
+                if optimizer is not None:
+                    optimizer.close()
     write_meta_and_config(tmp, target, step=step, data_parallel=data_parallel, has_optimizer=source.has_optimizer,
                           has_rng=False, train_state=train_state)
     publish(tmp, final)

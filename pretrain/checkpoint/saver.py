@@ -44,11 +44,16 @@ class Shard:
         return sum(t.numel() * t.element_size() for d in (self.weights, self.optimizer) for t in d.values())
 
     def write(self, directory: Path, *, tp: int, pp: int, part: int) -> int:
-        meta = {"format": "pretrain", "specs": json.dumps(self.specs), "shapes": json.dumps(self.shapes)}
-        written = write_safetensors(directory / model_file(tp, pp, part), self.weights, meta)
+        written = write_safetensors(directory / model_file(tp, pp, part), self.weights,
+                                    shard_metadata(self.specs, self.shapes))
         if self.optimizer:
             written += write_safetensors(directory / optimizer_file(tp, pp, part), self.optimizer)
         return written
+
+
+def shard_metadata(specs: dict, shapes: dict) -> dict[str, str]:
+    """A weight file's metadata: how each tensor splits across TP ranks and its full shape."""
+    return {"format": "pretrain", "specs": json.dumps(specs), "shapes": json.dumps(shapes)}
 
 
 def assign_parts(sizes: dict[str, int], parts: int) -> dict[str, int]:
