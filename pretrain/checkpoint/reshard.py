@@ -11,6 +11,7 @@ without starting any process (`tools/reshard_checkpoint.py`).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Optional
@@ -127,7 +128,7 @@ def write_layout(source, target: RunConfig, output: str | Path, *, step: int, tr
     rows = target.model.vocab_rows
     for pp_rank in range(pp):
         names = [n for n in source.names if pp_rank in stage_owners(n, target)]
-        owner = assign_parts({n: _numel(source.shapes[n]) for n in names}, data_parallel)
+        owner = assign_parts({n: math.prod(source.shapes[n]) for n in names}, data_parallel)
         for tp_rank in range(tp):
             # One tensor in memory at a time: each goes straight to its file.
             files = [(StreamingTensorFile(tmp / model_file(tp_rank, pp_rank, part)),
@@ -149,13 +150,6 @@ def write_layout(source, target: RunConfig, output: str | Path, *, step: int, tr
                           has_rng=False, train_state=train_state)
     publish(tmp, final)
     return final
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def reshard_checkpoint(checkpoint: str | Path, output: str | Path, overrides: list[str], *,

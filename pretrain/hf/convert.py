@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from pretrain.checkpoint.reader import fit_rows
 from pretrain.config import ConfigError, ModelConfig, RunConfig, config_from_dict
 from pretrain.models.layers import shard_tensor
 
@@ -138,8 +139,6 @@ class HFSource:
 
     def shard(self, name: str, key: Optional[str] = None, *, tp_rank: int, tp_size: int,
               rows: Optional[int] = None) -> torch.Tensor:
-        from pretrain.checkpoint.reader import fit_rows
-
         assert key is None, "imported checkpoints hold no optimizer state"
         full = self.tensors[name]
         if name in VOCAB_PARAMS and rows is not None:

@@ -8,13 +8,13 @@ from typing import Callable, Optional
 
 import torch
 
+# The vocabulary tensors: padded to vocab_rows in our checkpoints, exactly vocab_size rows in
+# Hugging Face's.
+from pretrain.checkpoint.reader import VOCAB_PARAMS, fit_rows
 from pretrain.config import ModelConfig
 from pretrain.models.layers import ShardSpec
 
 
-# The vocabulary tensors, as in pretrain/checkpoint/reader.py: padded to vocab_rows in our
-# checkpoints, exactly vocab_size rows in Hugging Face's.
-VOCAB_PARAMS = ("embed.weight", "head.weight")
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
@@ -323,15 +323,8 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[
     for name, tensor in ours.items():
         tensor = tensor.detach().to(torch.float32).contiguous()
         if name in VOCAB_PARAMS:
-            tensor = _pad_rows(tensor, model.vocab_rows)
+            tensor = fit_rows(tensor, model.vocab_rows)  # zero rows: no part in the loss, no gradient
         out[name] = tensor
-    return out
-
-
-def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """Zero padding rows: they take no part in the loss and never get a gradient."""
-    out = tensor.new_zeros((rows, *tensor.shape[1:]))
-    out[: tensor.shape[0]] = tensor
     return out
 
 
