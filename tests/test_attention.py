@@ -120,3 +120,38 @@ def test_compiled_blocks_match_eager():
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         assert F.cosine_similarity(a.grad.flatten(), b.grad.flatten(), dim=0) > 0.99999, name
         assert (a.grad - b.grad).abs().max() < 1e-4, name
+
+
+@pytest.mark.parametrize("s,kv_heads", [(512, 4), (300, 2), (700, 1)])
+def test_cpu_query_blocks_equal_one_causal_call(s, kv_heads, monkeypatch):
+    """fp32 on CPU at 192-767 tokens runs causal attention as query blocks over key prefixes
+    (torch's 64-row tile is slow there): same output and gradients as one causal SDPA call,
+    also for lengths that are no multiple of the block and for grouped-query attention."""
+    import pretrain.models.attention as attention_module
+
+    g = torch.Generator().manual_seed(s)
+    q = torch.randn(2, 4, s, 32, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, s, 32, generator=g, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(2, 4, s, 32, generator=g)
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape[2]) or real_sdpa(*a, **kw))
+    out = attention(q, k, v)
+    assert calls == [min(128, s - start) for start in range(0, s, 128)]  # the block path ran
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    monkeypatch.undo()
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != 4)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    assert (out - ref).abs().max() < 1e-5
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max() < 1e-4
+
+
+def test_query_blocks_only_where_they_pay():
+    from pretrain.models.attention import _split_queries
+
+    assert _split_queries(torch.empty(1, 1, 512, 8))
+    assert not _split_queries(torch.empty(1, 1, 128, 8))  # 32-row tile already
+    assert not _split_queries(torch.empty(1, 1, 1024, 8))  # 256-row tile: one call is faster
+    assert not _split_queries(torch.empty(1, 1, 512, 8, dtype=torch.bfloat16))  # measured slower

@@ -59,9 +59,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: f
         return _flash_attn(q, k, v, dropout_p=dropout_p, causal=causal, segments=segments)
     gqa = k.shape[1] != q.shape[1]
     if segments is None:
+        if causal and not dropout_p and _split_queries(q):
+            return _causal_in_query_blocks(q, k, v, gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(segments, causal=causal),
                                           dropout_p=dropout_p, enable_gqa=gqa)
+
+
+# torch's CPU flash kernel picks its query tile from the query length: 32 rows below 192, 64 rows
+# from 192 to 767, 256 from 768 (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp), keys in
+# tiles of 512. In fp32 its 64-row path is slow, above all in the causal backward: measured with
+# torch 2.13 on this project's 2-thread CPU (fp32, [b, 8 heads, s, 64], fwd + bwd), one causal call
+# at s = 384 / 512 / 640 takes 34.7 / 45.5 / 43.8 ms, the same attention as query blocks of at most
+# 128 rows, each over its prefix of keys, 25.8 / 34.7 / 38.8 ms (s = 768 takes 36.6 ms in one call:
+# the 256-row tile is fine). Blocks also skip the keys a block's queries never see. bf16 is not
+# split: there it measured slower (0.98x at 512 in 4 blocks).
+_CPU_SLOW_TILE = range(192, 768)
+_CPU_QUERY_BLOCK = 128
+
+
+def _split_queries(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[2] in _CPU_SLOW_TILE
+
+
+def _causal_in_query_blocks(q, k, v, *, gqa: bool) -> torch.Tensor:
+    """Causal attention as row blocks of queries, each over the keys up to its last row: the same
+    result as one causal call (each query row sees exactly the same keys)."""
+    s = q.shape[2]
+    allowed = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    outs = []
+    for start in range(0, s, _CPU_QUERY_BLOCK):
+        end = min(start + _CPU_QUERY_BLOCK, s)
+        outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
+                                                   attn_mask=allowed[start:end, :end], enable_gqa=gqa))
+    return torch.cat(outs, dim=2)
 
 
 def _flash_attn(q, k, v, *, dropout_p: float, causal: bool, segments: Optional[torch.Tensor]) -> torch.Tensor:

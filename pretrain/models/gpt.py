@@ -29,6 +29,7 @@ from pretrain.config import ModelConfig
 from pretrain.models import kernels
 from pretrain.models.attention import attention
 from pretrain.models.layers import DenseLayers, full_shape, shard_tensor
+from pretrain.models.loss import ScratchBuffer
 
 
 def rope_tables(*, positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +170,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleDict({str(i): Block(config, self.layers) for i in self.stage.layer_ids})
         self.final_norm = self.layers.norm(config) if last else None
         self.head = None
+        # The fused loss's [tokens, vocab] buffer, kept between steps on CPU (see ScratchBuffer).
+        self.loss_scratch = ScratchBuffer() if last else None
         if last and not config.tied:
             self.head = self.layers.column(config.hidden_size, config.vocab_rows, bias=False)
         if config.flavour == "llama":
@@ -247,7 +250,7 @@ class GPT(nn.Module):
         if fused is None:
             return self.layers.cross_entropy(self.head_logits(x), labels, vocab_size=vocab)
         weight = self.embed.weight if self.head is None else self.head.weight
-        return fused(self.final_norm(x), weight, labels, vocab_size=vocab)
+        return fused(self.final_norm(x), weight, labels, vocab_size=vocab, scratch=self.loss_scratch)
 
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 segments: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models import kernels
-
-IGNORE_INDEX = -100
+from pretrain.models.loss import IGNORE_INDEX, ScratchBuffer, linear_cross_entropy
 
 
 class RMSNorm(nn.RMSNorm):
@@ -85,67 +84,6 @@ def _with_specs(module: nn.Module, **specs: ShardSpec) -> nn.Module:
     return module
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ weight.T`, with the fp32 logits buffer reused in place.
-
-    The same function as `F.cross_entropy(F.linear(hidden, weight).float(), labels)`, but the
-    unfused pair allocates and fills three [tokens, vocab] fp32 buffers per step (log-softmax
-    output, NLL-backward zeros, log-softmax-backward output); at GPT vocabularies these dominate
-    everything but the matmuls. Here the logits buffer, which nothing outside sees, becomes
-    exp(logits - max) in forward and the logits gradient in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, vocab_size):
-        # hidden [N, h], weight [V padded, h], labels [N]; only the first vocab_size rows count.
-        device = hidden.device.type
-        ctx.dtypes, ctx.rows = (hidden.dtype, weight.dtype), weight.shape[0]
-        ctx.autocast_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        weight = weight[:vocab_size]  # a view: padding rows are neither multiplied nor differentiated
-        if ctx.autocast_dtype is not None:  # what autocast does to F.linear, done by hand
-            hidden, weight = hidden.to(ctx.autocast_dtype), weight.to(ctx.autocast_dtype)
-        logits = F.linear(hidden, weight).float()  # [N, V] fp32, a fresh buffer owned here
-        valid = labels != ignore_index
-        target = labels.masked_fill(~valid, 0)
-        target_logit = logits.gather(1, target[:, None]).squeeze(1)
-        row_max = logits.amax(dim=1, keepdim=True)
-        exps = logits.sub_(row_max).exp_()  # logits is overwritten from here on
-        sumexp = exps.sum(dim=1)
-        count = valid.sum()
-        loss = ((sumexp.log() + row_max.squeeze(1) - target_logit) * valid).sum() / count
-        ctx.save_for_backward(hidden, weight, exps, sumexp, target, valid, count)
-        ctx.used = False
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.used:
-            raise RuntimeError("the fused linear cross-entropy backward runs once (its saved buffer "
-                               "becomes the gradient); for retain_graph use "
-                               "layers.cross_entropy(layers.output_logits(...), labels, vocab_size=...)")
-        ctx.used = True
-        hidden, weight, exps, sumexp, target, valid, count = ctx.saved_tensors
-        per_row = grad_loss / count * valid  # [N]; 0 on ignored rows
-        # d loss / d logits = (softmax - onehot(target)) * per_row, written over exps.
-        grad = exps.mul_((per_row / sumexp)[:, None])
-        grad[torch.arange(grad.shape[0], device=grad.device), target] -= per_row
-        if ctx.autocast_dtype is not None:
-            grad = grad.to(ctx.autocast_dtype)
-        grad_hidden = (grad @ weight).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            # Straight into a buffer of the padded shape (padding rows zero): slicing the weight
-            # outside would cost a zero-filled [V padded, h] buffer and a copy into it.
-            vocab = weight.shape[0]
-            grad_weight = torch.empty((ctx.rows, hidden.shape[1]), dtype=ctx.dtypes[1], device=hidden.device)
-            if grad.dtype == grad_weight.dtype:
-                torch.mm(grad.t(), hidden, out=grad_weight[:vocab])
-            else:
-                grad_weight[:vocab] = grad.t() @ hidden
-            grad_weight[vocab:].zero_()
-        return grad_hidden, grad_weight, None, None, None
-
-
 class DenseLayers:
     """Single-device layers (tensor-parallel size 1)."""
 
@@ -202,13 +140,15 @@ class DenseLayers:
                                ignore_index=IGNORE_INDEX)
 
     def linear_cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                             vocab_size: int) -> torch.Tensor:
+                             vocab_size: int, scratch: ScratchBuffer | None = None) -> torch.Tensor:
         """cross_entropy(output_logits(hidden, weight), labels), fused so the [tokens, vocab]
-        logits are allocated once: hidden [b, s, h], weight [padded vocab, h], labels [b, s]."""
+        logits are allocated once (and on CPU kept in `scratch` between steps): hidden [b, s, h],
+        weight [padded vocab, h], labels [b, s]."""
         if kernels.use_triton(hidden):
             # The logits stay in the matmul's dtype (bf16 under autocast; _LinearCrossEntropy keeps
             # an fp32 copy), and their gradient is written over them.
             logits = F.linear(hidden.flatten(0, 1), weight[:vocab_size])
             per_token = kernels.cross_entropy(logits, labels.flatten(), inplace_backward=True)
             return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
-        return _LinearCrossEntropy.apply(hidden.flatten(0, 1), weight, labels.flatten(), IGNORE_INDEX, vocab_size)
+        return linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), vocab_size=vocab_size,
+                                    scratch=scratch)
