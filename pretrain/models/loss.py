@@ -91,7 +91,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         target = labels.masked_fill(~valid, 0)
         target_logit = logits.gather(1, target[:, None]).squeeze(1)
         row_max = logits.amax(dim=1)
-        probs = torch.softmax(logits, dim=1, out=logits)  # logits is overwritten from here on
+        if logits.is_cpu:  # the CPU kernel goes row by row, reading each element before writing it
+            probs = torch.softmax(logits, dim=1, out=logits)  # logits is overwritten from here on
+        else:  # not tried in place on GPUs, which normally take the Triton loss (layers.py) anyway
+            probs = torch.softmax(logits, dim=1)
         lse = row_max - probs.amax(dim=1).log()
         count = valid.sum()
         loss = ((lse - target_logit) * valid).sum() / count
