@@ -43,9 +43,6 @@ class ScratchBuffer:
             kept = self._tensor = torch.empty(n, dtype=dtype, device=device)
         return kept[:n].view(shape)
 
-    def release(self) -> None:
-        self._tensor = None
-
 
 # torch's own liveness check for storages (torch/_inductor/cudagraph_trees.py uses it). Without it
 # nothing is reused, which is only slower.
