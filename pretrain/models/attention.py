@@ -68,18 +68,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: f
 
 # torch's CPU flash kernel picks its query tile from the query length: 32 rows below 192, 64 rows
 # from 192 to 767, 256 from 768 (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp), keys in
-# tiles of 512. In fp32 its 64-row path is slow, above all in the causal backward: measured with
-# torch 2.13 on this project's 2-thread CPU (fp32, [b, 8 heads, s, 64], fwd + bwd), one causal call
-# at s = 384 / 512 / 640 takes 34.7 / 45.5 / 43.8 ms, the same attention as query blocks of at most
-# 128 rows, each over its prefix of keys, 25.8 / 34.7 / 38.8 ms (s = 768 takes 36.6 ms in one call:
-# the 256-row tile is fine). Blocks also skip the keys a block's queries never see. bf16 is not
-# split: there it measured slower (0.98x at 512 in 4 blocks).
-_CPU_SLOW_TILE = range(192, 768)
+# tiles of 512. In fp32 its 64-row path is slow, above all in the causal backward. Measured with
+# torch 2.13 on this project's 2-thread CPU (fp32, [2048 / s, 8 heads, s, 64], fwd + bwd), the same
+# attention as query blocks of at most 128 rows, each over its prefix of keys, against one causal
+# call: 0.96x at s = 224, 1.03x at 256, 1.07x at 320, 1.12x at 384, 1.20x at 448, 1.32x at 512,
+# 1.15x at 576, 1.07x at 704, 1.04x at 760; from 768 one call is faster (the 256-row tile), and in
+# bf16 too (0.98x at 512). So: fp32 on CPU, 320 to 767 tokens.
+_CPU_SPLIT_LENGTHS = range(320, 768)
 _CPU_QUERY_BLOCK = 128
 
 
 def _split_queries(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[2] in _CPU_SLOW_TILE
+    return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[2] in _CPU_SPLIT_LENGTHS
 
 
 def _causal_in_query_blocks(q, k, v, *, gqa: bool) -> torch.Tensor:
