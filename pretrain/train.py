@@ -26,6 +26,7 @@ from pretrain.data.builder import build_datasets
 from pretrain.data.loader import SampleDataset, SampleLoader, causal_lm_collate, with_document_segments
 from pretrain.data.masking import MaskedLMCollator
 from pretrain.data.tokenizer import load_tokenizer
+from pretrain.device import pick_device
 from pretrain.launch import discover
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
 from pretrain.models.attention import check_backend
@@ -43,18 +44,6 @@ class Data:
     train: SampleLoader
     valid: Optional[SampleDataset]
     collate: Optional[Callable]
-
-
-def pick_device(choice: str, *, local_rank: int = 0) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda was asked for but torch sees no GPU")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda":
-        # One GPU per local rank (one srun task / torchrun worker / MPI rank per GPU).
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(choice)
 
 
 def check_data(config: RunConfig):
@@ -217,7 +206,7 @@ def run(config: RunConfig) -> dict:
     launch = discover()
     validate_layout(config, launch.world_size)
     tokenizer = check_data(config)
-    device = pick_device(t.device, local_rank=launch.local_rank)
+    device = pick_device(t.device, local_rank=launch.local_rank, local_world_size=launch.local_world_size)
     check_backend(config.model.attention_backend, device)
     require_deepspeed(config)
     topo = init_distributed(config, device=device, launch=launch)

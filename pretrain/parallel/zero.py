@@ -217,8 +217,10 @@ def _check_precision_supported(precision: str) -> None:
 
 def _ensure_process_group(topo: Topology) -> None:
     """DeepSpeed needs torch.distributed even on one process (ZeRO-Offload on one GPU), and
-    insists on LOCAL_RANK, which srun (SLURM_LOCALID) and a plain `python -m` do not set."""
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    binds the GPU LOCAL_RANK names: make that our device (pretrain/device.py)."""
+    from pretrain.device import bind_deepspeed
+
+    bind_deepspeed(topo.device, os.environ)
     if topo.world_size == 1 and not dist.is_initialized():
         backend = "nccl" if topo.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
