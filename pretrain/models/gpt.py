@@ -174,17 +174,24 @@ class GPT(nn.Module):
         self.loss_scratch = ScratchBuffer() if last else None
         if last and not config.tied:
             self.head = self.layers.column(config.hidden_size, config.vocab_rows, bias=False)
-        if config.flavour == "llama":
-            cos, sin = rope_tables(positions=config.positions, head_dim=config.head_dim,
-                                   theta=config.rope_theta)
-            # Not persistent: derived from config, so checkpoints hold only learned weights.
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.make_buffers()
         self.reset_parameters(seed=init_seed)
         if config.compile:
             # In place (nn.Module.compile): parameter names, and so checkpoints, stay the same.
             for block in self.blocks.values():
                 block.compile()
+
+    def make_buffers(self) -> None:
+        """The buffers derived from the config (RoPE tables), on the default device. Not
+        persistent: checkpoints hold only learned weights."""
+        if self.config.flavour == "llama":
+            shape = (self.config.positions, self.config.head_dim)
+            if torch.get_default_device().type == "meta":  # shapes only: no float64 math on meta
+                cos, sin = torch.empty(shape), torch.empty(shape)
+            else:
+                cos, sin = rope_tables(positions=shape[0], head_dim=shape[1], theta=self.config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
     def reset_parameters(self, seed: Optional[int] = None) -> None:
@@ -193,24 +200,31 @@ class GPT(nn.Module):
         Each weight is drawn whole from a generator seeded by (seed, its name), then this rank's
         shard is kept, so every TP/PP layout starts from exactly the single-device weights. The
         default seed is drawn from torch's global generator (torch.manual_seed decides it).
+        A model built on the meta device is left as it is: pretrain/models/build.py fills it
+        parameter by parameter on its real device (`initial_value`, the same values).
         """
+        if any(p.is_meta for p in self.parameters()):
+            return
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)))
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * self.config.num_layers)
         for name, param in self.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-            elif "norm" in name:
-                param.fill_(1.0)
-            else:
-                scale = out_std if name.endswith(("attn.proj.weight", "mlp.fc2.weight")) else std
-                generator = torch.Generator(device=param.device).manual_seed(seed + zlib.crc32(name.encode()))
-                full = torch.empty(full_shape(param, self.layers.tp_size), device=param.device)
-                full.normal_(0.0, scale, generator=generator)
-                spec = getattr(param, "tp_spec", None)
-                param.copy_(full if spec is None else
-                            shard_tensor(full, spec, rank=self.layers.tp_rank, size=self.layers.tp_size))
+            param.copy_(self.initial_value(name, param, seed=seed, device=param.device))
+
+    @torch.no_grad()
+    def initial_value(self, name: str, param: torch.Tensor, *, seed: int, device: torch.device) -> torch.Tensor:
+        """Parameter `name`'s initial value (this rank's shard), fp32 on `device`; see reset_parameters."""
+        if name.endswith("bias"):
+            return torch.zeros(param.shape, device=device)
+        if "norm" in name:
+            return torch.ones(param.shape, device=device)
+        std = self.config.init_std
+        scale = std / math.sqrt(2 * self.config.num_layers) if name.endswith(
+            ("attn.proj.weight", "mlp.fc2.weight")) else std
+        generator = torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
+        full = torch.empty(full_shape(param, self.layers.tp_size), device=device)
+        full.normal_(0.0, scale, generator=generator)
+        spec = getattr(param, "tp_spec", None)
+        return full if spec is None else shard_tensor(full, spec, rank=self.layers.tp_rank, size=self.layers.tp_size)
 
     # The three pieces a pipeline stage runs; forward() chains them on one device.
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
