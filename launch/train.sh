@@ -11,4 +11,9 @@ export PYTHONUNBUFFERED=1
 # Threads per rank: the CPUs SLURM gave the task, else 1 (many ranks share a node's cores).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Triton compiles its kernels in every rank into TRITON_CACHE_DIR, by default ~/.triton/cache: on
+# a cluster one shared (network) home directory that every rank of every node writes and locks
+# at once. Node-local disk instead, one directory per job ($PPID, the launcher's process on this
+# node, shared by its ranks, where SLURM gives no job id); a user's own setting wins.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/pretrain-triton-${USER:-$(id -un)}-${SLURM_JOB_ID:-$PPID}}
 exec "${PYTHON:-python3}" -m pretrain.train "$@"

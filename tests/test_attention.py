@@ -155,3 +155,61 @@ def test_query_blocks_only_where_they_pay():
     assert not _split_queries(torch.empty(1, 1, 256, 8))  # no faster split below 320
     assert not _split_queries(torch.empty(1, 1, 1024, 8))  # 256-row tile: one call is faster
     assert not _split_queries(torch.empty(1, 1, 512, 8, dtype=torch.bfloat16))  # measured slower
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gqa_with_document_mask_copies_kv_to_query_heads_where_asked(causal, monkeypatch):
+    """On CUDA, mask + GQA copies K/V to the query heads (so SDPA's memory-efficient kernel can
+    run instead of the math one): the same attention, forward and backward, as enable_gqa."""
+    import pretrain.models.attention as attention_module
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 40, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 40, 16, generator=g, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(2, 6, 40, 16, generator=g)
+    segments = torch.tensor([[0] * 13 + [1] * 27, [0] * 30 + [1] * 10])
+    want = attention(q, k, v, causal=causal, segments=segments)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module, "_expand_kv_for_mask", lambda q: True)
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append((k.shape[1], kw.get("enable_gqa"))) or
+                        real_sdpa(q, k, v, **kw))
+    got = attention(q, k, v, causal=causal, segments=segments)
+    grads = torch.autograd.grad(got, (q, k, v), grad_out)
+    assert calls == [(6, False)]  # K/V at the query heads' count, no enable_gqa
+    assert (got - want).abs().max() < 1e-6
+    for a, b in zip(grads, want_grads):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+def test_document_offsets_once_per_forward(checkpointing, monkeypatch):
+    """flash-attn + document masks: the offsets (a device-to-host sync on a GPU) are computed
+    once per forward of the model, not once per layer, recomputation included; the loss and
+    gradients are those of SDPA's masked attention."""
+    import pretrain.models.attention as attention_module
+
+    monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn())
+    calls = []
+    real_offsets = attention_module.document_offsets
+    monkeypatch.setattr(attention_module, "document_offsets", lambda s: calls.append(1) or real_offsets(s))
+    model_config = {**LLAMA, "num_layers": 3, "activation_checkpointing": checkpointing}
+    config = config_from_dict({"model": {**model_config, "attention_backend": "flash_attn"},
+                               "train": {"precision": "bf16"}}).model
+    flash = GPT(config, init_seed=5)
+    sdpa = GPT(config_from_dict({"model": model_config}).model, init_seed=5)
+    tokens = torch.randint(1, 300, (2, 48), generator=torch.Generator().manual_seed(2))
+    tokens[0, 10], tokens[1, 30] = 0, 0
+    segments = with_document_segments(causal_lm_collate, 0)(
+        torch.cat([tokens, tokens[:, :1]], dim=1).numpy(), np.zeros(2))["segments"]
+    losses = []
+    for model in (flash, sdpa):
+        loss = model(tokens, labels=tokens, segments=segments)
+        loss.backward()
+        losses.append(loss.item())
+    assert len(calls) == 1
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for (name, a), b in zip(flash.named_parameters(), sdpa.parameters()):
+        assert (a.grad - b.grad).abs().max() < 1e-5, name

@@ -84,3 +84,20 @@ def test_unreachable_master_fails_within_the_timeout_naming_the_address(stdlib_d
     assert f"rank 1 of 2 (torchrun, node {socket.gethostname()}) could not reach the master at 127.0.0.1:{port} " \
            "within 0.1 min" in result.stderr
     assert took < 60
+
+
+def test_train_sh_puts_the_triton_cache_on_node_local_disk_per_job(tmp_path):
+    """launch/train.sh: every rank compiling Triton kernels into one shared home-directory cache
+    contends on it; the cache goes under $TMPDIR, one per job, unless the user set one."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\necho "$TRITON_CACHE_DIR"\n')
+    fake_python.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "SLURM_JOB_ID")}
+
+    def cache_dir(**env: str) -> str:
+        return subprocess.run(["bash", str(ROOT / "launch/train.sh")], env={**base, "PYTHON": str(fake_python), **env},
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert cache_dir(TMPDIR="/local/job7", SLURM_JOB_ID="7", USER="ana") == "/local/job7/pretrain-triton-ana-7"
+    assert cache_dir(TRITON_CACHE_DIR="/mine") == "/mine"
+    assert cache_dir(TMPDIR="/scratch").startswith("/scratch/pretrain-triton-")

@@ -9,14 +9,16 @@ Backends (model.attention_backend):
 
 Document masking (data.document_attention_mask): `segments` [b, s] numbers the documents packed
 into each sequence; a token attends only to earlier tokens of its own document. With SDPA this
-is a boolean [b, 1, s, s] mask (which rules out the flash kernels of SDPA: the math or
-memory-efficient kernel runs); with flash-attn it costs nothing extra.
+is a boolean [b, 1, s, s] mask (which rules out the flash kernels of SDPA: the memory-efficient
+kernel runs on GPU); with flash-attn it costs nothing extra. Either form is derived once per
+forward (`Documents`, built by GPT.run_blocks) and shared by every layer.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,19 +53,54 @@ def document_mask(segments: torch.Tensor, *, causal: bool) -> torch.Tensor:
     return mask
 
 
+@dataclass(frozen=True)
+class Documents:
+    """The documents packed into a micro-batch, in the form the attention backend takes, derived
+    once per forward from segments [b, s] and passed to every layer. Per layer it would cost a
+    [b, 1, s, s] mask each (SDPA), or for flash-attn a device-to-host sync each: the offsets'
+    length and the longest document must be known on the host."""
+
+    mask: Optional[torch.Tensor] = None  # sdpa: bool [b, 1, s, s], True where query i may see key j
+    cu_seqlens: Optional[torch.Tensor] = None  # flash_attn: int32 [docs + 1] over the b * s tokens
+    max_len: int = 0  # flash_attn: the longest document
+
+    @staticmethod
+    def of(segments: torch.Tensor, *, backend: str, causal: bool) -> "Documents":
+        if backend == "flash_attn":
+            cu_seqlens, max_len = document_offsets(segments)
+            return Documents(cu_seqlens=cu_seqlens, max_len=max_len)
+        return Documents(mask=document_mask(segments, causal=causal))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0, causal: bool = True,
-              segments: Optional[torch.Tensor] = None, backend: str = "sdpa") -> torch.Tensor:
+              segments: Union[torch.Tensor, Documents, None] = None, backend: str = "sdpa") -> torch.Tensor:
     """q: [b, heads, s, d]; k, v: [b, kv_heads, s, d] -> [b, heads, s, d]. `causal=False` attends
-    in both directions (masked-LM); `segments` [b, s] keeps attention within documents."""
+    in both directions (masked-LM); `segments` keeps attention within documents: [b, s] document
+    numbers, or their `Documents` for this backend (computed once for all layers)."""
+    if isinstance(segments, torch.Tensor):
+        segments = Documents.of(segments, backend=backend, causal=causal)
     if backend == "flash_attn":
-        return _flash_attn(q, k, v, dropout_p=dropout_p, causal=causal, segments=segments)
+        return _flash_attn(q, k, v, dropout_p=dropout_p, causal=causal, documents=segments)
     gqa = k.shape[1] != q.shape[1]
     if segments is None:
         if causal and not dropout_p and _split_queries(q):
             return _causal_in_query_blocks(q, k, v, gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(segments, causal=causal),
-                                          dropout_p=dropout_p, enable_gqa=gqa)
+    if gqa and _expand_kv_for_mask(q):
+        # CUDA's SDPA runs an explicit mask only in its memory-efficient kernel (flash takes no
+        # mask), and that kernel refuses enable_gqa: mask + GQA would fall back to the math
+        # kernel, which materialises the [b, heads, s, s] scores in fp32. K/V copied to the query
+        # heads (what enable_gqa means: query head i reads kv head i // group) cost heads / kv
+        # times their size, far less. Not on CPU: its flash kernel takes mask and GQA together,
+        # and the copy measured 1.3x slower there (fp32, s = 512, 8 heads over 2).
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=segments.mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def _expand_kv_for_mask(q: torch.Tensor) -> bool:
+    return q.is_cuda
 
 
 # torch's CPU flash kernel picks its query tile from the query length: 32 rows below 192, 64 rows
@@ -95,17 +132,17 @@ def _causal_in_query_blocks(q, k, v, *, gqa: bool) -> torch.Tensor:
     return torch.cat(outs, dim=2)
 
 
-def _flash_attn(q, k, v, *, dropout_p: float, causal: bool, segments: Optional[torch.Tensor]) -> torch.Tensor:
+def _flash_attn(q, k, v, *, dropout_p: float, causal: bool, documents: Optional[Documents]) -> torch.Tensor:
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     b, heads, s, d = q.shape
     # flash-attn takes [b, s, heads, d] and pairs query heads with kv heads itself (GQA).
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if segments is None:
+    if documents is None:
         out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
         return out.transpose(1, 2)
     # Each document of each sequence is one variable-length sequence of the flattened batch.
-    cu_seqlens, max_len = document_offsets(segments)
+    cu_seqlens, max_len = documents.cu_seqlens, documents.max_len
     flat = [t.reshape(b * s, t.shape[2], d) for t in (q, k, v)]
     out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=dropout_p,
                                  causal=causal)

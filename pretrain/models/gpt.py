@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
 from pretrain.models import kernels
-from pretrain.models.attention import attention
+from pretrain.models.attention import Documents, attention
 from pretrain.models.layers import DenseLayers, full_shape, shard_tensor
 from pretrain.models.loss import ScratchBuffer
 
@@ -64,12 +64,12 @@ class Attention(nn.Module):
         self.proj = layers.row(config.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              segments: Optional[torch.Tensor]) -> torch.Tensor:
+              documents: Optional[Documents]) -> torch.Tensor:
         return attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=self.causal,
-                         segments=segments, backend=self.backend)
+                         segments=documents, backend=self.backend)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
-                segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+                documents: Optional[Documents] = None) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, (heads + 2 kv_heads) * d]; s is the full sequence under SP
         b, s, _ = qkv.shape
         group = self.heads // self.kv_heads
@@ -90,9 +90,9 @@ class Attention(nn.Module):
         # checkpoint so that recomputation replays the same mask.
         with self.rng_region() if self.dropout and self.training else contextlib.nullcontext():
             if self.selective_checkpoint and self.training:
-                out = checkpoint(self._core, q, k, v, segments, use_reentrant=False)
+                out = checkpoint(self._core, q, k, v, documents, use_reentrant=False)
             else:
-                out = self._core(q, k, v, segments)
+                out = self._core(q, k, v, documents)
         # [b, heads, s, d] -> [b, s, heads * d]
         return self.proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
@@ -127,8 +127,8 @@ class Block(nn.Module):
         self.mlp = MLP(config, layers)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm1(x), rope, segments))
+    def forward(self, x: torch.Tensor, rope=None, documents: Optional[Documents] = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm1(x), rope, documents))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
 
@@ -242,11 +242,14 @@ class GPT(nn.Module):
         # sequence parallelism (the QKV projection gathers them).
         s = x.shape[1] * (self.layers.tp_size if self.layers.sequence_parallel else 1)
         rope = (self.rope_cos[:s], self.rope_sin[:s]) if self.config.flavour == "llama" else None
+        # The documents' mask or offsets, once for all layers (see Documents).
+        documents = None if segments is None else Documents.of(
+            segments, backend=self.config.attention_backend, causal=not self.config.bidirectional)
         for block in self.blocks.values():
             if self.full_checkpoint and self.training:
-                x = checkpoint(block, x, rope, segments, use_reentrant=False)
+                x = checkpoint(block, x, rope, documents, use_reentrant=False)
             else:
-                x = block(x, rope, segments)
+                x = block(x, rope, documents)
         return x
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
