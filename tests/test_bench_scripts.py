@@ -26,3 +26,13 @@ def test_checkpoint_bench_small():
                 "--steps", "8")
     for name in ("checkpoint_save", "checkpoint_load", "checkpoint_async_stall"):
         assert f"RESULT {name} " in out
+
+
+def test_zero_comm_bench_small():
+    """ZeRO-1 with TP2 + SP at DP2: the gradient reduction runs during the last backward (only
+    the last bucket after it), and the SP gradients are summed in one TP all-reduce per step."""
+    out = bench("bench/zero_comm.py", "--layouts", "tp2_sp_dp2", "--layers", "2", "--hidden", "64", "--heads", "4",
+                "--vocab", "500", "--seq", "32", "--bucket-mb", "0.05", "--steps", "1")
+    fields = dict(f.split("=") for f in out.split("RESULT zero_comm ", 1)[1].split())
+    assert float(fields["tp2_sp_dp2_after_share"]) < 0.5
+    assert fields["tp2_sp_dp2_tp_allreduce_backward"] == "1"

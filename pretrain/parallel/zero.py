@@ -10,7 +10,10 @@ because the engine's own loop can only call backward on a loss, while a pipeline
 it on an activation with a received gradient. What `engine.backward` adds around autograd is
 reproduced per backward pass (see `ZeroEngine._backward_start/_backward_end`): loss scaling,
 the ZeRO backward prologue, and the epilogue that flushes the reduce buckets (stages 2 and 3,
-every micro-batch) or reduces everything at the accumulation boundary (stage 1).
+every micro-batch; stage 1 once, after the step's backward passes). When each gradient enters
+the reduce buckets is decided by our own hooks (pretrain/parallel/zero_grads.py): stage 1
+reduces during the last micro-batch's backward, sequence-parallel gradients are summed over TP
+once per bucket.
 
 ZeRO shards over the data-parallel group only: the mpu hands DeepSpeed `topo.dp_group`, and
 the model-parallel group (TP x PP) is where it sums the squared gradient norm, counting a
@@ -36,8 +39,8 @@ from torch import nn
 from pretrain.config import ConfigError, RunConfig
 from pretrain.optim import (LOSS_SCALE_HYSTERESIS, LOSS_SCALE_INIT_POWER, LOSS_SCALE_MIN, LOSS_SCALE_WINDOW,
                             BackwardRootChunk, build_optimizer)
-from pretrain.parallel.comm import all_reduce, group_size
 from pretrain.parallel.topology import Topology
+from pretrain.parallel.zero_grads import ZeroGradientRouter
 
 INSTALL_HINT = "pip install -c constraints.txt -e '.[zero]' (with DS_BUILD_OPS=0 in the environment)"
 
@@ -95,9 +98,10 @@ def deepspeed_config(config: RunConfig, *, data_parallel: int, accumulation: int
         "allgather_bucket_size": bucket,
         "contiguous_gradients": True,
         "reduce_scatter": True,
-        # Our driver flushes the reduce buckets at the end of each backward pass itself; overlap
-        # streams exist only on GPUs, and stage 1 must not reduce before the tied-embedding sum.
-        "overlap_comm": False,
+        # Our gradient hooks (ZeroGradientRouter) decide when each gradient enters DeepSpeed's
+        # reduce buckets; with overlap_comm a full bucket is reduced on DeepSpeed's reduction
+        # stream while the backward pass goes on (on a CPU, a synchronized device, inline).
+        "overlap_comm": True,
     }
     if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
@@ -190,17 +194,6 @@ def _mark_parameters(chunks: list[nn.Module], topo: Topology) -> None:
                 param.ds_pipe_replicated = True  # the last stage's copy: counted on the first
 
 
-def _sum_sequence_parallel_grads(params: list[nn.Parameter], topo: Topology) -> list:
-    """Sequence-parallel replicas (norms, row biases) see only their sequence shard: sum each
-    micro-batch's gradient over the TP group before it is accumulated, so ZeRO's reduce hooks
-    (which fire right after accumulation, stage 2/3) see the full gradient. Every TP rank runs
-    the same backward graph in the same order, so these all-reduces line up."""
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        return all_reduce(grad.contiguous(), topo.tp_group)
-
-    return [p.register_hook(hook) for p in params if getattr(p, "sequence_parallel", False)]
-
-
 def _check_precision_supported(precision: str) -> None:
     from deepspeed.accelerator import get_accelerator
 
@@ -248,8 +241,6 @@ class ZeroEngine:
         self.ds_config = deepspeed_config(config, data_parallel=topo.dp, accumulation=accumulation)
         params = [p for chunk in chunks for p in chunk.parameters()]
         _mark_parameters(chunks, topo)
-        self.sp_hooks = _sum_sequence_parallel_grads(params, topo) if topo.sequence_parallel else []
-        self.tied = [p for p in params if getattr(p, "tied_embedding", False)] if topo.pp > 1 else []
         _ensure_process_group(topo)
         _check_precision_supported(config.train.precision)
         # One module holding all of this rank's chunks: the engine flattens their parameters into
@@ -260,8 +251,11 @@ class ZeroEngine:
             mpu=TopologyMPU(topo) if topo.world_size > 1 else None, dist_init_required=False)
         self.engine, self.optimizer = engine, optimizer
         # The engine would run its backward epilogue from the optimizer's gradient hooks; ours
-        # runs instead (once per backward pass, with the boundary we decide).
+        # runs instead (once per backward pass, with the boundary we decide), and our own hooks
+        # decide when each gradient is reduced (pretrain/parallel/zero_grads.py).
         optimizer.unregister_grad_acc_post_hooks()
+        self.grads = ZeroGradientRouter(optimizer, stage=self.stage, chunks=chunks, topo=topo,
+                                        bucket_elements=self.ds_config["zero_optimization"]["reduce_bucket_size"])
         self.chunks = [BackwardRootChunk(chunk, scale=self._loss_scale, on_start=self._backward_start)
                        for chunk in chunks]
         self._announced = 0  # chunks whose last backward of the step has been announced
@@ -275,6 +269,7 @@ class ZeroEngine:
     def on_last_backward(self, chunk: int) -> None:
         """Called by the schedule right before a chunk's last backward of the step."""
         self._announced += 1
+        self.grads.start_last_backward(chunk)
 
     def _backward_start(self) -> None:
         """First node of every backward pass: ZeRO's prologue, then its epilogue queued for when
@@ -282,28 +277,32 @@ class ZeroEngine:
         opt = self.optimizer
         # After the final chunk's last backward is announced, the pass that follows is the last
         # one of the step: stage 2/3 turn their accumulated partitions into the step's gradient.
+        # Stage 1 reduces from its first chunk's last backward on, which DeepSpeed allows only at
+        # the boundary.
         boundary = self._announced == len(self.chunks)
         opt.clear_backward_seen_flag()
         opt.backward_prologue()
         opt.enter_backward()
-        opt.set_gradient_accumulation_boundary(boundary if self.stage >= 2 else False)
+        opt.set_gradient_accumulation_boundary(boundary if self.stage >= 2 else self.grads.reducing)
         torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
 
     def _backward_end(self) -> None:
         opt = self.optimizer
         if self.stage >= 2:
+            self.grads.end_backward()
             opt.overlapping_partition_gradients_reduce_epilogue()
         opt.backward_epilogue()
         opt.exit_backward()
 
     def finish_gradients(self) -> None:
-        """After the step's backward passes: stage 1 keeps whole gradients until here, so sum the
-        tied embedding copies, then reduce everything over the DP group into this rank's
-        partition. Stages 2 and 3 did that during the backward passes."""
+        """After the step's backward passes. Stage 1 reduced its full buckets during the last
+        micro-batch's backward: sum the tied embedding copies, then reduce them and the last
+        bucket over the DP group into this rank's partition. Stages 2 and 3 did it all during
+        the backward passes."""
         if self.stage == 1 and not self._finished:
-            _sum_tied(self.tied, self.topo)
             self.optimizer.set_gradient_accumulation_boundary(True)
-            self.optimizer.reduce_gradients(pipeline_parallel=False)
+            self.grads.finish()
+            self.optimizer.overlapping_partition_gradients_reduce_epilogue()
         self._finished = True
 
     def step(self, lr: float) -> dict:
@@ -318,6 +317,7 @@ class ZeroEngine:
         norm = getattr(opt, "_global_grad_norm", None)  # set by step (what engine.step reads too)
         opt.zero_grad(set_to_none=True)
         opt.set_gradient_accumulation_boundary(False)
+        self.grads.reset()
         self._announced, self._finished = 0, False
         grad_norm = math.inf if skipped else float(norm) if norm is not None else math.nan
         return {"grad_norm": grad_norm, "skipped": skipped}
@@ -443,18 +443,6 @@ class ZeroEngine:
             total += (shard.numel() * shard.element_size() if shard is not None
                       else param.numel() * param.element_size())
         return total
-
-
-def _sum_tied(params: list[nn.Parameter], topo: Topology) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or group_size(topo.embedding_group) == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    all_reduce(flat, topo.embedding_group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def _unique_bytes(tensors: list[torch.Tensor]) -> int:
