@@ -27,12 +27,14 @@
 #   bf16 weights 2 B x 3.21B                                  =  6.4 GB
 #   bf16 gradients 2 B x 3.21B                                =  6.4 GB
 #   fp32 master + Adam m, v: 12 B x 3.21B / 32 (ZeRO-1)       =  1.2 GB
-#   activations, selective recompute + sequence parallel:
-#     34 s b h / TP bytes per layer = 34 x 2048 x 1 x 5120 / 4 = 89 MB x 40 layers = 3.6 GB
-#     (micro-batch 1; without a pipeline one micro-batch is in flight)
+#   activations, selective recompute + sequence parallel, measured (bench/activation_memory.py):
+#     44 s b h / TP bytes per layer = 44 x 2048 x 1 x 5120 / 4 = 115 MB x 40 layers = 4.6 GB
+#     (28 + 4 TP: the QKV and fc1 inputs are saved all-gathered, 2 s b h bytes each, not the
+#     2 s b h / TP Megatron's 34 assumes; micro-batch 1, and without a pipeline one micro-batch
+#     is in flight)
 #   output layer: fp32 logits s x V/TP = 2048 x 12672 x 4 B   =  0.1 GB
 #   communication buckets, CUDA context, allocator slack      ~  3 GB
-#   total                                                     ~ 21 GB of 80 (A100/H100-80GB)
+#   total                                                     ~ 22 GB of 80 (A100/H100-80GB)
 # On 40 GB GPUs it still fits; for longer sequences add PRETRAIN_OVERRIDES="parallel.pipeline=2"
 # (halves weights and gradients per GPU; 16 micro-batches per rank keep the 1F1B bubble at 6%).
 # Global batch 1024 sequences (2M tokens, GPT-3's for 13B): 32 micro-batches per rank per step.
