@@ -137,12 +137,14 @@ class Trainer:
                                                enabled=dtype is not None)
         seq = config.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
         self.hidden_shape = (config.train.micro_batch_size, seq, config.model.hidden_size)
+        self.hidden_dtype = dtype or torch.float32  # what activations travel in between stages
 
     def step(self, step: int) -> dict:
         c = self.config
         lr = learning_rate(step, optim=c.optimizer, schedule=c.schedule, total_steps=c.train.steps)
         losses = forward_backward(chunks=self.schedule_chunks, topo=self.topo, batches=self.batches,
                                   micro_batches=self.accum, autocast=self.autocast, hidden_shape=self.hidden_shape,
+                                  hidden_dtype=self.hidden_dtype,
                                   on_last_backward=self.zero.on_last_backward if self.zero else self.grad_sync.enable)
         record = self.zero.step(lr) if self.zero else self._step(lr)
         loss = reduce_loss(torch.stack(losses).mean(), self.topo) if losses else math.nan
@@ -192,7 +194,8 @@ class Trainer:
                               dp_rank=self.topo.dp_rank, dp_size=self.topo.dp, collate=self.collate)
         iters = min(t.eval_iters, max(1, len(self.valid) // (t.micro_batch_size * self.topo.dp)))
         losses = forward_backward(chunks=self.chunks, topo=self.topo, batches=iter(loader), micro_batches=iters,
-                                  autocast=self.autocast, hidden_shape=self.hidden_shape, forward_only=True)
+                                  autocast=self.autocast, hidden_shape=self.hidden_shape,
+                                  hidden_dtype=self.hidden_dtype, forward_only=True)
         for chunk in self.chunks:
             chunk.train()
         return reduce_loss(torch.stack(losses).mean(), self.topo) if losses else math.nan

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, config_from_dict, load_config
-from pretrain.parallel.pipeline import Op, interleaved_one_f_one_b, make_schedule, one_f_one_b
+from pretrain.parallel.pipeline import Op, flatten, interleaved_one_f_one_b, make_schedule, one_f_one_b
 from pretrain.parallel.topology import Topology, validate_layout
 
 BASE = {
@@ -101,8 +101,8 @@ class Deadlock(AssertionError):
 
 def schedules(pp: int, vp: int, micro: int) -> list[list[Op]]:
     if vp == 1:
-        return [one_f_one_b(pp=pp, pp_rank=r, micro_batches=micro) for r in range(pp)]
-    return [interleaved_one_f_one_b(pp=pp, pp_rank=r, vp=vp, micro_batches=micro) for r in range(pp)]
+        return [flatten(one_f_one_b(pp=pp, pp_rank=r, micro_batches=micro)) for r in range(pp)]
+    return [flatten(interleaved_one_f_one_b(pp=pp, pp_rank=r, vp=vp, micro_batches=micro)) for r in range(pp)]
 
 
 def simulate(ops_per_rank: list[list[Op]], *, pp: int, vp: int, cost=None) -> float:
@@ -165,9 +165,9 @@ def test_schedule_completes_without_deadlock(pp, vp, micro):
 @pytest.mark.parametrize("pp, vp, micro", [(2, 1, 3), (4, 1, 2), (2, 2, 2), (3, 3, 5), (4, 2, 1)])
 def test_forward_only_schedule_completes(pp, vp, micro):
     """Evaluation runs each rank's forwards alone (micro-batch by micro-batch, chunks in order)."""
-    ops = [make_schedule(Topology(world_size=pp, rank=r, tp=1, pp=pp, dp=1, virtual_stages=vp,
+    ops = [flatten(make_schedule(Topology(world_size=pp, rank=r, tp=1, pp=pp, dp=1, virtual_stages=vp,
                                   sequence_parallel=False, device=torch.device("cpu")),
-                         micro, forward_only=True) for r in range(pp)]
+                         micro, forward_only=True)) for r in range(pp)]
     for rank_ops in ops:
         assert sorted((op.chunk, op.micro) for op in rank_ops) == [(c, m) for c in range(vp) for m in range(micro)]
         assert all(op.kind == "F" for op in rank_ops)
