@@ -5,7 +5,8 @@
 #   2. a tiny GPT through the kernels against its torch path, on the GPU;
 #   3. per-kernel time: PyTorch eager vs torch.compile vs Triton at 1.3B sizes (bench/kernels.py);
 #   4. gpt_1.3b, sequence 2048, bf16, one GPU, 30 steps eager and with model.compile: tokens/s and
-#      MFU against a bf16 matmul rate measured in the same process (bench/gpu_train.py);
+#      MFU against the GPU's datasheet dense bf16 peak (pretrain/hardware.py) and against a bf16
+#      matmul rate measured in the same process (bench/gpu_train.py);
 # then a short table last. Uses the machine's own python3/torch/triton (nothing is installed);
 # full logs go to $OUT (the device tool brings that folder back) or ./gpu-out.
 #

@@ -3,7 +3,8 @@
 Writes a random-token .bin/.idx (no corpus or tokenizer needed), runs `pretrain.train.run` on
 the config for a few dozen steps (no checkpoints, no evaluation) and reports tokens/s, model
 TFLOP/s and MFU of the last `--steps - --warmup` steps against a bf16 (or fp32) matmul rate
-measured in the same process. Variants run one after the other in this process: eager, then
+measured in the same process, and against the GPU's datasheet dense peak
+(pretrain/hardware.py: the MFU Megatron-LM and torchtitan report). Variants run one after the other in this process: eager, then
 with `model.compile=true`.
 
     python bench/gpu_train.py                                  # gpt_1.3b, seq 2048, bf16, on CUDA
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import load_config  # noqa: E402
 from pretrain.data.indexed import IndexedDatasetWriter, dtype_for_vocab  # noqa: E402
+from pretrain.hardware import datasheet_peak_tflops  # noqa: E402
 from pretrain.metrics import measure_peak_tflops  # noqa: E402
 from pretrain.train import run  # noqa: E402
 
@@ -62,6 +64,7 @@ def main() -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = measure_peak_tflops(device, dtype)
+    datasheet = datasheet_peak_tflops(device, dtype)  # None on a CPU or an unlisted GPU
     name = Path(args.config).stem
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,13 +88,16 @@ def main() -> int:
                 torch.cuda.reset_peak_memory_stats()
 
     print(f"\n{name} seq {args.seq}, micro-batch {args.micro_batch} x {args.accumulation}, {args.precision}, "
-          f"{args.device}; measured {args.precision} matmul peak {peak:.1f} TFLOP/s")
-    print(f"{'variant':<10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU':>8}{'peak mem GB':>13}")
+          f"{args.device}; measured {args.precision} matmul peak {peak:.1f} TFLOP/s, datasheet "
+          + (f"{datasheet:.1f} TFLOP/s" if datasheet else "peak unknown for this device"))
+    print(f"{'variant':<10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU meas.':>11}{'MFU sheet':>11}{'peak mem GB':>13}")
     for variant, tps, tflops, mfu, mem in rows:
-        print(f"{variant:<10}{tps:>12,.0f}{tflops:>10.1f}{mfu:>8.1%}{mem / 1e9:>13.1f}")
+        sheet = f"{tflops / datasheet:.1%}" if datasheet else "-"
+        print(f"{variant:<10}{tps:>12,.0f}{tflops:>10.1f}{mfu:>11.1%}{sheet:>11}{mem / 1e9:>13.1f}")
     for variant, tps, tflops, mfu, _ in rows:
+        sheet = f" mfu_datasheet={tflops / datasheet:.4f} datasheet_tflops={datasheet:.1f}" if datasheet else ""
         print(f"RESULT gpu_train_{name}_{variant} tokens_per_s={tps:.0f} tflops={tflops:.1f} mfu={mfu:.4f} "
-              f"peak_tflops={peak:.1f}")
+              f"peak_tflops={peak:.1f}{sheet}")
     return 0
 
 

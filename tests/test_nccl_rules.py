@@ -233,10 +233,14 @@ def _step_worker(rank: int, world: int, port: int, overrides: list[str], out: st
     (["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true", "parallel.virtual_stages=2",
       "parallel.bucket_mb=0.01"], 8),
     (["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1", "parallel.sequence_parallel=true"], 8),
-], ids=["tp2_pp2_dp2_sp_interleaved", "tp2_pp2_dp2_zero1_sp"])
+    (["parallel.pipeline=2", "train.precision=bf16"], 2),
+], ids=["tp2_pp2_dp2_sp_interleaved", "tp2_pp2_dp2_zero1_sp", "pp2_bf16"])
 def test_a_training_step_follows_nccl_rules(overrides, world):
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_step_worker, args=(world, free_port(), overrides, out), nprocs=world, join=True)
         traces = {r: load_trace(Path(out, f"rank{r}.json").read_text()) for r in range(world)}
     summary = check_nccl_rules(traces)
     assert summary["p2p"] > 0 and summary["collectives"] > 0
+    wire = {op.dtype for events in traces.values() for e in events for op in e.ops if op.kind != "collective"}
+    # Activations and their gradients travel in the compute dtype: bf16 halves the bytes.
+    assert wire == ({"bfloat16"} if "train.precision=bf16" in overrides else {"float32"})

@@ -1,14 +1,15 @@
 """Single-process checks of the parallel layout: config/layout validation and the pipeline schedules.
 
-The schedules are checked by simulating every pipeline rank's operation list together: sends
-never block (they are `isend`s, waited for at the end of the step) and receives do, so
+The schedules' data dependencies are checked by simulating every pipeline rank's operation list
+together, with messages that wait for nobody (as if buffered):
 
   - F of virtual stage v > 0 can run once F of stage v - 1 (same micro-batch) has run,
   - B of virtual stage v < last can run once B of stage v + 1 (same micro-batch) has run,
   - B of a stage needs its own F (same rank, same chunk) first.
 
 The simulation runs each rank's next op as soon as it is ready; if no rank can move while some
-have ops left, the schedule would deadlock on real ranks.
+have ops left, no transport could run the schedule. Whether the executor's transfers also run
+under NCCL's stricter rules is tests/test_nccl_rules.py's job, on real ranks.
 """
 
 from __future__ import annotations
