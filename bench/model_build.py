@@ -101,7 +101,8 @@ def main() -> None:
         sizes = meta_sizes(args.meta, args.tp)
         print(json.dumps(sizes))
         print(f"RESULT model_build_meta params_per_rank_b={sizes['params_per_rank_b']:.3f} "
-              f"old_transient_fp32_gb={sizes['fp32_gb']:.2f} new_transient_gb={sizes['largest_param_full_fp32_gb']:.2f}")
+              f"old_transient_fp32_gb={sizes['fp32_gb']:.2f} "
+              f"new_transient_gb={sizes['largest_param_full_fp32_gb']:.2f}")
         return
     if args.variant:
         print(json.dumps(child(args)))
