@@ -102,7 +102,8 @@ def main() -> None:
         print(json.dumps(sizes))
         print(f"RESULT model_build_meta params_per_rank_b={sizes['params_per_rank_b']:.3f} "
               f"old_transient_fp32_gb={sizes['fp32_gb']:.2f} "
-              f"new_transient_gb={sizes['largest_param_full_fp32_gb']:.2f}")
+              f"new_transient_gb={sizes['largest_param_full_fp32_gb']:.2f} "
+              f"ratio={sizes['fp32_gb'] / sizes['largest_param_full_fp32_gb']:.2f}")
         return
     if args.variant:
         print(json.dumps(child(args)))
