@@ -8,6 +8,7 @@ run. Used by tests/test_parallel.py; also runnable by hand:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -128,9 +129,11 @@ def train_job(job: dict) -> dict:
     data = global_batches(config, last)[first - 1:]
     batches = rank_batches(data, micro=config.train.micro_batch_size, dp=topo.dp, dp_rank=topo.dp_rank)
     trainer = Trainer(config, topo, chunks, train_batches=batches)
+    read_files: list[str] = []
     if job.get("resume"):
-        meta = load_checkpoint(Path(job["resume"]), model=chunks, optimizer=trainer.optimizer, config=config,
-                               topo=topo, zero=trainer.zero)
+        with _files_read(read_files):
+            meta = load_checkpoint(Path(job["resume"]), model=chunks, optimizer=trainer.optimizer, config=config,
+                                   topo=topo, zero=trainer.zero)
         trainer.load_train_state(meta["train_state"])
     # Saved in the background, as training does, while this run trains on.
     saver = Checkpointer(job["save"], config, topo) if job.get("save") else None
@@ -140,15 +143,40 @@ def train_job(job: dict) -> dict:
         if step == job.get("save_at"):  # and train on: the same run is the uninterrupted reference
             saver.save(step, model=chunks, optimizer=trainer.optimizer, zero=trainer.zero,
                        train_state={"consumed_samples": 0, **trainer.train_state()})
+            if job.get("dump_weights") and topo.rank == 0:  # the live weights (whole on rank 0 unless ZeRO-3)
+                torch.save({n: p.detach().clone() for c in chunks for n, p in c.named_parameters()},
+                           job["dump_weights"])
     if saver is not None:
         saver.wait()
-    result = {"rank": topo.rank, "dp_rank": topo.dp_rank, "logging": topo.is_logging_rank,
+    result = {"rank": topo.rank, "dp_rank": topo.dp_rank, "logging": topo.is_logging_rank, "read_files": read_files,
               "loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
               "loss_scale": [r.get("loss_scale") for r in records], "params": trainer.num_params}
     if trainer.zero is not None:
         result["optimizer_bytes"] = trainer.zero.optimizer_state_bytes()
         result["weight_bytes"] = trainer.zero.weight_bytes()
     return result
+
+
+@contextlib.contextmanager
+def _files_read(names: list[str]):
+    """Record the tensor files the checkpoint reader opens or reads (by name)."""
+    from pretrain.checkpoint import reader
+
+    opened, whole = reader.safe_open, reader.read_whole
+
+    def safe_open(path, *args, **kwargs):
+        names.append(Path(path).name)
+        return opened(path, *args, **kwargs)
+
+    def read_whole(path):
+        names.append(Path(path).name)
+        return whole(path)
+
+    reader.safe_open, reader.read_whole = safe_open, read_whole
+    try:
+        yield
+    finally:
+        reader.safe_open, reader.read_whole = opened, whole
 
 
 def _job_worker(rank: int, world: int, port: int, job: dict, out: str) -> None:

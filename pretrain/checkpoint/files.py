@@ -3,19 +3,21 @@
 Layout of one checkpoint, `{checkpoint.dir}/step_N/`:
   meta.json                             format version, step, layout, trainer state; written last
   config.yaml                           the whole run config, so a checkpoint alone rebuilds its model
-  model_tp{T}_pp{P}_part{D}.safetensors      weights held at TP rank T, pipeline rank P: part D of
-                                             them (the DP ranks of a position split its tensors
-                                             between them and write in parallel); each file's
-                                             metadata records every tensor's shard spec and
-                                             full (unsharded) shape
+  model_tp{T}_pp{P}_part{D}.safetensors      weights held at TP rank T, pipeline rank P, written
+                                             by DP rank D; each file's metadata records every
+                                             tensor's shard spec and full (unsharded) shape
   optimizer_tp{T}_pp{P}_part{D}.safetensors  the optimizer state of the same tensors, keyed
                                              `{name}/{state key}` (exp_avg, exp_avg_sq, step)
   rng_rank{R}.pt                        every rank's RNG states
 `{checkpoint.dir}/latest` names the newest complete checkpoint.
 
-Tensors are keyed by their global parameter names, sharded by tensor parallelism only (ZeRO
-partitions are gathered before writing), so a checkpoint is independent of the DP size and ZeRO
-stage and can be resharded to any TP/PP layout (pretrain/checkpoint/reshard.py).
+Tensors are keyed by their global parameter names and stored as TP shards. Without ZeRO the DP
+replicas of a position split its (whole) shards between them and write in parallel. Under ZeRO
+(format 3) each DP rank writes its own partition: per parameter the fp32 master and Adam moments
+of a run of the flattened TP shard, as a 1-D tensor, with `fragments` in the file metadata
+mapping each key to [start, numel] of that run. Either way a checkpoint can be loaded at any DP
+size, ZeRO stage and TP/PP layout (pretrain/checkpoint/reader.py puts shards together from
+their pieces; reshard.py).
 
 Tensor files are safetensors, written here as one streaming pass over the tensors' bytes (the
 library's writer builds the whole file in memory first) and read through the safetensors
@@ -36,7 +38,8 @@ import yaml
 
 from pretrain.config import RunConfig, config_from_dict
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: ZeRO checkpoints hold each DP rank's fragments (2: gathered, whole shards)
+READABLE_VERSIONS = (2, 3)
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
@@ -234,11 +237,11 @@ def read_meta(step_dir: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{step_dir}/meta.json is unreadable: {e}") from None
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{step_dir} has checkpoint format version {version}; this version of "
-                              f"pretrain reads version {FORMAT_VERSION} (convert it with the pretrain "
-                              "release that wrote it: load_model + tools/convert_to_hf.py, then "
-                              "tools/convert_from_hf.py here)")
+                              f"pretrain reads versions {', '.join(map(str, READABLE_VERSIONS))} (convert it "
+                              "with the pretrain release that wrote it: load_model + tools/convert_to_hf.py, "
+                              "then tools/convert_from_hf.py here)")
     return meta
 
 

@@ -1,16 +1,21 @@
 """Reading a saved checkpoint: any tensor whole, or sliced for another layout.
 
 `SavedCheckpoint` indexes the tensor files of one step directory (headers only; data is read
-lazily through safetensors' memory map) and answers "the full tensor named X" or "the shard of
-X that TP rank r of t holds", for weights and optimizer state alike. Loading into a live model
-(pretrain/checkpoint/reshard.py), the offline resharder, load_model and the Hugging Face
-exporter all read through it.
+lazily through safetensors' memory map) and answers "the full tensor named X", "the shard of X
+that TP rank r of t holds" or "elements [a, b) of that shard flattened", for weights and
+optimizer state alike. A saved shard may be whole in one file, or spread over the DP ranks'
+files as ZeRO fragments (runs of the flattened shard, with their offsets in the file metadata):
+the reader puts it together from the pieces, reading only the pieces (and of them only the
+ranges) a request needs. Loading into a live model (pretrain/checkpoint/reshard.py), the offline
+resharder, load_model and the Hugging Face exporter all read through it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -50,11 +55,27 @@ def fit_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """Where (part of) one saved TP shard lies: tensor `key` of the file at `path` holds
+    elements [start, start + numel) of the flattened shard. A whole shard (`whole`) is stored in
+    its own shape; a ZeRO fragment is 1-D."""
+
+    path: Path
+    key: str
+    start: int
+    numel: int
+    whole: bool
+
+
 class SavedCheckpoint:
     """One step directory, indexed. `names` are the model's parameter names; `has_optimizer`
-    says whether optimizer state was saved (imported checkpoints hold weights only)."""
+    says whether optimizer state was saved (imported checkpoints hold weights only).
 
-    def __init__(self, path: str | Path) -> None:
+    `parts`: index only these (tp, pp, part) files (a ZeRO rank resuming at the saved layout
+    reads its own files and nothing else); then names and completeness are those files' only."""
+
+    def __init__(self, path: str | Path, *, parts: Optional[list[tuple[int, int, int]]] = None) -> None:
         self.dir = resolve_checkpoint(path)
         self.meta = read_meta(self.dir)
         self.config: RunConfig = read_config(self.dir)
@@ -66,21 +87,20 @@ class SavedCheckpoint:
         self.read_whole_files = False
         self.specs: dict[str, Optional[ShardSpec]] = {}
         self.shapes: dict[str, list[int]] = {}
-        # name -> tp rank -> pipeline rank -> the file holding that shard (a tied embedding is on
-        # two pipeline ranks)
-        self._model: dict[str, dict[int, dict[int, Path]]] = {}
-        self._optim: dict[str, dict[int, dict[int, Path]]] = {}  # "name/key" -> the same
-        for tp in range(self.tp):
-            for pp in range(self.pp):
-                for part in range(self.parts):
-                    self._index_model(self.dir / model_file(tp, pp, part), tp, pp)
-                    if self.has_optimizer:
-                        self._index(self.dir / optimizer_file(tp, pp, part), tp, pp, self._optim)
+        # name -> tp rank -> pipeline rank -> the pieces of that shard (a tied embedding is on
+        # two pipeline ranks; under ZeRO a shard is spread over the DP ranks' files)
+        self._model: dict[str, dict[int, dict[int, list[_Piece]]]] = {}
+        self._optim: dict[str, dict[int, dict[int, list[_Piece]]]] = {}  # "name/key" -> the same
+        files = parts if parts is not None else [(t, p, d) for t in range(self.tp) for p in range(self.pp)
+                                                 for d in range(self.parts)]
+        for tp, pp, part in files:
+            self._index_model(self.dir / model_file(tp, pp, part), tp, pp)
+            if self.has_optimizer:
+                handle = self._handle(self.dir / optimizer_file(tp, pp, part))
+                self._index(handle, self.dir / optimizer_file(tp, pp, part), tp, pp, self._optim)
         self.names = sorted(self._model)
-        incomplete = [n for n, ranks in self._model.items() if len(ranks) != self.tp]
-        if incomplete:
-            raise CheckpointError(f"{self.dir}: tensors missing from some tensor-parallel ranks' files "
-                                  f"(e.g. {incomplete[0]}): the checkpoint is incomplete")
+        if parts is None:
+            self._check_complete()
 
     # -- the index ------------------------------------------------------------------------------
 
@@ -95,14 +115,21 @@ class SavedCheckpoint:
                 raise CheckpointError(f"{path} is not a readable tensor file: {e}") from None
         return self._open[path]
 
-    def _index(self, path: Path, tp: int, pp: int, into: dict) -> object:
-        handle = self._handle(path)
+    def _index(self, handle, path: Path, tp: int, pp: int, into: dict) -> None:
+        try:
+            fragments = json.loads((handle.metadata() or {}).get("fragments", "{}"))
+        except ValueError:
+            raise CheckpointError(f"{path} has unreadable fragment metadata") from None
         for key in handle.keys():
-            into.setdefault(key, {}).setdefault(tp, {})[pp] = path
-        return handle
+            if key in fragments:
+                start, numel = fragments[key]
+                piece = _Piece(path, key, int(start), int(numel), whole=False)
+            else:
+                piece = _Piece(path, key, 0, math.prod(handle.get_slice(key).get_shape()), whole=True)
+            into.setdefault(key, {}).setdefault(tp, {}).setdefault(pp, []).append(piece)
 
     def _index_model(self, path: Path, tp: int, pp: int) -> None:
-        handle = self._index(path, tp, pp, self._model)
+        handle = self._handle(path)
         meta = handle.metadata() or {}
         try:
             for name, spec in json.loads(meta["specs"]).items():
@@ -110,6 +137,54 @@ class SavedCheckpoint:
             self.shapes.update(json.loads(meta["shapes"]))
         except (KeyError, ValueError, TypeError):
             raise CheckpointError(f"{path} has no pretrain shard metadata: not a pretrain checkpoint file") from None
+        self._index(handle, path, tp, pp, self._model)
+
+    def _shard_shape(self, name: str) -> list[int]:
+        """The shape of one saved TP shard of `name`."""
+        shape, spec = list(self.shapes[name]), self.specs.get(name)
+        if spec is not None:
+            shape[spec.dim] //= self.tp
+        return shape
+
+    def _check_complete(self) -> None:
+        incomplete = [n for n, ranks in self._model.items() if len(ranks) != self.tp]
+        for index, optimizer in ((self._model, False), (self._optim, True)):
+            for key, ranks in index.items():
+                for tp, by_pp in ranks.items():
+                    for pp, pieces in by_pp.items():
+                        if not self._covered(key, optimizer, pieces):
+                            incomplete.append(f"{key} (tensor rank {tp}, pipeline rank {pp})")
+        if incomplete:
+            raise CheckpointError(f"{self.dir}: tensors missing from some ranks' files (e.g. {incomplete[0]}): "
+                                  "the checkpoint is incomplete")
+
+    def _covered(self, key: str, optimizer: bool, pieces: list[_Piece]) -> bool:
+        if any(p.whole for p in pieces):
+            return True
+        name = key.rsplit("/", 1)[0] if optimizer else key
+        return _covers(pieces, 0, math.prod(self._shard_shape(name)))
+
+    def _pieces(self, key: str, tp: int, optimizer: bool, pp: Optional[int]) -> list[_Piece]:
+        """The pieces of the saved shard `key` of TP rank tp, from pipeline rank pp's files when
+        they hold it."""
+        index = self._optim if optimizer else self._model
+        if key not in index or tp not in index[key]:
+            kind = "optimizer state" if optimizer else "weight"
+            raise CheckpointError(f"{self.dir} has no {kind} '{key}' for tensor rank {tp} (a different model "
+                                  "shape?)")
+        by_pp = index[key][tp]
+        return by_pp.get(pp, next(iter(by_pp.values())))
+
+    def has_range(self, name: str, key: Optional[str], *, tp_rank: int, pp_rank: Optional[int],
+                  start: int, numel: int) -> bool:
+        """Whether the indexed files hold elements [start, start + numel) of the flattened saved
+        shard (metadata only; nothing is read)."""
+        stored, optimizer = (name, False) if key is None else (f"{name}/{key}", True)
+        by_pp = (self._optim if optimizer else self._model).get(stored, {}).get(tp_rank)
+        if not by_pp:
+            return False
+        pieces = by_pp.get(pp_rank, next(iter(by_pp.values())))
+        return any(p.whole for p in pieces) or _covers(pieces, start, start + numel)
 
     # -- tensors ----------------------------------------------------------------------------------
 
@@ -117,19 +192,52 @@ class SavedCheckpoint:
         prefix = f"{name}/"
         return sorted(k[len(prefix):] for k in self._optim if k.startswith(prefix))
 
-    def _stored(self, key: str, tp: int, optimizer: bool, pp: Optional[int] = None) -> torch.Tensor:
-        """The saved shard `key` of TP rank tp, from pipeline rank pp's file when it has one."""
-        index = self._optim if optimizer else self._model
-        if key not in index:
-            kind = "optimizer state" if optimizer else "weight"
-            raise CheckpointError(f"{self.dir} has no {kind} '{key}' (a different model shape?)")
-        files = index[key][tp]
-        path = files.get(pp, next(iter(files.values())))
+    def _read(self, piece: _Piece, lo: Optional[int] = None, hi: Optional[int] = None) -> torch.Tensor:
+        """The piece's tensor, or its flattened elements [lo, hi) (only those are read)."""
         if self.read_whole_files:
-            if path not in self._whole:
-                self._whole[path] = read_whole(path)
-            return self._whole[path][key]
-        return self._handle(path).get_tensor(key)
+            if piece.path not in self._whole:
+                self._whole[piece.path] = read_whole(piece.path)
+            t = self._whole[piece.path][piece.key]
+            return t if lo is None else t.reshape(-1)[lo:hi]
+        handle = self._handle(piece.path)
+        if lo is None:
+            return handle.get_tensor(piece.key)
+        view = handle.get_slice(piece.key)
+        shape = view.get_shape()
+        if len(shape) <= 1:
+            return view[lo:hi]
+        # A whole shard: read the rows the range touches (safetensors slices the first dimension).
+        row = math.prod(shape[1:])
+        first, last = lo // row, -(-hi // row)
+        return view[first:last].reshape(-1)[lo - first * row:hi - first * row]
+
+    def _stored(self, key: str, tp: int, optimizer: bool, pp: Optional[int] = None) -> torch.Tensor:
+        """The saved shard `key` of TP rank tp, from pipeline rank pp's files when they hold it."""
+        pieces = self._pieces(key, tp, optimizer, pp)
+        whole = next((p for p in pieces if p.whole), None)
+        if whole is not None:
+            return self._read(whole)
+        shape = self._shard_shape(key.rsplit("/", 1)[0] if optimizer else key)
+        return self._flat(pieces, 0, math.prod(shape), key).view(shape)
+
+    def _flat(self, pieces: list[_Piece], start: int, numel: int, key: str) -> torch.Tensor:
+        """Elements [start, start + numel) of a flattened shard, from the pieces overlapping them."""
+        end = start + numel
+        parts = [(max(start, p.start), min(end, p.start + p.numel), p) for p in pieces
+                 if p.start < end and start < p.start + p.numel]
+        if not _covers([p for _, _, p in parts], start, end):
+            raise CheckpointError(f"{self.dir}: elements {start}-{end} of '{key}' are in no file read here (the "
+                                  "checkpoint is incomplete)")
+        if len(parts) == 1:  # within one piece: a view where the data is already in memory
+            lo, hi, p = parts[0]
+            return self._read(p, lo - p.start, hi - p.start)
+        out = None
+        for lo, hi, p in parts:
+            t = self._read(p, lo - p.start, hi - p.start)
+            if out is None:
+                out = torch.empty(numel, dtype=t.dtype)
+            out[lo - start:hi - start] = t
+        return out
 
     def full(self, name: str, key: Optional[str] = None) -> torch.Tensor:
         """The unsharded weight `name`, or its optimizer state `key` (exp_avg, step, ...)."""
@@ -146,9 +254,7 @@ class SavedCheckpoint:
         vocabulary rows (padded) the target layout has, for the vocabulary tensors; `pp_rank`:
         read from that pipeline rank's files where they hold the tensor."""
         spec = self.specs.get(name)
-        saved_rows = self.shapes[name][0]
-        same_rows = rows is None or name not in VOCAB_PARAMS or rows == saved_rows
-        if tp_size == self.tp and same_rows:  # the common resume: the very shard that was saved
+        if self._same_shard(name, tp_size, rows):  # the common resume: the very shard that was saved
             return self._stored(name if key is None else f"{name}/{key}", tp_rank, key is not None, pp_rank)
         full = self.full(name, key)
         if full.dim() == 0 or spec is None:
@@ -157,9 +263,36 @@ class SavedCheckpoint:
             full = fit_rows(full, rows)
         return shard_tensor(full, spec, rank=tp_rank, size=tp_size).contiguous()
 
+    def shard_range(self, name: str, key: Optional[str] = None, *, tp_rank: int, tp_size: int, start: int,
+                    numel: int, rows: Optional[int] = None, pp_rank: Optional[int] = None) -> torch.Tensor:
+        """Elements [start, start + numel) of `shard(...)` flattened (a ZeRO rank's fragment). At
+        the saved TP size only the pieces overlapping the range are read, and of those only the
+        range; at another TP size the tensor is put together first (one tensor at a time)."""
+        if self._same_shard(name, tp_size, rows):
+            stored = name if key is None else f"{name}/{key}"
+            return self._flat(self._pieces(stored, tp_rank, key is not None, pp_rank), start, numel, stored)
+        return self.shard(name, key, tp_rank=tp_rank, tp_size=tp_size, rows=rows,
+                          pp_rank=pp_rank).reshape(-1)[start:start + numel]
+
+    def _same_shard(self, name: str, tp_size: int, rows: Optional[int]) -> bool:
+        same_rows = rows is None or name not in VOCAB_PARAMS or rows == self.shapes[name][0]
+        return tp_size == self.tp and same_rows
+
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The single-device state dict (padded vocabulary rows as saved)."""
         return {name: self.full(name) for name in self.names}
+
+
+def _covers(pieces: list[_Piece], start: int, end: int) -> bool:
+    """Whether the pieces' runs, together, cover [start, end) (they never overlap: DP partitions)."""
+    at = start
+    for p in sorted(pieces, key=lambda p: p.start):
+        if p.start > at:
+            return False
+        at = max(at, p.start + p.numel)
+        if at >= end:
+            return True
+    return at >= end
 
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

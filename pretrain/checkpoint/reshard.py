@@ -1,9 +1,10 @@
 """Loading a checkpoint into any layout, live or offline.
 
-A checkpoint holds every tensor under its global name with its TP shard spec, independent of
-DP size and ZeRO stage (pretrain/checkpoint/files.py). Loading at another layout is therefore:
-for each parameter this rank holds, read the saved shards of that name, put the full tensor
-together, and keep this rank's slice of it; the same for its optimizer state. The vocabulary
+A checkpoint holds every tensor under its global name with its TP shard spec, whole or as ZeRO
+fragments (pretrain/checkpoint/files.py). Loading at another layout is therefore: for each
+parameter this rank holds, read the saved shards of that name, put the full tensor together,
+and keep this rank's slice of it; the same for its optimizer state. Under ZeRO a rank needs only
+its fragments' ranges, and at the saved TP size reads only those (`_load_zero`). The vocabulary
 tensors are cut or zero-padded when the padding differs (it grows with the TP size; padding
 rows take no part in the loss). `reshard_checkpoint` writes a checkpoint at another layout
 without starting any process (`tools/reshard_checkpoint.py`).
@@ -19,11 +20,13 @@ from typing import Optional
 import torch
 
 from pretrain.checkpoint.files import (TMP_PREFIX, CheckpointError, StreamingTensorFile, load_pt, model_file,
-                                       optimizer_file, publish, remove_leftovers, rng_file, write_meta_and_config)
+                                       optimizer_file, publish, read_config, read_meta, remove_leftovers,
+                                       resolve_checkpoint, rng_file, write_meta_and_config)
 from pretrain.checkpoint.reader import VOCAB_PARAMS, SavedCheckpoint, check_same_model
 from pretrain.checkpoint.saver import assign_parts, shard_metadata
 from pretrain.config import RunConfig
 from pretrain.parallel.topology import Topology, single_process
+from pretrain.parallel.zero_state import ADAM_KEYS
 
 
 def _layout(config: RunConfig, dp: int) -> dict:
@@ -37,16 +40,32 @@ def load_checkpoint(step_dir: str | Path, *, model, optimizer, config: RunConfig
     """Restore this rank's weights and optimizer state in place from a checkpoint of any layout
     (and the RNG states when the layout is the same); returns the meta (step, train_state)."""
     topo = topo or single_process()
-    saved = SavedCheckpoint(step_dir)
-    check_same_model(saved.config.model, config.model, saved.dir)
+    step_dir = resolve_checkpoint(step_dir)
+    meta = read_meta(step_dir)
+    check_same_model(read_config(step_dir).model, config.model, step_dir)
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-    params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
-    missing = sorted(set(params) - set(saved.names))
+    with_state = bool(meta.get("has_optimizer", True)) and (optimizer is not None or zero is not None)
+    if zero is not None:
+        _load_zero(step_dir, meta, chunks, zero=zero, config=config, topo=topo, with_state=with_state)
+    else:
+        _load_plain(step_dir, chunks, optimizer=optimizer, config=config, topo=topo, with_state=with_state)
+    _restore_rng(step_dir, meta, topo)
+    return meta
+
+
+def _check_names(saved: SavedCheckpoint, names) -> None:
+    missing = sorted(set(names) - set(saved.names))
     if missing:
         raise CheckpointError(f"{saved.dir} lacks weights this model needs ({', '.join(missing[:3])}): "
                               "a different model shape, or an incomplete checkpoint")
-    with_state = saved.has_optimizer and (optimizer is not None or zero is not None)
 
+
+def _load_plain(step_dir: Path, chunks: list, *, optimizer, config: RunConfig, topo: Topology,
+                with_state: bool) -> None:
+    """Without ZeRO every DP rank needs its position's whole shards."""
+    saved = SavedCheckpoint(step_dir)
+    params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
+    _check_names(saved, params)
     # At the saved TP size a rank needs exactly its own position's files: read them whole.
     saved.read_whole_files = saved.tp == topo.tp and saved.pp == topo.pp
 
@@ -56,37 +75,77 @@ def load_checkpoint(step_dir: str | Path, *, model, optimizer, config: RunConfig
 
     with torch.no_grad():
         for name, param in params.items():
-            if zero is not None and zero.stage == 3:
-                continue  # partitioned: restored from the fp32 masters below
             value = shard(name)
             if value.shape != param.shape:
                 raise CheckpointError(f"{saved.dir}: {name} has shape {tuple(value.shape)} for this rank, the "
                                       f"model has {tuple(param.shape)} (a different model shape?)")
             param.copy_(value)
-        if zero is not None:
-            for chunk in chunks:
-                names = [n for n, _ in chunk.named_parameters()]
-                zero.load_full_state(chunk, weights={n: shard(n) for n in names},
-                                     states={n: {k: shard(n, k) for k in saved.optimizer_keys(n)} for n in names}
-                                     if with_state else None)
-        elif with_state:
+        if with_state:
             for name, param in params.items():
                 keys = saved.optimizer_keys(name)
                 if keys:
                     optimizer.state[param] = {k: shard(name, k).to(param.device) for k in keys}
-    _restore_rng(saved, topo)
-    return saved.meta
 
 
-def _restore_rng(saved: SavedCheckpoint, topo: Topology) -> None:
+def _load_zero(step_dir: Path, meta: dict, chunks: list, *, zero, config: RunConfig, topo: Topology,
+               with_state: bool) -> None:
+    """Under ZeRO a rank needs only its own fragments (pretrain/parallel/zero_state.py): the
+    runs of the flattened TP shards its partition holds. Saved at this very layout, those are
+    its own files' fragments, and it reads its own two files and nothing else; saved at any
+    other layout, it reads the ranges of its fragments from wherever they lie (other DP size:
+    the overlapping parts of other ranks' fragments; without ZeRO: rows of whole shards)."""
+    layout, p = meta["layout"], config.parallel
+    fragments = [f for chunk in chunks for f in zero.local_fragments(chunk, with_state=False)]
+    saved = None
+    if (layout["tensor"], layout["pipeline"], layout.get("virtual_stages", 1), layout["data"],
+            layout.get("zero_stage", 0)) == (topo.tp, topo.pp, p.virtual_stages, topo.dp, zero.stage):
+        own = SavedCheckpoint(step_dir, parts=[(topo.tp_rank, topo.pp_rank, topo.dp_rank)])
+        keys = [None, *ADAM_KEYS] if with_state and own.has_optimizer else [None]
+        if all(own.has_range(f.name, k, tp_rank=topo.tp_rank, pp_rank=topo.pp_rank, start=f.start, numel=f.numel)
+               for f in fragments for k in keys):
+            saved, own.read_whole_files = own, True  # one sequential read per file
+    if saved is None:
+        saved = SavedCheckpoint(step_dir)
+        _check_names(saved, [n for chunk in chunks for n, _ in chunk.named_parameters()])
+    pp_rank = topo.pp_rank if saved.pp == topo.pp else None
+    step = None
+    if with_state and saved.has_optimizer:
+        with_step = next((f.name for f in fragments if "step" in saved.optimizer_keys(f.name)), None)
+        if with_step is not None:  # one count for the whole run (every partition steps together)
+            step = float(saved.shard(with_step, "step", tp_rank=topo.tp_rank, tp_size=topo.tp, pp_rank=pp_rank))
+    shapes = {f.name: f.shape for f in fragments}
+
+    def read(name: str, key: Optional[str], start: int, numel: int) -> torch.Tensor:
+        rows = config.model.vocab_rows
+        if key is None and saved.shapes.get(name) is not None and not _fits(saved, name, shapes[name], topo, rows):
+            raise CheckpointError(f"{saved.dir}: {name} does not fit this model's shard {shapes[name]} (a "
+                                  "different model shape?)")
+        return saved.shard_range(name, key, tp_rank=topo.tp_rank, tp_size=topo.tp, start=start, numel=numel,
+                                 rows=rows, pp_rank=pp_rank)
+
+    zero.load_local_state(chunks, read=read, step=step)
+
+
+def _fits(saved: SavedCheckpoint, name: str, shape: list[int], topo: Topology, rows: int) -> bool:
+    """Whether the saved tensor, resharded to this layout, has this rank's shard shape."""
+    full = list(saved.shapes[name])
+    if name in VOCAB_PARAMS:
+        full[0] = rows
+    spec = saved.specs.get(name)
+    if spec is not None:
+        full[spec.dim] //= topo.tp
+    return full == list(shape)
+
+
+def _restore_rng(step_dir: Path, meta: dict, topo: Topology) -> None:
     """The RNG streams continue exactly only at the saved layout; elsewhere ranks keep the
     streams they were seeded with (dropout masks then differ from an uninterrupted run)."""
-    layout = saved.meta["layout"]
-    if (layout["tensor"], layout["pipeline"], saved.meta["world_size"]) != (topo.tp, topo.pp, topo.world_size):
+    layout = meta["layout"]
+    if (layout["tensor"], layout["pipeline"], meta["world_size"]) != (topo.tp, topo.pp, topo.world_size):
         return
-    if not saved.meta.get("has_rng", True):  # written offline (resharded, imported): fresh streams
+    if not meta.get("has_rng", True):  # written offline (resharded, imported): fresh streams
         return
-    rng = load_pt(saved.dir / rng_file(topo.rank))
+    rng = load_pt(step_dir / rng_file(topo.rank))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -6,9 +6,13 @@ into host memory). The write, the agreement that every rank succeeded, the atomi
 pruning of old checkpoints run on a background thread over a dedicated gloo group, so they never
 interleave with the training collectives; the next save (and the end of training) waits for it.
 
-Data-parallel replicas hold the same tensors (under ZeRO after gathering them), so the DP ranks
-of one TP/PP position split the tensors between them, each writing one part: all ranks write in
-parallel and nothing is written twice.
+Without ZeRO, data-parallel replicas hold the same tensors, so the DP ranks of one TP/PP
+position split the tensors between them, each writing one part: all ranks write in parallel and
+nothing is written twice. Under ZeRO each DP rank holds its own partition of the fp32 master
+weights and Adam moments and writes exactly that (pretrain/parallel/zero_state.py): per
+parameter a run of its flattened TP shard, with the run's offset in the file metadata. Nothing
+is gathered, so a rank's host memory during a save is its own share (async: one copy of it;
+synchronous: none, DeepSpeed's buffers are written as they are).
 """
 
 from __future__ import annotations
@@ -39,21 +43,30 @@ class Shard:
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)  # "{name}/{key}"
     specs: dict[str, Optional[list[int]]] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)  # full (unsharded) shapes
+    # ZeRO: key -> [start, numel], the run of the flattened TP shard a 1-D tensor holds
+    fragments: dict[str, list[int]] = field(default_factory=dict)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.weights, self.optimizer) for t in d.values())
 
     def write(self, directory: Path, *, tp: int, pp: int, part: int) -> int:
+        fragments = {k: v for k, v in self.fragments.items() if k in self.weights}
         written = write_safetensors(directory / model_file(tp, pp, part), self.weights,
-                                    shard_metadata(self.specs, self.shapes))
+                                    shard_metadata(self.specs, self.shapes, fragments))
         if self.optimizer:
-            written += write_safetensors(directory / optimizer_file(tp, pp, part), self.optimizer)
+            fragments = {k: v for k, v in self.fragments.items() if k in self.optimizer}
+            written += write_safetensors(directory / optimizer_file(tp, pp, part), self.optimizer,
+                                         {"fragments": json.dumps(fragments)} if fragments else None)
         return written
 
 
-def shard_metadata(specs: dict, shapes: dict) -> dict[str, str]:
-    """A weight file's metadata: how each tensor splits across TP ranks and its full shape."""
-    return {"format": "pretrain", "specs": json.dumps(specs), "shapes": json.dumps(shapes)}
+def shard_metadata(specs: dict, shapes: dict, fragments: Optional[dict] = None) -> dict[str, str]:
+    """A weight file's metadata: how each tensor splits across TP ranks, its full shape, and for
+    ZeRO fragments which run of the flattened TP shard the stored 1-D tensor is."""
+    meta = {"format": "pretrain", "specs": json.dumps(specs), "shapes": json.dumps(shapes)}
+    if fragments:
+        meta["fragments"] = json.dumps(fragments)
+    return meta
 
 
 def assign_parts(sizes: dict[str, int], parts: int) -> dict[str, int]:
@@ -77,11 +90,10 @@ class HostBuffers:
         self.buffers: dict[str, torch.Tensor] = {}
         self.copies = copy  # False for a synchronous save: training waits anyway, write the tensors as they are
 
-    def copy(self, key: str, t: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
-        """A host copy of t that training cannot change under us (it updates weights in place).
-        `fresh`: t is already a private host tensor (gathered for us): keep it as it is."""
+    def copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """A host copy of t that training cannot change under us (it updates weights in place)."""
         t = t.detach()
-        if (fresh or not self.copies) and t.device.type == "cpu":
+        if not self.copies and t.device.type == "cpu":
             return t.contiguous()
         buffer = self.buffers.get(key)
         if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
@@ -95,34 +107,55 @@ def _spec(param) -> Optional[list[int]]:
     return None if spec is None else [spec.dim, spec.parts]
 
 
+def _full_shape(param, shape: list[int], topo: Topology) -> list[int]:
+    """The unsharded shape of a parameter whose TP shard has `shape`."""
+    spec, shape = _spec(param), list(shape)
+    if spec is not None:
+        shape[spec[0]] *= topo.tp
+    return shape
+
+
 def take_shard(chunks: list[torch.nn.Module], *, optimizer, zero, topo: Topology,
                host: Optional[HostBuffers] = None) -> Shard:
-    """This rank's part of its position's tensors, copied to the host. Collective over the DP
-    group under ZeRO (weights and optimizer state are gathered from their partitions)."""
+    """This rank's part of its position's tensors, copied to the host (no communication)."""
     host = host or HostBuffers()
-    params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
     if zero is not None:
-        weights = {n: t for chunk in chunks for n, t in zero.full_parameters(chunk).items()}
-        states = {n: s for chunk in chunks for n, s in zero.full_optimizer_state(chunk).items()}
+        shard = _take_zero_shard(chunks, zero, topo, host)
     else:
-        weights = {n: p.detach() for n, p in params.items()}
+        params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
         states = {n: optimizer.state.get(p, {}) for n, p in params.items()} if optimizer is not None else {}
-    owner = assign_parts({n: t.numel() for n, t in weights.items()}, topo.dp)
-    shard = Shard()
-    for name, tensor in weights.items():
-        if owner[name] != topo.dp_rank:
-            continue
-        shard.weights[name] = host.copy(name, tensor, fresh=zero is not None)
-        spec = shard.specs[name] = _spec(params[name])
-        shape = list(tensor.shape)
-        if spec is not None:
-            shape[spec[0]] *= topo.tp
-        shard.shapes[name] = shape
-        for key, value in states.get(name, {}).items():
-            value = value if torch.is_tensor(value) else torch.tensor(value)
-            shard.optimizer[f"{name}/{key}"] = host.copy(f"{name}/{key}", value, fresh=zero is not None)
-    if any(t.is_pinned() for t in shard.weights.values()):
+        owner = assign_parts({n: p.numel() for n, p in params.items()}, topo.dp)
+        shard = Shard()
+        for name, param in params.items():
+            if owner[name] != topo.dp_rank:
+                continue
+            shard.weights[name] = host.copy(name, param)
+            shard.specs[name] = _spec(param)
+            shard.shapes[name] = _full_shape(param, list(param.shape), topo)
+            for key, value in states.get(name, {}).items():
+                value = value if torch.is_tensor(value) else torch.tensor(value)
+                shard.optimizer[f"{name}/{key}"] = host.copy(f"{name}/{key}", value)
+    if any(t.is_pinned() for d in (shard.weights, shard.optimizer) for t in d.values()):
         torch.cuda.synchronize()  # the device-to-host copies above are asynchronous
+    return shard
+
+
+def _take_zero_shard(chunks: list[torch.nn.Module], zero, topo: Topology, host: HostBuffers) -> Shard:
+    """Under ZeRO: this rank's fragments, fp32 masters and Adam moments, as they lie in
+    DeepSpeed's partitions (pretrain/parallel/zero_state.py)."""
+    shard = Shard()
+    step = torch.tensor(zero.adam_step())
+    for chunk in chunks:
+        for frag in zero.local_fragments(chunk):
+            name = frag.name
+            shard.weights[name] = host.copy(name, frag.master)
+            shard.fragments[name] = [frag.start, frag.numel]
+            shard.specs[name] = _spec(frag.param)
+            shard.shapes[name] = _full_shape(frag.param, frag.shape, topo)
+            for key, value in frag.state.items():
+                shard.optimizer[f"{name}/{key}"] = host.copy(f"{name}/{key}", value)
+                shard.fragments[f"{name}/{key}"] = [frag.start, frag.numel]
+            shard.optimizer[f"{name}/step"] = step
     return shard
 
 

@@ -41,6 +41,8 @@ from pretrain.optim import (LOSS_SCALE_HYSTERESIS, LOSS_SCALE_INIT_POWER, LOSS_S
                             BackwardRootChunk, build_optimizer)
 from pretrain.parallel.topology import Topology
 from pretrain.parallel.zero_grads import ZeroGradientRouter
+from pretrain.parallel.zero_state import (Fragment, Reader, adam_step, ensure_adam_state, load_local_state,
+                                         local_fragments)
 
 INSTALL_HINT = "pip install -c constraints.txt -e '.[zero]' (with DS_BUILD_OPS=0 in the environment)"
 
@@ -220,8 +222,6 @@ def _ensure_process_group(topo: Topology) -> None:
                                 timeout=datetime.timedelta(minutes=10))
 
 
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
 
 class ZeroEngine:
     """This rank's ZeRO optimizer over its model chunks, driven around our pipeline executor.
@@ -322,84 +322,23 @@ class ZeroEngine:
         grad_norm = math.inf if skipped else float(norm) if norm is not None else math.nan
         return {"grad_norm": grad_norm, "skipped": skipped}
 
-    # -- checkpoints --------------------------------------------------------------------------
+    # -- checkpoints: this rank's own share, nothing gathered (pretrain/parallel/zero_state.py) --
 
-    def full_parameters(self, chunk: nn.Module) -> dict[str, torch.Tensor]:
-        """chunk's fp32 master weights, whole (gathered over DP). Collective over the DP group."""
-        from deepspeed.utils import safe_get_full_fp32_param
+    def local_fragments(self, chunk: nn.Module, *, with_state: bool = True) -> list[Fragment]:
+        """This rank's fragments of chunk's fp32 master weights (and Adam moments): views of
+        DeepSpeed's partitions. No communication."""
+        if with_state:
+            ensure_adam_state(self.optimizer, self.stage)
+        return local_fragments(self.optimizer, self.stage, chunk, with_state=with_state)
 
-        state = {}
-        for name, param in chunk.named_parameters():
-            full = safe_get_full_fp32_param(param)
-            state[name] = (param.detach() if full is None else full).float().cpu().clone()
-        return state
+    def adam_step(self) -> float:
+        return adam_step(self.optimizer)
 
-    def full_optimizer_state(self, chunk: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-        """chunk's Adam state per parameter, whole (gathered over DP; collective over the DP
-        group), in the plain AdamW form a checkpoint stores: exp_avg, exp_avg_sq, step."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        self._ensure_adam_state()
-        step = torch.tensor(self._adam_step())
-        state = {}
-        for name, param in chunk.named_parameters():
-            moments = {key: safe_get_full_optimizer_state(param, key) for key in ADAM_KEYS}
-            if all(v is not None for v in moments.values()):
-                state[name] = {**{k: v.float().cpu() for k, v in moments.items()}, "step": step}
-        return state
-
-    def load_full_state(self, chunk: nn.Module, *, weights: dict[str, torch.Tensor],
-                        states: Optional[dict[str, dict[str, torch.Tensor]]]) -> None:
-        """Set chunk's fp32 master weights (and Adam state, when given) from whole tensors: each
-        rank keeps its own partition. Stages 1/2 hold whole 16-bit weights in the module, which
-        the caller sets; stage 3 re-derives its partitioned weights from the masters here."""
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        if states:
-            self._ensure_adam_state()
-        for name, param in chunk.named_parameters():
-            device = param.device
-            safe_set_full_fp32_param(param, weights[name].to(device, torch.float32))
-            if states:
-                for key in ADAM_KEYS:
-                    safe_set_full_optimizer_state(param, states[name][key].to(device, torch.float32), key)
-        if states:
-            steps = {float(s["step"]) for s in states.values() if "step" in s}
-            if steps:
-                self._set_adam_step(steps.pop())
-        if self.stage == 3:
-            opt = self.optimizer
-            for group in range(len(opt.fp16_partitioned_groups_flat)):
-                opt._reassign_or_swap_out_partitioned_parameters(group)  # masters -> module partitions
-            opt.checkpoint_event_epilogue()  # re-gather the persistent (small, unpartitioned) weights
-
-    def _ensure_adam_state(self) -> None:
-        """Adam state for every flat fp32 partition, and DeepSpeed's per-parameter views of it.
-        torch's AdamW creates its state at the first step (a checkpoint may be saved or loaded
-        before one), and DeepSpeed 0.19.8 links each parameter to its slice of the state once,
-        right after stepping the first parameter group only, so the parameters of the other
-        groups (ours: those without weight decay) are left unlinked: link them all again."""
-        opt = self.optimizer
-        flats = opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups
-        for flat in flats:
-            state = opt.optimizer.state[flat]
-            if not state:  # what AdamW's first step would create
-                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
-        if self.stage < 3:
-            opt._hp_optimizer_states_linked = False
-            opt._lazy_init_hp_params_optimizer_state()
-
-    def _adam_step(self) -> float:
-        """The step count of the Adam moments (one per run: every partition steps together)."""
-        for s in self.optimizer.optimizer.state.values():
-            if "step" in s:
-                return float(s["step"])
-        return 0.0
-
-    def _set_adam_step(self, step: float) -> None:
-        for s in self.optimizer.optimizer.state.values():
-            if "step" in s:
-                s["step"] = torch.tensor(step) if torch.is_tensor(s["step"]) else step
+    def load_local_state(self, chunks: list[nn.Module], *, read: Reader, step: Optional[float]) -> None:
+        """Set this rank's fragments from `read(name, key, start, numel)` (and the Adam moments
+        and step when `step` is given); the module's weights follow from the masters.
+        Collective over the DP group (stages 1/2 all-gather the 16-bit weights)."""
+        load_local_state(self.optimizer, self.stage, chunks, read=read, step=step)
 
     def loss_scaler_state(self) -> dict:
         """The fp16 dynamic loss scaler (plain numbers, for meta.json)."""
