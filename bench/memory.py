@@ -81,13 +81,14 @@ def _unique_bytes(tensors) -> int:
 
 
 def _measure(stage: int, dp: int) -> dict:
+    from pretrain.models.build import weight_dtype
     from pretrain.parallel.pipeline import build_model_chunks, forward_backward
     from pretrain.parallel.topology import init_distributed
     from pretrain.train import Trainer
 
     config = _config(stage, dp)
     topo = init_distributed(config, device=torch.device("cpu"))
-    chunks = build_model_chunks(config.model, topo, init_seed=1)
+    chunks = build_model_chunks(config.model, topo, init_seed=1, dtype=weight_dtype(config))
     trainer = Trainer(config, topo, chunks, train_batches=_batches(config, topo.dp_rank))
     trainer.step(1)  # Adam's moments are allocated by the first step
 

@@ -30,6 +30,7 @@ from pretrain.device import pick_device
 from pretrain.launch import discover
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
 from pretrain.models.attention import check_backend
+from pretrain.models.build import weight_dtype
 from pretrain.optim import (BackwardRootChunk, DynamicLossScaler, build_optimizer, learning_rate,
                             set_learning_rate, unscale_and_check)
 from pretrain.parallel.data import GradientSync, grad_norm_and_clip, reduce_loss
@@ -220,7 +221,7 @@ def run(config: RunConfig) -> dict:
 
     # Dropout streams: equal across TP and DP ranks, different per pipeline stage.
     torch.manual_seed(t.seed + 100 * topo.pp_rank)
-    chunks = build_model_chunks(config.model, topo, init_seed=t.seed)
+    chunks = build_model_chunks(config.model, topo, init_seed=t.seed, dtype=weight_dtype(config))
     trainer = Trainer(config, topo, chunks, train_batches=iter(data.train), valid=data.valid, collate=data.collate)
     if trainer.zero is not None and topo.rank == 0:
         print(f"DeepSpeed config: {json.dumps(trainer.zero.ds_config)}", flush=True)

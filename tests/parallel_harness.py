@@ -58,13 +58,14 @@ def rank_batches(data: torch.Tensor, *, micro: int, dp: int, dp_rank: int, segme
 
 def build_trainer(config, steps: int):
     """This process's Trainer on its part of the grid, fed the shared synthetic batches."""
+    from pretrain.models.build import weight_dtype
     from pretrain.parallel.pipeline import build_model_chunks
     from pretrain.parallel.topology import init_distributed
     from pretrain.train import Trainer
 
     torch.manual_seed(config.train.seed)
     topo = init_distributed(config, device=torch.device("cpu"))
-    chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed)
+    chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed, dtype=weight_dtype(config))
     batches = rank_batches(global_batches(config, steps), micro=config.train.micro_batch_size, dp=topo.dp,
                            dp_rank=topo.dp_rank, segments=config.data.document_attention_mask)
     return Trainer(config, topo, chunks, train_batches=batches)
@@ -112,6 +113,7 @@ def train_job(job: dict) -> dict:
     """This rank's part of one run: build, optionally resume (from a checkpoint of any layout),
     train steps first..last on the shared batches, optionally save at step save_at and train on."""
     from pretrain.checkpoint import Checkpointer, load_checkpoint
+    from pretrain.models.build import weight_dtype
     from pretrain.parallel.pipeline import build_model_chunks
     from pretrain.parallel.topology import init_distributed
     from pretrain.train import Trainer
@@ -124,7 +126,7 @@ def train_job(job: dict) -> dict:
     config = make_config(job["overrides"])
     torch.manual_seed(config.train.seed)
     topo = init_distributed(config, device=torch.device("cpu"))
-    chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed)
+    chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed, dtype=weight_dtype(config))
     first, last = job.get("first", 1), job["last"]
     data = global_batches(config, last)[first - 1:]
     batches = rank_batches(data, micro=config.train.micro_batch_size, dp=topo.dp, dp_rank=topo.dp_rank)

@@ -186,6 +186,7 @@ def test_fp16_trains_alike_with_and_without_zero():
 def test_fp16_without_zero_resumes_exactly(tmp_path):
     """One process, our scaler: its state travels in meta.json's train_state."""
     from pretrain.checkpoint import load_checkpoint, read_meta, save_checkpoint
+    from pretrain.models.build import weight_dtype
     from pretrain.parallel.pipeline import build_model_chunks
     from pretrain.parallel.topology import single_process
     from pretrain.train import Trainer
@@ -194,7 +195,7 @@ def test_fp16_without_zero_resumes_exactly(tmp_path):
     topo = single_process()
 
     def trainer(first):
-        chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed)
+        chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed, dtype=weight_dtype(config))
         data = rank_batches(global_batches(config, 4)[first - 1:], micro=2, dp=1, dp_rank=0)
         return chunks, Trainer(config, topo, chunks, train_batches=data)
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import ModelConfig
+from pretrain.models.build import build_gpt
 from pretrain.models.gpt import GPT, Stage
 from pretrain.models.layers import DenseLayers
 from pretrain.parallel.tensor import TensorParallelLayers
@@ -44,17 +45,18 @@ def stage_layout(*, num_layers: int, pp: int, vp: int, pp_rank: int, chunk: int)
     return Stage(layer_ids=range(v * per_stage, (v + 1) * per_stage), first=v == 0, last=v == stages - 1)
 
 
-def build_model_chunks(config: ModelConfig, topo: Topology, *, init_seed: int) -> list[GPT]:
+def build_model_chunks(config: ModelConfig, topo: Topology, *, init_seed: int,
+                       dtype: torch.dtype = torch.float32) -> list[GPT]:
     """This rank's model: the whole GPT without pipelining, else one chunk per virtual stage.
-    Built directly on the training device, initialised to the single-device weights' shards."""
+    Built directly on the training device in the weights' dtype (pretrain/models/build.py: no
+    full fp32 copy first), initialised to the single-device weights' shards."""
     layers = TensorParallelLayers(topo) if topo.tp > 1 else DenseLayers()
-    with torch.device(topo.device):
-        if topo.pp == 1:
-            return [GPT(config, layers=layers, init_seed=init_seed)]
-        return [GPT(config, layers=layers, init_seed=init_seed,
-                    stage=stage_layout(num_layers=config.num_layers, pp=topo.pp, vp=topo.virtual_stages,
-                                       pp_rank=topo.pp_rank, chunk=c))
-                for c in range(topo.virtual_stages)]
+    if topo.pp == 1:
+        return [build_gpt(config, layers=layers, init_seed=init_seed, device=topo.device, dtype=dtype)]
+    return [build_gpt(config, layers=layers, init_seed=init_seed, device=topo.device, dtype=dtype,
+                      stage=stage_layout(num_layers=config.num_layers, pp=topo.pp, vp=topo.virtual_stages,
+                                         pp_rank=topo.pp_rank, chunk=c))
+            for c in range(topo.virtual_stages)]
 
 
 # A schedule is a list of steps; a step is the operations a rank runs back to back between two
