@@ -103,3 +103,32 @@ def test_tp2_dp2_zero1_checkpoint_resumes_at_tp1_and_at_its_own_layout(tmp_path)
     for layout, dp in (([*LLAMA, "parallel.zero_stage=2"], 2), (LLAMA, 1)):
         got = resume(layout, dp, step_dir)
         assert got["loss"] == pytest.approx(straight[0]["loss"][2:], abs=TOL), layout
+
+
+def test_format_2_checkpoints_still_load(tmp_path):
+    """Format 2 (before ZeRO fragments) stored whole TP shards, as format 3 does without ZeRO:
+    such a checkpoint still loads, into the single-device model and into a training run."""
+    from pretrain.checkpoint import save_checkpoint
+    from pretrain.checkpoint.reshard import load_checkpoint
+    from pretrain.models.gpt import GPT
+    from pretrain.optim import build_optimizer
+
+    config = make_config(LLAMA)
+    torch.manual_seed(0)
+    model = GPT(config.model)
+    optimizer = build_optimizer(model.parameters(), config.optimizer)
+    tokens = torch.randint(0, config.model.vocab_size, (2, config.model.seq_length))
+    model(tokens, labels=tokens).backward()
+    optimizer.step()
+    step_dir = save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, config=config,
+                               train_state={"consumed_samples": 0})
+    meta = json.loads((step_dir / "meta.json").read_text())
+    (step_dir / "meta.json").write_text(json.dumps({**meta, "format_version": 2}))
+    loaded, _ = load_model(step_dir)
+    for name, p in model.named_parameters():
+        assert torch.equal(loaded.state_dict()[name], p.detach()), name
+    fresh = GPT(config.model)
+    fresh_optimizer = build_optimizer(fresh.parameters(), config.optimizer)
+    assert load_checkpoint(step_dir, model=fresh, optimizer=fresh_optimizer, config=config)["step"] == 1
+    ours, theirs = fresh_optimizer.state_dict()["state"], optimizer.state_dict()["state"]
+    assert torch.equal(ours[0]["exp_avg"], theirs[0]["exp_avg"])
