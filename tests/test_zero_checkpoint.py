@@ -92,7 +92,8 @@ def test_dp2_checkpoint_holds_own_partitions_and_resumes_at_any_layout(tmp_path,
 
 def test_tp2_dp2_zero1_checkpoint_resumes_at_tp1_and_at_its_own_layout(tmp_path):
     """Sequence parallelism and vocabulary padding (250 -> 256 rows at TP 2): resumed at the
-    same layout (own files only), at TP 1 x DP 2 under ZeRO-2, and at TP 1 without ZeRO."""
+    same layout (own files only), at TP 1 x DP 2 under ZeRO-2, and at TP 1 without ZeRO;
+    resharded offline and exported to Hugging Face format."""
     saved_at = [*LLAMA, "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"]
     straight = run_job(saved_at, world=4, last=4, save=str(tmp_path), save_at=2)
     step_dir = tmp_path / "step_2"
@@ -103,6 +104,25 @@ def test_tp2_dp2_zero1_checkpoint_resumes_at_tp1_and_at_its_own_layout(tmp_path)
     for layout, dp in (([*LLAMA, "parallel.zero_stage=2"], 2), (LLAMA, 1)):
         got = resume(layout, dp, step_dir)
         assert got["loss"] == pytest.approx(straight[0]["loss"][2:], abs=TOL), layout
+
+    # Offline tools read the fragments too: resharded to TP 1 (whole shards) nothing changes, and
+    # the Hugging Face export holds the same weights.
+    from pretrain.checkpoint import SavedCheckpoint, reshard_checkpoint
+    from pretrain.hf.convert import export_checkpoint, read_hf_weights
+
+    tp1 = reshard_checkpoint(step_dir, tmp_path / "tp1", ["parallel.tensor=1", "parallel.sequence_parallel=false",
+                                                          "parallel.zero_stage=0"])
+    a, b = SavedCheckpoint(step_dir), SavedCheckpoint(tp1)
+    vocab = make_config(LLAMA).model.vocab_size
+    for name in a.names:
+        for key in [None, *a.optimizer_keys(name)]:
+            x, y = a.full(name, key), b.full(name, key)
+            if name in ("embed.weight", "head.weight") and x.dim():
+                x, y = x[:vocab], y[:vocab]
+            assert torch.equal(x, y), (name, key)
+    model, _ = load_model(step_dir)
+    hf = read_hf_weights(export_checkpoint(step_dir, tmp_path / "hf", log=lambda *_: None))
+    assert torch.equal(hf["model.embed_tokens.weight"], model.embed.weight.detach()[:vocab])
 
 
 def test_format_2_checkpoints_still_load(tmp_path):
