@@ -8,10 +8,10 @@ kept, since other jobs on a shared machine only ever slow a run down. Each rank 
 process (torch.multiprocessing spawn, gloo over loopback) running torch.set_num_threads(1); the
 single-process baseline runs the same way, in one spawned process with one thread.
 
-Communication time is measured inside each rank by wrapping torch.distributed's collective and
-point-to-point functions (all_reduce, all_gather, reduce_scatter, broadcast, send, recv, isend,
-irecv, ...) with wall-clock timers; an async op's `Work.wait()` is timed too. So it is the time
-a rank's Python thread spends inside communication calls: transfer plus waiting for the peer
+Communication time is measured inside each rank with pretrain.parallel.nccl_rules.CommRecorder,
+which records every torch.distributed collective and point-to-point call (batched groups
+included) with the wall time spent in it and in each wait on its request. So it is the time a
+rank's Python thread spends inside communication calls: transfer plus waiting for the peer
 (pipeline bubbles, load imbalance), not communication hidden behind compute by async ops.
 
     python bench/parallel.py                       # all layouts, default shape, 2 passes (~3 min)
@@ -26,7 +26,6 @@ alone; 2 ranks at ratio r train 2r times as fast as one process).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -46,6 +45,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from parallel_harness import build_trainer, free_port  # noqa: E402
 from pretrain.config import config_from_dict  # noqa: E402
+from pretrain.parallel.nccl_rules import CommRecorder  # noqa: E402
 
 # name -> (overrides, world size)
 LAYOUTS = {
@@ -59,74 +59,15 @@ LAYOUTS = {
     "tp2_pp2_dp2": (["parallel.tensor=2", "parallel.pipeline=2"], 8),
 }
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "all_to_all", "all_to_all_single", "reduce", "gather", "scatter", "barrier")
-P2P = ("send", "recv", "isend", "irecv", "batch_isend_irecv")
-
-
-class _TimedWork:
-    """An async op's Work whose wait() is timed. Plain refcounted object (no reference cycle), so
-    the Work it wraps is freed as soon as the caller drops it, as without the timer."""
-
-    __slots__ = ("kind", "timer", "work")
-
-    def __init__(self, work, timer: CommTimer, kind: str) -> None:
-        self.work, self.timer, self.kind = work, timer, kind
-
-    def wait(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.work.wait(*args, **kwargs)
-        finally:
-            self.timer._add(self.kind, start)
-
-    def __getattr__(self, name):
-        return getattr(self.work, name)
-
-
-class CommTimer:
-    """Wall time spent inside torch.distributed communication calls of this process, by kind."""
-
-    def __init__(self) -> None:
-        self.seconds = {"collective": 0.0, "p2p": 0.0}
-        self.calls = 0
-        self._depth = 0
-
-    def reset(self) -> None:
-        self.seconds = {k: 0.0 for k in self.seconds}
-        self.calls = 0
-
-    def _add(self, kind: str, start: float) -> None:
-        self.seconds[kind] += time.perf_counter() - start
-
-    def _timed_work(self, work, kind: str) -> _TimedWork:
-        return _TimedWork(work, self, kind)
-
-    def _wrap(self, fn, kind: str):
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            if self._depth:  # a wrapped function calling another: count the outer call once
-                return fn(*args, **kwargs)
-            self._depth += 1
-            self.calls += 1
-            start = time.perf_counter()
-            try:
-                result = fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
-                self._add(kind, start)
-            if isinstance(result, list):  # batch_isend_irecv
-                return [self._timed_work(w, kind) for w in result]
-            return self._timed_work(result, kind) if hasattr(result, "wait") else result  # recv: an int
-
-        return timed
-
-    def install(self) -> None:
-        """Patch torch.distributed in this process (the bench's rank processes only)."""
-        for kind, names in (("collective", COLLECTIVES), ("p2p", P2P)):
-            for name in names:
-                if hasattr(dist, name):
-                    setattr(dist, name, self._wrap(getattr(dist, name), kind))
+def comm_seconds(events) -> dict[str, float]:
+    """Wall time inside communication calls and waits, by kind (one step's CommRecorder events)."""
+    kinds = {e.unit: "p2p" if any(op.kind != "collective" for op in e.ops) else "collective"
+             for e in events if e.kind == "post"}
+    seconds = {"collective": 0.0, "p2p": 0.0}
+    for e in events:
+        if e.kind in ("post", "wait") and e.unit in kinds:
+            seconds[kinds[e.unit]] += e.seconds
+    return seconds
 
 
 def make_config(args, overrides: list[str], *, steps: int):
@@ -148,20 +89,20 @@ def _rank(rank: int, world: int, port: int, args, overrides: list[str], out: str
     torch.set_num_threads(1)
     steps = args.warmup + args.steps
     config = make_config(args, overrides, steps=steps)
-    barrier = dist.barrier  # the unpatched one: aligns ranks between steps, not timed
-    timer = CommTimer()
-    timer.install()
+    barrier = dist.barrier  # the unrecorded one: aligns ranks between steps, not timed
+    recorder = CommRecorder().__enter__()  # this process only, until it exits
     trainer = build_trainer(config, steps)
     topo = trainer.topo
     records = []
     for step in range(1, steps + 1):
         if world > 1:
             barrier()
-        timer.reset()
+        recorder.clear()
         start = time.perf_counter()
         loss = trainer.step(step)["loss"]
         elapsed = time.perf_counter() - start
-        records.append({"step_s": elapsed, "comm_s": dict(timer.seconds), "calls": timer.calls, "loss": loss})
+        calls = sum(e.kind == "post" for e in recorder.events)
+        records.append({"step_s": elapsed, "comm_s": comm_seconds(recorder.events), "calls": calls, "loss": loss})
     result = {"rank": topo.rank, "logging": topo.is_logging_rank, "steps": records[args.warmup:],
               "first_loss": records[0]["loss"]}
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))

@@ -3,19 +3,22 @@ group, how many bytes, and how much of the data-parallel gradient reduction is l
 the step's last backward pass (the part no compute can hide).
 
 Each layout trains a gpt2-flavour GPT under ZeRO (parallel.zero_stage, default 1) with
-pretrain's own Trainer on tests/parallel_harness.py's synthetic batches. Inside every rank the
-collectives of torch.distributed are wrapped (DeepSpeed's and ours all end there) and each call
-is recorded with its group, its bytes and the phase of the step it was issued in:
+pretrain's own Trainer on tests/parallel_harness.py's synthetic batches. Inside every rank
+pretrain.parallel.nccl_rules.CommRecorder records every collective (DeepSpeed's and ours all
+end in torch.distributed) with its group and the bytes each rank contributes (a reduction's
+input; an all-gather's own part), and each one gets the phase of the step it was issued in:
   forward   before a backward pass starts (losses, TP activations)
   backward  inside a backward pass (autograd hooks: DeepSpeed's bucket reductions, SP sums)
   between   after a backward pass ended, before the next one starts (stages 2/3 flush their
             last bucket of every micro-batch here)
   after     after the step's last backward pass ended (what the optimizer step waits for)
 The phases come from ZeroEngine's own per-pass callbacks (`_backward_start`, `_backward_end`),
-which exist unchanged in the driver before issue 13, so the bench runs against both:
+which exist unchanged in the driver before issue 13, so the bench runs against both (copy the
+recorder along):
 
     python bench/zero_comm.py                          # this checkout
     git worktree add /tmp/old COMMIT && cp bench/zero_comm.py /tmp/old/bench/ \\
+        && cp pretrain/parallel/nccl_rules.py /tmp/old/pretrain/parallel/ \\
         && python /tmp/old/bench/zero_comm.py          # the driver before
 
 "DP reduction" = all_reduce / reduce / reduce_scatter on the data-parallel group of more than
@@ -32,7 +35,6 @@ the backward passes; higher: that much less left for after), for ZeRO-1 at DP4.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -50,6 +52,7 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from parallel_harness import build_trainer, free_port  # noqa: E402
 from pretrain.config import config_from_dict  # noqa: E402
+from pretrain.parallel.nccl_rules import CommRecorder  # noqa: E402
 
 # name -> (overrides, DP size); world = TP x DP
 LAYOUTS = {
@@ -57,59 +60,27 @@ LAYOUTS = {
     "dp4": ([], 4),
     "tp2_sp_dp2": (["parallel.tensor=2", "parallel.sequence_parallel=true"], 2),
 }
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "all_to_all", "all_to_all_single", "reduce", "gather", "scatter", "barrier")
 REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor")
 
 
-def _nbytes(name: str, args, kwargs) -> int:
-    """Bytes of the data the collective works on (reduce-scatter: its input; gathers: the output)."""
-    tensors = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a) or isinstance(a, list)]
-    if not tensors:
-        return 0
-    if name == "reduce_scatter_tensor" and len(tensors) > 1:
-        first = tensors[1]
-    elif name == "reduce_scatter" and len(tensors) > 1:
-        first = tensors[1]
-    else:
-        first = tensors[0]
-    parts = first if isinstance(first, list) else [first]
-    return sum(t.numel() * t.element_size() for t in parts if torch.is_tensor(t))
-
-
-class CommLog:
-    """Every collective this process issues: (name, group ranks, bytes, async, phase)."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict] = []
-        self.phase = "forward"
-        self.last_end = 0  # index of the first call after the latest backward pass ended
-        self._depth = 0
-
-    def _wrap(self, fn, name: str):
-        @functools.wraps(fn)
-        def logged(*args, **kwargs):
-            if self._depth:  # a wrapped function calling another: count the outer call once
-                return fn(*args, **kwargs)
-            group = kwargs.get("group")
-            if group is None:
-                group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-            ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else \
-                tuple(range(dist.get_world_size()))
-            self.calls.append({"name": name, "ranks": ranks, "bytes": _nbytes(name, args, kwargs),
-                               "async": bool(kwargs.get("async_op")), "phase": self.phase})
-            self._depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
-
-        return logged
-
-    def install(self) -> None:
-        for name in COLLECTIVES:
-            if hasattr(dist, name):
-                setattr(dist, name, self._wrap(getattr(dist, name), name))
+def phased_calls(events, group_names: dict[tuple[int, ...], str], world: int) -> list[dict]:
+    """One step's collectives from a CommRecorder trace, each with the phase of the step it was
+    issued in; the phases come from the "start"/"end" marks of every backward pass."""
+    calls, phase, last_end = [], "forward", 0
+    for e in events:
+        if e.kind == "mark":
+            # What follows the step's last pass is "after"; what follows an earlier one until
+            # the next pass starts, "between" (stage 2/3's per-micro-batch flush).
+            phase = "backward" if e.label == "start" else "between"
+            last_end = len(calls) if e.label == "end" else last_end
+            continue
+        for op in e.ops if e.kind == "post" else ():
+            if op.kind == "collective":
+                group = group_names.get(op.ranks, "world" if len(op.ranks) == world else "other")
+                calls.append({"name": op.name, "group": group, "bytes": op.nbytes, "phase": phase})
+    for call in calls[last_end:]:
+        call["phase"] = "after"
+    return calls
 
 
 def make_config(args, overrides: list[str], *, dp: int, steps: int):
@@ -133,35 +104,30 @@ def _rank(rank: int, world: int, port: int, args, overrides: list[str], dp: int,
 
     steps = 1 + args.steps
     config = make_config(args, overrides, dp=dp, steps=steps)
-    log = CommLog()
+    recorder = CommRecorder().__enter__()  # this process only, until it exits
     start, end = ZeroEngine._backward_start, ZeroEngine._backward_end
 
     def backward_start(self):
-        log.phase = "backward"
+        recorder.mark("start")
         return start(self)
 
     def backward_end(self):
-        # Queued by _backward_start for when autograd has finished the pass: every gradient hook
-        # has run. What follows the step's last one is "after"; what follows an earlier one,
-        # until the next pass starts, "between" (stage 2/3's per-micro-batch flush).
-        log.phase, log.last_end = "between", len(log.calls)
+        # Queued by _backward_start for when autograd has finished the pass: every gradient
+        # hook has run by then.
+        recorder.mark("end")
         return end(self)
 
     ZeroEngine._backward_start, ZeroEngine._backward_end = backward_start, backward_end
-    log.install()
     trainer = build_trainer(config, steps)
     topo = trainer.topo
     groups = {"DP": topo.dp_group, "TP": topo.tp_group}
     names = {tuple(dist.get_process_group_ranks(g)): n for n, g in groups.items() if g is not None}
     per_step = []
     for step in range(1, steps + 1):
-        log.calls, log.phase, log.last_end = [], "forward", 0
+        recorder.clear()
         trainer.step(step)
-        for call in log.calls[log.last_end:]:
-            call["phase"] = "after"
         if step > 1:  # the first step builds DeepSpeed's buffers
-            per_step.append([{**c, "group": names.get(c["ranks"], "world" if len(c["ranks"]) == world else "other"),
-                              "ranks": list(c["ranks"])} for c in log.calls])
+            per_step.append(phased_calls(recorder.events, names, world))
     sp_params = sum(1 for c in trainer.chunks for p in c.parameters() if getattr(p, "sequence_parallel", False))
     result = {"rank": topo.rank, "steps": per_step, "sp_params": sp_params, "accumulation": trainer.accum,
               "params": trainer.num_params,

@@ -25,6 +25,7 @@ from pretrain.checkpoint.files import (TMP_PREFIX, CheckpointError, StreamingTen
 from pretrain.checkpoint.reader import VOCAB_PARAMS, SavedCheckpoint, check_same_model
 from pretrain.checkpoint.saver import assign_parts, shard_metadata
 from pretrain.config import RunConfig
+from pretrain.device import restore_cuda_rng_state
 from pretrain.parallel.topology import Topology, single_process
 from pretrain.parallel.zero_state import ADAM_KEYS
 
@@ -147,8 +148,7 @@ def _restore_rng(step_dir: Path, meta: dict, topo: Topology) -> None:
         return
     rng = load_pt(step_dir / rng_file(topo.rank))
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    restore_cuda_rng_state(rng.get("cuda"), topo.device)
 
 
 # -- offline ---------------------------------------------------------------------------------------

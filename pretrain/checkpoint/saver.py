@@ -32,6 +32,7 @@ from pretrain.checkpoint.files import (TMP_PREFIX, model_file, optimizer_file, p
                                        remove_leftovers, rng_file, write_file, write_meta_and_config,
                                        write_safetensors)
 from pretrain.config import RunConfig
+from pretrain.device import cuda_rng_state
 from pretrain.parallel.topology import Topology, single_process
 
 
@@ -159,10 +160,12 @@ def _take_zero_shard(chunks: list[torch.nn.Module], zero, topo: Topology, host: 
     return shard
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """The CPU stream and this rank's own GPU's (not every visible GPU's: see pretrain/device.py)."""
     rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    cuda = cuda_rng_state(device)
+    if cuda is not None:
+        rng["cuda"] = cuda
     return rng
 
 
@@ -188,7 +191,7 @@ class Checkpointer:
         start = time.perf_counter()
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         shard = take_shard(chunks, optimizer=optimizer, zero=zero, topo=self.topo, host=self._host)
-        rng = _rng_state()
+        rng = _rng_state(self.topo.device)
         self.stats = {"snapshot_s": time.perf_counter() - start, "bytes": float(shard.nbytes())}
         job = (step, shard, rng, dict(train_state), optimizer is not None or zero is not None)
         if self.async_save:

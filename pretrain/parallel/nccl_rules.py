@@ -39,6 +39,7 @@ import collections
 import functools
 import json
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional
 
@@ -71,6 +72,7 @@ class Event:
     ops: tuple[Op, ...] = ()
     label: str = ""
     ranks: tuple[int, ...] = ()  # new_group
+    seconds: float = 0.0  # wall time inside the call (post) or the wait; benches sum it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +80,8 @@ class Event:
     @staticmethod
     def from_dict(d: dict) -> "Event":
         ops = tuple(Op(**{**o, "ranks": tuple(o["ranks"])}) for o in d["ops"])
-        return Event(kind=d["kind"], unit=d["unit"], ops=ops, label=d["label"], ranks=tuple(d["ranks"]))
+        return Event(kind=d["kind"], unit=d["unit"], ops=ops, label=d["label"], ranks=tuple(d["ranks"]),
+                     seconds=d.get("seconds", 0.0))
 
 
 class NcclRuleViolation(AssertionError):
@@ -123,8 +126,13 @@ class _Request:
         self._work, self._recorder, self._unit = work, recorder, unit
 
     def wait(self, *args, **kwargs):
-        self._recorder._record(Event("wait", unit=self._unit))
-        return self._work.wait(*args, **kwargs) if self._work is not None else True
+        event = Event("wait", unit=self._unit)
+        self._recorder._record(event)
+        start = time.perf_counter()
+        try:
+            return self._work.wait(*args, **kwargs) if self._work is not None else True
+        finally:
+            event.seconds = time.perf_counter() - start
 
     def __getattr__(self, name):
         return getattr(self._work, name)
@@ -182,6 +190,11 @@ class CommRecorder:
     def mark(self, label: str) -> None:
         self.events.append(Event("mark", label=label))
 
+    def clear(self) -> None:
+        """Forget what was recorded so far (benches: one step at a time). Requests still in flight
+        record their waits as usual."""
+        self.events.clear()
+
     # -- wrappers -------------------------------------------------------------------------------
 
     def _record(self, event: Event) -> None:
@@ -216,28 +229,23 @@ class CommRecorder:
         if name == "batch_isend_irecv":
             ops = tuple(self._p2p_op("send" if p.op.__name__ == "isend" else "recv", p.tensor, p.peer)
                         for p in args[0])
-            unit = self._post(ops)
-            return [_Request(w, self, unit) for w in original(*args, **kwargs)]
-        if name in ("isend", "irecv", "send", "recv"):
-            kind = "send" if name in ("isend", "send") else "recv"
-            op = self._p2p_op(kind, *_p2p_args(name, args, kwargs))
-            unit = self._post((op,))
+        elif name in ("isend", "irecv", "send", "recv"):
+            ops = (self._p2p_op("send" if name in ("isend", "send") else "recv", *_p2p_args(name, args, kwargs)),)
+        else:
+            ops = (self._collective_op(name, args, kwargs),)
+        post = Event("post", unit=self._new_unit(), ops=ops)
+        self._record(post)
+        start = time.perf_counter()
+        try:
             result = original(*args, **kwargs)
-            if name in ("send", "recv"):
-                self._record(Event("wait", unit=unit))
-                return result
-            return _Request(result, self, unit)
-        unit = self._post((self._collective_op(name, args, kwargs),))
-        result = original(*args, **kwargs)
-        if kwargs.get("async_op") and result is not None:
-            return _Request(result, self, unit)
-        self._record(Event("wait", unit=unit))
+        finally:
+            post.seconds = time.perf_counter() - start
+        if name == "batch_isend_irecv":
+            return [_Request(w, self, post.unit) for w in result]
+        if name in ("isend", "irecv") or (kwargs.get("async_op") and result is not None):
+            return _Request(result, self, post.unit)
+        self._record(Event("wait", unit=post.unit))  # a blocking call: posted and waited for at once
         return result
-
-    def _post(self, ops: tuple[Op, ...]) -> int:
-        unit = self._new_unit()
-        self._record(Event("post", unit=unit, ops=ops))
-        return unit
 
     @staticmethod
     def _p2p_op(kind: str, tensor: torch.Tensor, peer: Optional[int]) -> Op:
