@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +38,9 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from parallel_harness import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER_COEF = 34  # what slurm/pretrain_gpt_13b.sh assumed before this measurement
@@ -134,11 +136,6 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run(args, tp: int) -> dict:
     if tp == 1:
@@ -146,7 +143,7 @@ def run(args, tp: int) -> dict:
 
         return measure(args, single_process())
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(tp, _free_port(), args, out), nprocs=tp, join=True)
+        mp.spawn(_worker, args=(tp, free_port(), args, out), nprocs=tp, join=True)
         return json.loads(Path(out, "result.json").read_text())
 
 

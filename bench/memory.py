@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +43,9 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from parallel_harness import free_port  # noqa: E402
 
 MODEL = {"flavour": "gpt2", "num_layers": 12, "hidden_size": 768, "num_heads": 12, "vocab_size": 16000,
          "seq_length": 64}
@@ -126,11 +128,6 @@ def _worker(rank: int, world: int, port: int, stage: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def theory(stage: int, dp: int, params: int) -> dict:
     """Bytes per rank in the ZeRO paper's mixed-precision accounting."""
@@ -140,7 +137,7 @@ def theory(stage: int, dp: int, params: int) -> dict:
 
 def run(stage: int, dp: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(dp, _free_port(), stage, out), nprocs=dp, join=True)
+        mp.spawn(_worker, args=(dp, free_port(), stage, out), nprocs=dp, join=True)
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(dp)]
     # Ranks differ by padding at most; report the largest (what has to fit on every device).
     row = {key: max(r[key] for r in ranks) for key in ("weights", "grads", "optimizer", "comm", "peak_rss")}

@@ -37,6 +37,19 @@ def all_reduce(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Ten
     return x
 
 
+def all_reduce_flat(tensors: list[torch.Tensor], group: Group) -> None:
+    """Sum the tensors over the group in place, with one all-reduce of their concatenation: one
+    call per set instead of one per tensor (gradients of norms, biases, tied embeddings)."""
+    if not tensors or group_size(group) == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    all_reduce(flat, group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def _all_gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(group_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.parallel.comm import all_reduce, group_size
+from pretrain.parallel.comm import all_reduce, all_reduce_flat, group_size
 from pretrain.parallel.topology import Topology
 
 
@@ -98,21 +98,10 @@ class GradientSync:
         self.enabled = [False] * len(self.enabled)
         if self.topo.sequence_parallel:
             partial = [p.grad for p in self.params if getattr(p, "sequence_parallel", False) and p.grad is not None]
-            _all_reduce_flat(partial, self.topo.tp_group)
+            all_reduce_flat(partial, self.topo.tp_group)
         if self.topo.pp > 1:
             tied = [p.grad for p in self.params if getattr(p, "tied_embedding", False) and p.grad is not None]
-            _all_reduce_flat(tied, self.topo.embedding_group)
-
-
-def _all_reduce_flat(grads: list[torch.Tensor], group) -> None:
-    if not grads or group_size(group) == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    all_reduce(flat, group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+            all_reduce_flat(tied, self.topo.embedding_group)
 
 
 def reduce_loss(loss: torch.Tensor, topo: Topology) -> float:

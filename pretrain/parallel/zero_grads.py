@@ -27,10 +27,9 @@ parallel reduction:
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from pretrain.parallel.comm import all_reduce, group_size
+from pretrain.parallel.comm import all_reduce_flat, group_size
 from pretrain.parallel.topology import Topology
 
 
@@ -110,7 +109,7 @@ class ZeroGradientRouter:
         on, and everything still held (unused in the last micro-batch); DeepSpeed's epilogue
         (ZeroEngine) then reduces the last bucket."""
         tied = [p for p in self.params if id(p) in self.tied and self._grad(p) is not None]
-        _all_reduce_flat([self._grad(p) for p in tied], self.topo.embedding_group)
+        all_reduce_flat([self._grad(p) for p in tied], self.topo.embedding_group)
         for p in tied:
             self._hand_on(p)
         left = [p for p in self.params if id(p) not in self._handed and self._grad(p) is not None]
@@ -153,7 +152,7 @@ class ZeroGradientRouter:
         return param.grad
 
     def _sum_and_hand_on(self, params: list[nn.Parameter]) -> None:
-        _all_reduce_flat([self._grad(p) for p in params], self.topo.tp_group)
+        all_reduce_flat([self._grad(p) for p in params], self.topo.tp_group)
         for p in params:
             self._hand_on(p)
 
@@ -165,15 +164,3 @@ class ZeroGradientRouter:
         else:
             self.opt.reduce_ready_partitions_and_remove_grads(param)
         self._handed.add(id(param))
-
-
-def _all_reduce_flat(grads: list[torch.Tensor], group) -> None:
-    """Sum the tensors over the group with one all-reduce of their concatenation, in place."""
-    if not grads or group_size(group) == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    all_reduce(flat, group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
