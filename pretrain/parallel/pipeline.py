@@ -128,11 +128,11 @@ class PipeLink:
 
     NCCL runs all transfers between two ranks on one stream in issue order and completes a
     send only when the peer's receive runs, so a lone send posted ahead of a receive that the
-    neighbour's own send waits behind deadlocks (gloo would forgive it). As Megatron's
-    send_forward_recv_backward family does, the sends that one operation produced go out in
-    one `batch_isend_irecv` group with the receive the next operation needs, and the group is
-    waited for before that operation starts (pretrain/parallel/nccl_rules.py checks every
-    schedule against these rules). Activations and gradients travel in the compute dtype
+    neighbour's own send waits behind deadlocks (gloo would run it). As Megatron's
+    send_forward_recv_backward family does, the sends that one step of the schedule produced go
+    out in one `batch_isend_irecv` group with the receives the next step needs, and the group is
+    waited for before that step starts (tests/test_nccl_rules.py checks every schedule against
+    these rules with pretrain/parallel/nccl_rules.py). Activations and gradients travel in the compute dtype
     (bf16 halves the bytes of fp32), and are turned back into the stage's own dtype on arrival.
     """
 
