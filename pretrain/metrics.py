@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -63,10 +64,57 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class MetricsLogger:
-    """Writes each logged record to the console, `{dir}/metrics.jsonl` and TensorBoard."""
+def strict_json_value(value):
+    """`value` with non-finite floats replaced by None, recursively: strict JSON has no NaN or
+    Infinity, and readers such as jq or JSON.parse reject the bare tokens json.dumps writes."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(v) for v in value]
+    return value
 
-    def __init__(self, log_dir: str, *, tensorboard: bool = True, enabled: bool = True) -> None:
+
+def to_json_line(record: dict) -> str:
+    """One strict-JSON line (non-finite floats as null)."""
+    return json.dumps(strict_json_value(record), allow_nan=False)
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Rewrite `path` (atomically) without the records whose step is after `step`: a resumed run
+    re-runs those steps, and each step should appear once in the file. Returns how many were
+    dropped. A line that does not parse (torn by a crash mid-write) is dropped too, so the file
+    stays valid JSON lines."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)  # a crash here leaves either the old or the new file, never half of one
+    return dropped
+
+
+class MetricsLogger:
+    """Writes each logged record to the console, `{dir}/metrics.jsonl` and TensorBoard.
+
+    `resume_step`: the step this run starts after (0 for a fresh start); records of later steps in
+    an existing metrics.jsonl are dropped first, since this run logs those steps again. A run
+    restarted before its first checkpoint thus replaces its own records rather than doubling them."""
+
+    def __init__(self, log_dir: str, *, tensorboard: bool = True, enabled: bool = True,
+                 resume_step: Optional[int] = None) -> None:
         self.enabled = enabled
         self.jsonl = None
         self.writer = None
@@ -74,6 +122,11 @@ class MetricsLogger:
             return
         path = Path(log_dir)
         path.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            dropped = drop_records_after(path / "metrics.jsonl", resume_step)
+            if dropped:
+                print(f"{path / 'metrics.jsonl'}: dropped {dropped} records after step {resume_step} "
+                      "(this run logs those steps again)", flush=True)
         # Append: a resumed run continues the same file.
         self.jsonl = open(path / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
@@ -87,7 +140,7 @@ class MetricsLogger:
         if console:
             print(console, flush=True, file=sys.stdout)
         if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.write(to_json_line(record) + "\n")
         if self.writer:
             step = record["step"]
             for key, value in record.items():

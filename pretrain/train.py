@@ -239,7 +239,9 @@ def run(config: RunConfig) -> dict:
     peak = config.logging.peak_tflops or measure_peak_tflops(device, dtype)
     global_batch = t.micro_batch_size * trainer.accum * topo.dp
     step_flops = training_flops(config.model, batch=global_batch, seq=config.model.seq_length)
-    logger = MetricsLogger(config.logging.dir, tensorboard=config.logging.tensorboard, enabled=logging_rank)
+    # resume_step: steps after it are (re)run here, so their old records in metrics.jsonl go.
+    logger = MetricsLogger(config.logging.dir, tensorboard=config.logging.tensorboard, enabled=logging_rank,
+                           resume_step=step)
     if logging_rank:
         params = trainer.num_params
         print(f"model: {config.model.flavour}, {config.model.num_layers} layers, hidden "
