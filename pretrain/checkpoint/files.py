@@ -220,15 +220,33 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path} is not a checkpoint: no meta.json and no '{LATEST}' file in it")
 
 
-def find_resume_checkpoint(root: str, resume: str) -> Optional[Path]:
-    """Which checkpoint checkpoint.resume asks for: None for a fresh start."""
+def find_resume_checkpoint(root: str, resume: str, *, warn=None) -> Optional[Path]:
+    """Which checkpoint checkpoint.resume asks for: None for a fresh start. With `auto`, a
+    missing or unusable `latest` beside complete step_N/ directories resumes from the newest of
+    them (`warn(message)` says so): checkpoints on disk are never taken for a fresh start."""
     if resume == "none":
         return None
-    if resume == "auto":
-        if root and (Path(root) / LATEST).exists():
-            return resolve_checkpoint(root)
+    if resume != "auto":
+        return resolve_checkpoint(resume)
+    if not root or not Path(root).is_dir():
         return None
-    return resolve_checkpoint(resume)
+    steps = complete_steps(Path(root))
+    problem = None
+    if (Path(root) / LATEST).exists():
+        try:
+            return resolve_checkpoint(root)
+        except (CheckpointError, OSError, UnicodeDecodeError) as e:
+            if not steps:
+                raise CheckpointError(f"{Path(root) / LATEST} is unusable ({e}) and {root} holds no complete "
+                                      "checkpoint: delete it to start from scratch") from None
+            problem = f"{Path(root) / LATEST} is unusable ({e})"
+    elif steps:
+        problem = f"{root} has no '{LATEST}' pointer"
+    if problem is None:
+        return None
+    if warn is not None:
+        warn(f"warning: {problem}; resuming from the newest complete checkpoint, {steps[-1][1]}")
+    return steps[-1][1]
 
 
 def read_meta(step_dir: Path) -> dict:
