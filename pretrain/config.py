@@ -390,6 +390,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    # A list or a scalar at the top level would reach the overrides as a non-dict and fail there
+    # with a TypeError; say what the file must look like instead.
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, train:, ...) at the top level, "
+                          f"got a {type(raw).__name__}; see configs/ for examples")
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as e:
@@ -465,7 +470,8 @@ def finalize(config: RunConfig) -> None:
     need(m.padded_vocab_size % p.tensor == 0, "model.padded_vocab_size",
          f"{m.padded_vocab_size} is not divisible by parallel.tensor={p.tensor}")
 
-    need(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    # 0 steps would build the data and model only to train nothing (it ended in a traceback).
+    need(t.steps >= 1, "train.steps", f"must be >= 1 (the number of optimizer steps to train for), got {t.steps}")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     if t.global_batch_size is not None:
         need(t.global_batch_size >= 1 and t.global_batch_size % t.micro_batch_size == 0,
