@@ -1,6 +1,7 @@
 """User mistakes and damaged inputs end in one `error: ...` line naming what is wrong (exit 2 from
 the command-line tools), never in a traceback."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,39 @@ def test_cli_yaml_list_exits_2(tmp_path):
     path.write_text("- model\n- train\n")
     result = run_cli("-m", "pretrain.train", str(path), "train.steps=3")
     assert_clear_error(result, "list.yaml: expected a mapping")
+
+
+def _meta_without(tmp_path: Path, *missing: str) -> Path:
+    from pretrain.checkpoint.files import FORMAT_VERSION
+
+    meta = {"format_version": FORMAT_VERSION, "step": 10, "layout": {"tensor": 1, "pipeline": 1, "data": 1},
+            "world_size": 1, "parts": 1, "has_optimizer": True, "has_rng": True,
+            "train_state": {"consumed_samples": 80}}
+    for key in missing:
+        meta.pop(key)
+    step_dir = tmp_path / "ck" / "step_10"
+    step_dir.mkdir(parents=True)
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    return step_dir
+
+
+@pytest.mark.parametrize("field", ["train_state", "step", "layout"])
+def test_meta_json_missing_field_is_named(tmp_path, field):
+    from pretrain.checkpoint import read_meta
+    from pretrain.checkpoint.files import CheckpointError
+
+    step_dir = _meta_without(tmp_path, field)
+    with pytest.raises(CheckpointError, match=rf"step_10/meta.json: missing field '{field}'"):
+        read_meta(step_dir)
+
+
+def test_meta_json_complete_is_read(tmp_path):
+    from pretrain.checkpoint import read_meta
+
+    assert read_meta(_meta_without(tmp_path))["train_state"]["consumed_samples"] == 80
+
+
+def test_cli_meta_json_missing_field_exits_2(tmp_path):
+    step_dir = _meta_without(tmp_path, "train_state")
+    result = run_cli("tools/convert_to_hf.py", "--checkpoint", str(step_dir), "--output", str(tmp_path / "hf"))
+    assert_clear_error(result, "meta.json: missing field 'train_state'")

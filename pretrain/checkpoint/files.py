@@ -234,7 +234,11 @@ def find_resume_checkpoint(root: str, resume: str, *, warn=None) -> Optional[Pat
     problem = None
     if (Path(root) / LATEST).exists():
         try:
-            return resolve_checkpoint(root)
+            chosen = resolve_checkpoint(root)
+            if not steps or steps[-1][1] == chosen or chosen not in [path for _, path in steps]:
+                return chosen
+            # A save that crashed between publishing step_N and moving `latest` to it.
+            problem = f"{Path(root) / LATEST} names {chosen.name}, but {steps[-1][1].name} is newer and complete"
         except (CheckpointError, OSError, UnicodeDecodeError) as e:
             if not steps:
                 raise CheckpointError(f"{Path(root) / LATEST} is unusable ({e}) and {root} holds no complete "
@@ -254,13 +258,41 @@ def read_meta(step_dir: Path) -> dict:
         meta = json.loads((Path(step_dir) / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{step_dir}/meta.json is unreadable: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{step_dir}/meta.json: expected a JSON object, got {type(meta).__name__}; the "
+                              "checkpoint is damaged: resume from an earlier step_N/ (checkpoint.resume=PATH)")
     version = meta.get("format_version")
     if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{step_dir} has checkpoint format version {version}; this version of "
                               f"pretrain reads versions {', '.join(map(str, READABLE_VERSIONS))} (convert it "
                               "with the pretrain release that wrote it: load_model + tools/convert_to_hf.py, "
                               "then tools/convert_from_hf.py here)")
+    check_meta_fields(meta, where=f"{step_dir}/meta.json")
     return meta
+
+
+# What write_meta_and_config always writes and the readers index without .get(): a meta.json
+# missing one (hand-edited, or written by a tool gone wrong) must not surface as a KeyError.
+REQUIRED_META = {"step": int, "layout": dict, "world_size": int, "parts": int, "train_state": dict}
+REQUIRED_LAYOUT = ("tensor", "pipeline")
+
+
+def check_meta_fields(meta: dict, *, where: str) -> None:
+    """Raise CheckpointError naming `where` and the first missing or mistyped field."""
+    def damaged(problem: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {problem}; the checkpoint is damaged or was not written by pretrain: "
+                               "resume from an earlier step_N/ (checkpoint.resume=PATH)")
+
+    for key, kind in REQUIRED_META.items():
+        if key not in meta:
+            raise damaged(f"missing field '{key}'")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise damaged(f"field '{key}' should be a {kind.__name__}, got {meta[key]!r}")
+    for key in REQUIRED_LAYOUT:
+        if key not in meta["layout"]:
+            raise damaged(f"missing field 'layout.{key}'")
+    if "consumed_samples" not in meta["train_state"]:
+        raise damaged("missing field 'train_state.consumed_samples'")
 
 
 def read_config(step_dir: Path) -> RunConfig:
