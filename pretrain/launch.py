@@ -192,6 +192,11 @@ def discover(env: Mapping[str, str] = os.environ) -> Launch:
 def start_process_group(launch: Launch, *, backend: str, timeout_minutes: float) -> None:
     """Join the job's default process group, failing after the timeout with the address."""
     launch.export()
+    if backend == "nccl":
+        # Without it a collective past its timeout is only logged and the rank keeps blocking;
+        # with it the watchdog of the NCCL group aborts it and the collective raises. Read when
+        # the group starts, so it must be set before init_process_group; a user's value wins.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     timeout = datetime.timedelta(minutes=timeout_minutes)
     where = f"{launch.master_addr}:{launch.master_port}"
     try:

@@ -33,7 +33,7 @@ from pretrain.checkpoint.files import (TMP_PREFIX, model_file, optimizer_file, p
                                        write_safetensors)
 from pretrain.config import RunConfig
 from pretrain.device import cuda_rng_state
-from pretrain.parallel.topology import Topology, single_process
+from pretrain.parallel.topology import Topology, group_timeout, single_process
 
 
 @dataclass
@@ -178,7 +178,10 @@ class Checkpointer:
         self.root, self.config = Path(root), config
         self.topo = topo or single_process()
         self.async_save = config.checkpoint.async_save if async_save is None else async_save
-        self.group = dist.new_group(backend="gloo") if self.topo.world_size > 1 else None
+        # gloo whatever the training backend (host-side agreement from a background thread), with
+        # the run's timeout: a new group would otherwise wait 30 min for a lost peer.
+        self.group = (dist.new_group(backend="gloo", timeout=group_timeout(config.parallel.timeout_minutes))
+                      if self.topo.world_size > 1 else None)
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._host = HostBuffers(copy=self.async_save)

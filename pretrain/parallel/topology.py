@@ -12,6 +12,7 @@ collective short-circuits, so the single-device code path pays nothing.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -132,12 +133,21 @@ def init_distributed(config: RunConfig, *, device: torch.device, launch=None) ->
         start_process_group(launch, backend=backend, timeout_minutes=p.timeout_minutes)
         announce_nodes(launch, backend=backend, device=str(device))
     return build_topology(tp=p.tensor, pp=p.pipeline, dp=dp, virtual_stages=p.virtual_stages,
-                          sequence_parallel=p.sequence_parallel, device=device)
+                          sequence_parallel=p.sequence_parallel, device=device, timeout_minutes=p.timeout_minutes)
+
+
+def group_timeout(minutes: Optional[float]) -> Optional[datetime.timedelta]:
+    """parallel.timeout_minutes as new_group's `timeout=`. A new group does not inherit the
+    default group's timeout (it gets the backend's default: 30 min on gloo, 10 on NCCL), so every
+    group must be given it explicitly or a lost peer blocks its partners for half an hour."""
+    return None if minutes is None else datetime.timedelta(minutes=minutes)
 
 
 def build_topology(*, tp: int, pp: int, dp: int, virtual_stages: int = 1, sequence_parallel: bool = False,
-                   device: torch.device = torch.device("cpu")) -> Topology:
-    """Create all groups of the grid over an initialised default process group.
+                   device: torch.device = torch.device("cpu"),
+                   timeout_minutes: Optional[float] = None) -> Topology:
+    """Create all groups of the grid over an initialised default process group; each waits at
+    most `timeout_minutes` (parallel.timeout_minutes) in a collective.
 
     Every rank must call new_group for every group, in the same order, even the groups it is
     not in; that is why all groups are enumerated here, once.
@@ -148,9 +158,10 @@ def build_topology(*, tp: int, pp: int, dp: int, virtual_stages: int = 1, sequen
                     sequence_parallel=sequence_parallel, device=device)
     g = topo.global_rank
     mine: dict[str, Optional[dist.ProcessGroup]] = {}
+    timeout = group_timeout(timeout_minutes)
 
     def make(kind: str, ranks: list[int]) -> None:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine[kind] = group
 

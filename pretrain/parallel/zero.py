@@ -25,12 +25,13 @@ without it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
 import math
 import os
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,7 @@ from torch import nn
 from pretrain.config import ConfigError, RunConfig
 from pretrain.optim import (LOSS_SCALE_HYSTERESIS, LOSS_SCALE_INIT_POWER, LOSS_SCALE_MIN, LOSS_SCALE_WINDOW,
                             BackwardRootChunk, build_optimizer)
-from pretrain.parallel.topology import Topology
+from pretrain.parallel.topology import Topology, group_timeout
 from pretrain.parallel.zero_grads import ZeroGradientRouter
 from pretrain.parallel.zero_state import (Fragment, Reader, adam_step, ensure_adam_state, load_local_state,
                                          local_fragments)
@@ -210,7 +211,7 @@ def _check_precision_supported(precision: str) -> None:
                           f"({accelerator.device_name()}); use train.precision=fp16 or fp32")
 
 
-def _ensure_process_group(topo: Topology) -> None:
+def _ensure_process_group(topo: Topology, *, timeout_minutes: float) -> None:
     """DeepSpeed needs torch.distributed even on one process (ZeRO-Offload on one GPU), and
     binds the GPU LOCAL_RANK names: make that our device (pretrain/device.py)."""
     from pretrain.device import bind_deepspeed
@@ -219,7 +220,26 @@ def _ensure_process_group(topo: Topology) -> None:
     if topo.world_size == 1 and not dist.is_initialized():
         backend = "nccl" if topo.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=datetime.timedelta(minutes=10))
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+@contextlib.contextmanager
+def groups_time_out_after(minutes: float) -> Iterator[None]:
+    """Give any group created inside (DeepSpeed's own, e.g. its world clone, MoE or hpZ groups:
+    `deepspeed.comm` calls `torch.distributed.new_group(ranks)` without a timeout) the run's
+    timeout instead of the backend's 30-minute default. DeepSpeed offers no setting for it."""
+    original = dist.new_group
+
+    def new_group(*args, **kwargs):
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = group_timeout(minutes)
+        return original(*args, **kwargs)
+
+    dist.new_group = new_group
+    try:
+        yield
+    finally:
+        dist.new_group = original
 
 
 
@@ -241,14 +261,15 @@ class ZeroEngine:
         self.ds_config = deepspeed_config(config, data_parallel=topo.dp, accumulation=accumulation)
         params = [p for chunk in chunks for p in chunk.parameters()]
         _mark_parameters(chunks, topo)
-        _ensure_process_group(topo)
+        _ensure_process_group(topo, timeout_minutes=config.parallel.timeout_minutes)
         _check_precision_supported(config.train.precision)
         # One module holding all of this rank's chunks: the engine flattens their parameters into
         # one ZeRO partition per parameter group.
         module = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=build_optimizer(params, config.optimizer), config=self.ds_config,
-            mpu=TopologyMPU(topo) if topo.world_size > 1 else None, dist_init_required=False)
+        with groups_time_out_after(config.parallel.timeout_minutes):
+            engine, optimizer, _, _ = deepspeed.initialize(
+                model=module, optimizer=build_optimizer(params, config.optimizer), config=self.ds_config,
+                mpu=TopologyMPU(topo) if topo.world_size > 1 else None, dist_init_required=False)
         self.engine, self.optimizer = engine, optimizer
         # The engine would run its backward epilogue from the optimizer's gradient hooks; ours
         # runs instead (once per backward pass, with the boundary we decide), and our own hooks
