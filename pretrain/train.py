@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint import Checkpointer, find_resume_checkpoint, load_checkpoint, read_meta
+from pretrain.checkpoint.guard import check_no_overwrite, run_lock
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data.blend import parse_data_path
 from pretrain.data.builder import build_datasets
@@ -88,7 +89,7 @@ def build_data(config: RunConfig, topo: Topology, *, consumed_samples: int, toke
         collate = with_document_segments(collate or causal_lm_collate, tokenizer.eod)
     loader = SampleLoader(datasets["train"], micro_batch_size=t.micro_batch_size, seed=t.seed,
                           dp_rank=topo.dp_rank, dp_size=topo.dp, consumed_samples=consumed_samples,
-                          collate=collate)
+                          collate=collate, vocab_size=config.model.vocab_size)
     return Data(train=loader, valid=datasets["valid"], collate=collate)
 
 
@@ -192,7 +193,8 @@ class Trainer:
         for chunk in self.chunks:
             chunk.eval()
         loader = SampleLoader(self.valid, micro_batch_size=t.micro_batch_size, seed=t.seed,
-                              dp_rank=self.topo.dp_rank, dp_size=self.topo.dp, collate=self.collate)
+                              dp_rank=self.topo.dp_rank, dp_size=self.topo.dp, collate=self.collate,
+                              vocab_size=self.config.model.vocab_size)
         iters = min(t.eval_iters, max(1, len(self.valid) // (t.micro_batch_size * self.topo.dp)))
         losses = forward_backward(chunks=self.chunks, topo=self.topo, batches=iter(loader), micro_batches=iters,
                                   autocast=self.autocast, hidden_shape=self.hidden_shape,
@@ -202,21 +204,25 @@ class Trainer:
         return reduce_loss(torch.stack(losses).mean(), self.topo) if losses else math.nan
 
 
-def run(config: RunConfig) -> dict:
+def run(config: RunConfig, *, launch=None) -> dict:
     """Train as configured; returns the last record logged (on the logging rank), with
-    `stopped` set to the reason when a signal or train.exit_after_minutes ended it early."""
+    `stopped` set to the reason when a signal or train.exit_after_minutes ended it early.
+    `launch`: this process's place in the job (pretrain.launch.discover() when not given)."""
     t, ck = config.train, config.checkpoint
     # Everything a user can get wrong is checked before any process group starts.
-    launch = discover()
+    launch = launch or discover()
     validate_layout(config, launch.world_size)
     tokenizer = check_data(config)
     device = pick_device(t.device, local_rank=launch.local_rank, local_world_size=launch.local_world_size)
     check_backend(config.model.attention_backend, device)
     require_deepspeed(config)
+    say = (lambda message: print(message, file=sys.stderr, flush=True)) if launch.rank == 0 else None
+    resume_from = find_resume_checkpoint(ck.dir, ck.resume, warn=say)
+    resume_meta = read_meta(resume_from) if resume_from else None
+    check_no_overwrite(ck.dir, start_step=resume_meta["step"] if resume_meta else 0)
     topo = init_distributed(config, device=device, launch=launch)
-    resume_from = find_resume_checkpoint(ck.dir, ck.resume)
     # Data first: a missing or mismatched dataset should fail before a model is built.
-    consumed = read_meta(resume_from)["train_state"]["consumed_samples"] if resume_from else 0
+    consumed = resume_meta["train_state"]["consumed_samples"] if resume_meta else 0
     data = build_data(config, topo, consumed_samples=consumed, tokenizer=tokenizer)
 
     # Dropout streams: equal across TP and DP ranks, different per pipeline stage.
@@ -331,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         config = load_config(argv[0], argv[1:])
-        last = run(config)
+        launch = discover()
+        with run_lock(config.checkpoint.dir, rank=launch.rank):  # one run per checkpoint.dir
+            last = run(config, launch=launch)
         if last.get("stopped"):
             code = EXIT_RESUMABLE
             where = f"; resume from {config.checkpoint.dir}" if config.checkpoint.dir else " (no checkpoint.dir)"

@@ -65,9 +65,13 @@ def test_missing_or_broken_latest_resumes_from_the_newest_complete_step(tmp_path
     assert "unusable" in said[1]
     (tmp_path / "latest").write_bytes(b"\xff\xfe")  # garbage
     assert find_resume_checkpoint(str(tmp_path), "auto", warn=said.append) == tmp_path / "step_10"
-    (tmp_path / "latest").write_text("step_5\n")  # a good pointer wins, even to an older step
-    assert find_resume_checkpoint(str(tmp_path), "auto", warn=said.append) == tmp_path / "step_5"
-    assert len(said) == 3
+    # A save that crashed after publishing step_10 but before moving `latest` to it.
+    (tmp_path / "latest").write_text("step_5\n")
+    assert find_resume_checkpoint(str(tmp_path), "auto", warn=said.append) == tmp_path / "step_10"
+    assert "names step_5, but step_10 is newer and complete" in said[3]
+    (tmp_path / "latest").write_text("step_10\n")
+    assert find_resume_checkpoint(str(tmp_path), "auto", warn=said.append) == tmp_path / "step_10"
+    assert len(said) == 4
 
 
 def test_fresh_directories_start_from_scratch(tmp_path):
@@ -87,3 +91,49 @@ def test_a_run_never_overwrites_later_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds step_5, step_10, newer than step 0 \(no resume\)"):
         check_no_overwrite(str(tmp_path), start_step=0)
     check_no_overwrite("", start_step=0)  # no checkpoint.dir
+
+
+# -- through the trainer: python -m pretrain.train as a user runs it --------------------------------
+
+TINY = ["model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.seq_length=32",
+        "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=0", "logging.tensorboard=false",
+        "logging.peak_tflops=1", "checkpoint.interval=2", "checkpoint.async_save=false"]
+
+
+def train(data, tmp_path, *overrides, wait=True):
+    command = [sys.executable, "-m", "pretrain.train", "configs/gpt_tiny.yaml", f"data.path={data['prefix']}",
+               f"data.tokenizer={data['tokenizer']}", f"checkpoint.dir={tmp_path}/ckpt",
+               f"logging.dir={tmp_path}/logs", *TINY, *overrides]
+    if not wait:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_trainer_resumes_without_latest_and_refuses_to_overwrite(stdlib_data, tmp_path):
+    first = train(stdlib_data, tmp_path, "train.steps=4")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp_path / "ckpt/latest").unlink()
+    resumed = train(stdlib_data, tmp_path, "train.steps=6")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "no 'latest' pointer; resuming from the newest complete checkpoint" in resumed.stderr
+    assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
+    assert (tmp_path / "ckpt/latest").read_text().strip() == "step_6"
+    # Starting over (checkpoint.resume=none) would write step_2 .. step_6 over the saved ones.
+    fresh = train(stdlib_data, tmp_path, "train.steps=6", "checkpoint.resume=none")
+    assert fresh.returncode == 2 and "would overwrite them" in fresh.stderr, fresh.stderr[-2000:]
+    assert "Traceback" not in fresh.stderr
+
+
+def test_a_second_run_on_the_same_directory_is_refused(stdlib_data, tmp_path):
+    holder = train(stdlib_data, tmp_path, "train.steps=100000", "checkpoint.interval=0", wait=False)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "ckpt/.lock").is_file() or not (tmp_path / "ckpt/.lock").read_text():
+            assert holder.poll() is None and time.time() < deadline, holder.stdout.read()[-2000:]
+            time.sleep(0.2)
+        second = train(stdlib_data, tmp_path, "train.steps=2")
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by another run (host {os.uname().nodename}, pid {holder.pid}" in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()

@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from pretrain.checkpoint.files import CheckpointError, complete_steps
 
@@ -56,6 +57,22 @@ class DirectoryLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+@contextlib.contextmanager
+def run_lock(root: str, *, rank: int) -> Iterator[None]:
+    """The lock of a training run on its checkpoint directory, held by rank 0 (before any
+    process group: a refused run stops at once with exit code 2, and the launcher ends its other
+    ranks) and released when the run ends."""
+    if not root or rank != 0:
+        yield
+        return
+    lock = DirectoryLock(root)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _describe(holder: str) -> str:
