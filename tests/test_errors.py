@@ -84,3 +84,44 @@ def test_cli_meta_json_missing_field_exits_2(tmp_path):
     step_dir = _meta_without(tmp_path, "train_state")
     result = run_cli("tools/convert_to_hf.py", "--checkpoint", str(step_dir), "--output", str(tmp_path / "hf"))
     assert_clear_error(result, "meta.json: missing field 'train_state'")
+
+
+@pytest.mark.parametrize("seq_length", [5, 16])
+def test_token_ids_beyond_the_vocabulary_name_file_and_document(tmp_path, seq_length):
+    """Tokens are their global positions, so a small vocabulary is exceeded in a known place;
+    the message must name the .bin and the document and token that hold the offending id."""
+    import re
+
+    import numpy as np
+
+    from pretrain.data.gpt_dataset import GPTDataset
+    from pretrain.data.indexed import IndexedDatasetWriter
+    from pretrain.data.loader import SampleLoader, TokenRangeError
+
+    lengths = np.random.default_rng(0).integers(0, 40, size=30)
+    lengths[[0, 4]] = 0
+    docs, start, prefix = [], 0, str(tmp_path / "num")
+    with IndexedDatasetWriter(prefix, dtype=np.int32) as writer:
+        for n in lengths:
+            docs.append(np.arange(start, start + n, dtype=np.int32))
+            writer.add_document(docs[-1])
+            start += n
+    ds = GPTDataset(prefix, seq_length=seq_length, split_ratios=(1, 0, 0), cache_dir=str(tmp_path / "cache"))
+    vocab = start // 2
+    loader = SampleLoader(ds, micro_batch_size=3, seed=1, vocab_size=vocab)
+    failures = 0
+    for _ in range(len(ds) // 3):
+        try:
+            next(loader)
+        except TokenRangeError as e:
+            failures += 1
+            found = re.search(r"token id (\d+) in (\S+)\.bin, document (\d+) \(token (\d+) of it\)", str(e))
+            assert found, str(e)
+            token_id, file, document, position = found.group(1, 2, 3, 4)
+            assert file == prefix
+            assert int(token_id) >= vocab and docs[int(document)][int(position)] == int(token_id)
+            assert f"[0, {vocab})" in str(e) and "model.vocab_size" in str(e)
+    assert failures > 0
+    ok = SampleLoader(ds, micro_batch_size=3, seed=1, vocab_size=start)  # every id fits
+    for _ in range(len(ds) // 3):
+        next(ok)

@@ -197,6 +197,11 @@ class BlendedDataset:
             out[rows] = self.datasets[int(d)].get_batch(within[rows])
         return out
 
+    def locate(self, k: int, column: int) -> str:
+        """Where token `column` of blend sample k comes from (see GPTDataset.locate)."""
+        dataset = self.datasets[int(self.dataset_index[int(k)])]
+        return dataset.locate(int(self.dataset_sample_index[int(k)]), column)
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{n} from {getattr(ds, 'prefix', ds)!r}" for ds, n in zip(self.datasets, self.counts, strict=True))
         return f"BlendedDataset({len(self)} samples: {parts})"

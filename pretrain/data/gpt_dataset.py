@@ -363,6 +363,20 @@ class GPTDataset:
             flat = np.repeat(src - out, size) + np.arange(b * width)
         return self.indexed.tokens[flat].astype(np.int64).reshape(b, width)
 
+    def locate(self, k: int, column: int) -> str:
+        """Where token `column` of sample k comes from: the .bin file and its document and token
+        numbers, for error messages about the data (the walk mirrors get_batch's pieces)."""
+        j = int(self.shuffle_index[int(k)])
+        position, offset = (int(v) for v in self.sample_index[j])
+        while True:
+            length = int(self.indexed.sequence_lengths[self.document_index[position]])
+            if column < length - offset:
+                break
+            column -= length - offset
+            position, offset = position + 1, 0
+        document = int(self.document_index[position])
+        return f"{self.prefix}.bin, document {document} (token {offset + column} of it), {self.split} sample {int(k)}"
+
     def __repr__(self) -> str:
         return (
             f"GPTDataset({self.prefix!r}, split={self.split!r}, seq_length={self.seq_length}, "

@@ -23,6 +23,10 @@ import numpy as np
 import torch
 
 
+class TokenRangeError(ValueError):
+    """A token id outside the model's vocabulary: the data and the model disagree."""
+
+
 class SampleDataset(Protocol):
     def __len__(self) -> int: ...
 
@@ -58,6 +62,10 @@ class SampleLoader:
     batch; `positions` are the global stream positions, a seed for per-sample randomness (such
     as masked-LM masks) that does not depend on the data-parallel layout. Default: the causal
     shift (`causal_lm_collate`).
+
+    `vocab_size`: when given, each batch's token ids are checked against it (one min and max
+    per batch), so data tokenized for a larger vocabulary fails here naming the file and
+    document instead of as an IndexError in the embedding (a device-side assert on GPU).
     """
 
     def __init__(
@@ -70,6 +78,7 @@ class SampleLoader:
         dp_size: int = 1,
         consumed_samples: int = 0,
         collate: Collate | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
@@ -86,6 +95,7 @@ class SampleLoader:
         self.dp_size = dp_size
         self.consumed_samples = consumed_samples
         self.collate = collate if collate is not None else causal_lm_collate
+        self.vocab_size = vocab_size
         self._num_samples = len(dataset)
         self._permutations: dict[int, np.ndarray] = {}  # pass -> permutation (a couple kept)
 
@@ -123,9 +133,24 @@ class SampleLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
         positions = np.arange(start, start + self.micro_batch_size, dtype=np.int64)
-        samples = self._read(self.sample_indices(positions))  # [b, s+1]
+        indices = self.sample_indices(positions)
+        samples = self._read(indices)  # [b, s+1]
+        if self.vocab_size is not None:
+            self._check_token_range(samples, indices)
         self.consumed_samples += self.micro_batch_size * self.dp_size
         return self.collate(samples, positions)
+
+    def _check_token_range(self, samples: np.ndarray, indices: np.ndarray) -> None:
+        if samples.size == 0 or (samples.min() >= 0 and samples.max() < self.vocab_size):
+            return
+        row, column = (int(v) for v in np.argwhere((samples < 0) | (samples >= self.vocab_size))[0])
+        locate = getattr(self.dataset, "locate", None)
+        where = locate(int(indices[row]), column) if locate else f"sample {int(indices[row])} of {self.dataset!r}"
+        raise TokenRangeError(
+            f"token id {int(samples[row, column])} in {where} is outside the model's vocabulary "
+            f"[0, {self.vocab_size}) (largest id in this batch: {int(samples.max())}); the data was "
+            "tokenized with another tokenizer: set model.vocab_size (and data.tokenizer) to the one used by "
+            "tools/preprocess_data.py, or re-run it with the model's tokenizer")
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed}
