@@ -125,3 +125,20 @@ def test_token_ids_beyond_the_vocabulary_name_file_and_document(tmp_path, seq_le
     ok = SampleLoader(ds, micro_batch_size=3, seed=1, vocab_size=start)  # every id fits
     for _ in range(len(ds) // 3):
         next(ok)
+
+
+@pytest.mark.parametrize("keep", [4, 200])  # a header cut short, and tensors cut short
+def test_truncated_safetensors_is_named(tmp_path, keep):
+    import torch
+    from safetensors.torch import save_file
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                                                "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100}))
+    save_file({"transformer.wte.weight": torch.zeros(100, 64)}, str(hf / "model.safetensors"))
+    data = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(data[:keep])
+    result = run_cli("tools/convert_from_hf.py", "--input", str(hf), "--output", str(tmp_path / "out"))
+    assert_clear_error(result, f"{hf / 'model.safetensors'} is not a readable safetensors file", "download it again")
+    assert not (tmp_path / "out").exists()

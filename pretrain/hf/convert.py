@@ -26,8 +26,6 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a local HF model directory: model.safetensors, or the shards a
     model.safetensors.index.json names. Pickled weights (.bin, .pt) are refused: unpickling a
     downloaded file can run arbitrary code."""
-    from safetensors.torch import load_file
-
     single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
     if single.is_file():
         files = [single]
@@ -47,8 +45,21 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         raise HFConversionError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json")
     weights: dict[str, torch.Tensor] = {}
     for path in files:
-        weights.update(load_file(str(path)))
+        weights.update(_load_safetensors(path))
     return weights
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file; a truncated or damaged one (an interrupted download is the usual
+    cause) is reported naming the file rather than as the library's bare deserializing error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise HFConversionError(f"{path} is not a readable safetensors file ({e}); it is probably truncated "
+                                f"({path.stat().st_size} bytes): download it again") from None
 
 
 def read_hf_config(hf_dir: Path) -> dict:
