@@ -2,6 +2,7 @@
 the command-line tools), never in a traceback."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,32 @@ def test_truncated_safetensors_is_named(tmp_path, keep):
     result = run_cli("tools/convert_from_hf.py", "--input", str(hf), "--output", str(tmp_path / "out"))
     assert_clear_error(result, f"{hf / 'model.safetensors'} is not a readable safetensors file", "download it again")
     assert not (tmp_path / "out").exists()
+
+
+def _unwritable_directory(tmp_path: Path) -> Path:
+    """A directory nobody may create files in. Root ignores permission bits, so as root use
+    /proc/self, which refuses new files to everyone."""
+    if os.geteuid() == 0:
+        return Path("/proc/self")
+    directory = tmp_path / "readonly"
+    directory.mkdir()
+    directory.chmod(0o555)
+    return directory
+
+
+def test_preprocess_refuses_an_unwritable_output_directory_before_tokenizing(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "hello"}\n')
+    out = _unwritable_directory(tmp_path)
+    # The tokenizer path does not exist: the output check must come first, before it is loaded.
+    result = run_cli("tools/preprocess_data.py", "--input", str(corpus), "--output-prefix", str(out / "data"),
+                     "--tokenizer", str(tmp_path / "no_such.model"))
+    assert_clear_error(result, f"cannot write in the directory {out}", "writable location")
+    assert "no_such.model" not in result.stderr
+
+
+def test_check_output_directory_creates_a_missing_one(tmp_path):
+    from pretrain.data.preprocess import check_output_directory
+
+    assert check_output_directory(str(tmp_path / "new" / "data")) == str(tmp_path / "new")
+    assert list((tmp_path / "new").iterdir()) == []  # the probe leaves nothing behind

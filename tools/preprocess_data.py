@@ -28,7 +28,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.data.preprocess import PreprocessError, Progress, expand_inputs, output_prefixes, preprocess
+from pretrain.data.preprocess import (PreprocessError, Progress, check_output_directory, expand_inputs, output_prefixes,
+                                      preprocess)
 from pretrain.data.tokenizer import load_tokenizer
 
 
@@ -69,8 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     except PreprocessError as exc:
         parser.error(str(exc))
 
-    # The quickstart writes under a fresh data/ directory; create it rather than fail.
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    # The quickstart writes under a fresh data/ directory: created here rather than failing.
+    # Checked before the tokenizer loads and anything is tokenized (exit 2: a bad request).
+    try:
+        check_output_directory(args.output_prefix)
+    except PreprocessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     progress = Progress(sum(os.path.getsize(p) for p in paths), interval=args.log_interval)
     try:
         tokenizer = load_tokenizer(args.tokenizer)

@@ -55,6 +55,25 @@ class PreprocessError(ValueError):
 # -- input ----------------------------------------------------------------------------------------
 
 
+def check_output_directory(output_prefix: str) -> str:
+    """The directory of `output_prefix`, created if missing; raises PreprocessError unless a file
+    can be created in it. Checked before tokenizing, so a read-only or full destination fails
+    at once instead of after hours of work (or as a traceback from the writer)."""
+    directory = os.path.dirname(os.path.abspath(output_prefix))
+    what = f"--output-prefix {output_prefix}: cannot write in the directory {directory}"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        # A real file, not os.access(): root passes os.access on read-only mounts, and a full
+        # disk or a quota only shows when something is written.
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            probe.write(b"x")
+            probe.flush()
+    except OSError as exc:
+        raise PreprocessError(f"{what} ({exc.strerror or exc}); choose a writable location, "
+                              "or fix the directory's permissions") from None
+    return directory
+
+
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
     """Files and glob patterns -> files, in the order given (each pattern's matches sorted)."""
     paths: list[str] = []
@@ -486,6 +505,7 @@ def preprocess(
     directory = os.path.dirname(os.path.abspath(output_prefix))
     if not os.path.isdir(directory):
         raise PreprocessError(f"output directory {directory!r} does not exist")
+    check_output_directory(output_prefix)
     update = progress.update if progress is not None else None
 
     partitions = min(partitions, workers)  # every partition needs a worker
