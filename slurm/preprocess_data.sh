@@ -19,7 +19,14 @@
 # PRETRAIN_JSON_KEYS (default text), PRETRAIN_PREPROCESS_ARGS (more tools/preprocess_data.py
 # flags), PYTHON, PRETRAIN_ROOT (default: the submit directory).
 set -euo pipefail
+# SLURM runs a copy of this script from its spool directory: the checkout is PRETRAIN_ROOT or
+# the directory sbatch was run in, never this file's own path.
 ROOT=${PRETRAIN_ROOT:-${SLURM_SUBMIT_DIR:-.}}
+if [ ! -f "$ROOT/tools/preprocess_data.py" ]; then
+    echo "error: $ROOT/tools/preprocess_data.py does not exist: submit from the pretrain checkout" \
+         "(cd /path/to/checkout && sbatch slurm/preprocess_data.sh) or set PRETRAIN_ROOT=/path/to/checkout" >&2
+    exit 2
+fi
 : "${PRETRAIN_INPUTS:?set PRETRAIN_INPUTS to the input shards, e.g. '/data/shards/*.jsonl'}"
 : "${PRETRAIN_OUTPUT_DIR:?set PRETRAIN_OUTPUT_DIR}"
 : "${PRETRAIN_TOKENIZER:?set PRETRAIN_TOKENIZER to a sentencepiece .model or tokenizer.json}"

@@ -39,6 +39,15 @@
 # (halves weights and gradients per GPU; 16 micro-batches per rank keep the 1F1B bubble at 6%).
 # Global batch 1024 sequences (2M tokens, GPT-3's for 13B): 32 micro-batches per rank per step.
 set -euo pipefail
+# SLURM runs a copy of this script from its spool directory, so the checkout is found from
+# PRETRAIN_ROOT or the directory sbatch was run in, never from this file's own path.
+lib="${PRETRAIN_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/lib.sh"
+if [ ! -f "$lib" ]; then
+    echo "error: $lib does not exist: submit from the pretrain checkout (cd /path/to/checkout &&" \
+         "sbatch slurm/pretrain_gpt_13b.sh) or set PRETRAIN_ROOT=/path/to/checkout" \
+         "(PRETRAIN_ROOT=/path/to/checkout sbatch /path/to/checkout/slurm/pretrain_gpt_13b.sh)" >&2
+    exit 2
+fi
 # shellcheck source=slurm/lib.sh
-source "${PRETRAIN_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm/lib.sh"
+source "$lib"
 pretrain_job configs/gpt_13b.yaml

@@ -172,3 +172,20 @@ def test_check_output_directory_creates_a_missing_one(tmp_path):
 
     assert check_output_directory(str(tmp_path / "new" / "data")) == str(tmp_path / "new")
     assert list((tmp_path / "new").iterdir()) == []  # the probe leaves nothing behind
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt_125m.sh", "pretrain_gpt_1.3b.sh", "pretrain_gpt_13b.sh",
+                                    "preprocess_data.sh"])
+def test_slurm_script_submitted_from_elsewhere_says_what_to_do(tmp_path, script):
+    """sbatch runs a spool copy of the script with SLURM_SUBMIT_DIR = where sbatch was run."""
+    spool_copy = tmp_path / "slurm_script"
+    spool_copy.write_text((ROOT / "slurm" / script).read_text())
+    env = {k: v for k, v in os.environ.items() if k != "PRETRAIN_ROOT"}
+    env.update(SLURM_SUBMIT_DIR=str(tmp_path), PRETRAIN_INPUTS="x", PRETRAIN_OUTPUT_DIR=str(tmp_path / "o"),
+               PRETRAIN_TOKENIZER="t")
+    result = subprocess.run(["bash", str(spool_copy)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "No such file or directory" not in result.stderr
+    assert "submit from the pretrain checkout" in result.stderr and "PRETRAIN_ROOT=/path/to/checkout" in result.stderr
+    assert str(tmp_path) in result.stderr
