@@ -189,3 +189,19 @@ def test_slurm_script_submitted_from_elsewhere_says_what_to_do(tmp_path, script)
     assert "No such file or directory" not in result.stderr
     assert "submit from the pretrain checkout" in result.stderr and "PRETRAIN_ROOT=/path/to/checkout" in result.stderr
     assert str(tmp_path) in result.stderr
+
+
+def test_cli_training_on_ids_beyond_the_vocabulary_exits_2(tmp_path):
+    import numpy as np
+
+    from pretrain.data.indexed import IndexedDatasetWriter
+
+    prefix = str(tmp_path / "big_ids")
+    with IndexedDatasetWriter(prefix, dtype=np.int32) as writer:
+        for d in range(40):
+            writer.add_document(np.full(50, 300 + d, dtype=np.int32))  # every id >= 256
+    result = run_cli("-m", "pretrain.train", "configs/gpt_tiny.yaml", f"data.path={prefix}", "data.tokenizer=",
+                     "model.vocab_size=256", "train.steps=2", "train.eval_interval=0", "train.device=cpu",
+                     f"logging.dir={tmp_path}/logs", "logging.tensorboard=false", "checkpoint.dir=",
+                     "logging.peak_tflops=1")
+    assert_clear_error(result, f"{prefix}.bin, document", "outside the model's vocabulary [0, 256)")
