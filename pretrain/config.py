@@ -207,6 +207,11 @@ class TrainConfig:
     """Micro-batches per evaluation."""
     exit_after_minutes: Optional[float] = None
     """Save a checkpoint and stop cleanly after this many minutes of training."""
+    hang_timeout_minutes: float = 30.0
+    """A rank whose training makes no progress (no step operation, evaluation or checkpoint save
+    starts) for this many minutes writes its threads' stacks to {logging.dir}/hangs/rank{R}.txt
+    and exits with code 76; 0 disables the watchdog. Keep it above parallel.timeout_minutes so
+    a timed-out collective reports its own error first."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; `auto` picks CUDA when present."""
 
@@ -519,6 +524,8 @@ def finalize(config: RunConfig) -> None:
          "needs data.tokenizer (its end-of-document token separates the documents)")
     need(0 < config.data.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {config.data.mask_prob}")
     need(p.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {p.timeout_minutes}")
+    need(config.train.hang_timeout_minutes >= 0, "train.hang_timeout_minutes",
+         f"must be >= 0 (0 disables the watchdog), got {config.train.hang_timeout_minutes}")
     need(config.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(config.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     need(config.logging.peak_tflops is None or config.logging.peak_tflops > 0,

@@ -19,6 +19,10 @@ import torch.distributed as dist
 
 # EX_TEMPFAIL from sysexits.h: "try again later" -- stopped early with a checkpoint to resume from.
 EXIT_RESUMABLE = 75
+# A rank made no progress for train.hang_timeout_minutes (pretrain/faults/watchdog.py): a fault,
+# not a user mistake (2) nor a clean stop (75); the next free code, so launchers can tell a hang
+# from a crash (1) and restart the job from its last checkpoint.
+EXIT_HANG = 76
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 

@@ -38,6 +38,7 @@ from pretrain.parallel.data import GradientSync, grad_norm_and_clip, reduce_loss
 from pretrain.parallel.pipeline import build_model_chunks, forward_backward
 from pretrain.parallel.topology import Topology, init_distributed, validate_layout
 from pretrain.parallel.zero import require_deepspeed
+from pretrain.faults.watchdog import Watchdog
 from pretrain.stopping import EXIT_RESUMABLE, StopRequests
 
 
@@ -115,6 +116,8 @@ class Trainer:
                  valid: Optional[SampleDataset] = None, collate: Optional[Callable] = None) -> None:
         self.config, self.topo, self.chunks, self.valid, self.collate = config, topo, chunks, valid, collate
         self.batches = train_batches
+        # Told each operation as it starts (the hang watchdog's beat); run() sets it.
+        self.progress: Callable[[str], None] = lambda operation: None
         self.params = [p for chunk in chunks for p in chunk.parameters()]
         self.num_params = sum(p.numel() for p in self.params)  # before ZeRO-3 partitions them
         self.accum = accumulation_steps(config, data_parallel=topo.dp)
@@ -145,9 +148,11 @@ class Trainer:
         c = self.config
         lr = learning_rate(step, optim=c.optimizer, schedule=c.schedule, total_steps=c.train.steps)
         losses = forward_backward(chunks=self.schedule_chunks, topo=self.topo, batches=self.batches,
+                                  progress=self.progress,
                                   micro_batches=self.accum, autocast=self.autocast, hidden_shape=self.hidden_shape,
                                   hidden_dtype=self.hidden_dtype,
                                   on_last_backward=self.zero.on_last_backward if self.zero else self.grad_sync.enable)
+        self.progress("optimizer")
         record = self.zero.step(lr) if self.zero else self._step(lr)
         loss = reduce_loss(torch.stack(losses).mean(), self.topo) if losses else math.nan
         if c.train.precision == "fp16":
@@ -197,6 +202,7 @@ class Trainer:
                               vocab_size=self.config.model.vocab_size)
         iters = min(t.eval_iters, max(1, len(self.valid) // (t.micro_batch_size * self.topo.dp)))
         losses = forward_backward(chunks=self.chunks, topo=self.topo, batches=iter(loader), micro_batches=iters,
+                                  progress=lambda operation: self.progress(f"evaluation: {operation}"),
                                   autocast=self.autocast, hidden_shape=self.hidden_shape,
                                   hidden_dtype=self.hidden_dtype, forward_only=True)
         for chunk in self.chunks:
@@ -260,6 +266,7 @@ def run(config: RunConfig, *, launch=None) -> dict:
     def save(step_now: int) -> None:
         if saver is None:
             return
+        trainer.progress(f"checkpoint save of step {step_now}")
         train_state = {"consumed_samples": data.train.consumed_samples, **trainer.train_state()}
         path = saver.save(step_now, model=chunks, optimizer=None if trainer.zero else trainer.optimizer,
                           zero=trainer.zero, train_state=train_state)
@@ -282,9 +289,12 @@ def run(config: RunConfig, *, launch=None) -> dict:
     stopped = None
     if data.valid is not None and t.eval_interval and step == 0:
         run_eval(0)  # the baseline the validation curve starts from
-    with StopRequests(minutes=t.exit_after_minutes, world_size=topo.world_size, device=device) as stop:
+    watchdog = Watchdog(timeout_s=60 * t.hang_timeout_minutes, rank=topo.rank, log_dir=config.logging.dir)
+    trainer.progress = watchdog.beat
+    with StopRequests(minutes=t.exit_after_minutes, world_size=topo.world_size, device=device) as stop, watchdog:
         while step < t.steps:
             step += 1
+            watchdog.beat("step start", step=step)
             step_start = time.perf_counter()
             record = trainer.step(step)
             sync()
@@ -303,6 +313,7 @@ def run(config: RunConfig, *, launch=None) -> dict:
                     f"grad {record['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s | {tflops:.3f} TFLOP/s | "
                     f"MFU {100 * last['mfu']:.1f}% | mem {last['peak_mem_bytes'] / 2**30:.2f} GiB"))
                 interval_time, interval_steps = 0.0, 0
+            watchdog.beat("stop check (all-reduce)")
             stopped = stop.check()
             if stopped:
                 if logging_rank:
@@ -322,6 +333,7 @@ def run(config: RunConfig, *, launch=None) -> dict:
         if saved_at != step:
             save(step)
         if saver is not None:
+            watchdog.beat("waiting for the last checkpoint write")
             saver.wait()  # the last checkpoint is published before the run reports success
     logger.close()
     if stopped:

@@ -174,7 +174,8 @@ def forward_backward(*, chunks: list, topo: Topology, batches: Iterator[dict], m
                      autocast: Callable, hidden_shape: tuple[int, int, int],
                      hidden_dtype: torch.dtype = torch.float32,
                      on_last_backward: Callable[[int], None] = lambda chunk: None,
-                     forward_only: bool = False) -> list[torch.Tensor]:
+                     forward_only: bool = False,
+                     progress: Callable[[str], None] = lambda operation: None) -> list[torch.Tensor]:
     """Run forward and backward over `micro_batches` micro-batches; gradients accumulate as the
     mean over them. Returns the detached micro-batch losses (on the last stage; [] elsewhere).
 
@@ -182,14 +183,18 @@ def forward_backward(*, chunks: list, topo: Topology, batches: Iterator[dict], m
     gradient reduction can overlap it. `hidden_shape` is the activation shape a stage receives,
     `hidden_dtype` the dtype activations and their gradients travel in (the compute dtype).
     `forward_only` (evaluation) runs the forwards alone; call it under torch.no_grad().
+    `progress(operation)` is called as each operation starts ("data", "F chunk 0 micro 3"), so a
+    hang watchdog can tell that the rank advances and where it stopped.
     """
     device = topo.device
     if topo.pp == 1:
         losses = []
         for m in range(micro_batches):
+            progress(f"data micro {m}")
             batch = next(batches)
             if m == micro_batches - 1:
                 on_last_backward(0)
+            progress(f"F micro {m}" if forward_only else f"F+B micro {m}")
             with autocast():
                 loss = chunks[0](_to_device(batch["tokens"], device), labels=_to_device(batch["labels"], device),
                                  segments=_segments(batch, device))
@@ -200,20 +205,24 @@ def forward_backward(*, chunks: list, topo: Topology, batches: Iterator[dict], m
 
     # Only the first and the last virtual stages read data; every rank advances the loader
     # the same way so that data positions stay equal across the pipeline.
+    progress("data")
     micro_data = [next(batches) for _ in range(micro_batches)]
     steps = make_schedule(topo, micro_batches, forward_only=forward_only)
     final = {op.chunk: op for op in flatten(steps) if op.kind == "B"}  # each chunk's last backward
     run = _StageRunner(chunks, micro_data, link=PipeLink(topo, shape=hidden_shape, dtype=hidden_dtype),
                        autocast=autocast, device=device, forward_only=forward_only)
     for step in steps:
+        progress("exchange before " + ", ".join(f"{op.kind} chunk {op.chunk} micro {op.micro}" for op in step))
         received = run.link.exchange([_receives(op, chunks[op.chunk]) for op in step])
         for op, data in zip(step, received):
+            progress(f"{op.kind} chunk {op.chunk} micro {op.micro}")
             if op.kind == "F":
                 run.forward(op, data)
             else:
                 if final[op.chunk] == op:
                     on_last_backward(op.chunk)
                 run.backward(op, data)
+    progress("exchange of the last sends")
     run.link.exchange()  # the last step's sends
     return run.losses
 

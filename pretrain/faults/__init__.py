@@ -1,0 +1,1 @@
+"""Fault handling beside the training loop: the hang watchdog (watchdog.py)."""
