@@ -28,6 +28,7 @@ from pretrain.data.loader import SampleDataset, SampleLoader, causal_lm_collate,
 from pretrain.data.masking import MaskedLMCollator
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.device import pick_device
+from pretrain.faults.watchdog import Watchdog
 from pretrain.launch import discover
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
 from pretrain.models.attention import check_backend
@@ -38,7 +39,6 @@ from pretrain.parallel.data import GradientSync, grad_norm_and_clip, reduce_loss
 from pretrain.parallel.pipeline import build_model_chunks, forward_backward
 from pretrain.parallel.topology import Topology, init_distributed, validate_layout
 from pretrain.parallel.zero import require_deepspeed
-from pretrain.faults.watchdog import Watchdog
 from pretrain.stopping import EXIT_RESUMABLE, StopRequests
 
 
