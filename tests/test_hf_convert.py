@@ -352,3 +352,21 @@ def test_unsupported_gpt2_features_and_weight_overrides(exported, tmp_path):
     save_file(weights, src / "model.safetensors")
     with pytest.raises(HFConversionError, match="q_proj.bias"):
         import_checkpoint(src, tmp_path / "c", **QUIET)
+
+
+def test_export_refuses_non_finite_weights_unless_allowed(stdlib_data, tmp_path, capsys):
+    config = config_from_dict({"model": MODELS["gpt2"], "data": {"tokenizer": stdlib_data["tokenizer"]}})
+    model = GPT(config.model, init_seed=0)
+    with torch.no_grad():
+        model.blocks["0"].mlp.fc2.weight[0, :3] = float("nan")  # a diverged run's weights
+        model.final_norm.weight[0] = float("inf")
+    save_checkpoint(tmp_path / "ckpt", step=3, model=model, optimizer=None, config=config,
+                    train_state={"consumed_samples": 0})
+    tool = load_tool("convert_to_hf")
+    assert tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "holds non-finite weights (NaN or Inf) in 2 tensors" in err and "(3 of " in err and "--allow-non-finite" in err
+    assert not (tmp_path / "hf/model.safetensors").exists()
+    assert tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"),
+                      "--allow-non-finite"]) == 0
+    assert (tmp_path / "hf/model.safetensors").is_file()

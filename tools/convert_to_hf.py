@@ -25,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="directory to write the transformers model to")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --output (overwrites the "
                         "files an export writes, removes stale weight files, leaves other files)")
+    parser.add_argument("--allow-non-finite", action="store_true",
+                        help="export weights that hold NaN or Inf (refused by default: a diverged run)")
     args = parser.parse_args(argv)
     try:
-        export_checkpoint(args.checkpoint, args.output, force=args.force)
+        export_checkpoint(args.checkpoint, args.output, force=args.force, allow_non_finite=args.allow_non_finite)
     except ValueError as e:  # CheckpointError, HFConversionError, ConfigError: user mistakes
         return cli_error(str(e))
     return 0

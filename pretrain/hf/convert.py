@@ -85,9 +85,10 @@ def _check_output(output: Path, force: bool) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, force: bool = False,
-                      log: Log = print) -> Path:
+                      allow_non_finite: bool = False, log: Log = print) -> Path:
     """Write the checkpoint (root with `latest`, or step_N; any TP/PP layout) as a transformers
-    model directory; returns it."""
+    model directory; returns it. Weights holding NaN or Inf (a diverged run) are refused unless
+    `allow_non_finite`."""
     from safetensors.torch import save_file
 
     from pretrain.checkpoint import SavedCheckpoint
@@ -96,7 +97,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, force: bool
     saved = SavedCheckpoint(checkpoint)
     model = saved.config.model
     _check_output(output, force)
-    hf_state = to_hf_state_dict({name: saved.full(name) for name in saved.names}, model)
+    state = {name: saved.full(name) for name in saved.names}
+    if not allow_non_finite:
+        _check_finite(state, saved.dir)
+    hf_state = to_hf_state_dict(state, model)
     output.mkdir(parents=True, exist_ok=True)
     # Stale weights of an earlier export (--force) would be loaded alongside the new ones.
     for stale in [*output.glob("model*.safetensors"), output / "model.safetensors.index.json",
@@ -120,6 +124,17 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, force: bool
     log(f"exported {saved.dir} (step {saved.meta['step']}, layout tp={saved.tp} pp={saved.pp}) as "
         f"{config['architectures'][0]} to {output}")
     return output
+
+
+def _check_finite(state: dict[str, torch.Tensor], where: Path) -> None:
+    """A model with NaN or Inf weights computes NaN for everyone who loads it: say which."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items() if t.is_floating_point()}
+    bad = {name: n for name, n in bad.items() if n}
+    if bad:
+        listed = ", ".join(f"{name} ({n} of {state[name].numel()})" for name, n in list(bad.items())[:4])
+        raise HFConversionError(f"{where} holds non-finite weights (NaN or Inf) in {len(bad)} tensors: {listed}"
+                                f"{' ...' if len(bad) > 4 else ''}; it comes from a diverged run: export an earlier "
+                                "step_N/, or pass --allow-non-finite to export it anyway")
 
 
 def _write_generation_config(output: Path, ids: dict) -> None:
