@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import Checkpointer, find_resume_checkpoint, load_checkpoint, read_meta
+from pretrain.checkpoint import CheckpointError, Checkpointer, find_resume_checkpoint, load_checkpoint, read_meta
 from pretrain.checkpoint.guard import check_no_overwrite, run_lock
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data.blend import parse_data_path
@@ -228,7 +228,10 @@ def run(config: RunConfig, *, launch=None) -> dict:
     check_no_overwrite(ck.dir, start_step=resume_meta["step"] if resume_meta else 0)
     topo = init_distributed(config, device=device, launch=launch)
     # Data first: a missing or mismatched dataset should fail before a model is built.
-    consumed = resume_meta["train_state"]["consumed_samples"] if resume_meta else 0
+    consumed = resume_meta["train_state"].get("consumed_samples") if resume_meta else 0
+    if consumed is None:  # weights-only tools may write checkpoints without a data position
+        raise CheckpointError(f"{resume_from}/meta.json has no train_state.consumed_samples: it does not say "
+                              "where in the data to continue; resume from a checkpoint a training run saved")
     data = build_data(config, topo, consumed_samples=consumed, tokenizer=tokenizer)
 
     # Dropout streams: equal across TP and DP ranks, different per pipeline stage.

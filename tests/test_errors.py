@@ -28,7 +28,7 @@ def assert_clear_error(result: subprocess.CompletedProcess, *fragments: str) -> 
 @pytest.mark.parametrize("steps", ["0", "-3"])
 def test_train_steps_must_be_positive(steps):
     with pytest.raises(ConfigError, match=r"train.steps: must be >= 1"):
-        load_config("configs/gpt_tiny.yaml", [f"train.steps={steps}"])
+        load_config(ROOT / "configs/gpt_tiny.yaml", [f"train.steps={steps}"])
 
 
 @pytest.mark.parametrize("text, kind", [("- a\n- b\n", "list"), ("42\n", "int"), ("just words\n", "str")])

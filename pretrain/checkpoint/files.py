@@ -291,8 +291,6 @@ def check_meta_fields(meta: dict, *, where: str) -> None:
     for key in REQUIRED_LAYOUT:
         if key not in meta["layout"]:
             raise damaged(f"missing field 'layout.{key}'")
-    if "consumed_samples" not in meta["train_state"]:
-        raise damaged("missing field 'train_state.consumed_samples'")
 
 
 def read_config(step_dir: Path) -> RunConfig:
