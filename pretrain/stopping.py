@@ -23,6 +23,13 @@ EXIT_RESUMABLE = 75
 # not a user mistake (2) nor a clean stop (75); the next free code, so launchers can tell a hang
 # from a crash (1) and restart the job from its last checkpoint.
 EXIT_HANG = 76
+# The run diverged beyond what it repairs by itself: train.max_rollbacks rollbacks used up, or
+# fp16 overflowing at its minimum loss scale (pretrain/faults/divergence.py). Restarting the same
+# job would diverge again, so launchers do not retry it: a person must look.
+EXIT_DIVERGED = 77
+# Two checkpoint saves in a row failed (disk full, permissions), or the final one did: the run
+# stops rather than train on with nothing to resume from. Not retried by launchers either.
+EXIT_CHECKPOINT_FAILED = 78
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
