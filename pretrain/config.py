@@ -242,6 +242,42 @@ class LoggingConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """What the run does about bad steps and slow ranks (pretrain/faults/). A bad step (loss or
+    gradient norm not finite, or a loss spike) is skipped on every rank; max_bad_steps of them in
+    a row roll the run back to its last checkpoint, past the data that led there."""
+
+    spike_sigmas: float = 6.0
+    """A loss above mean + spike_sigmas x std of the last spike_window good steps is a spike;
+    0 turns spike detection off (non-finite values are always caught)."""
+    spike_window: int = 100
+    """Good steps the spike rule looks back on; it starts judging once the window is full."""
+    spike_min_increase: float = 0.1
+    """A spike must also exceed the window's mean loss by this fraction of it: late in training
+    the loss barely moves, and a tiny std would otherwise flag ordinary noise."""
+    max_bad_steps: int = 5
+    """Consecutive skipped steps after which the run rolls back to its last checkpoint."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in one run (counted across restarts); one more stops it with exit 77."""
+    straggler_factor: float = 1.5
+    """Every log interval, a rank whose own work (step time minus time blocked waiting for its
+    peers) exceeds the median's by this factor is reported; 0 turns the check off."""
+
+    def validate(self) -> None:
+        for key in ("spike_sigmas", "spike_min_increase", "straggler_factor"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"faults.{key}: must be >= 0 (0 turns it off), got {getattr(self, key)}")
+        for key in ("spike_window", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"faults.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.max_rollbacks < 0:
+            raise ConfigError(f"faults.max_rollbacks: must be >= 0, got {self.max_rollbacks}")
+        if 0 < self.straggler_factor <= 1:
+            raise ConfigError(f"faults.straggler_factor: must be above 1 (a factor over the median) or 0 "
+                              f"(off), got {self.straggler_factor}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -251,6 +287,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 def pad_vocab(vocab_size: int, multiple: int) -> int:
@@ -526,6 +563,7 @@ def finalize(config: RunConfig) -> None:
     need(p.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {p.timeout_minutes}")
     need(config.train.hang_timeout_minutes >= 0, "train.hang_timeout_minutes",
          f"must be >= 0 (0 disables the watchdog), got {config.train.hang_timeout_minutes}")
+    config.faults.validate()
     need(config.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(config.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
     need(config.logging.peak_tflops is None or config.logging.peak_tflops > 0,

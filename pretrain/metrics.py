@@ -122,17 +122,28 @@ class MetricsLogger:
             return
         path = Path(log_dir)
         path.mkdir(parents=True, exist_ok=True)
+        self.path = path / "metrics.jsonl"
         if resume_step is not None:
-            dropped = drop_records_after(path / "metrics.jsonl", resume_step)
-            if dropped:
-                print(f"{path / 'metrics.jsonl'}: dropped {dropped} records after step {resume_step} "
-                      "(this run logs those steps again)", flush=True)
+            self._drop_after(resume_step)
         # Append: a resumed run continues the same file.
-        self.jsonl = open(path / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = open(self.path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(path / "tensorboard"))
+
+    def _drop_after(self, step: int) -> None:
+        dropped = drop_records_after(self.path, step)
+        if dropped:
+            print(f"{self.path}: dropped {dropped} records after step {step} (this run logs those steps again)",
+                  flush=True)
+
+    def rewind(self, step: int) -> None:
+        """Training went back to `step` (a rollback): drop the later records, as a resume does."""
+        if self.jsonl:
+            self.jsonl.close()
+            self._drop_after(step)
+            self.jsonl = open(self.path, "a", buffering=1)
 
     def log(self, record: dict, *, console: Optional[str] = None) -> None:
         if not self.enabled:

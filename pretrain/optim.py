@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from pretrain.config import OptimizerConfig, ScheduleConfig
+from pretrain.faults.divergence import Diverged
+from pretrain.parallel.waits import waiting
 
 
 def build_optimizer(params: Iterable[nn.Parameter], config: OptimizerConfig) -> torch.optim.AdamW:
@@ -84,7 +86,7 @@ class DynamicLossScaler:
         if overflow:
             if self.hysteresis <= 1:
                 if self.scale == LOSS_SCALE_MIN:  # as DeepSpeed: fp16 cannot represent this run
-                    raise RuntimeError(f"fp16 loss scale is already at its minimum ({LOSS_SCALE_MIN}) and the "
+                    raise Diverged(f"fp16 loss scale is already at its minimum ({LOSS_SCALE_MIN}) and the "
                                        "gradients still overflow; train with train.precision=bf16")
                 self.scale = max(self.scale / 2, LOSS_SCALE_MIN)
             else:
@@ -117,7 +119,8 @@ def unscale_and_check(params: list[nn.Parameter], *, scale: float, group=None) -
         torch._foreach_mul_(grads, 1.0 / scale)
         found = torch.stack([g.isfinite().all().logical_not() for g in grads]).any().float()
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+        with waiting():
+            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
     return bool(found.item())
 
 

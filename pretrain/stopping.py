@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from pretrain.parallel.waits import waiting
+
 # EX_TEMPFAIL from sysexits.h: "try again later" -- stopped early with a checkpoint to resume from.
 EXIT_RESUMABLE = 75
 # A rank made no progress for train.hang_timeout_minutes (pretrain/faults/watchdog.py): a fault,
@@ -60,7 +62,8 @@ class StopRequests:
         timed_out = self.minutes is not None and time.perf_counter() - self.start > 60 * self.minutes
         flags = torch.tensor([float(self.received is not None), float(timed_out)], device=self.device)
         if self.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            with waiting():
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0] > 0:
             return self.received or "signal"  # another rank got it
         if flags[1] > 0:

@@ -19,7 +19,9 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import CheckpointError, Checkpointer, find_resume_checkpoint, load_checkpoint, read_meta
+from pretrain.checkpoint import CheckpointError, Checkpointer, find_resume_checkpoint, read_meta
+from pretrain.checkpoint.fallback import checkpoint_candidates, load_newest_intact
+from pretrain.checkpoint.saver import CheckpointSaveError
 from pretrain.checkpoint.guard import check_no_overwrite, run_lock
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data.blend import parse_data_path
@@ -28,6 +30,8 @@ from pretrain.data.loader import SampleDataset, SampleLoader, causal_lm_collate,
 from pretrain.data.masking import MaskedLMCollator
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.device import pick_device
+from pretrain.faults.divergence import Diverged, DivergenceGuard
+from pretrain.faults.stragglers import StragglerMeter
 from pretrain.faults.watchdog import Watchdog
 from pretrain.launch import discover
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
@@ -35,11 +39,12 @@ from pretrain.models.attention import check_backend
 from pretrain.models.build import weight_dtype
 from pretrain.optim import (BackwardRootChunk, DynamicLossScaler, build_optimizer, learning_rate,
                             set_learning_rate, unscale_and_check)
-from pretrain.parallel.data import GradientSync, grad_norm_and_clip, reduce_loss
+from pretrain.parallel.data import GradientSync, clip_gradients, global_grad_norm, reduce_loss, shared_loss
 from pretrain.parallel.pipeline import build_model_chunks, forward_backward
 from pretrain.parallel.topology import Topology, init_distributed, validate_layout
+from pretrain.parallel.waits import waiting
 from pretrain.parallel.zero import require_deepspeed
-from pretrain.stopping import EXIT_RESUMABLE, StopRequests
+from pretrain.stopping import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_RESUMABLE, StopRequests
 
 
 @dataclass
@@ -143,8 +148,11 @@ class Trainer:
         seq = config.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
         self.hidden_shape = (config.train.micro_batch_size, seq, config.model.hidden_size)
         self.hidden_dtype = dtype or torch.float32  # what activations travel in between stages
+        self.guard = DivergenceGuard(config.faults)
 
     def step(self, step: int) -> dict:
+        """One optimizer step, or a skipped one: `bad_step` says why (every rank judges the same
+        loss and gradient norm, so all skip together)."""
         c = self.config
         lr = learning_rate(step, optim=c.optimizer, schedule=c.schedule, total_steps=c.train.steps)
         losses = forward_backward(chunks=self.schedule_chunks, topo=self.topo, batches=self.batches,
@@ -153,38 +161,64 @@ class Trainer:
                                   hidden_dtype=self.hidden_dtype,
                                   on_last_backward=self.zero.on_last_backward if self.zero else self.grad_sync.enable)
         self.progress("optimizer")
-        record = self.zero.step(lr) if self.zero else self._step(lr)
-        loss = reduce_loss(torch.stack(losses).mean(), self.topo) if losses else math.nan
+        loss = shared_loss(losses, self.topo)
+        problem = self.guard.loss_problem(loss)
+        if self.zero:
+            record = self.zero.step(lr, skip=problem is not None)
+            if problem is None and record["skipped"] and c.train.precision != "fp16":
+                problem = self.guard.norm_problem(record["grad_norm"])  # DeepSpeed found non-finite gradients
+        else:
+            record = self._step(lr, problem)
+            problem = record.pop("problem")
+        self.guard.record(loss, problem)
         if c.train.precision == "fp16":
             record["loss_scale"] = float(self.zero.optimizer.loss_scale if self.zero else self.scaler.scale)
         else:
             record.pop("skipped")
-        return {"loss": loss, "lr": lr, **record}
+        return {"loss": loss, "lr": lr, **record, "bad_step": problem, "skipped_steps": self.guard.skipped_total}
 
-    def _step(self, lr: float) -> dict:
+    def _step(self, lr: float, problem: Optional[str]) -> dict:
+        """Our own optimizer step; `problem`: the loss already condemned the step."""
         set_learning_rate(self.optimizer, lr)
         self.grad_sync.finish()
-        skipped = False
+        overflow = False
         if self.scaler is not None:  # every rank agrees on skipping (unscale_and_check reduces)
-            skipped = unscale_and_check(self.params, scale=self.scaler.scale)
-            self.scaler.update(skipped)
+            overflow = unscale_and_check(self.params, scale=self.scaler.scale)
+            self.scaler.update(overflow)  # raises Diverged at the minimum scale
         grad_norm = math.inf
-        if not skipped:
-            grad_norm = grad_norm_and_clip(self.params, max_norm=self.config.optimizer.clip_grad, topo=self.topo)
-            self.optimizer.step()
+        if not overflow:
+            grad_norm = global_grad_norm(self.params, topo=self.topo)
+            problem = problem or self.guard.norm_problem(grad_norm)
+            if problem is None:
+                clip_gradients(self.params, norm=grad_norm, max_norm=self.config.optimizer.clip_grad)
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": grad_norm, "skipped": skipped}
+        return {"grad_norm": grad_norm, "skipped": overflow, "problem": problem}
+
+    def weights_finite(self) -> bool:
+        """Whether every rank's weights are finite (collective): checked before each save, so that
+        no checkpoint is ever published with NaN or Inf in it."""
+        local = self.zero.weights_finite() if self.zero else all(bool(p.isfinite().all()) for p in self.params)
+        flag = torch.tensor([float(local)], device=self.topo.device)
+        if self.topo.world_size > 1:
+            with waiting():
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def train_state(self) -> dict:
-        """What the trainer itself must carry across a resume (saved in meta.json): the fp16 loss
-        scaler, ours or DeepSpeed's (equal on every rank: overflow decisions are global)."""
+        """What the trainer itself must carry across a resume (saved in meta.json): the divergence
+        guard's loss history and counts; the fp16 loss scaler, ours or DeepSpeed's (equal on
+        every rank: overflow decisions are global)."""
+        state = {"guard": self.guard.state_dict()}
         if self.scaler is not None:
-            return {"loss_scaler": self.scaler.state_dict()}
+            state["loss_scaler"] = self.scaler.state_dict()
         if self.zero is not None and self.config.train.precision == "fp16":
-            return {"zero_loss_scaler": self.zero.loss_scaler_state()}
-        return {}
+            state["zero_loss_scaler"] = self.zero.loss_scaler_state()
+        return state
 
-    def load_train_state(self, state: dict) -> None:
+    def load_train_state(self, state: dict, *, rollback: bool = False) -> None:
+        """`rollback`: going back to an older checkpoint keeps the rollbacks already used."""
+        self.guard.load_state_dict(state.get("guard", {}), keep_rollbacks=rollback)
         if self.scaler is not None and "loss_scaler" in state:
             self.scaler.load_state_dict(state["loss_scaler"])
         if self.zero is not None and "zero_loss_scaler" in state:
@@ -241,19 +275,23 @@ def run(config: RunConfig, *, launch=None) -> dict:
     if trainer.zero is not None and topo.rank == 0:
         print(f"DeepSpeed config: {json.dumps(trainer.zero.ds_config)}", flush=True)
     step = 0
-    if resume_from is not None:
-        meta = load_checkpoint(resume_from, model=chunks, optimizer=trainer.optimizer, config=config, topo=topo,
-                               zero=trainer.zero)
+    if resume_from is not None:  # a damaged checkpoint falls back to the one before it
+        resumed, meta = load_newest_intact(checkpoint_candidates(ck.dir, resume_from), model=chunks,
+                                           optimizer=trainer.optimizer, config=config, topo=topo,
+                                           zero=trainer.zero, warn=say)
         step = meta["step"]
         trainer.load_train_state(meta["train_state"])
+        data.train.consumed_samples = meta["train_state"].get("consumed_samples", consumed)  # a fallback's
         if topo.rank == 0:
-            print(f"resumed from {resume_from} at step {step}", flush=True)
+            print(f"resumed from {resumed} at step {step}", flush=True)
 
     logging_rank = topo.is_logging_rank
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
     peak = config.logging.peak_tflops or measure_peak_tflops(device, dtype)
     global_batch = t.micro_batch_size * trainer.accum * topo.dp
-    step_flops = training_flops(config.model, batch=global_batch, seq=config.model.seq_length)
+    speed = Throughput(tokens_per_step=global_batch * config.model.seq_length, peak_tflops=peak,
+                       flops_per_step=training_flops(config.model, batch=global_batch, seq=config.model.seq_length),
+                       world_size=topo.world_size)
     # resume_step: steps after it are (re)run here, so their old records in metrics.jsonl go.
     logger = MetricsLogger(config.logging.dir, tensorboard=config.logging.tensorboard, enabled=logging_rank,
                            resume_step=step)
@@ -266,10 +304,14 @@ def run(config: RunConfig, *, launch=None) -> dict:
 
     saver = Checkpointer(ck.dir, config, topo) if ck.dir else None
 
-    def save(step_now: int) -> None:
+    def save(step_now: int) -> bool:
+        """Write step_now's checkpoint; False, and nothing written, when the weights are not
+        finite (a NaN checkpoint must never become `latest`)."""
         if saver is None:
-            return
+            return True
         trainer.progress(f"checkpoint save of step {step_now}")
+        if not trainer.weights_finite():
+            return False
         train_state = {"consumed_samples": data.train.consumed_samples, **trainer.train_state()}
         path = saver.save(step_now, model=chunks, optimizer=None if trainer.zero else trainer.optimizer,
                           zero=trainer.zero, train_state=train_state)
@@ -277,6 +319,30 @@ def run(config: RunConfig, *, launch=None) -> dict:
             how = "writing in the background" if saver.async_save else "saved"
             print(f"checkpoint {path}: {how} (training paused {saver.stats['snapshot_s']:.2f} s to copy "
                   f"{saver.stats['bytes'] / 2**20:.1f} MiB per rank)", flush=True)
+        return True
+
+    def roll_back(reason: str, from_step: int) -> int:
+        """Reload the newest intact checkpoint; returns its step. The data loader keeps its place,
+        so the batches that led here are skipped, not replayed."""
+        trainer.guard.start_rollback(reason)  # raises Diverged when none is left
+        if saver is None:
+            raise Diverged(f"{reason} at step {from_step}, and no checkpoint.dir to roll back to")
+        trainer.progress("rollback")
+        saver.wait()  # the save in flight may be the newest good checkpoint
+        candidates = checkpoint_candidates(ck.dir, find_resume_checkpoint(ck.dir, "auto"))
+        if not candidates:
+            raise Diverged(f"{reason} at step {from_step}, before any checkpoint was saved to roll back to")
+        path, meta = load_newest_intact(candidates, model=chunks, optimizer=trainer.optimizer, config=config,
+                                        topo=topo, zero=trainer.zero, warn=say)
+        trainer.load_train_state(meta["train_state"], rollback=True)
+        skipped = data.train.consumed_samples - meta["train_state"]["consumed_samples"]
+        logger.rewind(meta["step"])
+        logger.log({"step": meta["step"], "rollback": {
+            "from_step": from_step, "reason": reason, "checkpoint": str(path), "skipped_samples": skipped,
+            "rollbacks": trainer.guard.rollbacks}}, console=(
+            f"rollback {trainer.guard.rollbacks} of at most {config.faults.max_rollbacks}: {reason} at step "
+            f"{from_step}; reloaded {path}, skipping the {skipped} samples read since it"))
+        return meta["step"]
 
     def run_eval(step_now: int) -> dict:
         val = trainer.evaluate()
@@ -294,28 +360,29 @@ def run(config: RunConfig, *, launch=None) -> dict:
         run_eval(0)  # the baseline the validation curve starts from
     watchdog = Watchdog(timeout_s=60 * t.hang_timeout_minutes, rank=topo.rank, log_dir=config.logging.dir)
     trainer.progress = watchdog.beat
+    meter = StragglerMeter(factor=config.faults.straggler_factor, world_size=topo.world_size, device=device)
     with StopRequests(minutes=t.exit_after_minutes, world_size=topo.world_size, device=device) as stop, watchdog:
         while step < t.steps:
             step += 1
             watchdog.beat("step start", step=step)
+            meter.start()
             step_start = time.perf_counter()
             record = trainer.step(step)
             sync()
+            meter.stop()
             interval_time += time.perf_counter() - step_start
             interval_steps += 1
-            if step % t.log_interval == 0 or step == t.steps:
-                elapsed = interval_time / interval_steps
-                tflops = step_flops / elapsed / 1e12 / topo.world_size
-                last = {"step": step, **record,
-                        "tokens_per_s": global_batch * config.model.seq_length / elapsed,
-                        "tflops": tflops, "mfu": tflops / peak, "step_time_s": elapsed,
-                        "consumed_samples": data.train.consumed_samples,
-                        "peak_mem_bytes": peak_memory_bytes(device)}
-                logger.log(last, console=(
-                    f"step {step:>6}/{t.steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-                    f"grad {record['grad_norm']:.3f} | {last['tokens_per_s']:,.0f} tok/s | {tflops:.3f} TFLOP/s | "
-                    f"MFU {100 * last['mfu']:.1f}% | mem {last['peak_mem_bytes'] / 2**30:.2f} GiB"))
+            bad = record["bad_step"]
+            # A bad step is always logged (the same decision on every rank: the meter's report is
+            # a collective).
+            if step % t.log_interval == 0 or step == t.steps or bad:
+                last = log_step(logger, step, record, config=config, speed=speed.of(interval_time / interval_steps),
+                                consumed=data.train.consumed_samples, device=device, stragglers=meter.report(),
+                                bad_in_a_row=trainer.guard.consecutive_bad)
                 interval_time, interval_steps = 0.0, 0
+            if trainer.guard.must_roll_back():
+                step = saved_at = evaluated_at = roll_back(bad, step)
+                continue
             watchdog.beat("stop check (all-reduce)")
             stopped = stop.check()
             if stopped:
@@ -326,21 +393,58 @@ def run(config: RunConfig, *, launch=None) -> dict:
                 last = {**last, **run_eval(step)}
                 evaluated_at = step
             if ck.interval and step % ck.interval == 0:
-                save(step)
+                if not save(step):
+                    step = saved_at = evaluated_at = roll_back("the weights are not finite", step)
+                    continue
                 saved_at = step
 
         # A stopped run saves at once and skips the final evaluation: the time left before the
         # scheduler's kill is for the checkpoint.
         if data.valid is not None and evaluated_at != step and not stopped:
             last = {**last, **run_eval(step)}
-        if saved_at != step:
-            save(step)
+        if saved_at != step and not save(step):
+            raise Diverged(f"the weights are not finite after step {step}: not saved")
         if saver is not None:
             watchdog.beat("waiting for the last checkpoint write")
-            saver.wait()  # the last checkpoint is published before the run reports success
+            saver.finish()  # the last checkpoint is published before the run reports success
     logger.close()
     if stopped:
         last = {**last, "stopped": stopped}
+    return last
+
+
+@dataclass
+class Throughput:
+    """Speed figures of a step time: tokens/s, TFLOP/s per rank and MFU against `peak_tflops`."""
+
+    tokens_per_step: int
+    flops_per_step: float
+    peak_tflops: float
+    world_size: int
+
+    def of(self, seconds: float) -> dict:
+        tflops = self.flops_per_step / seconds / 1e12 / self.world_size
+        return {"tokens_per_s": self.tokens_per_step / seconds, "tflops": tflops, "mfu": tflops / self.peak_tflops,
+                "step_time_s": seconds}
+
+
+def log_step(logger: MetricsLogger, step: int, record: dict, *, config: RunConfig, speed: dict, consumed: int,
+             device: torch.device, stragglers: list[dict], bad_in_a_row: int) -> dict:
+    """One metrics record and console line for `step`; `speed`: Throughput.of the mean step time."""
+    last = {"step": step, **record, **speed, "consumed_samples": consumed,
+            "peak_mem_bytes": peak_memory_bytes(device), "stragglers": stragglers}
+    if record["bad_step"] is None:
+        del last["bad_step"]
+    console = (f"step {step:>6}/{config.train.steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+               f"grad {record['grad_norm']:.3f} | {speed['tokens_per_s']:,.0f} tok/s | {speed['tflops']:.3f} "
+               f"TFLOP/s | MFU {100 * speed['mfu']:.1f}% | mem {last['peak_mem_bytes'] / 2**30:.2f} GiB")
+    if record["bad_step"] is not None:
+        console += (f"\nstep {step} skipped on every rank: {record['bad_step']} ({bad_in_a_row} in a row; "
+                    f"{config.faults.max_bad_steps} in a row roll back to the last checkpoint)")
+    for slow in stragglers:
+        console += (f"\nstraggler: rank {slow['rank']} on {slow['host']} worked {slow['own_work_s']:.3f} s, "
+                    f"{slow['ratio']:.1f}x the median rank's {slow['median_s']:.3f} s since the last report")
+    logger.log(last, console=console)
     return last
 
 
@@ -349,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    code = 0
+    code, together = 0, False  # together: every rank ends here at the same point
     try:
         config = load_config(argv[0], argv[1:])
         launch = discover()
@@ -359,18 +463,21 @@ def main(argv: list[str] | None = None) -> int:
             code = EXIT_RESUMABLE
             where = f"; resume from {config.checkpoint.dir}" if config.checkpoint.dir else " (no checkpoint.dir)"
             print(f"stopped early ({last['stopped']}) with exit code {EXIT_RESUMABLE}{where}", flush=True)
-        if dist.is_initialized():
-            # Every rank must be past its last collective before any tears its group down;
-            # otherwise a peer's gloo thread can find its connection gone and abort the process.
-            dist.barrier()
+        together = True
     except ValueError as e:  # ConfigError, CheckpointError, LaunchError, dataset errors: user mistakes
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (Diverged, CheckpointSaveError) as e:  # decided by all ranks together
+        code, together = EXIT_DIVERGED if isinstance(e, Diverged) else EXIT_CHECKPOINT_FAILED, True
+        print(f"error: {e} (exit code {code})", file=sys.stderr, flush=True)
     finally:
         if dist.is_initialized():
+            if together:
+                # Every rank must be past its last collective before any tears its group down;
+                # otherwise a peer's gloo thread can find its connection gone and abort the process.
+                dist.barrier()
             dist.destroy_process_group()
     return code
-
 
 if __name__ == "__main__":
     sys.exit(main())

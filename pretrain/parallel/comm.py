@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from pretrain.parallel.waits import waiting
+
 Group = Optional[dist.ProcessGroup]
 
 
@@ -33,7 +35,8 @@ def group_rank(group: Group) -> int:
 
 def all_reduce(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
+        with waiting():
+            dist.all_reduce(x, op=op, group=group)
     return x
 
 
@@ -52,7 +55,8 @@ def all_reduce_flat(tensors: list[torch.Tensor], group: Group) -> None:
 
 def _all_gather_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(group_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    with waiting():
+        dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=1)
 
 
@@ -62,7 +66,8 @@ def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
         raise ValueError(f"sequence length {x.shape[1]} is not divisible by the tensor-parallel size {size}")
     parts = [p.contiguous() for p in x.chunk(size, dim=1)]
     out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
+    with waiting():
+        dist.reduce_scatter(out, parts, group=group)
     return out
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from pretrain.parallel.comm import all_reduce, all_reduce_flat, group_size
 from pretrain.parallel.topology import Topology
+from pretrain.parallel.waits import waiting
 
 
 class _Bucket:
@@ -86,7 +87,8 @@ class GradientSync:
         for bucket in self.buckets:
             if bucket.work is None:  # a bucket whose hooks never all fired (unused parameters)
                 self._launch(bucket)
-            bucket.work.wait()
+            with waiting():
+                bucket.work.wait()
             offset = 0
             for p in bucket.params:
                 n = p.numel()
@@ -113,9 +115,20 @@ def reduce_loss(loss: torch.Tensor, topo: Topology) -> float:
     return float(loss)
 
 
-def grad_norm_and_clip(params: list[nn.Parameter], *, max_norm: float, topo: Topology) -> float:
-    """Global L2 norm of the gradients of the whole model (every TP/PP shard counted once), then
-    clip all gradients by the same factor on every rank. DP replicas hold equal gradients."""
+def shared_loss(losses: list[torch.Tensor], topo: Topology) -> float:
+    """The step's loss (mean over micro-batches and the DP group) on every rank: the last
+    pipeline stage computes it and the other stages receive it, so that every rank can judge
+    the step (pretrain/faults/divergence.py) and reach the same verdict."""
+    local = torch.stack(losses).mean().detach().float() if losses else torch.zeros((), device=topo.device)
+    if losses and group_size(topo.dp_group) > 1:
+        local = all_reduce(local.clone(), topo.dp_group) / topo.dp
+    if topo.pp > 1:  # the other stages add zeros: the value arrives unchanged, NaN included
+        local = all_reduce(local.clone(), topo.pp_group)
+    return float(local)
+
+
+def _counted_grads(params: list[nn.Parameter], topo: Topology) -> list[torch.Tensor]:
+    """The gradients that make up the model's norm, each TP/PP shard once."""
     grads = []
     for p in params:
         if p.grad is None:
@@ -126,14 +139,32 @@ def grad_norm_and_clip(params: list[nn.Parameter], *, max_norm: float, topo: Top
         if getattr(p, "tied_embedding", False) and not topo.is_first_stage:
             continue  # the last stage's copy of the tied embedding
         grads.append(p.grad)
+    return grads
+
+
+def global_grad_norm(params: list[nn.Parameter], *, topo: Topology) -> float:
+    """L2 norm of the gradients of the whole model, the same on every rank (DP replicas hold
+    equal gradients)."""
+    grads = _counted_grads(params, topo)
     squares = torch.zeros((), dtype=torch.float64, device=topo.device)
     if grads:
         squares += torch.nn.utils.get_total_norm(grads, foreach=True).double() ** 2
     if topo.world_size > 1:
         all_reduce(squares, topo.model_group)
-    norm = float(squares.sqrt())
+    return float(squares.sqrt())
+
+
+def clip_gradients(params: list[nn.Parameter], *, norm: float, max_norm: float) -> None:
+    """Scale all gradients by the same factor so that their global norm is at most max_norm
+    (0: no clipping)."""
     if max_norm > 0:
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
+
+
+def grad_norm_and_clip(params: list[nn.Parameter], *, max_norm: float, topo: Topology) -> float:
+    """Global gradient norm, then clip to max_norm; returns the norm before clipping."""
+    norm = global_grad_norm(params, topo=topo)
+    clip_gradients(params, norm=norm, max_norm=max_norm)
     return norm

@@ -29,6 +29,7 @@ from pretrain.models.gpt import GPT, Stage
 from pretrain.models.layers import DenseLayers
 from pretrain.parallel.tensor import TensorParallelLayers
 from pretrain.parallel.topology import Topology
+from pretrain.parallel.waits import waiting
 
 
 class Op(NamedTuple):
@@ -158,8 +159,9 @@ class PipeLink:
                 ops = ops + [dist.P2POp(dist.irecv, buffer, self.topo.pp_peer(-1 if kind == "F" else 1))]
             buffers.append(buffer)
         if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            with waiting():
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
         return buffers
 
 

@@ -21,6 +21,7 @@ from pretrain.parallel.comm import (all_reduce, copy_to_tp, gather_sequence, red
                                     split_sequence)
 from pretrain.parallel.random import tensor_parallel_rng
 from pretrain.parallel.topology import Topology
+from pretrain.parallel.waits import waiting
 
 
 def _param(shape: tuple[int, ...], spec: ShardSpec | None = None, *, sequence_parallel: bool = False) -> nn.Parameter:
@@ -151,7 +152,8 @@ class _GatherVocab(torch.autograd.Function):
     def forward(ctx, x, group):
         ctx.group, ctx.rank = group, dist.get_rank(group)
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
+        with waiting():
+            dist.all_gather(parts, x.contiguous(), group=group)
         return torch.cat(parts, dim=-1)
 
     @staticmethod

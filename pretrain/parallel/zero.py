@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain.config import ConfigError, RunConfig
+from pretrain.faults.divergence import Diverged
 from pretrain.optim import (LOSS_SCALE_HYSTERESIS, LOSS_SCALE_INIT_POWER, LOSS_SCALE_MIN, LOSS_SCALE_WINDOW,
                             BackwardRootChunk, build_optimizer)
 from pretrain.parallel.topology import Topology, group_timeout
@@ -119,7 +120,8 @@ def deepspeed_config(config: RunConfig, *, data_parallel: int, accumulation: int
         "train_batch_size": t.micro_batch_size * accumulation * data_parallel,
         "gradient_clipping": o.clip_grad,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
+        # check_grad_overflow: a non-finite bf16 gradient skips the step as in fp16 and fp32.
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         # loss_scale 0 = dynamic; the same constants as our own scaler (pretrain/optim.py).
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": LOSS_SCALE_INIT_POWER,
                  "loss_scale_window": LOSS_SCALE_WINDOW, "hysteresis": LOSS_SCALE_HYSTERESIS,
@@ -326,22 +328,55 @@ class ZeroEngine:
             self.optimizer.overlapping_partition_gradients_reduce_epilogue()
         self._finished = True
 
-    def step(self, lr: float) -> dict:
+    def step(self, lr: float, *, skip: bool = False) -> dict:
         """Finish the gradients, clip and step inside ZeRO; returns grad_norm and whether the step
-        was skipped (fp16 overflow)."""
+        was skipped (an overflow DeepSpeed found: fp16, or non-finite gradients). `skip`: drop
+        this step's gradients without an update (a bad step: pretrain/faults/divergence.py)."""
         opt = self.optimizer
         self.finish_gradients()
         for group in opt.param_groups:
             group["lr"] = lr
-        opt.step()
+        with self._forced_overflow() if skip else contextlib.nullcontext():
+            opt.step()
         skipped = bool(getattr(opt, "overflow", False))
         norm = getattr(opt, "_global_grad_norm", None)  # set by step (what engine.step reads too)
         opt.zero_grad(set_to_none=True)
         opt.set_gradient_accumulation_boundary(False)
         self.grads.reset()
         self._announced, self._finished = 0, False
+        if skipped and not skip and self.config.train.precision == "fp16" and opt.loss_scale <= LOSS_SCALE_MIN:
+            raise Diverged(f"fp16 loss scale is at its minimum ({LOSS_SCALE_MIN}) and the gradients still "
+                           "overflow; train with train.precision=bf16")
         grad_norm = math.inf if skipped else float(norm) if norm is not None else math.nan
         return {"grad_norm": grad_norm, "skipped": skipped}
+
+    @contextlib.contextmanager
+    def _forced_overflow(self) -> Iterator[None]:
+        """Make DeepSpeed's step take its own overflow path (drop the gradients, no update) as
+        if the gradients were not finite, leaving the fp16 loss scale as it was: a bad step is
+        not the scale's fault. Stage 3 decides overflow in one method, stages 1/2 in another."""
+        opt, scale = self.optimizer, self.loss_scaler_state()
+        names = ("_overflow_check_and_loss_scale_update",) if self.stage == 3 else ("check_grad_overflow", "has_overflow")
+        saved = {name: opt.__dict__[name] for name in names if name in opt.__dict__}
+        if self.stage == 3:
+            opt._overflow_check_and_loss_scale_update = lambda update_scale=True: setattr(opt, "overflow", True)
+        else:
+            opt.check_grad_overflow, opt.has_overflow = True, lambda *args, **kwargs: True
+        try:
+            yield
+        finally:
+            for name in names:
+                opt.__dict__.pop(name, None)
+            opt.__dict__.update(saved)
+            self.load_loss_scaler_state(scale)
+
+    def weights_finite(self) -> bool:
+        """Whether this rank's fp32 master weights are all finite (no communication)."""
+        return all(bool(flat.isfinite().all()) for flat in self._master_partitions())
+
+    def _master_partitions(self) -> list[torch.Tensor]:
+        opt = self.optimizer
+        return list(opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups)
 
     # -- checkpoints: this rank's own share, nothing gathered (pretrain/parallel/zero_state.py) --
 
@@ -377,8 +412,7 @@ class ZeroEngine:
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds: fp32 master partitions + Adam moments."""
         opt = self.optimizer
-        masters = (opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups)
-        tensors = list(masters) + [t for s in opt.optimizer.state.values() for t in s.values()
+        tensors = self._master_partitions() + [t for s in opt.optimizer.state.values() for t in s.values()
                                    if torch.is_tensor(t) and t.numel() > 1]
         return _unique_bytes(tensors)
 
