@@ -260,22 +260,37 @@ def run(config: RunConfig, *, launch=None) -> dict:
     resume_from = find_resume_checkpoint(ck.dir, ck.resume, warn=say)
     resume_meta = read_meta(resume_from) if resume_from else None
     check_no_overwrite(ck.dir, start_step=resume_meta["step"] if resume_meta else 0)
-    topo = init_distributed(config, device=device, launch=launch)
-    # Data first: a missing or mismatched dataset should fail before a model is built.
     consumed = resume_meta["train_state"].get("consumed_samples") if resume_meta else 0
     if consumed is None:  # weights-only tools may write checkpoints without a data position
         raise CheckpointError(f"{resume_from}/meta.json has no train_state.consumed_samples: it does not say "
                               "where in the data to continue; resume from a checkpoint a training run saved")
+    topo = init_distributed(config, device=device, launch=launch)
+    # From here on every wait is bounded: collectives by parallel.timeout_minutes, everything
+    # else (index building, model building, checkpoint loading, steps) by the watchdog.
+    with Watchdog(timeout_s=60 * t.hang_timeout_minutes, rank=topo.rank, log_dir=config.logging.dir) as watchdog:
+        return fit(config, topo, watchdog=watchdog, resume_from=resume_from, consumed=consumed,
+                   tokenizer=tokenizer, say=say)
+
+
+def fit(config: RunConfig, topo: Topology, *, watchdog: Watchdog, resume_from: Optional[Path], consumed: int,
+        tokenizer, say: Optional[Callable[[str], None]]) -> dict:
+    """run() once the process groups are up: build, resume, loop."""
+    t, ck, device = config.train, config.checkpoint, topo.device
+    # Data first: a missing or mismatched dataset should fail before a model is built.
+    watchdog.beat("building the datasets")
     data = build_data(config, topo, consumed_samples=consumed, tokenizer=tokenizer)
 
+    watchdog.beat("building the model")
     # Dropout streams: equal across TP and DP ranks, different per pipeline stage.
     torch.manual_seed(t.seed + 100 * topo.pp_rank)
     chunks = build_model_chunks(config.model, topo, init_seed=t.seed, dtype=weight_dtype(config))
     trainer = Trainer(config, topo, chunks, train_batches=iter(data.train), valid=data.valid, collate=data.collate)
+    trainer.progress = watchdog.beat
     if trainer.zero is not None and topo.rank == 0:
         print(f"DeepSpeed config: {json.dumps(trainer.zero.ds_config)}", flush=True)
     step = 0
     if resume_from is not None:  # a damaged checkpoint falls back to the one before it
+        watchdog.beat(f"loading {resume_from}")
         resumed, meta = load_newest_intact(checkpoint_candidates(ck.dir, resume_from), model=chunks,
                                            optimizer=trainer.optimizer, config=config, topo=topo,
                                            zero=trainer.zero, warn=say)
@@ -358,10 +373,8 @@ def run(config: RunConfig, *, launch=None) -> dict:
     stopped = None
     if data.valid is not None and t.eval_interval and step == 0:
         run_eval(0)  # the baseline the validation curve starts from
-    watchdog = Watchdog(timeout_s=60 * t.hang_timeout_minutes, rank=topo.rank, log_dir=config.logging.dir)
-    trainer.progress = watchdog.beat
     meter = StragglerMeter(factor=config.faults.straggler_factor, world_size=topo.world_size, device=device)
-    with StopRequests(minutes=t.exit_after_minutes, world_size=topo.world_size, device=device) as stop, watchdog:
+    with StopRequests(minutes=t.exit_after_minutes, world_size=topo.world_size, device=device) as stop:
         while step < t.steps:
             step += 1
             watchdog.beat("step start", step=step)
