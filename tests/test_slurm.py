@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -124,6 +125,177 @@ def test_preempted_job_saves_requeues_resumes_and_matches(cluster, stdlib_data, 
     ours, theirs = losses(tmp_path), losses(straight_dir)
     assert sorted(ours) == list(range(1, 31))
     assert [ours[s] for s in range(stopped_at + 1, 31)] == [theirs[s] for s in range(stopped_at + 1, 31)]
+
+
+def training_processes(run_dir) -> dict[int, int]:
+    """SLURM_PROCID -> pid of each training task's Python process (launch/train.sh execs it), found
+    by its command line naming run_dir; a process forked from one of them (a data loader worker)
+    is not a task."""
+    found: dict[int, tuple[int, int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if b"pretrain.train" in argv and any(str(run_dir).encode() in a for a in argv):
+            rank = next((int(v.split(b"=", 1)[1]) for v in environ if v.startswith(b"SLURM_PROCID=")), -1)
+            found[int(proc.name)] = (rank, ppid)
+    return {rank: pid for pid, (rank, ppid) in found.items() if ppid not in found}
+
+
+def wait_for_end(cluster, job: str, log: Path, deadline: float) -> dict:
+    while True:
+        state = job_state(cluster, job)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            return state
+        assert time.time() < deadline, f"job {job} still {state.get('JobState')}: {log.read_text()[-3000:]}"
+        time.sleep(1)
+
+
+def test_killed_task_restarts_in_the_same_allocation_and_matches(cluster, stdlib_data, straight_13b, tmp_path):
+    """SIGKILL of one training task after the first checkpoint (a node or process dying): the
+    other ranks notice within the small timeouts, srun ends, slurm/lib.sh runs srun again in the
+    same allocation (no requeue), it resumes from `latest` and finishes with the uninterrupted
+    job's losses."""
+    _, straight_dir, _ = straight_13b
+    log = tmp_path / "job.out"
+    overrides = [*LAYOUT, "parallel.timeout_minutes=0.5", "train.hang_timeout_minutes=1"]
+    began = time.time()
+    submitted = subprocess.run([*SBATCH, "--parsable", f"--output={log}", "slurm/pretrain_gpt_13b.sh"], cwd=ROOT,
+                               env=job_env(cluster, stdlib_data, tmp_path, overrides), capture_output=True,
+                               text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    metrics, latest = tmp_path / "logs/metrics.jsonl", tmp_path / "checkpoints/latest"
+    deadline = time.time() + 300
+    # Past the first checkpoint (checkpoint.interval=10), well before step 20.
+    while not (metrics.exists() and latest.exists() and max(losses(tmp_path), default=0) >= 12):
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "job never started"
+        time.sleep(0.2)
+    tasks = training_processes(tmp_path)
+    assert sorted(tasks) == [0, 1, 2, 3], tasks
+    killed_after = max(losses(tmp_path))
+    os.kill(tasks[1], signal.SIGKILL)
+    killed_at = time.time()
+    state = wait_for_end(cluster, job, log, deadline)
+    took = time.time() - began
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "0", text[-4000:]
+    assert "requeueing" not in text
+    assert (f"job {job}: restart 1 of 3 in the same allocation after exit code " in text
+            and f"resuming from the latest checkpoint in {tmp_path}/checkpoints" in text), text[-4000:]
+    assert "restart 2 of 3" not in text
+    resumed_at = int(re.search(rf"resumed from {tmp_path}/checkpoints/step_(\d+)", text).group(1))
+    assert 10 <= resumed_at <= killed_after
+    ours, theirs = losses(tmp_path), losses(straight_dir)
+    assert sorted(ours) == list(range(1, 31))
+    assert [ours[s] for s in range(resumed_at + 1, 31)] == [theirs[s] for s in range(resumed_at + 1, 31)]
+    print(f"killed rank 1 after step {killed_after}; resumed from step {resumed_at}; job took {took:.0f} s, "
+          f"{time.time() - killed_at:.0f} s of it after the kill")
+    assert took < 240
+
+
+def test_configuration_error_is_not_retried(cluster, stdlib_data, tmp_path):
+    """Exit code 2 (a mistake in the config) ends the job at once: no restart, no requeue."""
+    log = tmp_path / "job.out"
+    began = time.time()
+    result = subprocess.run([*SBATCH, "--wait", "--parsable", f"--output={log}", "slurm/pretrain_gpt_13b.sh"],
+                            cwd=ROOT, env=job_env(cluster, stdlib_data, tmp_path, [*LAYOUT, "model.num_layers=0"]),
+                            capture_output=True, text=True, timeout=300)
+    took = time.time() - began
+    text = log.read_text()
+    job = result.stdout.strip().split(";")[0]
+    assert result.returncode != 0, text[-3000:]
+    state = job_state(cluster, job)
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0" and state["Restarts"] == "0", text[-3000:]
+    assert "model.num_layers" in text
+    assert f"job {job}: training failed with exit code 2" in text and "not restarting" in text
+    assert "restart 1 of" not in text and "requeueing" not in text
+    print(f"configuration error: job failed once in {took:.0f} s")
+
+
+STUB_TRAIN = """#!/usr/bin/env bash
+# Stands in for launch/train.sh: on attempt k (PRETRAIN_ATTEMPT) every task does word k of
+# STUB_PLAN: exit with that code, `kill` itself with SIGKILL, or `usr1`: wait for SIGUSR1 and
+# exit 75 then. A requeued job (SLURM_RESTART_COUNT > 0) exits 0.
+set -u
+[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && exit 0
+read -r -a plan <<< "$STUB_PLAN"
+what=${plan[$PRETRAIN_ATTEMPT]}
+echo "stub attempt $PRETRAIN_ATTEMPT, master port ${MASTER_PORT:-derived}: $what"
+case $what in
+    kill) kill -KILL $$ ;;
+    usr1) trap 'echo "stub: SIGUSR1"; exit 75' USR1
+          touch "$STUB_READY.$SLURM_PROCID"
+          for _ in $(seq 1 600); do sleep 0.1; done
+          exit 1 ;;
+    *) exit "$what" ;;
+esac
+"""
+
+
+def stub_job(cluster, tmp_path, plan: str, **env) -> tuple[list[str], dict]:
+    """slurm/pretrain_gpt_13b.sh with this checkout's slurm/lib.sh around a stub training task."""
+    stub = tmp_path / "root"
+    (stub / "launch").mkdir(parents=True)
+    (stub / "slurm").mkdir()
+    shutil.copy(ROOT / "slurm/lib.sh", stub / "slurm/lib.sh")
+    (stub / "launch/train.sh").write_text(STUB_TRAIN)
+    (stub / "launch/train.sh").chmod(0o755)
+    return ([*SBATCH, "--parsable", f"--output={tmp_path}/job.out", str(ROOT / "slurm/pretrain_gpt_13b.sh")],
+            {**cluster, "PRETRAIN_ROOT": str(stub), "PRETRAIN_RUN_DIR": str(tmp_path / "run"), "STUB_PLAN": plan,
+             "STUB_READY": str(tmp_path / "ready"), **env})
+
+
+def test_restart_after_each_fault_with_new_port_and_signals_still_passed_on(cluster, tmp_path):
+    """A killed task (137), then a hang exit (76): two restarts in the allocation, each on its own
+    rendezvous port; SIGUSR1 during the third attempt still reaches the tasks, which exit 75,
+    and the job requeues (a stop, not a restart) and completes."""
+    command, env = stub_job(cluster, tmp_path, "kill 76 usr1")
+    submitted = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    log = tmp_path / "job.out"
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("ready.*"))) < 4:
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "job never started"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    state = wait_for_end(cluster, job, log, deadline)
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
+    assert (f"job {job}: restart 1 of 3 in the same allocation after exit code 137 (a task killed by signal 9 "
+            f"(KILL)), resuming from the latest checkpoint in {tmp_path}/run/checkpoints") in text, text
+    assert f"job {job}: restart 2 of 3 in the same allocation after exit code 76 (a hang" in text
+    assert "restart 3 of 3" not in text
+    assert "batch shell: SIGUSR1, passing it to the training tasks" in text and "stub: SIGUSR1" in text
+    assert f"requeueing job {job}" in text
+    ports = {int(m.group(1)): m.group(2) for m in re.finditer(r"stub attempt (\d), master port (\w+)", text)}
+    assert ports[0] == "derived" and len({ports[0], ports[1], ports[2]}) == 3, ports
+
+
+@pytest.mark.parametrize("plan, env, code", [("77", {}, 77), ("78", {}, 78),
+                                             ("1 1 0", {"PRETRAIN_MAX_RESTARTS": "1"}, 1)],
+                         ids=["diverged", "saves-failing", "restarts-used-up"])
+def test_exit_code_not_retried_or_restarts_used_up(cluster, tmp_path, plan, env, code):
+    command, job_env_ = stub_job(cluster, tmp_path, plan, **env)
+    result = subprocess.run([*command[:1], "--wait", *command[1:]], cwd=tmp_path, env=job_env_,
+                            capture_output=True, text=True, timeout=120)
+    text = (tmp_path / "job.out").read_text()
+    job = result.stdout.strip().split(";")[0]
+    state = job_state(cluster, job)
+    assert state["JobState"] == "FAILED" and state["ExitCode"] == f"{code}:0" and state["Restarts"] == "0", text
+    if code == 1:
+        assert "restart 1 of 1" in text and "restart 2" not in text
+        assert f"job {job}: training failed with exit code 1 (a crash or a timed-out collective) and all 1 " \
+               "restarts (PRETRAIN_MAX_RESTARTS) are used up" in text
+    else:
+        assert "restart 1" not in text and f"training failed with exit code {code}" in text
+        assert "not restarting, a person must look" in text
 
 
 def test_preprocess_job_array_over_shards(cluster, stdlib_data, tmp_path):
