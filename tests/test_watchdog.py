@@ -11,6 +11,7 @@ from pathlib import Path
 from pretrain.faults.watchdog import Watchdog
 from pretrain.stopping import EXIT_HANG
 from tests.parallel_harness import free_port
+from tests.test_faults import table_row
 from tests.test_train_parallel import small
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,3 +91,6 @@ def test_sigstopped_rank_makes_its_peer_exit_with_hang_code(stdlib_data, tmp_pat
     report = (tmp_path / "logs/hangs/rank0.txt").read_text()
     assert "operation " in report and "--- thread MainThread" in report
     assert "pretrain/train.py" in report  # the main thread's stack, down to where it blocked
+    table_row("a hung rank (SIGSTOP)", "kill -STOP of rank 1 after step 3",
+              f"{waited:.1f} s (train.hang_timeout_minutes=0.1: 6 s)",
+              f"stopped with code {EXIT_HANG}; stacks in logs/hangs/rank0.txt")
