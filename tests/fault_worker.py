@@ -8,6 +8,8 @@ tests/test_faults.py; the faults are what goes wrong at scale, made to happen on
       (null: every rank): F = NaN gives a NaN loss and NaN gradients, F = 30 a finite loss spike
   {"kind": "stuck_data", "step": S, "rank": R}
       rank R's data loader blocks forever when step S asks for its first batch
+  {"kind": "slow_data", "seconds": T, "rank": R}
+      rank R's data loader takes T seconds longer for every batch (a slow file system on one node)
   {"kind": "failing_save", "steps": [S, ...], "rank": R}
       rank R's write of the checkpoint of step S fails with "No space left on device"
   {"kind": "fp16_overflow"}
@@ -21,6 +23,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -72,6 +75,16 @@ def stuck_data() -> None:
     train.SampleLoader.__next__ = next_batch
 
 
+def slow_data() -> None:
+    original = train.SampleLoader.__next__
+
+    def next_batch(self):
+        time.sleep(FAULT["seconds"])
+        return original(self)
+
+    train.SampleLoader.__next__ = next_batch
+
+
 def failing_save() -> None:
     import pretrain.checkpoint.saver as saver
 
@@ -97,6 +110,6 @@ if __name__ == "__main__":
     track_steps()
     kind = FAULT.get("kind")
     if kind and targeted():
-        {"scale_logits": scale_logits, "stuck_data": stuck_data, "failing_save": failing_save,
+        {"scale_logits": scale_logits, "stuck_data": stuck_data, "slow_data": slow_data, "failing_save": failing_save,
          "fp16_overflow": fp16_overflow}[kind]()
     sys.exit(train.main(sys.argv[1:]))
