@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -94,9 +95,11 @@ def test_failed_save_keeps_previous_latest(tmp_path, monkeypatch, async_save):
 
     monkeypatch.setattr("pretrain.checkpoint.saver.write_safetensors", failing)
     saver = Checkpointer(tmp_path, config, async_save=async_save)
-    with pytest.raises(OSError, match="disk full"):
-        saver.save(2, model=model, optimizer=optimizer, train_state={})
-        saver.wait()  # a background failure surfaces here (or at the next save)
+    # One failed save is reported and counted, not raised (two in a row raise CheckpointSaveError:
+    # tests/test_checkpoint_integrity.py).
+    saver.save(2, model=model, optimizer=optimizer, train_state={})
+    saver.wait()
+    assert saver.failures == 1 and "disk full" in saver.last_error
     assert (tmp_path / "latest").read_text().strip() == "step_1"
     assert not (tmp_path / "step_2").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
@@ -160,6 +163,11 @@ def test_pickled_code_is_refused(tmp_path):
     config, model, optimizer = setup()
     path = save(tmp_path, 1, config, model, optimizer)
     torch.save({"torch": Evil()}, path / "rng_rank0.pt")
+    # A forger updates the checksum too (CRC-32 is no defence against one): weights_only is.
+    meta = json.loads((path / "meta.json").read_text())
+    data = (path / "rng_rank0.pt").read_bytes()
+    meta["checksums"]["rng_rank0.pt"] = {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+    (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         load_checkpoint(path, model=model, optimizer=optimizer, config=config)
 

@@ -11,6 +11,12 @@ Layout of one checkpoint, `{checkpoint.dir}/step_N/`:
   rng_rank{R}.pt                        every rank's RNG states
 `{checkpoint.dir}/latest` names the newest complete checkpoint.
 
+meta.json's `checksums` maps every other file of the checkpoint to its size and CRC-32, taken
+while the file was written (no second read at save). Readers check a file's size when they
+open it and its CRC-32 before they trust data read from it, once per file and only for the
+files a rank reads (`Checksums`): a mismatch raises CorruptCheckpointError naming the file.
+Checkpoints written before checksums existed have none and load unverified.
+
 Tensors are keyed by their global parameter names and stored as TP shards. Without ZeRO the DP
 replicas of a position split its (whole) shards between them and write in parallel. Under ZeRO
 (format 3) each DP rank writes its own partition: per parameter the fp32 master and Adam moments
@@ -30,6 +36,8 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +60,44 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used here; the message says which and why."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A file of a checkpoint is damaged: its checksum or size differs from what meta.json
+    recorded at save, or it is missing or unreadable. `step_dir` is the checkpoint directory,
+    `file` the bad file's path; the message names both. An earlier checkpoint may still be
+    intact (pretrain.checkpoint.load_newest_intact falls back to it)."""
+
+    def __init__(self, message: str, *, step_dir: str | Path, file: str | Path) -> None:
+        super().__init__(message)
+        self.step_dir, self.file = Path(step_dir), Path(file)
+
+    def __reduce__(self):  # picklable (multiprocessing hands exceptions between processes)
+        return _corrupt, (str(self), str(self.step_dir), str(self.file))
+
+
+def _corrupt(message: str, step_dir: str, file: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(message, step_dir=step_dir, file=file)
+
+
+# CRC-32 guards against accidents (a flipped bit on a disk or in a network file system, a file
+# cut short by a full disk or a crash, a copy gone wrong), not against an adversary who would
+# forge a matching file: for those a 32-bit check detects every burst of up to 32 bits and any
+# other damage with probability 1 - 2^-32. zlib's runs at ~2 GB/s per core and releases the GIL
+# on large buffers, so computing it as the bytes stream to disk costs the writer thread little.
+CHECKSUM = "crc32"
+_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class FileChecksum:
+    """The size and CRC-32 of one written file, as meta.json records it."""
+
+    size: int
+    crc32: int
+
+    def to_json(self) -> dict:
+        return {"bytes": self.size, CHECKSUM: f"{self.crc32:08x}"}
+
+
 def model_file(tp: int, pp: int, part: int) -> str:
     return f"model_tp{tp}_pp{pp}_part{part}.safetensors"
 
@@ -72,11 +118,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file(path: Path, data: bytes) -> None:
+def write_file(path: Path, data: bytes) -> FileChecksum:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return FileChecksum(len(data), zlib.crc32(data))
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -101,19 +148,24 @@ def _entries(tensors) -> tuple[dict[str, dict], int]:
     return entries, offset
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> int:
-    """Write tensors (CPU, contiguous) as a safetensors file and fsync it; returns the bytes
-    written. Format: 8-byte little-endian header length, JSON header, then the raw data."""
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                      metadata: Optional[dict[str, str]] = None) -> FileChecksum:
+    """Write tensors (CPU, contiguous) as a safetensors file and fsync it; returns its size and
+    CRC-32, folded in as the bytes go out. Format: 8-byte little-endian header length, JSON
+    header, then the raw data."""
     entries, size = _entries(tensors.items())
     prefix = _header(entries, metadata)
+    crc = zlib.crc32(prefix)
     with open(path, "wb") as f:
         f.write(prefix)
         for t in tensors.values():
             if t.numel():
-                f.write(_bytes(t))
+                data = _bytes(t)
+                crc = zlib.crc32(data, crc)
+                f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    return len(prefix) + size
+    return FileChecksum(len(prefix) + size, crc)
 
 
 class StreamingTensorFile:
@@ -137,26 +189,39 @@ class StreamingTensorFile:
             self.file.write(_bytes(t))
         self.size += nbytes
 
-    def close(self, metadata: Optional[dict[str, str]] = None) -> None:
+    def close(self, metadata: Optional[dict[str, str]] = None) -> FileChecksum:
+        """Write the file (header, then the data); returns its size and CRC-32."""
         self.file.close()
+        prefix = _header(self.entries, metadata)
+        crc, size = zlib.crc32(prefix), len(prefix)
         with open(self.path, "wb") as out, open(self.side, "rb") as data:
-            out.write(_header(self.entries, metadata))
-            shutil.copyfileobj(data, out, 16 << 20)
+            out.write(prefix)
+            while chunk := data.read(_CHUNK):  # the copy there is anyway: its CRC on the way
+                crc = zlib.crc32(chunk, crc)
+                size += len(chunk)
+                out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
         self.side.unlink()
+        return FileChecksum(size, crc)
 
 
 def write_meta_and_config(directory: Path, config: RunConfig, *, step: int, data_parallel: int,
-                          has_optimizer: bool, has_rng: bool, train_state: dict) -> None:
-    """config.yaml, then meta.json, whose presence marks the checkpoint complete: written last."""
+                          has_optimizer: bool, has_rng: bool, train_state: dict,
+                          checksums: Optional[dict[str, FileChecksum]] = None) -> None:
+    """config.yaml, then meta.json, whose presence marks the checkpoint complete: written last.
+    `checksums`: file name -> FileChecksum of every tensor and RNG file written (config.yaml's
+    is added here); recorded in meta.json."""
     p = config.parallel
     meta = {"format_version": FORMAT_VERSION, "step": step,
             "layout": {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_stages": p.virtual_stages,
                        "data": data_parallel, "zero_stage": p.zero_stage},
             "world_size": p.tensor * p.pipeline * data_parallel, "parts": data_parallel,
             "has_optimizer": has_optimizer, "has_rng": has_rng, "train_state": train_state}
-    write_file(directory / "config.yaml", config_yaml(config))
+    config_sum = write_file(directory / "config.yaml", config_yaml(config))
+    if checksums is not None:
+        sums = {**checksums, "config.yaml": config_sum}
+        meta["checksums"] = {name: sums[name].to_json() for name in sorted(sums)}
     write_file(directory / "meta.json", json.dumps(meta, indent=1).encode())
 
 
@@ -254,13 +319,15 @@ def find_resume_checkpoint(root: str, resume: str, *, warn=None) -> Optional[Pat
 
 
 def read_meta(step_dir: Path) -> dict:
+    where = Path(step_dir) / "meta.json"
     try:
-        meta = json.loads((Path(step_dir) / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{step_dir}/meta.json is unreadable: {e}") from None
+        meta = json.loads(where.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"{where} is unreadable: {e}", step_dir=step_dir, file=where) from None
     if not isinstance(meta, dict):
-        raise CheckpointError(f"{step_dir}/meta.json: expected a JSON object, got {type(meta).__name__}; the "
-                              "checkpoint is damaged: resume from an earlier step_N/ (checkpoint.resume=PATH)")
+        raise CorruptCheckpointError(f"{where}: expected a JSON object, got {type(meta).__name__}; the checkpoint "
+                                     "is damaged: resume from an earlier step_N/ (checkpoint.resume=PATH)",
+                                     step_dir=step_dir, file=where)
     version = meta.get("format_version")
     if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{step_dir} has checkpoint format version {version}; this version of "
@@ -268,6 +335,8 @@ def read_meta(step_dir: Path) -> dict:
                               "with the pretrain release that wrote it: load_model + tools/convert_to_hf.py, "
                               "then tools/convert_from_hf.py here)")
     check_meta_fields(meta, where=f"{step_dir}/meta.json")
+    if not isinstance(meta.get("checksums", {}), dict):
+        raise CorruptCheckpointError(f"{where}: field 'checksums' should be a mapping", step_dir=step_dir, file=where)
     return meta
 
 
@@ -280,8 +349,9 @@ REQUIRED_LAYOUT = ("tensor", "pipeline")
 def check_meta_fields(meta: dict, *, where: str) -> None:
     """Raise CheckpointError naming `where` and the first missing or mistyped field."""
     def damaged(problem: str) -> CheckpointError:
-        return CheckpointError(f"{where}: {problem}; the checkpoint is damaged or was not written by pretrain: "
-                               "resume from an earlier step_N/ (checkpoint.resume=PATH)")
+        return CorruptCheckpointError(f"{where}: {problem}; the checkpoint is damaged or was not written by "
+                                      "pretrain: resume from an earlier step_N/ (checkpoint.resume=PATH)",
+                                      step_dir=Path(where).parent, file=where)
 
     for key, kind in REQUIRED_META.items():
         if key not in meta:
@@ -293,11 +363,16 @@ def check_meta_fields(meta: dict, *, where: str) -> None:
             raise damaged(f"missing field 'layout.{key}'")
 
 
-def read_config(step_dir: Path) -> RunConfig:
+def read_config(step_dir: Path, checksums: Optional[Checksums] = None) -> RunConfig:
+    """The run config saved with a checkpoint; verified against `checksums` when given."""
+    path = Path(step_dir) / "config.yaml"
     try:
-        raw = yaml.safe_load((Path(step_dir) / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{step_dir}/config.yaml is unreadable: {e}") from None
+        data = path.read_bytes()
+        if checksums is not None:
+            checksums.verify_bytes(path, data)
+        raw = yaml.safe_load(data.decode())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CorruptCheckpointError(f"{path} is unreadable: {e}", step_dir=step_dir, file=path) from None
     return config_from_dict(raw)
 
 
@@ -307,11 +382,90 @@ def config_yaml(config: RunConfig) -> bytes:
     return yaml.safe_dump(to_dict(config), sort_keys=False).encode()
 
 
-def load_pt(path: Path):
-    """A small torch file (RNG states), read with weights_only=True: no code runs from it."""
+def load_pt(path: Path, checksums: Optional[Checksums] = None):
+    """A small torch file (RNG states), read with weights_only=True: no code runs from it;
+    verified against `checksums` when given."""
+    import io
+
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
+        raise CorruptCheckpointError(f"{path} is missing: the checkpoint is incomplete", step_dir=path.parent,
+                                     file=path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as e:
+        raise CorruptCheckpointError(f"{path} is unreadable: {e}", step_dir=path.parent, file=path) from None
+    if checksums is not None:
+        checksums.verify_bytes(path, data)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle that is not plain tensors, or a damaged file
-        raise CheckpointError(f"{path} cannot be loaded safely: {e}") from None
+        raise CorruptCheckpointError(f"{path} cannot be loaded safely: {e}", step_dir=path.parent,
+                                     file=path) from None
+
+
+class Checksums:
+    """The sizes and CRC-32s meta.json recorded for a checkpoint's files, and which files this
+    process has verified against them (each once). Without a `checksums` entry in meta.json (a
+    checkpoint from before they existed) nothing is checked."""
+
+    def __init__(self, step_dir: str | Path, meta: dict) -> None:
+        self.dir = Path(step_dir)
+        self.expected: dict[str, dict] = meta.get("checksums") or {}
+        self.verified: set[str] = set()
+
+    def _entry(self, path: Path) -> Optional[dict]:
+        entry = self.expected.get(path.name)
+        if entry is None:
+            return None
+        try:
+            return {"bytes": int(entry["bytes"]), CHECKSUM: int(entry[CHECKSUM], 16)}
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpointError(f"{self.dir}/meta.json: unreadable checksum entry for {path.name}: {entry!r}",
+                                         step_dir=self.dir, file=self.dir / "meta.json") from None
+
+    def _bad(self, path: Path, problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"checkpoint {self.dir} is damaged: {path} {problem}; an earlier "
+                                      "checkpoint may be intact", step_dir=self.dir, file=path)
+
+    def check_size(self, path: Path) -> None:
+        """Compare the file's size on disk with the recorded one (a stat: cheap enough for every
+        file a rank opens, and it catches files cut short before anything reads them)."""
+        entry = self._entry(path)
+        if entry is None:
+            return
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise self._bad(path, f"cannot be read ({e})") from None
+        if size != entry["bytes"]:
+            raise self._bad(path, f"has {size} bytes, {entry['bytes']} were written (truncated or overwritten)")
+
+    def check(self, path: Path, checksum: FileChecksum) -> None:
+        """Compare a file's size and CRC-32, computed from bytes already read, with the record."""
+        entry = self._entry(path)
+        if entry is None or path.name in self.verified:
+            return
+        if checksum.size != entry["bytes"]:
+            raise self._bad(path, f"has {checksum.size} bytes, {entry['bytes']} were written (truncated?)")
+        if checksum.crc32 != entry[CHECKSUM]:
+            raise self._bad(path, f"fails its checksum (CRC-32 {checksum.crc32:08x}, {entry[CHECKSUM]:08x} "
+                                  "recorded at save)")
+        self.verified.add(path.name)
+
+    def verify_bytes(self, path: Path, data) -> None:
+        self.check(path, FileChecksum(len(data), zlib.crc32(data)))
+
+    def verify(self, path: Path) -> None:
+        """Read the file once, sequentially, and check it (before the memory-mapped reads of a
+        few of its tensors, which never see the whole file)."""
+        if self._entry(path) is None or path.name in self.verified:
+            return
+        crc, size = 0, 0
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK):
+                    crc = zlib.crc32(chunk, crc)
+                    size += len(chunk)
+        except OSError as e:
+            raise self._bad(path, f"cannot be read ({e})") from None
+        self.check(path, FileChecksum(size, crc))

@@ -8,6 +8,12 @@ files as ZeRO fragments (runs of the flattened shard, with their offsets in the 
 the reader puts it together from the pieces, reading only the pieces (and of them only the
 ranges) a request needs. Loading into a live model (pretrain/checkpoint/reshard.py), the offline
 resharder, load_model and the Hugging Face exporter all read through it.
+
+Every file is checked against the size meta.json recorded when it is opened, and against its
+CRC-32 before the first tensor is taken from it (files.Checksums): a file read whole is checked
+on the buffer just read; a file read through the memory map, by one sequential read first. Only
+the files a request touches are read, so a rank pays for the files it loads from, not for the
+whole checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,8 +29,8 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from pretrain.checkpoint.files import (CheckpointError, model_file, optimizer_file, read_config, read_meta,
-                                       resolve_checkpoint)
+from pretrain.checkpoint.files import (CheckpointError, Checksums, CorruptCheckpointError, FileChecksum, model_file,
+                                       optimizer_file, read_config, read_meta, resolve_checkpoint)
 from pretrain.config import ModelConfig, RunConfig
 from pretrain.models.layers import ShardSpec, shard_tensor, unshard_tensors
 
@@ -78,7 +85,8 @@ class SavedCheckpoint:
     def __init__(self, path: str | Path, *, parts: Optional[list[tuple[int, int, int]]] = None) -> None:
         self.dir = resolve_checkpoint(path)
         self.meta = read_meta(self.dir)
-        self.config: RunConfig = read_config(self.dir)
+        self.checksums = Checksums(self.dir, self.meta)
+        self.config: RunConfig = read_config(self.dir, self.checksums)
         layout = self.meta["layout"]
         self.tp, self.pp, self.parts = layout["tensor"], layout["pipeline"], self.meta["parts"]
         self.has_optimizer = bool(self.meta.get("has_optimizer", True))
@@ -107,19 +115,35 @@ class SavedCheckpoint:
     def _handle(self, path: Path):
         if path not in self._open:
             if not path.is_file():
-                raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (saved at layout "
-                                      f"{self.meta['layout']})")
+                raise CorruptCheckpointError(f"{path} is missing: the checkpoint is incomplete (saved at layout "
+                                             f"{self.meta['layout']})", step_dir=self.dir, file=path)
+            self.checksums.check_size(path)
             try:
                 self._open[path] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # truncated or foreign file
-                raise CheckpointError(f"{path} is not a readable tensor file: {e}") from None
+                self.checksums.verify(path)  # a damaged header: say so when the checksum can tell
+                raise CorruptCheckpointError(f"{path} is not a readable tensor file: {e}", step_dir=self.dir,
+                                             file=path) from None
         return self._open[path]
+
+    def blame(self) -> None:
+        """Before an error about what the indexed files hold (a tensor missing, a shape that
+        does not fit): raise CorruptCheckpointError instead if one of them fails its checksum,
+        for a damaged header can look like a different model. Reads each file once; only on
+        that error path."""
+        for path in list(self._open):
+            self.checksums.verify(path)
+
+    def _damaged_header(self, path: Path, message: str) -> CheckpointError:
+        """The error for metadata that does not parse: corruption when the checksum says so."""
+        self.checksums.verify(path)
+        return CheckpointError(message)
 
     def _index(self, handle, path: Path, tp: int, pp: int, into: dict) -> None:
         try:
             fragments = json.loads((handle.metadata() or {}).get("fragments", "{}"))
         except ValueError:
-            raise CheckpointError(f"{path} has unreadable fragment metadata") from None
+            raise self._damaged_header(path, f"{path} has unreadable fragment metadata") from None
         for key in handle.keys():
             if key in fragments:
                 start, numel = fragments[key]
@@ -136,7 +160,8 @@ class SavedCheckpoint:
                 self.specs[name] = ShardSpec(*spec) if spec else None
             self.shapes.update(json.loads(meta["shapes"]))
         except (KeyError, ValueError, TypeError):
-            raise CheckpointError(f"{path} has no pretrain shard metadata: not a pretrain checkpoint file") from None
+            raise self._damaged_header(path, f"{path} has no pretrain shard metadata: not a pretrain checkpoint "
+                                             "file") from None
         self._index(handle, path, tp, pp, self._model)
 
     def _shard_shape(self, name: str) -> list[int]:
@@ -155,6 +180,7 @@ class SavedCheckpoint:
                         if not self._covered(key, optimizer, pieces):
                             incomplete.append(f"{key} (tensor rank {tp}, pipeline rank {pp})")
         if incomplete:
+            self.blame()
             raise CheckpointError(f"{self.dir}: tensors missing from some ranks' files (e.g. {incomplete[0]}): "
                                   "the checkpoint is incomplete")
 
@@ -196,9 +222,10 @@ class SavedCheckpoint:
         """The piece's tensor, or its flattened elements [lo, hi) (only those are read)."""
         if self.read_whole_files:
             if piece.path not in self._whole:
-                self._whole[piece.path] = read_whole(piece.path)
+                self._whole[piece.path] = self._read_whole(piece.path)
             t = self._whole[piece.path][piece.key]
             return t if lo is None else t.reshape(-1)[lo:hi]
+        self.checksums.verify(piece.path)
         handle = self._handle(piece.path)
         if lo is None:
             return handle.get_tensor(piece.key)
@@ -210,6 +237,20 @@ class SavedCheckpoint:
         row = math.prod(shape[1:])
         first, last = lo // row, -(-hi // row)
         return view[first:last].reshape(-1)[lo - first * row:hi - first * row]
+
+    def _read_whole(self, path: Path) -> dict[str, torch.Tensor]:
+        """A file read whole, checked against its checksum on the very bytes read."""
+        try:
+            tensors = read_whole(path)
+        except CheckpointError:
+            self.checksums.verify(path)  # damage the checksum can name
+            raise
+        checksum = getattr(tensors, "checksum", None)
+        if checksum is not None:
+            self.checksums.check(path, checksum)
+        else:  # read_whole replaced (tests record the files read): check by a read of its own
+            self.checksums.verify(path)
+        return tensors
 
     def _stored(self, key: str, tp: int, optimizer: bool, pp: Optional[int] = None) -> torch.Tensor:
         """The saved shard `key` of TP rank tp, from pipeline rank pp's files when they hold it."""
@@ -300,7 +341,14 @@ _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloa
                  "BOOL": torch.bool}
 
 
-def read_whole(path: Path) -> dict[str, torch.Tensor]:
+class FileTensors(dict):
+    """The tensors of one file read whole, and the file's size and CRC-32 (`checksum`), computed
+    from the same buffer: checking a file that is read whole anyway costs no second read."""
+
+    checksum: Optional[FileChecksum] = None
+
+
+def read_whole(path: Path) -> FileTensors:
     """Every tensor of a safetensors file, from one sequential read into one buffer (the tensors
     are views of it). Resuming at the saved layout reads each rank's own files whole: one read at
     disk speed instead of the memory map's page-by-page faults."""
@@ -310,10 +358,11 @@ def read_whole(path: Path) -> dict[str, torch.Tensor]:
             buffer = torch.empty(size, dtype=torch.uint8)
             if f.readinto(memoryview(buffer.numpy())) != size:
                 raise OSError("short read")
+        tensors = FileTensors()
+        tensors.checksum = FileChecksum(size, zlib.crc32(memoryview(buffer.numpy())))
         head = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
         header = json.loads(buffer[8:8 + head].numpy().tobytes())
         data = buffer[8 + head:]
-        tensors = {}
         for key, entry in header.items():
             if key == "__metadata__":
                 continue
@@ -324,8 +373,9 @@ def read_whole(path: Path) -> dict[str, torch.Tensor]:
                 raw = raw.clone()
             tensors[key] = raw.view(dtype).reshape(entry["shape"])
         return tensors
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a readable tensor file: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CorruptCheckpointError(f"{path} is not a readable tensor file: {e}", step_dir=path.parent,
+                                     file=path) from None
 
 
 def merged_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -19,9 +19,9 @@ from typing import Optional
 
 import torch
 
-from pretrain.checkpoint.files import (TMP_PREFIX, CheckpointError, StreamingTensorFile, load_pt, model_file,
-                                       optimizer_file, publish, read_config, read_meta, remove_leftovers,
-                                       resolve_checkpoint, rng_file, write_meta_and_config)
+from pretrain.checkpoint.files import (TMP_PREFIX, CheckpointError, Checksums, FileChecksum, StreamingTensorFile,
+                                       load_pt, model_file, optimizer_file, publish, read_config, read_meta,
+                                       remove_leftovers, resolve_checkpoint, rng_file, write_meta_and_config)
 from pretrain.checkpoint.reader import VOCAB_PARAMS, SavedCheckpoint, check_same_model
 from pretrain.checkpoint.saver import assign_parts, shard_metadata
 from pretrain.config import RunConfig
@@ -39,24 +39,32 @@ def _layout(config: RunConfig, dp: int) -> dict:
 def load_checkpoint(step_dir: str | Path, *, model, optimizer, config: RunConfig, topo: Optional[Topology] = None,
                     zero=None) -> dict:
     """Restore this rank's weights and optimizer state in place from a checkpoint of any layout
-    (and the RNG states when the layout is the same); returns the meta (step, train_state)."""
+    (and the RNG states when the layout is the same); returns the meta (step, train_state).
+
+    Every file this rank reads is checked against the checksum meta.json recorded (once, and
+    only those: see reader.py); a damaged one raises CorruptCheckpointError naming it. Every
+    parameter and optimizer state tensor is set (a state the checkpoint lacks is dropped), so
+    loading another checkpoint after a failed attempt leaves nothing of the first behind, except
+    under ZeRO where a weights-only checkpoint leaves the Adam moments as they were."""
     topo = topo or single_process()
     step_dir = resolve_checkpoint(step_dir)
     meta = read_meta(step_dir)
-    check_same_model(read_config(step_dir).model, config.model, step_dir)
+    checksums = Checksums(step_dir, meta)
+    check_same_model(read_config(step_dir, checksums).model, config.model, step_dir)
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     with_state = bool(meta.get("has_optimizer", True)) and (optimizer is not None or zero is not None)
     if zero is not None:
         _load_zero(step_dir, meta, chunks, zero=zero, config=config, topo=topo, with_state=with_state)
     else:
         _load_plain(step_dir, chunks, optimizer=optimizer, config=config, topo=topo, with_state=with_state)
-    _restore_rng(step_dir, meta, topo)
+    _restore_rng(step_dir, meta, topo, checksums)
     return meta
 
 
 def _check_names(saved: SavedCheckpoint, names) -> None:
     missing = sorted(set(names) - set(saved.names))
     if missing:
+        saved.blame()
         raise CheckpointError(f"{saved.dir} lacks weights this model needs ({', '.join(missing[:3])}): "
                               "a different model shape, or an incomplete checkpoint")
 
@@ -78,14 +86,17 @@ def _load_plain(step_dir: Path, chunks: list, *, optimizer, config: RunConfig, t
         for name, param in params.items():
             value = shard(name)
             if value.shape != param.shape:
+                saved.blame()
                 raise CheckpointError(f"{saved.dir}: {name} has shape {tuple(value.shape)} for this rank, the "
                                       f"model has {tuple(param.shape)} (a different model shape?)")
             param.copy_(value)
-        if with_state:
+        if optimizer is not None:
             for name, param in params.items():
-                keys = saved.optimizer_keys(name)
+                keys = saved.optimizer_keys(name) if with_state else []
                 if keys:
                     optimizer.state[param] = {k: shard(name, k).to(param.device) for k in keys}
+                else:  # as a fresh optimizer has it (and nothing of an earlier attempt's load)
+                    optimizer.state.pop(param, None)
 
 
 def _load_zero(step_dir: Path, meta: dict, chunks: list, *, zero, config: RunConfig, topo: Topology,
@@ -95,8 +106,45 @@ def _load_zero(step_dir: Path, meta: dict, chunks: list, *, zero, config: RunCon
     its own files' fragments, and it reads its own two files and nothing else; saved at any
     other layout, it reads the ranges of its fragments from wherever they lie (other DP size:
     the overlapping parts of other ranks' fragments; without ZeRO: rows of whole shards)."""
-    layout, p = meta["layout"], config.parallel
     fragments = [f for chunk in chunks for f in zero.local_fragments(chunk, with_state=False)]
+    # zero.load_local_state is collective (stages 1/2 all-gather the weights over DP): a rank
+    # whose files are damaged must still take part, or its peers would wait in the all-gather.
+    # It reads zeros from the failure on and raises after the collective; a caller (such as
+    # load_newest_intact) then loads another checkpoint over the whole state.
+    failure: Optional[Exception] = None
+    try:
+        saved, step = _zero_source(step_dir, meta, chunks, fragments, zero=zero, config=config, topo=topo,
+                                   with_state=with_state)
+    except (CheckpointError, OSError) as e:
+        saved, step, failure = None, None, e
+    pp_rank = None if saved is None else topo.pp_rank if saved.pp == topo.pp else None
+    shapes = {f.name: f.shape for f in fragments}
+
+    def read(name: str, key: Optional[str], start: int, numel: int) -> torch.Tensor:
+        nonlocal failure
+        if failure is None:
+            try:
+                rows = config.model.vocab_rows
+                if key is None and saved.shapes.get(name) is not None and not _fits(saved, name, shapes[name], topo,
+                                                                                    rows):
+                    raise CheckpointError(f"{saved.dir}: {name} does not fit this model's shard {shapes[name]} (a "
+                                          "different model shape?)")
+                return saved.shard_range(name, key, tp_rank=topo.tp_rank, tp_size=topo.tp, start=start,
+                                         numel=numel, rows=rows, pp_rank=pp_rank)
+            except (CheckpointError, OSError) as e:
+                failure = e
+        return torch.zeros(numel)
+
+    zero.load_local_state(chunks, read=read, step=step if failure is None else None)
+    if failure is not None:
+        raise failure
+
+
+def _zero_source(step_dir: Path, meta: dict, chunks: list, fragments: list, *, zero, config: RunConfig,
+                 topo: Topology, with_state: bool) -> tuple[SavedCheckpoint, Optional[float]]:
+    """The files a ZeRO rank reads its fragments from, and the Adam step count when it loads
+    optimizer state (no communication)."""
+    layout, p = meta["layout"], config.parallel
     saved = None
     if (layout["tensor"], layout["pipeline"], layout.get("virtual_stages", 1), layout["data"],
             layout.get("zero_stage", 0)) == (topo.tp, topo.pp, p.virtual_stages, topo.dp, zero.stage):
@@ -114,17 +162,7 @@ def _load_zero(step_dir: Path, meta: dict, chunks: list, *, zero, config: RunCon
         with_step = next((f.name for f in fragments if "step" in saved.optimizer_keys(f.name)), None)
         if with_step is not None:  # one count for the whole run (every partition steps together)
             step = float(saved.shard(with_step, "step", tp_rank=topo.tp_rank, tp_size=topo.tp, pp_rank=pp_rank))
-    shapes = {f.name: f.shape for f in fragments}
-
-    def read(name: str, key: Optional[str], start: int, numel: int) -> torch.Tensor:
-        rows = config.model.vocab_rows
-        if key is None and saved.shapes.get(name) is not None and not _fits(saved, name, shapes[name], topo, rows):
-            raise CheckpointError(f"{saved.dir}: {name} does not fit this model's shard {shapes[name]} (a "
-                                  "different model shape?)")
-        return saved.shard_range(name, key, tp_rank=topo.tp_rank, tp_size=topo.tp, start=start, numel=numel,
-                                 rows=rows, pp_rank=pp_rank)
-
-    zero.load_local_state(chunks, read=read, step=step)
+    return saved, step
 
 
 def _fits(saved: SavedCheckpoint, name: str, shape: list[int], topo: Topology, rows: int) -> bool:
@@ -138,7 +176,7 @@ def _fits(saved: SavedCheckpoint, name: str, shape: list[int], topo: Topology, r
     return full == list(shape)
 
 
-def _restore_rng(step_dir: Path, meta: dict, topo: Topology) -> None:
+def _restore_rng(step_dir: Path, meta: dict, topo: Topology, checksums: Checksums) -> None:
     """The RNG streams continue exactly only at the saved layout; elsewhere ranks keep the
     streams they were seeded with (dropout masks then differ from an uninterrupted run)."""
     layout = meta["layout"]
@@ -146,7 +184,7 @@ def _restore_rng(step_dir: Path, meta: dict, topo: Topology) -> None:
         return
     if not meta.get("has_rng", True):  # written offline (resharded, imported): fresh streams
         return
-    rng = load_pt(step_dir / rng_file(topo.rank))
+    rng = load_pt(step_dir / rng_file(topo.rank), checksums)
     torch.set_rng_state(rng["torch"])
     restore_cuda_rng_state(rng.get("cuda"), topo.device)
 
@@ -185,6 +223,7 @@ def write_layout(source, target: RunConfig, output: str | Path, *, step: int, tr
     tmp.mkdir()
     tp, pp = target.parallel.tensor, target.parallel.pipeline
     rows = target.model.vocab_rows
+    checksums: dict[str, FileChecksum] = {}  # computed as the files are written: no second read
     for pp_rank in range(pp):
         names = [n for n in source.names if pp_rank in stage_owners(n, target)]
         owner = assign_parts({n: math.prod(source.shapes[n]) for n in names}, data_parallel)
@@ -202,11 +241,11 @@ def write_layout(source, target: RunConfig, output: str | Path, *, step: int, tr
                 for key in source.optimizer_keys(name) if optimizer is not None else ():
                     optimizer.add(f"{name}/{key}", source.shard(name, key, tp_rank=tp_rank, tp_size=tp, rows=rows))
             for weights, optimizer, specs, shapes in files:
-                weights.close(shard_metadata(specs, shapes))
+                checksums[weights.path.name] = weights.close(shard_metadata(specs, shapes))
                 if optimizer is not None:
-                    optimizer.close()
+                    checksums[optimizer.path.name] = optimizer.close()
     write_meta_and_config(tmp, target, step=step, data_parallel=data_parallel, has_optimizer=source.has_optimizer,
-                          has_rng=False, train_state=train_state)
+                          has_rng=False, train_state=train_state, checksums=checksums)
     publish(tmp, final)
     return final
 

@@ -13,24 +13,31 @@ weights and Adam moments and writes exactly that (pretrain/parallel/zero_state.p
 parameter a run of its flattened TP shard, with the run's offset in the file metadata. Nothing
 is gathered, so a rank's host memory during a save is its own share (async: one copy of it;
 synchronous: none, DeepSpeed's buffers are written as they are).
+
+Each file's size and CRC-32 are computed as it is written and gathered to rank 0, which records
+them in meta.json (files.py). A save that fails (a full disk, a permission, any error on any
+rank) is reported at once by rank 0, its temporary directory removed, `latest` left naming the
+previous checkpoint; training goes on and the next save retries. Two failed saves in a row, or
+a failed last save (`finish`), raise CheckpointSaveError on every rank.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint.files import (TMP_PREFIX, model_file, optimizer_file, prune_checkpoints, publish,
-                                       remove_leftovers, rng_file, write_file, write_meta_and_config,
-                                       write_safetensors)
+from pretrain.checkpoint.files import (LATEST, TMP_PREFIX, FileChecksum, model_file, optimizer_file,
+                                       prune_checkpoints, publish, remove_leftovers, rng_file, write_file,
+                                       write_meta_and_config, write_safetensors)
 from pretrain.config import RunConfig
 from pretrain.device import cuda_rng_state
 from pretrain.parallel.topology import Topology, group_timeout, single_process
@@ -50,15 +57,18 @@ class Shard:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.weights, self.optimizer) for t in d.values())
 
-    def write(self, directory: Path, *, tp: int, pp: int, part: int) -> int:
+    def write(self, directory: Path, *, tp: int, pp: int, part: int) -> dict[str, FileChecksum]:
+        """Write this shard's files; returns file name -> its size and CRC-32."""
         fragments = {k: v for k, v in self.fragments.items() if k in self.weights}
-        written = write_safetensors(directory / model_file(tp, pp, part), self.weights,
-                                    shard_metadata(self.specs, self.shapes, fragments))
+        name = model_file(tp, pp, part)
+        sums = {name: write_safetensors(directory / name, self.weights,
+                                        shard_metadata(self.specs, self.shapes, fragments))}
         if self.optimizer:
             fragments = {k: v for k, v in self.fragments.items() if k in self.optimizer}
-            written += write_safetensors(directory / optimizer_file(tp, pp, part), self.optimizer,
-                                         {"fragments": json.dumps(fragments)} if fragments else None)
-        return written
+            name = optimizer_file(tp, pp, part)
+            sums[name] = write_safetensors(directory / name, self.optimizer,
+                                           {"fragments": json.dumps(fragments)} if fragments else None)
+        return sums
 
 
 def shard_metadata(specs: dict, shapes: dict, fragments: Optional[dict] = None) -> dict[str, str]:
@@ -169,12 +179,34 @@ def _rng_state(device: torch.device) -> dict:
     return rng
 
 
+class CheckpointSaveError(RuntimeError):
+    """Checkpoint saves keep failing: two in a row, or the run's last one. The run stops rather
+    than train on with nothing recent to resume from (pretrain.stopping.EXIT_CHECKPOINT_FAILED).
+    Not a ValueError: that is a user's mistake (exit code 2), this is a fault of the storage."""
+
+
+class _Fatal(Exception):
+    """Not a failed save but a broken run (the ranks could not even agree: a peer is gone)."""
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
 class Checkpointer:
     """Saves checkpoints of one run under `root` (every rank builds one, at the same point: it
-    creates the process group the background writes agree over)."""
+    creates the process group the background writes agree over).
+
+    A failed save is reported at once (`report`, rank 0; stderr by default) and does not stop
+    training: `failures` counts the failed saves since the last one that succeeded, `last_error`
+    describes the latest failure ("step N, rank R: OSError: ..."; None once a save succeeds).
+    Every rank raises CheckpointSaveError from `save`/`wait` once two saves in a row have failed,
+    and from `finish` (the end of the run) when the last one did."""
+
+    max_failures = 2  # in a row
 
     def __init__(self, root: str | Path, config: RunConfig, topo: Optional[Topology] = None, *,
-                 async_save: Optional[bool] = None) -> None:
+                 async_save: Optional[bool] = None, report: Optional[Callable[[str], None]] = None) -> None:
         self.root, self.config = Path(root), config
         self.topo = topo or single_process()
         self.async_save = config.checkpoint.async_save if async_save is None else async_save
@@ -183,13 +215,21 @@ class Checkpointer:
         self.group = (dist.new_group(backend="gloo", timeout=group_timeout(config.parallel.timeout_minutes))
                       if self.topo.world_size > 1 else None)
         self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._fatal: Optional[BaseException] = None
         self._host = HostBuffers(copy=self.async_save)
-        self.stats: dict[str, float] = {}  # of the last save: snapshot_s (training blocked), write_s, bytes
+        self.report = report or (lambda message: print(message, file=sys.stderr, flush=True))
+        # of the last save: snapshot_s (training blocked), bytes; once written: write_s, written_bytes, failed (0/1)
+        self.stats: dict[str, float] = {}
+        self.failures = 0  # failed saves in a row
+        self.total_failures = 0
+        self.last_error: Optional[str] = None
+        self._errors: list[str] = []  # the failures in a row, described
 
     def save(self, step: int, *, model, optimizer=None, zero=None, train_state: dict) -> Path:
         """Snapshot this rank's tensors and write step_N (in the background when async). Every
-        rank calls it. Returns the directory the checkpoint will have once published."""
+        rank calls it. Returns the directory the checkpoint will have once published. Raises
+        CheckpointSaveError when this save is the second failure in a row (synchronous) or the
+        previous two were (async: known only once the write in flight has finished)."""
         self.wait()
         start = time.perf_counter()
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -201,68 +241,144 @@ class Checkpointer:
             self._thread = threading.Thread(target=self._background, args=job, name="checkpoint-writer")
             self._thread.start()
         else:
-            self._write(*job)
+            self._run(*job)
+            self._check()
         return self.root / f"step_{step}"
 
     def wait(self) -> None:
-        """Block until the save in flight is published; raise if it failed."""
+        """Block until the save in flight is done (published, or failed and reported). Raises
+        CheckpointSaveError once max_failures saves in a row have failed."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
+        self._check()
+
+    def finish(self) -> None:
+        """The end of the run: wait for the last save, and raise CheckpointSaveError if it failed
+        (a run must not report success without its final checkpoint)."""
+        self.wait()
+        if self.failures:
+            raise CheckpointSaveError(f"the last checkpoint save failed ({self.last_error}); {self._newest()}. "
+                                      f"{self._advice()}")
+
+    def _check(self) -> None:
+        if self._fatal is not None:
+            error, self._fatal = self._fatal, None
             raise error
+        if self.failures >= self.max_failures:
+            raise CheckpointSaveError(f"{self.failures} checkpoint saves in a row failed ({'; '.join(self._errors)}); "
+                                      f"{self._newest()}. {self._advice()}")
+
+    def _advice(self) -> str:
+        return f"Free space in {self.root} or fix its permissions, then resume (checkpoint.resume=auto)"
+
+    def _previous(self) -> Optional[Path]:
+        """The checkpoint `latest` names: what a failed save leaves in place."""
+        try:
+            return self.root / (self.root / LATEST).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def _newest(self) -> str:
+        previous = self._previous()
+        return (f"the newest checkpoint is {previous}" if previous else
+                f"no checkpoint of this run has been published in {self.root}")
 
     def _background(self, *job) -> None:
         try:
             _lower_priority()
-            self._write(*job)
+            self._run(*job)
         except BaseException as e:  # re-raised on the training thread by wait()
-            self._error = e
+            self._fatal = e
 
-    def _agree(self, ok: bool) -> bool:
-        """Whether every rank's `ok` holds (a barrier that also carries failure)."""
+    def _run(self, step: int, *job) -> None:
+        """One save, its failure counted and reported (rank 0) as soon as it is known."""
+        failure = self._write(step, *job)
+        if failure is None:
+            self.failures, self.last_error, self._errors = 0, None, []
+            return
+        self.failures += 1
+        self.total_failures += 1
+        self.last_error = f"step {step}, {failure}"
+        self._errors.append(self.last_error)
+        if self.topo.rank == 0:
+            then = ("the save is retried at the next checkpoint interval; training continues"
+                    if self.failures < self.max_failures else
+                    f"{self.failures} saves in a row have failed: the run stops (CheckpointSaveError)")
+            previous = self._previous()
+            kept = (f"keeping the previous checkpoint {previous} ('{LATEST}' unchanged)" if previous else
+                    f"no earlier checkpoint exists in {self.root}")
+            self.report(f"checkpoint save of step {step} FAILED on {failure}; the partial save is removed, {kept}; "
+                        f"{then}")
+
+    def _exchange(self, error: Optional[BaseException], payload=None) -> tuple[Optional[str], list]:
+        """Every rank's outcome and payload (a barrier that also carries failures): the first
+        failing rank's error ("rank R: ..."), or None when all succeeded, and all payloads."""
+        mine = (None if error is None else _describe(error), payload)
         if self.group is None:
-            return ok
-        flag = torch.tensor([1 if ok else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+            outcomes = [mine]
+        else:
+            outcomes = [None] * self.topo.world_size
+            try:
+                dist.all_gather_object(outcomes, mine, group=self.group)
+            except Exception as e:  # a peer is gone: not a failed save the run can shrug off
+                raise _Fatal(f"checkpoint writers could not agree ({_describe(e)})") from e
+        failed = [f"rank {rank}: {message}" for rank, (message, _) in enumerate(outcomes) if message is not None]
+        if len(failed) > 1:
+            failed[0] += f" (and {len(failed) - 1} more rank(s))"
+        return (failed[0] if failed else None), [p for _, p in outcomes]
 
-    def _write(self, step: int, shard: Shard, rng: dict, train_state: dict, has_optimizer: bool) -> None:
+    def _write(self, step: int, shard: Shard, rng: dict, train_state: dict, has_optimizer: bool) -> Optional[str]:
+        """Write, agree, publish. Returns None once step_N is published, or the failure every
+        rank agreed on ("rank R: error"), its temporary directory removed and `latest` untouched."""
         topo, rank = self.topo, self.topo.rank
         start = time.perf_counter()
         final = self.root / f"step_{step}"
         tmp = self.root / f"{TMP_PREFIX}step_{step}"
         error: Optional[BaseException] = None
+        written = 0
         if rank == 0:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 remove_leftovers(self.root)  # of saves that crashed; none is in flight now
                 tmp.mkdir()
-            except OSError as e:
-                error = e
-        if not self._agree(error is None):
-            raise error or RuntimeError(f"rank 0 could not create {tmp}")
-        try:
-            written = shard.write(tmp, tp=topo.tp_rank, pp=topo.pp_rank, part=topo.dp_rank)
-            write_file(tmp / rng_file(rank), _pt_bytes(rng))
-        except BaseException as e:
-            error = e
-        if not self._agree(error is None):
-            if rank == 0:
-                remove_leftovers(self.root)
-            raise error or RuntimeError(f"another rank failed to write its part of {final}")
-        if rank == 0:
-            try:
-                write_meta_and_config(tmp, self.config, step=step, data_parallel=topo.dp,
-                                      has_optimizer=has_optimizer, has_rng=True, train_state=train_state)
-                publish(tmp, final)
-                prune_checkpoints(self.root, keep_last=self.config.checkpoint.keep_last)
             except BaseException as e:
                 error = e
-        if not self._agree(error is None):
-            raise error or RuntimeError(f"rank 0 failed to publish {final}")
-        self.stats.update(write_s=time.perf_counter() - start, written_bytes=float(written))
+        failure, _ = self._exchange(error)
+        if failure is None:
+            sums: dict[str, FileChecksum] = {}
+            try:
+                sums = shard.write(tmp, tp=topo.tp_rank, pp=topo.pp_rank, part=topo.dp_rank)
+                sums[rng_file(rank)] = write_file(tmp / rng_file(rank), _pt_bytes(rng))
+            except BaseException as e:
+                error = e
+            written = sum(c.size for c in sums.values())
+            failure, every = self._exchange(error, sums)
+            if failure is None and rank == 0:
+                checksums = {name: c for rank_sums in every for name, c in rank_sums.items()}
+                try:
+                    write_meta_and_config(tmp, self.config, step=step, data_parallel=topo.dp,
+                                          has_optimizer=has_optimizer, has_rng=True, train_state=train_state,
+                                          checksums=checksums)
+                    publish(tmp, final)
+                except BaseException as e:
+                    error = e
+            if failure is None:
+                failure, _ = self._exchange(error)
+        self.stats.update(write_s=time.perf_counter() - start, written_bytes=float(written if failure is None else 0),
+                          failed=float(failure is not None))
+        if failure is not None:
+            if rank == 0:
+                remove_leftovers(self.root)  # the partial save; published checkpoints are never touched
+            if error is not None and not isinstance(error, Exception):
+                raise error  # KeyboardInterrupt and the like: after the agreement, so no peer waits
+            return failure
+        if rank == 0:
+            try:  # the save itself succeeded: a checkpoint left over is not a failed save
+                prune_checkpoints(self.root, keep_last=self.config.checkpoint.keep_last)
+            except Exception as e:
+                self.report(f"warning: could not delete old checkpoints in {self.root}: {_describe(e)}")
+        return None
 
 
 def _lower_priority() -> None:

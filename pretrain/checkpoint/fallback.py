@@ -1,0 +1,118 @@
+"""Falling back to an earlier checkpoint when the newest is damaged.
+
+`load_newest_intact` loads the first of its candidates (newest first) that every rank reads
+without finding a damaged file: a checksum mismatch, a file cut short, missing or unreadable
+(CorruptCheckpointError, OSError) on any rank makes all ranks move on to the next candidate
+together, after one small all-reduce that tells them. Other errors (a different model shape, a
+format this version cannot read) are not damage, and an older checkpoint of the same run would
+fail the same way: every rank raises at once instead. `checkpoint_candidates` lists what a
+resume tries: the checkpoint `find_resume_checkpoint` chose, then the older complete ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint.files import CheckpointError, CorruptCheckpointError, complete_steps
+from pretrain.checkpoint.reshard import load_checkpoint
+from pretrain.config import RunConfig
+from pretrain.device import cuda_rng_state, restore_cuda_rng_state
+from pretrain.parallel.topology import Topology, single_process
+
+OK, DAMAGED, FAILED = 0, 1, 2  # a rank's outcome; the worst one decides for all
+_MESSAGE_BYTES = 512  # of each rank's error, shared only when a load failed somewhere
+
+
+def _step_of(path: Path) -> Optional[int]:
+    suffix = path.name.split("_", 1)[1] if path.name.startswith("step_") else ""
+    return int(suffix) if suffix.isdigit() else None
+
+
+def checkpoint_candidates(root: str | Path, first: Optional[str | Path]) -> list[Path]:
+    """`first` (the checkpoint find_resume_checkpoint chose), then the complete step_N/
+    directories under `root` older than it, newest first: what load_newest_intact tries."""
+    if first is None:
+        return []
+    first = Path(first)
+    step = _step_of(first)
+    steps = complete_steps(Path(root)) if root and Path(root).is_dir() else []
+    older = [path for n, path in steps if (step is None or n < step) and path.resolve() != first.resolve()]
+    return [first, *reversed(older)]
+
+
+def load_newest_intact(candidates: list[str | Path], *, model, optimizer, config: RunConfig,
+                       topo: Optional[Topology] = None, zero=None,
+                       warn: Optional[Callable[[str], None]] = None) -> tuple[Path, dict]:
+    """Load the first candidate checkpoint no rank finds damaged (collective: every rank calls
+    it with the same list); returns (its directory, its meta). `warn(message)` (pass it on rank 0
+    only) names each damaged file skipped. Raises CheckpointError when none is intact."""
+    topo = topo or single_process()
+    if not candidates:
+        raise CheckpointError("no checkpoint to load")
+    # A failed attempt may have restored a candidate's RNG streams on some ranks: each attempt
+    # starts from the streams the run had (the model and optimizer are overwritten in full).
+    rng = torch.get_rng_state(), cuda_rng_state(topo.device)
+    skipped: list[str] = []
+    for index, step_dir in enumerate(candidates):
+        if index:
+            torch.set_rng_state(rng[0])
+            restore_cuda_rng_state(rng[1], topo.device)
+        error: Optional[BaseException] = None
+        try:
+            if Path(step_dir).is_dir() and not (Path(step_dir) / "meta.json").is_file():
+                raise CorruptCheckpointError(f"{step_dir}/meta.json is missing: the checkpoint is incomplete",
+                                             step_dir=step_dir, file=Path(step_dir) / "meta.json")
+            meta = load_checkpoint(step_dir, model=model, optimizer=optimizer, config=config, topo=topo, zero=zero)
+            outcome = OK
+        except (CorruptCheckpointError, OSError) as e:
+            error, outcome = e, DAMAGED
+        except Exception as e:  # noqa: BLE001 - raised below on every rank together
+            error, outcome = e, FAILED
+        worst, message = _agree(outcome, error, topo)
+        if worst == OK:
+            return Path(step_dir), meta
+        if worst == FAILED:
+            if outcome == FAILED:
+                raise error
+            raise CheckpointError(f"loading {step_dir} failed on another rank: {message}")
+        skipped.append(message)
+        if warn is not None:
+            nxt = (f"falling back to the previous complete checkpoint, {candidates[index + 1]}"
+                   if index + 1 < len(candidates) else "no older complete checkpoint is left to try")
+            warn(f"warning: skipping checkpoint {step_dir}: {message}; {nxt}")
+    raise CheckpointError(f"no intact checkpoint to resume from: {len(candidates)} tried, all damaged ("
+                          + "; ".join(skipped) + "). Restore one from a backup, or start without "
+                          "(checkpoint.resume=none and another checkpoint.dir)")
+
+
+def _agree(outcome: int, error: Optional[BaseException], topo: Topology) -> tuple[int, str]:
+    """The worst outcome over all ranks and, when it is not OK, the first failing rank's error
+    (one int all-reduce when all went well; a second, of the messages, only after a failure)."""
+    text = "" if error is None else _describe(error)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return outcome, text
+    flag = torch.tensor([outcome], dtype=torch.int32, device=topo.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    worst = int(flag.item())
+    if worst == OK:
+        return worst, ""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rows = torch.zeros(world, _MESSAGE_BYTES, dtype=torch.int32, device=topo.device)
+    if outcome == worst:
+        raw = list(f"on rank {rank}: {text}".encode()[:_MESSAGE_BYTES])
+        rows[rank, :len(raw)] = torch.tensor(raw, dtype=torch.int32, device=topo.device)
+    dist.all_reduce(rows)  # each rank filled only its own row: the sum is every failing rank's message
+    messages = [bytes(row[row > 0].tolist()).decode(errors="replace") for row in rows.cpu()]
+    failed = [m for m in messages if m]
+    more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+    return worst, failed[0] + more
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, CheckpointError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
