@@ -15,6 +15,7 @@ import pytest
 
 from pretrain.checkpoint.files import CheckpointError, find_resume_checkpoint
 from pretrain.checkpoint.guard import DirectoryLock, check_no_overwrite
+from tests.test_faults import table_row
 
 ROOT = Path(__file__).resolve().parents[1]
 TAKE_LOCK = ("import sys, time; sys.path.insert(0, {root!r}); from pretrain.checkpoint.guard import DirectoryLock; "
@@ -118,6 +119,8 @@ def test_trainer_resumes_without_latest_and_refuses_to_overwrite(stdlib_data, tm
     assert "no 'latest' pointer; resuming from the newest complete checkpoint" in resumed.stderr
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     assert (tmp_path / "ckpt/latest").read_text().strip() == "step_6"
+    table_row("a missing `latest`", "`latest` deleted beside step_2 and step_4", "at start",
+              "resumed from step_4 with a warning, trained to step 6")
     # Starting over (checkpoint.resume=none) would write step_2 .. step_6 over the saved ones.
     fresh = train(stdlib_data, tmp_path, "train.steps=6", "checkpoint.resume=none")
     assert fresh.returncode == 2 and "would overwrite them" in fresh.stderr, fresh.stderr[-2000:]
@@ -131,9 +134,15 @@ def test_a_second_run_on_the_same_directory_is_refused(stdlib_data, tmp_path):
         while not (tmp_path / "ckpt/.lock").is_file() or not (tmp_path / "ckpt/.lock").read_text():
             assert holder.poll() is None and time.time() < deadline, holder.stdout.read()[-2000:]
             time.sleep(0.2)
+        started = time.monotonic()
         second = train(stdlib_data, tmp_path, "train.steps=2")
+        refused_after = time.monotonic() - started
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"is in use by another run (host {os.uname().nodename}, pid {holder.pid}" in second.stderr
+        assert holder.poll() is None  # the first run goes on
     finally:
         holder.kill()
         holder.wait()
+    table_row("a second run on the same checkpoint.dir", "the same command started while a run trains",
+              f"{refused_after:.1f} s after its start (the lock, before any process group)",
+              "second run refused with code 2 naming host and pid; the first one trains on")
