@@ -19,9 +19,9 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import CheckpointError, Checkpointer, find_resume_checkpoint, read_meta
-from pretrain.checkpoint.fallback import checkpoint_candidates, load_newest_intact
-from pretrain.checkpoint.saver import CheckpointSaveError
+from pretrain.checkpoint import (CheckpointError, Checkpointer, CheckpointSaveError, checkpoint_candidates,
+                                 find_resume_checkpoint, load_newest_intact)
+from pretrain.checkpoint.fallback import first_readable, step_of
 from pretrain.checkpoint.guard import check_no_overwrite, run_lock
 from pretrain.config import ConfigError, RunConfig, load_config
 from pretrain.data.blend import parse_data_path
@@ -258,8 +258,15 @@ def run(config: RunConfig, *, launch=None) -> dict:
     require_deepspeed(config)
     say = (lambda message: print(message, file=sys.stderr, flush=True)) if launch.rank == 0 else None
     resume_from = find_resume_checkpoint(ck.dir, ck.resume, warn=say)
-    resume_meta = read_meta(resume_from) if resume_from else None
-    check_no_overwrite(ck.dir, start_step=resume_meta["step"] if resume_meta else 0)
+    resume_meta = None
+    if resume_from is not None:  # a checkpoint whose meta.json is damaged gives way to the one before
+        chosen = resume_from
+        candidates, resume_meta = first_readable(checkpoint_candidates(ck.dir, resume_from), warn=say)
+        resume_from = candidates[0]
+        # Measured from the checkpoint chosen first: a damaged newer one may be saved over.
+        check_no_overwrite(ck.dir, start_step=step_of(chosen, resume_meta))
+    else:
+        check_no_overwrite(ck.dir, start_step=0)
     consumed = resume_meta["train_state"].get("consumed_samples") if resume_meta else 0
     if consumed is None:  # weights-only tools may write checkpoints without a data position
         raise CheckpointError(f"{resume_from}/meta.json has no train_state.consumed_samples: it does not say "

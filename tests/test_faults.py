@@ -265,21 +265,24 @@ def test_fp16_that_cannot_recover_stops(stdlib_data, tmp_path):
 
 # -- checkpoints --------------------------------------------------------------------------------
 
-def test_corrupted_newest_checkpoint_and_missing_latest_fall_back(stdlib_data, tmp_path):
+@pytest.mark.parametrize("damaged", ["model_tp0_pp0_part1.safetensors", "meta.json"])
+def test_corrupted_newest_checkpoint_and_missing_latest_fall_back(stdlib_data, tmp_path, damaged):
     codes, _, run = train(tmp_path, tiny(stdlib_data, tmp_path, "train.steps=10"))
     assert codes == [0, 0], run.output()[-3000:]
-    bad = tmp_path / "ckpt/step_10/model_tp0_pp0_part1.safetensors"
+    bad = tmp_path / "ckpt/step_10" / damaged
     data = bytearray(bad.read_bytes())
-    data[-5] ^= 0xFF  # one flipped bit pattern deep in the tensor data
+    data[-5] ^= 0xFF  # deep in the tensor data; in meta.json, its closing brace
     bad.write_bytes(bytes(data))
     (tmp_path / "ckpt/latest").unlink()
     codes, _, rerun = train(tmp_path, tiny(stdlib_data, tmp_path, "train.steps=12"), name="rerun")
     assert codes == [0, 0], rerun.output()[-3000:]
     out = rerun.output()
-    assert "no 'latest' pointer" in out and bad.name in out and "at step 5" in out
+    assert "no 'latest' pointer" in out and f"step_10/{damaged}" in out and "at step 5" in out
     assert latest(tmp_path) == "step_12" and weights_finite(tmp_path / "ckpt/step_12")
-    table_row("a corrupted newest checkpoint (and no `latest`)", "a byte flipped in step_10's model file; "
-              "`latest` deleted", "at load: checksum mismatch naming the file",
+    table_row(f"a corrupted newest checkpoint ({damaged}) and no `latest`",
+              f"a byte flipped in step_10's {damaged}; `latest` deleted",
+              "at start: " + ("checksum mismatch naming the file, on the rank reading it" if damaged != "meta.json"
+                              else "meta.json unreadable, before the process groups start"),
               "resumed from step_5 with a warning, trained to step 12", "none (step_10 was already damaged)")
 
 

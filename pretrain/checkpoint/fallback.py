@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint.files import CheckpointError, CorruptCheckpointError, complete_steps
+from pretrain.checkpoint.files import CheckpointError, CorruptCheckpointError, complete_steps, read_meta
 from pretrain.checkpoint.reshard import load_checkpoint
 from pretrain.config import RunConfig
 from pretrain.device import cuda_rng_state, restore_cuda_rng_state
@@ -42,6 +42,26 @@ def checkpoint_candidates(root: str | Path, first: Optional[str | Path]) -> list
     steps = complete_steps(Path(root)) if root and Path(root).is_dir() else []
     older = [path for n, path in steps if (step is None or n < step) and path.resolve() != first.resolve()]
     return [first, *reversed(older)]
+
+
+def first_readable(candidates: list[Path], *, warn: Optional[Callable[[str], None]] = None) -> tuple[list[Path], dict]:
+    """The candidates from the first whose meta.json reads on, and that meta (no communication:
+    every rank reads the same small file before the process groups start). A damaged meta.json
+    is skipped with a warning, like a damaged tensor file in load_newest_intact."""
+    for index, step_dir in enumerate(candidates):
+        try:
+            return candidates[index:], read_meta(step_dir)
+        except CorruptCheckpointError as e:
+            if warn is not None:
+                warn(f"warning: skipping checkpoint {step_dir}: {e}")
+    raise CheckpointError(f"no checkpoint with a readable meta.json: {len(candidates)} tried ("
+                          + ", ".join(str(c) for c in candidates) + ")")
+
+
+def step_of(step_dir: Path, meta: dict) -> int:
+    """A checkpoint's step: from its name step_N when it has one (a damaged meta.json cannot say)."""
+    step = _step_of(Path(step_dir))
+    return meta["step"] if step is None else step
 
 
 def load_newest_intact(candidates: list[str | Path], *, model, optimizer, config: RunConfig,
