@@ -259,7 +259,7 @@ def test_deepspeed_config_is_generated_from_ours():
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 8
     assert ds["gradient_clipping"] == 0.5
-    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True} and ds["fp16"]["enabled"] is False
     zero = ds["zero_optimization"]
     assert zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 2**20 // 2  # bf16 elements
