@@ -24,8 +24,16 @@ setup(
         # one small communication op with g++ and ninja (~30 s, cached under TORCH_EXTENSIONS_DIR).
         # Pinned: pretrain/parallel/zero.py drives the ZeRO optimizer's backward hooks itself.
         "zero": ["deepspeed==0.19.8"],
-        "test": ["pytest", "hypothesis", "transformers", "megatron-core==0.16.1", "deepspeed==0.19.8",
-                 "mpi4py"],
+        # ruff pinned: another version may format differently and fail the format check.
+        "test": [
+            "pytest",
+            "hypothesis",
+            "transformers",
+            "megatron-core==0.16.1",
+            "deepspeed==0.19.8",
+            "mpi4py",
+            "ruff==0.17.6",
+        ],
         "hf": ["transformers"],
         "kernels": ["triton"],
         "mpi": ["mpi4py"],

@@ -40,7 +40,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from parallel_harness import free_port  # noqa: E402
+from parallel_harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER_COEF = 34  # what slurm/pretrain_gpt_13b.sh assumed before this measurement
@@ -69,9 +69,15 @@ class SavedBytes:
 def _config(args, tp: int):
     from pretrain.config import load_config
 
-    overrides = [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
-                 f"model.num_heads={args.heads}", f"model.vocab_size={args.vocab}", f"model.seq_length={args.seq}",
-                 f"parallel.tensor={tp}", f"parallel.sequence_parallel={str(tp > 1).lower()}"]
+    overrides = [
+        f"model.num_layers={args.layers}",
+        f"model.hidden_size={args.hidden}",
+        f"model.num_heads={args.heads}",
+        f"model.vocab_size={args.vocab}",
+        f"model.seq_length={args.seq}",
+        f"parallel.tensor={tp}",
+        f"parallel.sequence_parallel={str(tp > 1).lower()}",
+    ]
     if args.recompute:
         overrides.append(f"model.activation_checkpointing={args.recompute}")
     return load_config(str(ROOT / args.config), overrides)
@@ -115,9 +121,17 @@ def measure(args, topo) -> dict:
     s, h, t = m.seq_length, m.hidden_size, topo.tp
     per_layer = (blocks[4] - blocks[2]) / 2 / m.num_layers  # per sequence of the micro-batch
     rest = ((whole[4] - whole[2]) - (blocks[4] - blocks[2])) / 2
-    return {"tp": t, "per_layer_bytes": per_layer, "coef": per_layer / (s * h / t), "rest_bytes_per_token": rest / s,
-            "recompute": m.activation_checkpointing, "seq": s, "hidden": h, "layers": m.num_layers,
-            "vocab_rows": m.vocab_rows}
+    return {
+        "tp": t,
+        "per_layer_bytes": per_layer,
+        "coef": per_layer / (s * h / t),
+        "rest_bytes_per_token": rest / s,
+        "recompute": m.activation_checkpointing,
+        "seq": s,
+        "hidden": h,
+        "layers": m.num_layers,
+        "vocab_rows": m.vocab_rows,
+    }
 
 
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
@@ -134,7 +148,6 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
         Path(out, "result.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
-
 
 
 def run(args, tp: int) -> dict:
@@ -160,16 +173,20 @@ def main() -> None:
     args = p.parse_args()
     rows = [run(args, tp) for tp in args.tp]
     r0 = rows[0]
-    print(f"{args.config} shrunk: {r0['layers']} layers, hidden {r0['hidden']}, seq {r0['seq']}, "
-          f"{r0['vocab_rows']} vocabulary rows; bf16 weights, bf16 autocast, recompute {r0['recompute']}")
+    print(
+        f"{args.config} shrunk: {r0['layers']} layers, hidden {r0['hidden']}, seq {r0['seq']}, "
+        f"{r0['vocab_rows']} vocabulary rows; bf16 weights, bf16 autocast, recompute {r0['recompute']}"
+    )
     print("| t | bytes per layer (b = 1) | k = bytes / (s b h / t) | rest of the model, bytes per token |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['tp']} | {r['per_layer_bytes']:.0f} | {r['coef']:.2f} | {r['rest_bytes_per_token']:.0f} |")
     last = rows[-1]
-    print(f"RESULT activation_memory bytes_per_layer_coef={last['coef']:.2f} tp={last['tp']} "
-          + " ".join(f"coef_tp{r['tp']}={r['coef']:.2f}" for r in rows)
-          + f" header_coef={HEADER_COEF} ratio={HEADER_COEF / last['coef']:.3f}")
+    print(
+        f"RESULT activation_memory bytes_per_layer_coef={last['coef']:.2f} tp={last['tp']} "
+        + " ".join(f"coef_tp{r['tp']}={r['coef']:.2f}" for r in rows)
+        + f" header_coef={HEADER_COEF} ratio={HEADER_COEF / last['coef']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -40,21 +40,33 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.checkpoint import Checkpointer, load_checkpoint  # noqa: E402
-from pretrain.config import config_from_dict  # noqa: E402
-from pretrain.models.gpt import GPT  # noqa: E402
-from pretrain.optim import build_optimizer  # noqa: E402
+from pretrain.checkpoint import Checkpointer, load_checkpoint
+from pretrain.config import config_from_dict
+from pretrain.models.gpt import GPT
+from pretrain.optim import build_optimizer
 
 
 def build(args):
-    config = config_from_dict({"model": {"flavour": "llama", "num_layers": args.layers, "hidden_size": args.hidden,
-                                         "num_heads": args.hidden // 64, "vocab_size": args.vocab},
-                               "checkpoint": {"keep_last": 1}})
+    config = config_from_dict(
+        {
+            "model": {
+                "flavour": "llama",
+                "num_layers": args.layers,
+                "hidden_size": args.hidden,
+                "num_heads": args.hidden // 64,
+                "vocab_size": args.vocab,
+            },
+            "checkpoint": {"keep_last": 1},
+        }
+    )
     model = GPT(config.model, init_seed=0)
     optimizer = build_optimizer(model.parameters(), config.optimizer)
     for p in model.parameters():  # Adam's state as after a step, without paying for one
-        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.randn_like(p),
-                              "exp_avg_sq": torch.rand_like(p)}
+        optimizer.state[p] = {
+            "step": torch.tensor(1.0),
+            "exp_avg": torch.randn_like(p),
+            "exp_avg_sq": torch.rand_like(p),
+        }
     return config, model, optimizer
 
 
@@ -91,8 +103,11 @@ def plain_read(path: Path, nbytes: int) -> float:
 
 def dd_write(path: Path, nbytes: int) -> float:
     start = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={nbytes // 2**20}", "conv=fsync"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={nbytes // 2**20}", "conv=fsync"],
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 
@@ -127,8 +142,11 @@ def main() -> int:
     nbytes = sum(t.numel() * t.element_size() for t in ts)
     params = sum(p.numel() for p in model.parameters())
     work = Path(tempfile.mkdtemp(prefix="bench_ckpt_", dir=args.dir))
-    print(f"model: {params / 1e6:.1f}M parameters; {nbytes / 1e9:.2f} GB of weights + Adam moments; "
-          f"writing under {work}; {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"model: {params / 1e6:.1f}M parameters; {nbytes / 1e9:.2f} GB of weights + Adam moments; "
+        f"writing under {work}; {torch.get_num_threads()} threads",
+        flush=True,
+    )
     gb = nbytes / 1e9
     ours_save, plain, dd, ours_load, plain_load = [], [], [], [], []
     try:
@@ -148,9 +166,11 @@ def main() -> int:
             ours_load.append(time.perf_counter() - start)
             plain_load.append(plain_read(work / "plain.bin", nbytes))
             (work / "dd.bin").unlink()
-            print(f"repeat {rep + 1}: save ours {gb / ours_save[-1]:.2f} GB/s, plain {gb / plain[-1]:.2f}, dd "
-                  f"{gb / dd[-1]:.2f}; load ours {gb / ours_load[-1]:.2f} GB/s, plain read {gb / plain_load[-1]:.2f}",
-                  flush=True)
+            print(
+                f"repeat {rep + 1}: save ours {gb / ours_save[-1]:.2f} GB/s, plain {gb / plain[-1]:.2f}, dd "
+                f"{gb / dd[-1]:.2f}; load ours {gb / ours_load[-1]:.2f} GB/s, plain read {gb / plain_load[-1]:.2f}",
+                flush=True,
+            )
 
         # Stall: the same loop without a save, with a synchronous save, with a background save.
         sync_saver = Checkpointer(work / "sync", config, async_save=False)
@@ -162,6 +182,7 @@ def main() -> int:
                 start = time.perf_counter()
                 saver.save(next(step_counter), model=model, optimizer=optimizer, train_state={})
                 go.blocked = time.perf_counter() - start
+
             return go
 
         # A run saves many times; the first save also allocates the host buffers the later ones reuse.
@@ -182,10 +203,12 @@ def main() -> int:
         med = statistics.median
         sync_stall = med(with_sync) - med(bare)
         async_stall = max(0.0, med(with_async) - med(bare))
-        print(f"stand-in loop of {args.steps} steps: {med(bare):.2f} s bare, {med(with_sync):.2f} s with a sync "
-              f"save, {med(with_async):.2f} s with an async save; save() blocked {med(blocked_sync):.2f} s (sync) "
-              f"vs {med(blocked_async):.3f} s (async, the host snapshot; {first.blocked:.3f} s at the first save, "
-              "which allocates the host buffers)")
+        print(
+            f"stand-in loop of {args.steps} steps: {med(bare):.2f} s bare, {med(with_sync):.2f} s with a sync "
+            f"save, {med(with_async):.2f} s with an async save; save() blocked {med(blocked_sync):.2f} s (sync) "
+            f"vs {med(blocked_async):.3f} s (async, the host snapshot; {first.blocked:.3f} s at the first save, "
+            "which allocates the host buffers)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -193,13 +216,19 @@ def main() -> int:
     # plain write back to back, so the ratio is taken per repeat, then the median of those.
     save_ratio = med([p / o for p, o in zip(plain, ours_save)])
     load_ratio = med([p / o for p, o in zip(plain_load, ours_load)])
-    print(f"RESULT checkpoint_save ours_gbps={gb / med(ours_save):.2f} plain_gbps={gb / med(plain):.2f} "
-          f"dd_gbps={gb / med(dd):.2f} ratio={save_ratio:.2f}")
-    print(f"RESULT checkpoint_load ours_gbps={gb / med(ours_load):.2f} plain_gbps={gb / med(plain_load):.2f} "
-          f"ratio={load_ratio:.2f}")
-    print(f"RESULT checkpoint_async_stall sync_stall_s={sync_stall:.2f} async_stall_s={async_stall:.3f} "
-          f"async_blocked_s={med(blocked_async):.3f} fraction={async_stall / sync_stall:.3f} "
-          f"blocked_fraction={med(blocked_async) / med(blocked_sync):.3f}")
+    print(
+        f"RESULT checkpoint_save ours_gbps={gb / med(ours_save):.2f} plain_gbps={gb / med(plain):.2f} "
+        f"dd_gbps={gb / med(dd):.2f} ratio={save_ratio:.2f}"
+    )
+    print(
+        f"RESULT checkpoint_load ours_gbps={gb / med(ours_load):.2f} plain_gbps={gb / med(plain_load):.2f} "
+        f"ratio={load_ratio:.2f}"
+    )
+    print(
+        f"RESULT checkpoint_async_stall sync_stall_s={sync_stall:.2f} async_stall_s={async_stall:.3f} "
+        f"async_blocked_s={med(blocked_async):.3f} fraction={async_stall / sync_stall:.3f} "
+        f"blocked_fraction={med(blocked_async) / med(blocked_sync):.3f}"
+    )
     return 0
 
 

@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.data.gpt_dataset import GPTDataset  # noqa: E402
-from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter  # noqa: E402
+from pretrain.data.gpt_dataset import GPTDataset
+from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter
 
 
 def make_dataset(prefix: str, *, tokens: int, documents: int, seed: int) -> None:
@@ -75,9 +75,16 @@ def megatron_dataset(indexed, prefix: str, *, seq_length: int, seed: int, num_sa
     from megatron.core.datasets.utils import Split
 
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=([prefix], None), split="100,0,0",
-        tokenizer=_Tokenizer(), reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=False, create_attention_mask=False, path_to_cache=cache,
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([prefix], None),
+        split="100,0,0",
+        tokenizer=_Tokenizer(),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=cache,
     )
     documents = np.arange(len(indexed), dtype=np.int32)
     return MegatronGPTDataset(indexed, prefix, documents, num_samples, Split.train, config)
@@ -116,12 +123,25 @@ def main() -> int:
     open_theirs, their_indexed = timed(lambda: MegatronIndexed(prefix, multimodal=False, mmap=True), repeat=5)
 
     def ours():
-        return GPTDataset(ours_indexed, seq_length=args.seq_length, seed=args.seed, split="train",
-                          split_ratios=(1, 0, 0), num_samples=args.num_samples, cache_dir=ours_cache)
+        return GPTDataset(
+            ours_indexed,
+            seq_length=args.seq_length,
+            seed=args.seed,
+            split="train",
+            split_ratios=(1, 0, 0),
+            num_samples=args.num_samples,
+            cache_dir=ours_cache,
+        )
 
     def theirs():
-        return megatron_dataset(their_indexed, prefix, seq_length=args.seq_length, seed=args.seed,
-                                num_samples=args.num_samples, cache=their_cache)
+        return megatron_dataset(
+            their_indexed,
+            prefix,
+            seq_length=args.seq_length,
+            seed=args.seed,
+            num_samples=args.num_samples,
+            cache=their_cache,
+        )
 
     cold, cold_theirs = [], []
     for _ in range(3):  # alternate, best of three, each from an empty cache
@@ -165,14 +185,21 @@ def main() -> int:
     rate_getitem, rate_query = len(picks) / t_getitem, len(picks) / t_query
     rate_mega = max(rate_getitem, rate_query)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, numpy {np.__version__}")
-    print(f"data: {args.tokens} tokens, {args.documents} documents, seq_length {args.seq_length}, "
-          f"{len(ds)} samples ({len(ds.document_index) // args.documents} epoch(s))")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
+        f"numpy {np.__version__}"
+    )
+    print(
+        f"data: {args.tokens} tokens, {args.documents} documents, seq_length {args.seq_length}, "
+        f"{len(ds)} samples ({len(ds.document_index) // args.documents} epoch(s))"
+    )
     print(f"open .bin/.idx:  ours {open_ours * 1e3:7.2f} ms (validates)   megatron {open_theirs * 1e3:7.2f} ms")
     print(f"indices, cold:   ours {cold_ours:7.3f} s     megatron {cold_mega:7.3f} s")
     print(f"indices, cached: ours {cached_ours * 1e3:7.2f} ms    megatron {cached_mega * 1e3:7.2f} ms")
-    print(f"random reads:    ours {rate_ours:9.0f} samples/s (batches of {args.batch})   megatron "
-          f"{rate_getitem:9.0f}/s __getitem__, {rate_query:9.0f}/s bare query")
+    print(
+        f"random reads:    ours {rate_ours:9.0f} samples/s (batches of {args.batch})   megatron "
+        f"{rate_getitem:9.0f}/s __getitem__, {rate_query:9.0f}/s bare query"
+    )
     ratios = {"cold": cold_mega / cold_ours, "cached": cached_mega / cached_ours, "reads": rate_ours / rate_mega}
     print(
         f"RESULT dataset_index cold_s={cold_ours:.4f} megatron_cold_s={cold_mega:.4f} "

@@ -21,10 +21,21 @@ COLUMNS = ("fault", "injected", "detected", "outcome", "lost")
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "faults.jsonl"
-        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                 "tests/test_faults.py", "tests/test_watchdog.py",
-                                 "tests/test_checkpoint_guard.py"], cwd=ROOT,
-                                env={**os.environ, "PRETRAIN_FAULT_TABLE": str(table)})
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_faults.py",
+                "tests/test_watchdog.py",
+                "tests/test_checkpoint_guard.py",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PRETRAIN_FAULT_TABLE": str(table)},
+        )
         rows = [json.loads(line) for line in table.read_text().splitlines()] if table.exists() else []
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))

@@ -4,8 +4,8 @@ Writes a random-token .bin/.idx (no corpus or tokenizer needed), runs `pretrain.
 the config for a few dozen steps (no checkpoints, no evaluation) and reports tokens/s, model
 TFLOP/s and MFU of the last `--steps - --warmup` steps against a bf16 (or fp32) matmul rate
 measured in the same process, and against the GPU's datasheet dense peak
-(pretrain/hardware.py: the MFU Megatron-LM and torchtitan report). Variants run one after the other in this process: eager, then
-with `model.compile=true`.
+(pretrain/hardware.py: the MFU Megatron-LM and torchtitan report). Variants run one after the
+other in this process: eager, then with `model.compile=true`.
 
     python bench/gpu_train.py                                  # gpt_1.3b, seq 2048, bf16, on CUDA
     python bench/gpu_train.py --device cpu --config configs/gpt_tiny.yaml --micro-batch 2 --steps 6 \\
@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.data.indexed import IndexedDatasetWriter, dtype_for_vocab  # noqa: E402
-from pretrain.hardware import datasheet_peak_tflops  # noqa: E402
-from pretrain.metrics import measure_peak_tflops  # noqa: E402
-from pretrain.train import run  # noqa: E402
+from pretrain.config import load_config
+from pretrain.data.indexed import IndexedDatasetWriter, dtype_for_vocab
+from pretrain.hardware import datasheet_peak_tflops
+from pretrain.metrics import measure_peak_tflops
+from pretrain.train import run
 
 
 def synthetic_data(prefix: Path, *, vocab: int, tokens: int, seed: int = 0) -> None:
@@ -73,13 +73,24 @@ def main() -> int:
         synthetic_data(Path(tmp) / "synthetic", vocab=base.model.vocab_size, tokens=tokens)
         for variant in args.variants.split(","):
             overrides = [
-                f"model.seq_length={args.seq}", f"data.path={tmp}/synthetic", "data.tokenizer=", "data.split=100,0,0",
-                f"train.steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
+                f"model.seq_length={args.seq}",
+                f"data.path={tmp}/synthetic",
+                "data.tokenizer=",
+                "data.split=100,0,0",
+                f"train.steps={args.steps}",
+                f"train.micro_batch_size={args.micro_batch}",
                 f"train.global_batch_size={args.micro_batch * args.accumulation}",
-                f"train.precision={args.precision}", f"train.device={args.device}",
-                f"train.log_interval={args.steps - args.warmup}", "train.eval_interval=0", "checkpoint.dir=",
-                f"logging.dir={tmp}/logs_{variant}", "logging.tensorboard=false", f"logging.peak_tflops={peak}",
-                f"model.compile={'true' if variant == 'compile' else 'false'}", *args.overrides]
+                f"train.precision={args.precision}",
+                f"train.device={args.device}",
+                f"train.log_interval={args.steps - args.warmup}",
+                "train.eval_interval=0",
+                "checkpoint.dir=",
+                f"logging.dir={tmp}/logs_{variant}",
+                "logging.tensorboard=false",
+                f"logging.peak_tflops={peak}",
+                f"model.compile={'true' if variant == 'compile' else 'false'}",
+                *args.overrides,
+            ]
             config = load_config(args.config, overrides)
             last = run(config)
             rows.append((variant, last["tokens_per_s"], last["tflops"], last["mfu"], last["peak_mem_bytes"]))
@@ -87,17 +98,21 @@ def main() -> int:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
 
-    print(f"\n{name} seq {args.seq}, micro-batch {args.micro_batch} x {args.accumulation}, {args.precision}, "
-          f"{args.device}; measured {args.precision} matmul peak {peak:.1f} TFLOP/s, datasheet "
-          + (f"{datasheet:.1f} TFLOP/s" if datasheet else "peak unknown for this device"))
+    print(
+        f"\n{name} seq {args.seq}, micro-batch {args.micro_batch} x {args.accumulation}, {args.precision}, "
+        f"{args.device}; measured {args.precision} matmul peak {peak:.1f} TFLOP/s, datasheet "
+        + (f"{datasheet:.1f} TFLOP/s" if datasheet else "peak unknown for this device")
+    )
     print(f"{'variant':<10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU meas.':>11}{'MFU sheet':>11}{'peak mem GB':>13}")
     for variant, tps, tflops, mfu, mem in rows:
         sheet = f"{tflops / datasheet:.1%}" if datasheet else "-"
         print(f"{variant:<10}{tps:>12,.0f}{tflops:>10.1f}{mfu:>11.1%}{sheet:>11}{mem / 1e9:>13.1f}")
     for variant, tps, tflops, mfu, _ in rows:
         sheet = f" mfu_datasheet={tflops / datasheet:.4f} datasheet_tflops={datasheet:.1f}" if datasheet else ""
-        print(f"RESULT gpu_train_{name}_{variant} tokens_per_s={tps:.0f} tflops={tflops:.1f} mfu={mfu:.4f} "
-              f"peak_tflops={peak:.1f}{sheet}")
+        print(
+            f"RESULT gpu_train_{name}_{variant} tokens_per_s={tps:.0f} tflops={tflops:.1f} mfu={mfu:.4f} "
+            f"peak_tflops={peak:.1f}{sheet}"
+        )
     return 0
 
 

@@ -27,16 +27,16 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.models.gpt import rope_tables  # noqa: E402
-from pretrain.models.kernels import reference  # noqa: E402
+from pretrain.models.gpt import rope_tables
+from pretrain.models.kernels import reference
 
 SIZES = {
     # tokens, hidden, ffn (per half of fc1's output), heads, head_dim, vocab shard
@@ -71,30 +71,69 @@ def make_cases(device: str, dtype: torch.dtype) -> list[Case]:
     x, w, b = rand(tokens, h), rand(h, scale=0.5), rand(h)
     with torch.no_grad():
         w += 1
-    cases.append(Case("rms_norm", f"[{tokens}, {h}]", [x, w], rand(tokens, h, grad=False),
-                      lambda x, w: reference.rms_norm(x, w, 1e-5),
-                      lambda x, w: kernels.rms_norm(x, w, 1e-5), 5 * tokens * h * elt))
-    cases.append(Case("layer_norm", f"[{tokens}, {h}]", [x, w, b], rand(tokens, h, grad=False),
-                      lambda x, w, b: reference.layer_norm(x, w, b, 1e-5),
-                      lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5), 5 * tokens * h * elt))
+    cases.append(
+        Case(
+            "rms_norm",
+            f"[{tokens}, {h}]",
+            [x, w],
+            rand(tokens, h, grad=False),
+            lambda x, w: reference.rms_norm(x, w, 1e-5),
+            lambda x, w: kernels.rms_norm(x, w, 1e-5),
+            5 * tokens * h * elt,
+        )
+    )
+    cases.append(
+        Case(
+            "layer_norm",
+            f"[{tokens}, {h}]",
+            [x, w, b],
+            rand(tokens, h, grad=False),
+            lambda x, w, b: reference.layer_norm(x, w, b, 1e-5),
+            lambda x, w, b: kernels.layer_norm(x, w, b, 1e-5),
+            5 * tokens * h * elt,
+        )
+    )
     hh = rand(tokens, 2 * f, scale=2.0)
-    cases.append(Case("swiglu", f"[{tokens}, 2x{f}]", [hh], rand(tokens, f, grad=False),
-                      reference.swiglu, kernels.swiglu, 8 * tokens * f * elt))
+    cases.append(
+        Case(
+            "swiglu",
+            f"[{tokens}, 2x{f}]",
+            [hh],
+            rand(tokens, f, grad=False),
+            reference.swiglu,
+            kernels.swiglu,
+            8 * tokens * f * elt,
+        )
+    )
     bq, heads, seq, d = s["batch"], s["heads"], s["seq"], s["head_dim"]
     cos, sin = (t.to(device=device, dtype=dtype) for t in rope_tables(positions=seq, head_dim=d, theta=10000.0))
     q, k = rand(bq, heads, seq, d), rand(bq, heads, seq, d)
-    cases.append(Case("rope", f"q,k [{bq}, {heads}, {seq}, {d}]", [q, k],
-                      (rand(bq, heads, seq, d, grad=False), rand(bq, heads, seq, d, grad=False)),
-                      lambda q, k: reference.apply_rope(q, k, cos, sin),
-                      lambda q, k: kernels.apply_rope(q, k, cos, sin), 2 * 4 * q.numel() * elt))
+    cases.append(
+        Case(
+            "rope",
+            f"q,k [{bq}, {heads}, {seq}, {d}]",
+            [q, k],
+            (rand(bq, heads, seq, d, grad=False), rand(bq, heads, seq, d, grad=False)),
+            lambda q, k: reference.apply_rope(q, k, cos, sin),
+            lambda q, k: kernels.apply_rope(q, k, cos, sin),
+            2 * 4 * q.numel() * elt,
+        )
+    )
     v = s["vocab"]
     logits = rand(tokens, v, scale=3.0)
     labels = torch.randint(0, v - 7, (tokens,), device=device)
     labels[::13] = -100
-    cases.append(Case("cross_entropy", f"[{tokens}, {v}] (7 padding)", [logits],
-                      torch.rand(tokens, device=device) + 0.5,
-                      lambda x: reference.cross_entropy(x, labels, vocab_size=v - 7),
-                      lambda x: kernels.cross_entropy(x, labels, vocab_size=v - 7), 3 * tokens * v * elt))
+    cases.append(
+        Case(
+            "cross_entropy",
+            f"[{tokens}, {v}] (7 padding)",
+            [logits],
+            torch.rand(tokens, device=device) + 0.5,
+            lambda x: reference.cross_entropy(x, labels, vocab_size=v - 7),
+            lambda x: kernels.cross_entropy(x, labels, vocab_size=v - 7),
+            3 * tokens * v * elt,
+        )
+    )
     return cases
 
 
@@ -139,15 +178,14 @@ def bench_case(case: Case, device: str) -> dict:
     return row
 
 
-def fmt(ms: Optional[float]) -> str:
+def fmt(ms: float | None) -> str:
     return "n/a" if ms is None else f"{ms:.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
-                        help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--only", nargs="*", help="kernel names to run (default: all)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -175,12 +213,16 @@ def main() -> None:
         ratio = r["eager"] / best if best else float("nan")
         fastest = min([r["eager"], *ours])
         gbps = r["min_bytes"] / (fastest * 1e-3) / 1e9
-        print(f"| {r['name']} | {r['shape']} | {fmt(r['eager'])} | {fmt(r['compiled'])} | {fmt(r['triton'])} | "
-              f"{gbps:.1f} ({r['min_bytes'] / 1e6:.0f} MB) | {ratio:.2f} |")
+        print(
+            f"| {r['name']} | {r['shape']} | {fmt(r['eager'])} | {fmt(r['compiled'])} | {fmt(r['triton'])} | "
+            f"{gbps:.1f} ({r['min_bytes'] / 1e6:.0f} MB) | {ratio:.2f} |"
+        )
         if "compile_error" in r:
             print(f"  torch.compile failed for {r['name']}: {r['compile_error']}")
-        results.append(f"RESULT kernels_{r['name']} eager_ms={r['eager']:.4f} compiled_ms={fmt(r['compiled'])} "
-                       f"triton_ms={fmt(r['triton'])} device={args.device} dtype={dtype_name} ratio={ratio:.3f}")
+        results.append(
+            f"RESULT kernels_{r['name']} eager_ms={r['eager']:.4f} compiled_ms={fmt(r['compiled'])} "
+            f"triton_ms={fmt(r['triton'])} device={args.device} dtype={dtype_name} ratio={ratio:.3f}"
+        )
     print("\n" + "\n".join(results))
 
 

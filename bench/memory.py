@@ -45,22 +45,30 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from parallel_harness import free_port  # noqa: E402
+from parallel_harness import free_port
 
-MODEL = {"flavour": "gpt2", "num_layers": 12, "hidden_size": 768, "num_heads": 12, "vocab_size": 16000,
-         "seq_length": 64}
+MODEL = {
+    "flavour": "gpt2",
+    "num_layers": 12,
+    "hidden_size": 768,
+    "num_heads": 12,
+    "vocab_size": 16000,
+    "seq_length": 64,
+}
 
 
 def _config(stage: int, dp: int):
     from pretrain.config import config_from_dict
 
-    return config_from_dict({
-        "model": MODEL,
-        "train": {"micro_batch_size": 1, "global_batch_size": 2 * dp, "precision": "bf16", "steps": 2, "seed": 1},
-        "optimizer": {"lr": 1e-4, "clip_grad": 1.0},
-        # persistence 0: ZeRO-3 shards every weight, as the accounting assumes
-        "parallel": {"zero_stage": stage, "zero3_persistence_threshold": 0, "bucket_mb": 25},
-    })
+    return config_from_dict(
+        {
+            "model": MODEL,
+            "train": {"micro_batch_size": 1, "global_batch_size": 2 * dp, "precision": "bf16", "steps": 2, "seed": 1},
+            "optimizer": {"lr": 1e-4, "clip_grad": 1.0},
+            # persistence 0: ZeRO-3 shards every weight, as the accounting assumes
+            "parallel": {"zero_stage": stage, "zero3_persistence_threshold": 0, "bucket_mb": 25},
+        }
+    )
 
 
 def _batches(config, dp_rank: int):
@@ -95,43 +103,57 @@ def _measure(stage: int, dp: int) -> dict:
     trainer.step(1)  # Adam's moments are allocated by the first step
 
     zero = trainer.zero
-    forward_backward(chunks=trainer.schedule_chunks, topo=topo, batches=trainer.batches,
-                     micro_batches=trainer.accum, autocast=trainer.autocast, hidden_shape=trainer.hidden_shape,
-                     on_last_backward=zero.on_last_backward if zero else trainer.grad_sync.enable)
+    forward_backward(
+        chunks=trainer.schedule_chunks,
+        topo=topo,
+        batches=trainer.batches,
+        micro_batches=trainer.accum,
+        autocast=trainer.autocast,
+        hidden_shape=trainer.hidden_shape,
+        on_last_backward=zero.on_last_backward if zero else trainer.grad_sync.enable,
+    )
     comm = 0
     if zero is None:
         grads = _unique_bytes(p.grad for p in trainer.params)
         comm = _unique_bytes(b.buffer for b in trainer.grad_sync.buckets)
         trainer._step(1e-4)
         weights = _unique_bytes(trainer.params)
-        optimizer = _unique_bytes(t for s in trainer.optimizer.state.values() for t in s.values()
-                                  if torch.is_tensor(t) and t.numel() > 1)
+        optimizer = _unique_bytes(
+            t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1
+        )
     else:
         grads = zero.gradient_bytes()
         zero.finish_gradients()
         grads = max(grads, zero.gradient_bytes())
         zero.step(1e-4)
         weights, optimizer = zero.weight_bytes(), zero.optimizer_state_bytes()
-    return {"rank": topo.rank, "params": trainer.num_params, "weights": weights, "grads": grads,
-            "optimizer": optimizer, "comm": comm,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {
+        "rank": topo.rank,
+        "params": trainer.num_params,
+        "weights": weights,
+        "grads": grads,
+        "optimizer": optimizer,
+        "comm": comm,
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 def _worker(rank: int, world: int, port: int, stage: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     result = _measure(stage, world)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     import torch.distributed as dist
+
     dist.barrier()
     dist.destroy_process_group()
 
 
-
 def theory(stage: int, dp: int, params: int) -> dict:
     """Bytes per rank in the ZeRO paper's mixed-precision accounting."""
-    shard = lambda n, from_stage: n / dp if stage >= from_stage else n  # noqa: E731
+    shard = lambda n, from_stage: n / dp if stage >= from_stage else n
     return {"weights": shard(2 * params, 3), "grads": shard(2 * params, 2), "optimizer": shard(12 * params, 1)}
 
 
@@ -151,24 +173,30 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     args = parser.parse_args()
     rows = [run(stage, dp) for dp in args.dp for stage in args.stages]
-    mb = lambda n: n / 2**20  # noqa: E731
+    mb = lambda n: n / 2**20
     params = rows[0]["params"]
-    print(f"\nmodel: gpt2 flavour, {MODEL['num_layers']} layers, hidden {MODEL['hidden_size']}, vocab "
-          f"{MODEL['vocab_size']}: {params / 1e6:.1f}M parameters; bf16; per-rank MiB (largest rank), "
-          f"measured / theory")
+    print(
+        f"\nmodel: gpt2 flavour, {MODEL['num_layers']} layers, hidden {MODEL['hidden_size']}, vocab "
+        f"{MODEL['vocab_size']}: {params / 1e6:.1f}M parameters; bf16; per-rank MiB (largest rank), "
+        f"measured / theory"
+    )
     print("| stage | DP | weights | gradients | optimizer state | total | theory total | comm buffers | peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["theory"]
         total, ideal = r["weights"] + r["grads"] + r["optimizer"], sum(t.values())
-        print(f"| {r['stage']} | {r['dp']} | {mb(r['weights']):.0f} / {mb(t['weights']):.0f} | "
-              f"{mb(r['grads']):.0f} / {mb(t['grads']):.0f} | {mb(r['optimizer']):.0f} / {mb(t['optimizer']):.0f} | "
-              f"{mb(total):.0f} | {mb(ideal):.0f} | {mb(r['comm']):.0f} | {mb(r['peak_rss']):.0f} |")
+        print(
+            f"| {r['stage']} | {r['dp']} | {mb(r['weights']):.0f} / {mb(t['weights']):.0f} | "
+            f"{mb(r['grads']):.0f} / {mb(t['grads']):.0f} | {mb(r['optimizer']):.0f} / {mb(t['optimizer']):.0f} | "
+            f"{mb(total):.0f} | {mb(ideal):.0f} | {mb(r['comm']):.0f} | {mb(r['peak_rss']):.0f} |"
+        )
     for r in rows:
         total, ideal = r["weights"] + r["grads"] + r["optimizer"], sum(r["theory"].values())
-        print(f"RESULT memory_zero{r['stage']}_dp{r['dp']} weights_mb={mb(r['weights']):.1f} "
-              f"grads_mb={mb(r['grads']):.1f} optimizer_mb={mb(r['optimizer']):.1f} total_mb={mb(total):.1f} "
-              f"theory_mb={mb(ideal):.1f} ratio={ideal / total:.3f}")
+        print(
+            f"RESULT memory_zero{r['stage']}_dp{r['dp']} weights_mb={mb(r['weights']):.1f} "
+            f"grads_mb={mb(r['grads']):.1f} optimizer_mb={mb(r['optimizer']):.1f} total_mb={mb(total):.1f} "
+            f"theory_mb={mb(ideal):.1f} ratio={ideal / total:.3f}"
+        )
 
 
 if __name__ == "__main__":

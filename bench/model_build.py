@@ -42,9 +42,18 @@ def _status_kb(field: str) -> int:
 def _model_config(args):
     from pretrain.config import config_from_dict
 
-    return config_from_dict({"model": {"flavour": "llama", "num_layers": args.layers, "hidden_size": args.hidden,
-                                       "num_heads": args.hidden // 128 or 1, "vocab_size": args.vocab,
-                                       "seq_length": 2048}}).model
+    return config_from_dict(
+        {
+            "model": {
+                "flavour": "llama",
+                "num_layers": args.layers,
+                "hidden_size": args.hidden,
+                "num_heads": args.hidden // 128 or 1,
+                "vocab_size": args.vocab,
+                "seq_length": 2048,
+            }
+        }
+    ).model
 
 
 def child(args) -> dict:
@@ -66,8 +75,13 @@ def child(args) -> dict:
     seconds = time.perf_counter() - start
     peak = _status_kb("VmHWM")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"variant": args.variant, "params": model.num_parameters(), "weights_gb": weights / 1e9,
-            "peak_gb": (peak - before) * 1024 / 1e9, "seconds": seconds}
+    return {
+        "variant": args.variant,
+        "params": model.num_parameters(),
+        "weights_gb": weights / 1e9,
+        "peak_gb": (peak - before) * 1024 / 1e9,
+        "seconds": seconds,
+    }
 
 
 def meta_sizes(config_path: str, tp: int) -> dict:
@@ -84,8 +98,12 @@ def meta_sizes(config_path: str, tp: int) -> dict:
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
     largest_full = max(p.numel() * (tp if getattr(p, "tp_spec", None) else 1) for p in params)
-    return {"params_per_rank_b": n / 1e9, "fp32_gb": 4 * n / 1e9, "bf16_gb": 2 * n / 1e9,
-            "largest_param_full_fp32_gb": 4 * largest_full / 1e9}
+    return {
+        "params_per_rank_b": n / 1e9,
+        "fp32_gb": 4 * n / 1e9,
+        "bf16_gb": 2 * n / 1e9,
+        "largest_param_full_fp32_gb": 4 * largest_full / 1e9,
+    }
 
 
 def main() -> None:
@@ -100,26 +118,47 @@ def main() -> None:
     if args.meta:
         sizes = meta_sizes(args.meta, args.tp)
         print(json.dumps(sizes))
-        print(f"RESULT model_build_meta params_per_rank_b={sizes['params_per_rank_b']:.3f} "
-              f"old_transient_fp32_gb={sizes['fp32_gb']:.2f} "
-              f"new_transient_gb={sizes['largest_param_full_fp32_gb']:.2f} "
-              f"ratio={sizes['fp32_gb'] / sizes['largest_param_full_fp32_gb']:.2f}")
+        print(
+            f"RESULT model_build_meta params_per_rank_b={sizes['params_per_rank_b']:.3f} "
+            f"old_transient_fp32_gb={sizes['fp32_gb']:.2f} "
+            f"new_transient_gb={sizes['largest_param_full_fp32_gb']:.2f} "
+            f"ratio={sizes['fp32_gb'] / sizes['largest_param_full_fp32_gb']:.2f}"
+        )
         return
     if args.variant:
         print(json.dumps(child(args)))
         return
     rows = {}
     for variant in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--variant", variant, "--layers", str(args.layers),
-                              "--hidden", str(args.hidden), "--vocab", str(args.vocab)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--variant",
+                variant,
+                "--layers",
+                str(args.layers),
+                "--hidden",
+                str(args.hidden),
+                "--vocab",
+                str(args.vocab),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         rows[variant] = json.loads(out.strip().splitlines()[-1])
         r = rows[variant]
-        print(f"{variant:9s} params {r['params'] / 1e6:8.1f}M  final weights {r['weights_gb']:6.2f} GB  "
-              f"peak {r['peak_gb']:6.2f} GB  {r['seconds']:6.1f} s", flush=True)
-    print(f"RESULT model_build params_m={rows['new_bf16']['params'] / 1e6:.1f} "
-          + " ".join(f"{v}_peak_gb={rows[v]['peak_gb']:.2f}" for v in VARIANTS)
-          + f" ratio={rows['old_bf16']['peak_gb'] / rows['new_bf16']['peak_gb']:.2f}")
+        print(
+            f"{variant:9s} params {r['params'] / 1e6:8.1f}M  final weights {r['weights_gb']:6.2f} GB  "
+            f"peak {r['peak_gb']:6.2f} GB  {r['seconds']:6.1f} s",
+            flush=True,
+        )
+    print(
+        f"RESULT model_build params_m={rows['new_bf16']['params'] / 1e6:.1f} "
+        + " ".join(f"{v}_peak_gb={rows[v]['peak_gb']:.2f}" for v in VARIANTS)
+        + f" ratio={rows['old_bf16']['peak_gb'] / rows['new_bf16']['peak_gb']:.2f}"
+    )
 
 
 if __name__ == "__main__":

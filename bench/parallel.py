@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-
 from parallel_harness import build_trainer, free_port  # noqa: E402
+
 from pretrain.config import config_from_dict  # noqa: E402
 from pretrain.parallel.nccl_rules import CommRecorder  # noqa: E402
 
@@ -59,10 +59,14 @@ LAYOUTS = {
     "tp2_pp2_dp2": (["parallel.tensor=2", "parallel.pipeline=2"], 8),
 }
 
+
 def comm_seconds(events) -> dict[str, float]:
     """Wall time inside communication calls and waits, by kind (one step's CommRecorder events)."""
-    kinds = {e.unit: "p2p" if any(op.kind != "collective" for op in e.ops) else "collective"
-             for e in events if e.kind == "post"}
+    kinds = {
+        e.unit: "p2p" if any(op.kind != "collective" for op in e.ops) else "collective"
+        for e in events
+        if e.kind == "post"
+    }
     seconds = {"collective": 0.0, "p2p": 0.0}
     for e in events:
         if e.kind in ("post", "wait") and e.unit in kinds:
@@ -72,11 +76,22 @@ def comm_seconds(events) -> dict[str, float]:
 
 def make_config(args, overrides: list[str], *, steps: int):
     base = {
-        "model": {"flavour": "llama", "num_layers": args.layers, "hidden_size": args.hidden,
-                  "num_heads": args.heads, "num_kv_heads": args.kv_heads, "vocab_size": args.vocab,
-                  "seq_length": args.seq},
-        "train": {"micro_batch_size": args.micro, "global_batch_size": args.global_batch, "seed": 7,
-                  "steps": steps, "device": "cpu"},
+        "model": {
+            "flavour": "llama",
+            "num_layers": args.layers,
+            "hidden_size": args.hidden,
+            "num_heads": args.heads,
+            "num_kv_heads": args.kv_heads,
+            "vocab_size": args.vocab,
+            "seq_length": args.seq,
+        },
+        "train": {
+            "micro_batch_size": args.micro,
+            "global_batch_size": args.global_batch,
+            "seed": 7,
+            "steps": steps,
+            "device": "cpu",
+        },
         "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "clip_grad": 1.0},
         "schedule": {"warmup_steps": 1},
     }
@@ -84,8 +99,9 @@ def make_config(args, overrides: list[str], *, steps: int):
 
 
 def _rank(rank: int, world: int, port: int, args, overrides: list[str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     steps = args.warmup + args.steps
     config = make_config(args, overrides, steps=steps)
@@ -103,8 +119,12 @@ def _rank(rank: int, world: int, port: int, args, overrides: list[str], out: str
         elapsed = time.perf_counter() - start
         calls = sum(e.kind == "post" for e in recorder.events)
         records.append({"step_s": elapsed, "comm_s": comm_seconds(recorder.events), "calls": calls, "loss": loss})
-    result = {"rank": topo.rank, "logging": topo.is_logging_rank, "steps": records[args.warmup:],
-              "first_loss": records[0]["loss"]}
+    result = {
+        "rank": topo.rank,
+        "logging": topo.is_logging_rank,
+        "steps": records[args.warmup :],
+        "first_loss": records[0]["loss"],
+    }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     if world > 1:
         dist.destroy_process_group()
@@ -145,11 +165,21 @@ def run_layout(args, name: str) -> dict:
     p2p = [statistics.mean(s["comm_s"]["p2p"] / s["step_s"] for s in r["steps"]) for r in ranks]
     tokens = args.global_batch * args.seq
     (logging,) = [r for r in ranks if r["logging"]]
-    return {"layout": name, "world": world, "step_s": step_s, "tokens_per_s": tokens / step_s,
-            "tokens_per_s_per_rank": tokens / step_s / world, "comm_share": statistics.mean(shares),
-            "comm_share_min": min(shares), "comm_share_max": max(shares), "p2p_share": statistics.mean(p2p),
-            "calls_per_step": statistics.mean(r["steps"][-1]["calls"] for r in ranks),
-            "first_loss": logging["first_loss"], "wall_s": wall, "foreign_cores": foreign}
+    return {
+        "layout": name,
+        "world": world,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "tokens_per_s_per_rank": tokens / step_s / world,
+        "comm_share": statistics.mean(shares),
+        "comm_share_min": min(shares),
+        "comm_share_max": max(shares),
+        "p2p_share": statistics.mean(p2p),
+        "calls_per_step": statistics.mean(r["steps"][-1]["calls"] for r in ranks),
+        "first_loss": logging["first_loss"],
+        "wall_s": wall,
+        "foreign_cores": foreign,
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -175,9 +205,11 @@ def main(argv=None) -> None:
         args.layouts = ["single"] + args.layouts  # the baseline of every ratio
     cores = os.cpu_count() or 1
     print(f"torch {torch.__version__}, {cores} CPU cores, gloo; 1 thread per rank (torch.set_num_threads(1))")
-    print(f"model: llama, {args.layers} layers, hidden {args.hidden}, heads {args.heads} (kv {args.kv_heads}), "
-          f"vocab {args.vocab}, seq {args.seq}; global batch {args.global_batch} x micro {args.micro}, fp32, "
-          f"AdamW; {args.warmup} warm-up + {args.steps} timed steps")
+    print(
+        f"model: llama, {args.layers} layers, hidden {args.hidden}, heads {args.heads} (kv {args.kv_heads}), "
+        f"vocab {args.vocab}, seq {args.seq}; global batch {args.global_batch} x micro {args.micro}, fp32, "
+        f"AdamW; {args.warmup} warm-up + {args.steps} timed steps"
+    )
     print("load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     # Passes over all layouts; per layout the run with the fastest step is kept (others' jobs on
     # a shared machine only ever slow a run down).
@@ -185,38 +217,51 @@ def main(argv=None) -> None:
     for rep in range(args.repeat):
         for name in args.layouts:
             r = run_layout(args, name)
-            print(f"  pass {rep + 1} {name}: {r['step_s']:.3f} s/step, comm {r['comm_share']:.1%}, "
-                  f"{r['wall_s']:.0f} s wall, other load {r['foreign_cores']:.2f} cores", flush=True)
+            print(
+                f"  pass {rep + 1} {name}: {r['step_s']:.3f} s/step, comm {r['comm_share']:.1%}, "
+                f"{r['wall_s']:.0f} s wall, other load {r['foreign_cores']:.2f} cores",
+                flush=True,
+            )
             if name not in best or r["step_s"] < best[name]["step_s"]:
                 best[name] = r
     results = [best[name] for name in args.layouts]
     base = results[0]["tokens_per_s"]
 
-    print(f"\n{'layout':<13}{'ranks':>6}{'step s':>8}{'tok/s':>8}{'tok/s/rank':>11}{'per rank':>9}"
-          f"{'per core':>9}{'comm':>7}{'(p2p)':>7}{'min-max':>13}{'loss@1':>9}{'other':>7}")
+    print(
+        f"\n{'layout':<13}{'ranks':>6}{'step s':>8}{'tok/s':>8}{'tok/s/rank':>11}{'per rank':>9}"
+        f"{'per core':>9}{'comm':>7}{'(p2p)':>7}{'min-max':>13}{'loss@1':>9}{'other':>7}"
+    )
     for r in results:
         r["ratio"] = r["tokens_per_s_per_rank"] / base
         # With more ranks than cores, per-rank figures also count time spent descheduled.
         r["per_core"] = r["tokens_per_s"] / min(r["world"], cores) / base
         over = " *" if r["world"] > cores else ""
-        print(f"{r['layout'] + over:<13}{r['world']:>6}{r['step_s']:>8.3f}{r['tokens_per_s']:>8.0f}"
-              f"{r['tokens_per_s_per_rank']:>11.0f}{r['ratio']:>9.3f}{r['per_core']:>9.3f}"
-              f"{r['comm_share']:>7.1%}{r['p2p_share']:>7.1%}"
-              f"{r['comm_share_min']:>6.0%}-{r['comm_share_max']:<6.0%}{r['first_loss']:>9.5f}"
-              f"{r['foreign_cores']:>7.2f}")
+        print(
+            f"{r['layout'] + over:<13}{r['world']:>6}{r['step_s']:>8.3f}{r['tokens_per_s']:>8.0f}"
+            f"{r['tokens_per_s_per_rank']:>11.0f}{r['ratio']:>9.3f}{r['per_core']:>9.3f}"
+            f"{r['comm_share']:>7.1%}{r['p2p_share']:>7.1%}"
+            f"{r['comm_share_min']:>6.0%}-{r['comm_share_max']:<6.0%}{r['first_loss']:>9.5f}"
+            f"{r['foreign_cores']:>7.2f}"
+        )
     if any(r["world"] > cores for r in results):
-        print(f"* more ranks than the {cores} cores: ranks time-share cores (oversubscribed); their "
-              f"per-rank throughput and comm share include waiting to be scheduled")
-    print("per rank = (tok/s / ranks) / single tok/s; per core = tok/s / min(ranks, cores) / single tok/s; "
-          "comm = share of step time inside torch.distributed calls (mean over ranks; p2p part; min-max over "
-          "ranks); loss@1 = first-step loss (equal across layouts: same model, same data); other = CPU "
-          "cores busy with other processes during the kept run")
+        print(
+            f"* more ranks than the {cores} cores: ranks time-share cores (oversubscribed); their "
+            f"per-rank throughput and comm share include waiting to be scheduled"
+        )
+    print(
+        "per rank = (tok/s / ranks) / single tok/s; per core = tok/s / min(ranks, cores) / single tok/s; "
+        "comm = share of step time inside torch.distributed calls (mean over ranks; p2p part; min-max over "
+        "ranks); loss@1 = first-step loss (equal across layouts: same model, same data); other = CPU "
+        "cores busy with other processes during the kept run"
+    )
     print("load average at end (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print()
     for r in results:
-        print(f"RESULT parallel_{r['layout']} tokens_per_s_per_rank={r['tokens_per_s_per_rank']:.1f} "
-              f"step_s={r['step_s']:.4f} comm_share={r['comm_share']:.4f} ranks={r['world']} "
-              f"ratio={r['ratio']:.3f}")
+        print(
+            f"RESULT parallel_{r['layout']} tokens_per_s_per_rank={r['tokens_per_s_per_rank']:.1f} "
+            f"step_s={r['step_s']:.4f} comm_share={r['comm_share']:.4f} ranks={r['world']} "
+            f"ratio={r['ratio']:.3f}"
+        )
 
 
 if __name__ == "__main__":

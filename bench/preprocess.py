@@ -127,8 +127,19 @@ def prepare(workdir: str, max_bytes: int | None) -> tuple[list[str], str]:
     if not os.path.exists(small):
         small_documents(corpus, small, 1000)
     if not os.path.exists(tokenizer):
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", corpus,
-                        "--output", tokenizer[: -len(".model")], "--vocab-size", "8000"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "tools", "train_tokenizer.py"),
+                "--input",
+                corpus,
+                "--output",
+                tokenizer[: -len(".model")],
+                "--vocab-size",
+                "8000",
+            ],
+            check=True,
+        )
     return [corpus, small], tokenizer
 
 
@@ -142,9 +153,25 @@ def measure(corpus: str, tokenizer: str, workers: int, repeat: int, workdir: str
     times: dict[str, list[float]] = {"ours": [], "megatron": [], "megatron_after_imports": [], "bare": []}
     for _ in range(repeat):  # interleaved, so that a busy moment hurts all alike
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus,
-                        "--output-prefix", ours_prefix, "--tokenizer", tokenizer, "--json-keys", "text",
-                        "--append-eod", "--workers", str(workers)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "tools", "preprocess_data.py"),
+                "--input",
+                corpus,
+                "--output-prefix",
+                ours_prefix,
+                "--tokenizer",
+                tokenizer,
+                "--json-keys",
+                "text",
+                "--append-eod",
+                "--workers",
+                str(workers),
+            ],
+            check=True,
+            capture_output=True,
+        )
         times["ours"].append(time.perf_counter() - t0)
         whole, inner = child("--run", "megatron", "--prefix", theirs_prefix, *common)
         times["megatron"].append(whole)
@@ -177,28 +204,39 @@ def main() -> int:
 
     os.makedirs(args.workdir, exist_ok=True)
     corpora, tokenizer = prepare(args.workdir, args.max_bytes)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
-          f"tokenizer: sentencepiece BPE 8000; workers: {args.workers}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
+        f"tokenizer: sentencepiece BPE 8000; workers: {args.workers}"
+    )
     results = []
     for corpus in corpora:
         r = measure(corpus, tokenizer, args.workers, args.repeat, args.workdir)
         results.append(r)
-        print(f"\n{os.path.basename(corpus)}: {r['docs']} documents, {r['mb']:.1f} MB of text "
-              f"(load average now {os.getloadavg()[0]:.2f})")
-        for name, label in (("ours", "ours (whole command)"), ("megatron", "Megatron-style (whole command)"),
-                            ("megatron_after_imports", "Megatron-style (after imports)"),
-                            ("bare", "bare tokenizer (encode only)")):
+        print(
+            f"\n{os.path.basename(corpus)}: {r['docs']} documents, {r['mb']:.1f} MB of text "
+            f"(load average now {os.getloadavg()[0]:.2f})"
+        )
+        for name, label in (
+            ("ours", "ours (whole command)"),
+            ("megatron", "Megatron-style (whole command)"),
+            ("megatron_after_imports", "Megatron-style (after imports)"),
+            ("bare", "bare tokenizer (encode only)"),
+        ):
             runs = ", ".join(f"{t:.2f}" for t in r["times"][name])
             print(f"  {label:32s} best {r['best'][name]:6.2f} s  {r['rate'][name]:6.2f} MB/s   runs: {runs}")
-        print(f"  ours / bare {r['rate']['ours'] / r['rate']['bare']:.2f}, ours / Megatron-style "
-              f"{r['rate']['ours'] / r['rate']['megatron']:.2f} (whole commands), "
-              f"{r['rate']['ours'] / r['rate']['megatron_after_imports']:.2f} (its imports excluded)")
+        print(
+            f"  ours / bare {r['rate']['ours'] / r['rate']['bare']:.2f}, ours / Megatron-style "
+            f"{r['rate']['ours'] / r['rate']['megatron']:.2f} (whole commands), "
+            f"{r['rate']['ours'] / r['rate']['megatron_after_imports']:.2f} (its imports excluded)"
+        )
     files, small = results
     of_bare = min(r["rate"]["ours"] / r["rate"]["bare"] for r in results)
     ratio = min(r["rate"]["ours"] / r["rate"]["megatron"] for r in results)
-    print(f"RESULT preprocess mb_per_s={files['rate']['ours']:.2f} megatron_mb_per_s={files['rate']['megatron']:.2f} "
-          f"bare_mb_per_s={files['rate']['bare']:.2f} small_docs_mb_per_s={small['rate']['ours']:.2f} "
-          f"small_docs_megatron_mb_per_s={small['rate']['megatron']:.2f} of_bare={of_bare:.2f} ratio={ratio:.2f}")
+    print(
+        f"RESULT preprocess mb_per_s={files['rate']['ours']:.2f} megatron_mb_per_s={files['rate']['megatron']:.2f} "
+        f"bare_mb_per_s={files['rate']['bare']:.2f} small_docs_mb_per_s={small['rate']['ours']:.2f} "
+        f"small_docs_megatron_mb_per_s={small['rate']['megatron']:.2f} of_bare={of_bare:.2f} ratio={ratio:.2f}"
+    )
     return 0
 
 

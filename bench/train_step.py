@@ -28,11 +28,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from pretrain.config import ModelConfig, config_from_dict  # noqa: E402
-from pretrain.metrics import measure_peak_tflops, training_flops  # noqa: E402
-from pretrain.models.gpt import GPT  # noqa: E402
+from pretrain.config import ModelConfig, config_from_dict
+from pretrain.metrics import measure_peak_tflops, training_flops
+from pretrain.models.gpt import GPT
 
 DEFAULT_VOCAB = {"llama": 32000, "gpt2": 50257}
 
@@ -40,28 +40,42 @@ DEFAULT_VOCAB = {"llama": 32000, "gpt2": 50257}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--flavour", choices=["llama", "gpt2", "both"], default="both")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: both models run under torch.autocast(bfloat16), fp32 weights")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: both models run under torch.autocast(bfloat16), fp32 weights",
+    )
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=None, help="llama only; default --heads")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4, help="micro-batch (sequences per step)")
-    p.add_argument("--vocab", type=int, default=None,
-                   help="tokenizer vocabulary; default 32000 (llama) / 50257 (gpt2)")
+    p.add_argument("--vocab", type=int, default=None, help="tokenizer vocabulary; default 32000 (llama) / 50257 (gpt2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per model")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
-    p.add_argument("--optimizer", choices=["fused", "foreach", "for-loop"], default="fused",
-                   help="torch.optim.AdamW implementation, the same for both models")
-    p.add_argument("--retain-memory", action="store_true",
-                   help="pin glibc malloc so freed memory is kept and reused (no mmap/munmap and "
-                        "page-fault churn for large tensors): compares compute alone")
+    p.add_argument(
+        "--optimizer",
+        choices=["fused", "foreach", "for-loop"],
+        default="fused",
+        help="torch.optim.AdamW implementation, the same for both models",
+    )
+    p.add_argument(
+        "--retain-memory",
+        action="store_true",
+        help="pin glibc malloc so freed memory is kept and reused (no mmap/munmap and "
+        "page-fault churn for large tensors): compares compute alone",
+    )
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--compile", action="store_true",
-                   help="ours with model.compile=true (torch.compile of each block); the peer stays eager")
-    p.add_argument("--compile-peer", action="store_true",
-                   help="also torch.compile the peer's decoder layers (both compiled)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="ours with model.compile=true (torch.compile of each block); the peer stays eager",
+    )
+    p.add_argument(
+        "--compile-peer", action="store_true", help="also torch.compile the peer's decoder layers (both compiled)"
+    )
     return p.parse_args(argv)
 
 
@@ -100,22 +114,42 @@ def build_peer(mc: ModelConfig) -> torch.nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         cfg = LlamaConfig(
-            vocab_size=mc.vocab_rows, hidden_size=mc.hidden_size, intermediate_size=mc.ffn_size,
-            num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads,
-            num_key_value_heads=mc.kv_heads, head_dim=mc.head_dim,
-            max_position_embeddings=mc.positions, rms_norm_eps=mc.norm_eps,
+            vocab_size=mc.vocab_rows,
+            hidden_size=mc.hidden_size,
+            intermediate_size=mc.ffn_size,
+            num_hidden_layers=mc.num_layers,
+            num_attention_heads=mc.num_heads,
+            num_key_value_heads=mc.kv_heads,
+            head_dim=mc.head_dim,
+            max_position_embeddings=mc.positions,
+            rms_norm_eps=mc.norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": mc.rope_theta},
-            tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-            attention_dropout=0.0, use_cache=False, attn_implementation="sdpa")
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            attention_dropout=0.0,
+            use_cache=False,
+            attn_implementation="sdpa",
+        )
         return LlamaForCausalLM(cfg)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     # activation_function stays GPT-2's own default ("gelu_new", the tanh GeLU we also use).
     cfg = GPT2Config(
-        vocab_size=mc.vocab_rows, n_positions=mc.positions, n_embd=mc.hidden_size,
-        n_layer=mc.num_layers, n_head=mc.num_heads, n_inner=mc.ffn_size,
-        layer_norm_epsilon=mc.norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        tie_word_embeddings=True, use_cache=False, attn_implementation="sdpa")
+        vocab_size=mc.vocab_rows,
+        n_positions=mc.positions,
+        n_embd=mc.hidden_size,
+        n_layer=mc.num_layers,
+        n_head=mc.num_heads,
+        n_inner=mc.ffn_size,
+        layer_norm_epsilon=mc.norm_eps,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
     return GPT2LMHeadModel(cfg)
 
 
@@ -125,8 +159,7 @@ def num_params(model: torch.nn.Module) -> int:
 
 def make_optimizer(model: torch.nn.Module, impl: str) -> torch.optim.Optimizer:
     kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8,
-                             weight_decay=0.1, **kind)
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kind)
 
 
 def bench_flavour(args: argparse.Namespace, flavour: str, peak: float) -> dict:
@@ -139,20 +172,25 @@ def bench_flavour(args: argparse.Namespace, flavour: str, peak: float) -> dict:
         for layer in layers:
             layer.compile()
     n_ours, n_peer = num_params(ours), num_params(peer)
-    print(f"\n[{flavour}] hidden {mc.hidden_size}, layers {mc.num_layers}, heads {mc.num_heads}, "
-          f"kv heads {mc.kv_heads}, ffn {mc.ffn_size}, vocab rows {mc.vocab_rows}, seq {args.seq}, "
-          f"batch {args.batch}")
+    print(
+        f"\n[{flavour}] hidden {mc.hidden_size}, layers {mc.num_layers}, heads {mc.num_heads}, "
+        f"kv heads {mc.kv_heads}, ffn {mc.ffn_size}, vocab rows {mc.vocab_rows}, seq {args.seq}, "
+        f"batch {args.batch}"
+    )
     print(f"[{flavour}] parameters: ours {n_ours:,}  peer {n_peer:,}")
     if n_ours != n_peer:
-        raise SystemExit(f"[{flavour}] parameter counts differ ({n_ours} vs {n_peer}): the shapes "
-                         "do not match, the comparison would not be fair")
+        raise SystemExit(
+            f"[{flavour}] parameter counts differ ({n_ours} vs {n_peer}): the shapes "
+            "do not match, the comparison would not be fair"
+        )
 
     g = torch.Generator().manual_seed(args.seed)
     data = torch.randint(0, mc.vocab_size, (args.batch, args.seq + 1), generator=g)
     inputs, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16" \
-        else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.precision == "bf16" else contextlib.nullcontext
+    )
 
     # Each side gets the same next-token objective, in its own idiom: ours takes shifted labels,
     # transformers takes labels == input_ids and shifts inside (with one ignored label per row,
@@ -163,8 +201,10 @@ def bench_flavour(args: argparse.Namespace, flavour: str, peak: float) -> dict:
     def peer_loss():
         return peer(input_ids=inputs, labels=inputs).loss
 
-    sides = {"ours": (ours, make_optimizer(ours, args.optimizer), ours_loss),
-             "peer": (peer, make_optimizer(peer, args.optimizer), peer_loss)}
+    sides = {
+        "ours": (ours, make_optimizer(ours, args.optimizer), ours_loss),
+        "peer": (peer, make_optimizer(peer, args.optimizer), peer_loss),
+    }
 
     def step(name: str) -> tuple[float, float]:
         model, opt, loss_fn = sides[name]
@@ -177,7 +217,7 @@ def bench_flavour(args: argparse.Namespace, flavour: str, peak: float) -> dict:
         return time.perf_counter() - start, loss.item()
 
     first = {}
-    for i in range(args.warmup):
+    for _ in range(args.warmup):
         for name in sides:
             _, loss = step(name)
             first.setdefault(name, loss)
@@ -196,11 +236,15 @@ def bench_flavour(args: argparse.Namespace, flavour: str, peak: float) -> dict:
     out = {"flavour": flavour, "flops": flops, "params": n_ours}
     for name, ts in times.items():
         med = statistics.median(ts)
-        out[name] = {"median_s": med, "min_s": min(ts), "max_s": max(ts),
-                     "tokens_per_s": tokens / med, "tflops": flops / med / 1e12,
-                     "mfu": flops / med / 1e12 / peak}
+        out[name] = {
+            "median_s": med,
+            "min_s": min(ts),
+            "max_s": max(ts),
+            "tokens_per_s": tokens / med,
+            "tflops": flops / med / 1e12,
+            "mfu": flops / med / 1e12 / peak,
+        }
     out["ratio"] = out["ours"]["tokens_per_s"] / out["peer"]["tokens_per_s"]
-    del ours, peer, sides
     return out
 
 
@@ -214,9 +258,11 @@ def main(argv=None) -> None:
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     peak = measure_peak_tflops(device, dtype)
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"threads {torch.get_num_threads()}, precision {args.precision}, "
-          f"AdamW {args.optimizer}, allocator {'retain (mallopt)' if args.retain_memory else 'default'}")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"threads {torch.get_num_threads()}, precision {args.precision}, "
+        f"AdamW {args.optimizer}, allocator {'retain (mallopt)' if args.retain_memory else 'default'}"
+    )
     print(f"measured peak ({args.precision} matmul 2048^3): {peak * 1e3:.1f} GFLOP/s")
     # Other processes on the machine slow both sides alike (steps interleave) but blur figures.
     print("load average at start (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
@@ -224,23 +270,28 @@ def main(argv=None) -> None:
     flavours = ["llama", "gpt2"] if args.flavour == "both" else [args.flavour]
     results = [bench_flavour(args, f, peak) for f in flavours]
 
-    print(f"\n{'model':<22}{'median s':>10}{'min s':>8}{'max s':>8}{'tokens/s':>11}"
-          f"{'TFLOP/s':>10}{'MFU':>8}")
+    print(f"\n{'model':<22}{'median s':>10}{'min s':>8}{'max s':>8}{'tokens/s':>11}{'TFLOP/s':>10}{'MFU':>8}")
     for r in results:
         for name, label in (("ours", "pretrain GPT"), ("peer", "transformers")):
             m = r[name]
-            print(f"{r['flavour'] + ' ' + label:<22}{m['median_s']:>10.3f}{m['min_s']:>8.3f}"
-                  f"{m['max_s']:>8.3f}{m['tokens_per_s']:>11.1f}{m['tflops']:>10.4f}"
-                  f"{m['mfu']:>8.1%}")
-        print(f"{r['flavour'] + ' ratio ours/peer':<22}{r['ratio']:>10.3f}   "
-              f"(model GFLOP per step {r['flops'] / 1e9:.1f})")
+            print(
+                f"{r['flavour'] + ' ' + label:<22}{m['median_s']:>10.3f}{m['min_s']:>8.3f}"
+                f"{m['max_s']:>8.3f}{m['tokens_per_s']:>11.1f}{m['tflops']:>10.4f}"
+                f"{m['mfu']:>8.1%}"
+            )
+        print(
+            f"{r['flavour'] + ' ratio ours/peer':<22}{r['ratio']:>10.3f}   "
+            f"(model GFLOP per step {r['flops'] / 1e9:.1f})"
+        )
     print("load average at end (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print()
     for r in results:
         o, p = r["ours"], r["peer"]
-        print(f"RESULT train_step_{r['flavour']}_{args.precision}_h{args.hidden} "
-              f"tokens_per_s={o['tokens_per_s']:.1f} peer_tokens_per_s={p['tokens_per_s']:.1f} "
-              f"mfu={o['mfu']:.4f} peer_mfu={p['mfu']:.4f} ratio={r['ratio']:.3f}")
+        print(
+            f"RESULT train_step_{r['flavour']}_{args.precision}_h{args.hidden} "
+            f"tokens_per_s={o['tokens_per_s']:.1f} peer_tokens_per_s={p['tokens_per_s']:.1f} "
+            f"mfu={o['mfu']:.4f} peer_mfu={p['mfu']:.4f} ratio={r['ratio']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-
 from parallel_harness import build_trainer, free_port  # noqa: E402
+
 from pretrain.config import config_from_dict  # noqa: E402
 
 
@@ -71,21 +71,30 @@ def reset_peak() -> int:
 
 
 def make_config(args, directory: str, *, async_save: bool):
-    return config_from_dict({
-        "model": {"flavour": "llama", "num_layers": args.layers, "hidden_size": args.hidden,
-                  "num_heads": args.heads, "num_kv_heads": args.heads, "vocab_size": args.vocab,
-                  "seq_length": args.seq},
-        "train": {"micro_batch_size": 1, "global_batch_size": args.dp, "seed": 7, "steps": 2, "device": "cpu"},
-        "optimizer": {"lr": 1e-4, "min_lr": 1e-5},
-        "schedule": {"warmup_steps": 1},
-        "parallel": {"zero_stage": args.stage},
-        "checkpoint": {"dir": directory, "async_save": async_save},
-    })
+    return config_from_dict(
+        {
+            "model": {
+                "flavour": "llama",
+                "num_layers": args.layers,
+                "hidden_size": args.hidden,
+                "num_heads": args.heads,
+                "num_kv_heads": args.heads,
+                "vocab_size": args.vocab,
+                "seq_length": args.seq,
+            },
+            "train": {"micro_batch_size": 1, "global_batch_size": args.dp, "seed": 7, "steps": 2, "device": "cpu"},
+            "optimizer": {"lr": 1e-4, "min_lr": 1e-5},
+            "schedule": {"warmup_steps": 1},
+            "parallel": {"zero_stage": args.stage},
+            "checkpoint": {"dir": directory, "async_save": async_save},
+        }
+    )
 
 
 def _rank(rank: int, world: int, port: int, args, root: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from pretrain.checkpoint import Checkpointer, load_checkpoint
 
@@ -111,14 +120,20 @@ def _rank(rank: int, world: int, port: int, args, root: str, out: str) -> None:
         gc.collect()
 
     step_dir = Path(root) / "sync" / "step_1"
-    own = sum((step_dir / f"{kind}_tp{topo.tp_rank}_pp{topo.pp_rank}_part{topo.dp_rank}.safetensors").stat().st_size
-              for kind in ("model", "optimizer"))
+    own = sum(
+        (step_dir / f"{kind}_tp{topo.tp_rank}_pp{topo.pp_rank}_part{topo.dp_rank}.safetensors").stat().st_size
+        for kind in ("model", "optimizer")
+    )
     small = sum((step_dir / name).stat().st_size for name in ("meta.json", "config.yaml", f"rng_rank{rank}.pt"))
     dist.barrier()
     start = rchar()
     load_checkpoint(step_dir, model=trainer.chunks, optimizer=None, config=config, topo=topo, zero=zero)
-    result.update(load_read=rchar() - start, own_files=own, small_files=small,
-                  position_files=sum(p.stat().st_size for p in step_dir.glob(f"*_tp{topo.tp_rank}_pp{topo.pp_rank}_*")))
+    result.update(
+        load_read=rchar() - start,
+        own_files=own,
+        small_files=small,
+        position_files=sum(p.stat().st_size for p in step_dir.glob(f"*_tp{topo.tp_rank}_pp{topo.pp_rank}_*")),
+    )
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
@@ -145,31 +160,41 @@ def main(argv=None) -> None:
     # (its mmap threshold grows with every large free), and a save's buffers would not show in
     # the RSS; with a fixed threshold they are mapped fresh and unmapped when freed.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
-    print(f"torch {torch.__version__}; ZeRO-{args.stage} at DP {args.dp} (gloo); llama {args.layers} layers, hidden "
-          f"{args.hidden}, vocab {args.vocab}; fp32; pretrain at {ROOT}")
+    print(
+        f"torch {torch.__version__}; ZeRO-{args.stage} at DP {args.dp} (gloo); llama {args.layers} layers, hidden "
+        f"{args.hidden}, vocab {args.vocab}; fp32; pretrain at {ROOT}"
+    )
     with tempfile.TemporaryDirectory(dir=args.dir) as root, tempfile.TemporaryDirectory() as out:
         mp.spawn(_rank, args=(args.dp, free_port(), args, root, out), nprocs=args.dp, join=True)
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.dp)]
     mb = 2**20
-    print(f"\n{'rank':>4}{'share MB':>10}{'TP shard MB':>12}{'sync save MB':>13}{'/share':>8}{'async save MB':>14}"
-          f"{'/share':>8}{'load read MB':>13}{'own files MB':>13}{'/own':>7}{'position MB':>12}")
+    print(
+        f"\n{'rank':>4}{'share MB':>10}{'TP shard MB':>12}{'sync save MB':>13}{'/share':>8}{'async save MB':>14}"
+        f"{'/share':>8}{'load read MB':>13}{'own files MB':>13}{'/own':>7}{'position MB':>12}"
+    )
     for r in ranks:
-        print(f"{r['rank']:>4}{r['share'] / mb:>10.1f}{r['full'] / mb:>12.1f}{r['sync_save_bytes'] / mb:>13.1f}"
-              f"{r['sync_save_bytes'] / r['share']:>8.2f}{r['async_save_bytes'] / mb:>14.1f}"
-              f"{r['async_save_bytes'] / r['share']:>8.2f}{r['load_read'] / mb:>13.1f}{r['own_files'] / mb:>13.1f}"
-              f"{r['load_read'] / r['own_files']:>7.3f}{r['position_files'] / mb:>12.1f}")
+        print(
+            f"{r['rank']:>4}{r['share'] / mb:>10.1f}{r['full'] / mb:>12.1f}{r['sync_save_bytes'] / mb:>13.1f}"
+            f"{r['sync_save_bytes'] / r['share']:>8.2f}{r['async_save_bytes'] / mb:>14.1f}"
+            f"{r['async_save_bytes'] / r['share']:>8.2f}{r['load_read'] / mb:>13.1f}{r['own_files'] / mb:>13.1f}"
+            f"{r['load_read'] / r['own_files']:>7.3f}{r['position_files'] / mb:>12.1f}"
+        )
     print("bytes written per rank: " + " ".join(f"{r['sync_written'] / mb:.1f}" for r in ranks) + " MB")
-    print(f"{ranks[0]['params'] / 1e6:.1f}M parameters per TP shard; share = 12 bytes per element of the rank's "
-          "ZeRO partition; save MB = VmHWM after the save - VmRSS before it; load read = rchar over "
-          "load_checkpoint at the saved layout (own files, meta/config/RNG "
-          f"{ranks[0]['small_files'] / 1024:.0f} KB not included in 'own files'); position = all files of the TP/PP "
-          "position")
+    print(
+        f"{ranks[0]['params'] / 1e6:.1f}M parameters per TP shard; share = 12 bytes per element of the rank's "
+        "ZeRO partition; save MB = VmHWM after the save - VmRSS before it; load read = rchar over "
+        "load_checkpoint at the saved layout (own files, meta/config/RNG "
+        f"{ranks[0]['small_files'] / 1024:.0f} KB not included in 'own files'); position = all files of the TP/PP "
+        "position"
+    )
     sync = max(r["sync_save_bytes"] / r["share"] for r in ranks)
     asyn = max(r["async_save_bytes"] / r["share"] for r in ranks)
     load = max(r["load_read"] / r["own_files"] for r in ranks)
     ratio = min(r["full"] / max(r["async_save_bytes"], 1) for r in ranks)
-    print(f"RESULT zero_checkpoint save_over_share={sync:.3f} async_save_over_share={asyn:.3f} "
-          f"load_read_over_own_files={load:.3f} ratio={ratio:.2f}")
+    print(
+        f"RESULT zero_checkpoint save_over_share={sync:.3f} async_save_over_share={asyn:.3f} "
+        f"load_read_over_own_files={load:.3f} ratio={ratio:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-
 from parallel_harness import build_trainer, free_port  # noqa: E402
+
 from pretrain.config import config_from_dict  # noqa: E402
 from pretrain.parallel.nccl_rules import CommRecorder  # noqa: E402
 
@@ -85,10 +85,21 @@ def phased_calls(events, group_names: dict[tuple[int, ...], str], world: int) ->
 
 def make_config(args, overrides: list[str], *, dp: int, steps: int):
     base = {
-        "model": {"flavour": "gpt2", "num_layers": args.layers, "hidden_size": args.hidden,
-                  "num_heads": args.heads, "vocab_size": args.vocab, "seq_length": args.seq},
-        "train": {"micro_batch_size": 1, "global_batch_size": args.micro_batches * dp, "seed": 7,
-                  "steps": steps, "device": "cpu"},
+        "model": {
+            "flavour": "gpt2",
+            "num_layers": args.layers,
+            "hidden_size": args.hidden,
+            "num_heads": args.heads,
+            "vocab_size": args.vocab,
+            "seq_length": args.seq,
+        },
+        "train": {
+            "micro_batch_size": 1,
+            "global_batch_size": args.micro_batches * dp,
+            "seed": 7,
+            "steps": steps,
+            "device": "cpu",
+        },
         "optimizer": {"lr": 1e-3, "min_lr": 1e-4, "clip_grad": 1.0},
         "schedule": {"warmup_steps": 1},
         "parallel": {"zero_stage": args.stage, "bucket_mb": args.bucket_mb},
@@ -97,8 +108,9 @@ def make_config(args, overrides: list[str], *, dp: int, steps: int):
 
 
 def _rank(rank: int, world: int, port: int, args, overrides: list[str], dp: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from pretrain.parallel.zero import ZeroEngine
 
@@ -129,9 +141,14 @@ def _rank(rank: int, world: int, port: int, args, overrides: list[str], dp: int,
         if step > 1:  # the first step builds DeepSpeed's buffers
             per_step.append(phased_calls(recorder.events, names, world))
     sp_params = sum(1 for c in trainer.chunks for p in c.parameters() if getattr(p, "sequence_parallel", False))
-    result = {"rank": topo.rank, "steps": per_step, "sp_params": sp_params, "accumulation": trainer.accum,
-              "params": trainer.num_params,
-              "bucket_bytes": trainer.zero.ds_config["zero_optimization"]["reduce_bucket_size"] * 4}
+    result = {
+        "rank": topo.rank,
+        "steps": per_step,
+        "sp_params": sp_params,
+        "accumulation": trainer.accum,
+        "params": trainer.num_params,
+        "bucket_bytes": trainer.zero.ds_config["zero_optimization"]["reduce_bucket_size"] * 4,
+    }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -150,11 +167,15 @@ def summarize(step: list[dict]) -> dict:
         calls = pick(group=group)
         out[f"{group}_calls"] = len(calls)
         out[f"{group}_bytes"] = sum(c["bytes"] for c in calls)
-    out.update(dp_reduce_calls=len(dp_red), dp_reduce_bytes=sum(c["bytes"] for c in dp_red),
-               dp_reduce_calls_after=len(dp_after), dp_reduce_bytes_after=sum(c["bytes"] for c in dp_after),
-               tp_allreduce_backward=len(pick(group="TP", name="all_reduce", phase="backward")),
-               tp_allreduce_after=len(pick(group="TP", name="all_reduce", phase="after")),
-               tp_allreduce=len(pick(group="TP", name="all_reduce")))
+    out.update(
+        dp_reduce_calls=len(dp_red),
+        dp_reduce_bytes=sum(c["bytes"] for c in dp_red),
+        dp_reduce_calls_after=len(dp_after),
+        dp_reduce_bytes_after=sum(c["bytes"] for c in dp_after),
+        tp_allreduce_backward=len(pick(group="TP", name="all_reduce", phase="backward")),
+        tp_allreduce_after=len(pick(group="TP", name="all_reduce", phase="after")),
+        tp_allreduce=len(pick(group="TP", name="all_reduce")),
+    )
     out["after_share"] = out["dp_reduce_bytes_after"] / max(1, out["dp_reduce_bytes"])
     return out
 
@@ -169,8 +190,16 @@ def run_layout(args, name: str) -> dict:
     r0 = ranks[0]
     per_step = [summarize(s) for s in r0["steps"]]
     summary = {k: statistics.mean(s[k] for s in per_step) for k in per_step[0]}
-    return {"layout": name, "world": world, "dp": dp, "sp_params": r0["sp_params"], "accumulation": r0["accumulation"],
-            "params_per_rank": r0["params"], "bucket_bytes": r0["bucket_bytes"], **summary}
+    return {
+        "layout": name,
+        "world": world,
+        "dp": dp,
+        "sp_params": r0["sp_params"],
+        "accumulation": r0["accumulation"],
+        "params_per_rank": r0["params"],
+        "bucket_bytes": r0["bucket_bytes"],
+        **summary,
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -191,22 +220,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    print(f"torch {torch.__version__}, gloo; ZeRO-{args.stage}; gpt2 {args.layers} layers, hidden {args.hidden}, "
-          f"vocab {args.vocab}, seq {args.seq}, {args.micro_batches} micro-batches per rank, bucket "
-          f"{args.bucket_mb} MB, fp32; pretrain at {ROOT}")
+    print(
+        f"torch {torch.__version__}, gloo; ZeRO-{args.stage}; gpt2 {args.layers} layers, hidden {args.hidden}, "
+        f"vocab {args.vocab}, seq {args.seq}, {args.micro_batches} micro-batches per rank, bucket "
+        f"{args.bucket_mb} MB, fp32; pretrain at {ROOT}"
+    )
     results = [run_layout(args, name) for name in args.layouts]
-    print(f"\n{'layout':<12}{'ranks':>6}{'colls':>7}{'DP n':>6}{'DP MB':>8}{'TP n':>6}{'TP MB':>7}"
-          f"{'red n':>6}{'red MB':>8}{'after n':>8}{'after MB':>9}{'after %':>8}{'bucket MB':>10}"
-          f"{'TP ar bwd':>10}{'SP params':>10}")
+    print(
+        f"\n{'layout':<12}{'ranks':>6}{'colls':>7}{'DP n':>6}{'DP MB':>8}{'TP n':>6}{'TP MB':>7}"
+        f"{'red n':>6}{'red MB':>8}{'after n':>8}{'after MB':>9}{'after %':>8}{'bucket MB':>10}"
+        f"{'TP ar bwd':>10}{'SP params':>10}"
+    )
     for r in results:
-        print(f"{r['layout']:<12}{r['world']:>6}{r['collectives']:>7.0f}{r['DP_calls']:>6.0f}"
-              f"{r['DP_bytes'] / 2**20:>8.2f}{r['TP_calls']:>6.0f}{r['TP_bytes'] / 2**20:>7.2f}"
-              f"{r['dp_reduce_calls']:>6.0f}{r['dp_reduce_bytes'] / 2**20:>8.2f}{r['dp_reduce_calls_after']:>8.0f}"
-              f"{r['dp_reduce_bytes_after'] / 2**20:>9.2f}{r['after_share']:>8.1%}{r['bucket_bytes'] / 2**20:>10.2f}"
-              f"{r['tp_allreduce_backward']:>10.0f}{r['sp_params']:>10}")
-    print("per step on rank 0 (mean of the counted steps): colls = all collectives; DP/TP n, MB = calls and bytes "
-          "on that group; red = DP gradient reductions; after = those issued after the step's last backward pass "
-          "ended; TP ar bwd = TP all-reduces inside backward passes (SP gradient sums)")
+        print(
+            f"{r['layout']:<12}{r['world']:>6}{r['collectives']:>7.0f}{r['DP_calls']:>6.0f}"
+            f"{r['DP_bytes'] / 2**20:>8.2f}{r['TP_calls']:>6.0f}{r['TP_bytes'] / 2**20:>7.2f}"
+            f"{r['dp_reduce_calls']:>6.0f}{r['dp_reduce_bytes'] / 2**20:>8.2f}{r['dp_reduce_calls_after']:>8.0f}"
+            f"{r['dp_reduce_bytes_after'] / 2**20:>9.2f}{r['after_share']:>8.1%}{r['bucket_bytes'] / 2**20:>10.2f}"
+            f"{r['tp_allreduce_backward']:>10.0f}{r['sp_params']:>10}"
+        )
+    print(
+        "per step on rank 0 (mean of the counted steps): colls = all collectives; DP/TP n, MB = calls and bytes "
+        "on that group; red = DP gradient reductions; after = those issued after the step's last backward pass "
+        "ended; TP ar bwd = TP all-reduces inside backward passes (SP gradient sums)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     by = {r["layout"]: r for r in results}

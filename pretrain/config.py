@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -34,19 +34,19 @@ class ModelConfig:
     """Width of the residual stream."""
     num_heads: int = 4
     """Attention (query) heads; hidden_size must be divisible by it."""
-    num_kv_heads: Optional[int] = None
+    num_kv_heads: int | None = None
     """Key/value heads for grouped-query attention; default num_heads (plain multi-head)."""
-    ffn_hidden_size: Optional[int] = None
+    ffn_hidden_size: int | None = None
     """MLP width; default 4*hidden (gpt2) or 8/3*hidden rounded up to a multiple of 64 (llama)."""
     vocab_size: int = 8000
     """Tokenizer vocabulary size (real ids); the embedding is padded, see padded_vocab_size."""
     make_vocab_size_divisible_by: int = 128
     """The embedding rows are padded to a multiple of this times parallel.tensor (Megatron)."""
-    padded_vocab_size: Optional[int] = None
+    padded_vocab_size: int | None = None
     """Rows of the embedding; filled at load from vocab_size. Set it to pin a checkpoint's size."""
     seq_length: int = 256
     """Training sequence length in tokens."""
-    max_position_embeddings: Optional[int] = None
+    max_position_embeddings: int | None = None
     """Size of the position table (gpt2) / RoPE cache (llama); default seq_length."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches."""
@@ -54,7 +54,7 @@ class ModelConfig:
     """Epsilon of LayerNorm / RMSNorm."""
     rope_theta: float = 10000.0
     """RoPE base (llama flavour)."""
-    tie_embeddings: Optional[bool] = None
+    tie_embeddings: bool | None = None
     """Share input embedding and output projection; default True for gpt2, False for llama."""
     init_std: float = 0.02
     """Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."""
@@ -143,7 +143,7 @@ class DataConfig:
     (needs model.bidirectional=true and a tokenizer with a mask token)."""
     mask_prob: float = 0.15
     """masked objective: share of tokens chosen for prediction."""
-    mean_span: Optional[float] = None
+    mean_span: float | None = None
     """masked objective: mask whole spans of geometric length with this mean (SpanBERT)."""
     cache_dir: str = ""
     """Where sample indices are cached (default: index-cache/ beside the data)."""
@@ -181,7 +181,7 @@ class ScheduleConfig:
     """Linear warmup from 0 to optimizer.lr over these steps."""
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Shape of the decay from lr to min_lr after warmup."""
-    decay_steps: Optional[int] = None
+    decay_steps: int | None = None
     """Steps (counted from step 0) at which min_lr is reached; default train.steps."""
 
 
@@ -191,7 +191,7 @@ class TrainConfig:
     """Optimizer steps to train for."""
     micro_batch_size: int = 4
     """Sequences per forward/backward on one data-parallel rank."""
-    global_batch_size: Optional[int] = None
+    global_batch_size: int | None = None
     """Sequences per optimizer step across all ranks; default micro_batch_size x DP."""
     seed: int = 1234
     """Seed of weights, dropout and data order."""
@@ -205,7 +205,7 @@ class TrainConfig:
     """Evaluate validation loss every this many steps (0 disables; also runs at the end)."""
     eval_iters: int = 10
     """Micro-batches per evaluation."""
-    exit_after_minutes: Optional[float] = None
+    exit_after_minutes: float | None = None
     """Save a checkpoint and stop cleanly after this many minutes of training."""
     hang_timeout_minutes: float = 30.0
     """A rank whose training makes no progress (no step operation, evaluation or checkpoint save
@@ -237,7 +237,7 @@ class LoggingConfig:
     """Directory for metrics.jsonl and TensorBoard events (empty: console only)."""
     tensorboard: bool = True
     """Write TensorBoard event files under logging.dir."""
-    peak_tflops: Optional[float] = None
+    peak_tflops: float | None = None
     """Peak TFLOP/s per device for MFU; default measured at start with a matmul."""
 
 
@@ -273,8 +273,10 @@ class FaultsConfig:
         if self.max_rollbacks < 0:
             raise ConfigError(f"faults.max_rollbacks: must be >= 0, got {self.max_rollbacks}")
         if 0 < self.straggler_factor <= 1:
-            raise ConfigError(f"faults.straggler_factor: must be above 1 (a factor over the median) or 0 "
-                              f"(off), got {self.straggler_factor}")
+            raise ConfigError(
+                f"faults.straggler_factor: must be above 1 (a factor over the median) or 0 "
+                f"(off), got {self.straggler_factor}"
+            )
 
 
 @dataclass
@@ -352,8 +354,9 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         key = prefix + unknown[0]
-        raise ConfigError(f"{key}: unknown key; valid keys under '{prefix.rstrip('.') or 'config'}' "
-                          f"are {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"{key}: unknown key; valid keys under '{prefix.rstrip('.') or 'config'}' are {', '.join(sorted(names))}"
+        )
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
@@ -435,8 +438,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     # A list or a scalar at the top level would reach the overrides as a non-dict and fail there
     # with a TypeError; say what the file must look like instead.
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model:, train:, ...) at the top level, "
-                          f"got a {type(raw).__name__}; see configs/ for examples")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (model:, train:, ...) at the top level, "
+            f"got a {type(raw).__name__}; see configs/ for examples"
+        )
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as e:
@@ -465,20 +470,34 @@ def finalize(config: RunConfig) -> None:
         if not ok:
             raise ConfigError(f"{key}: {message}")
 
-    for key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "seq_length",
-                "make_vocab_size_divisible_by"):
+    for key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
         need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
-    need(m.hidden_size % m.num_heads == 0, "model.hidden_size",
-         f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
-    need(m.kv_heads > 0 and m.num_heads % m.kv_heads == 0, "model.num_kv_heads",
-         f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.kv_heads}")
-    need(m.flavour == "llama" or m.kv_heads == m.num_heads, "model.num_kv_heads",
-         "grouped-query attention needs model.flavour=llama")
-    need(m.flavour == "gpt2" or m.head_dim % 2 == 0, "model.hidden_size",
-         f"RoPE needs an even head dimension, got {m.head_dim}")
+    need(
+        m.hidden_size % m.num_heads == 0,
+        "model.hidden_size",
+        f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}",
+    )
+    need(
+        m.kv_heads > 0 and m.num_heads % m.kv_heads == 0,
+        "model.num_kv_heads",
+        f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.kv_heads}",
+    )
+    need(
+        m.flavour == "llama" or m.kv_heads == m.num_heads,
+        "model.num_kv_heads",
+        "grouped-query attention needs model.flavour=llama",
+    )
+    need(
+        m.flavour == "gpt2" or m.head_dim % 2 == 0,
+        "model.hidden_size",
+        f"RoPE needs an even head dimension, got {m.head_dim}",
+    )
     need(m.ffn_size > 0, "model.ffn_hidden_size", f"must be positive, got {m.ffn_hidden_size}")
-    need(m.positions >= m.seq_length, "model.seq_length",
-         f"{m.seq_length} is longer than model.max_position_embeddings={m.positions}")
+    need(
+        m.positions >= m.seq_length,
+        "model.seq_length",
+        f"{m.seq_length} is longer than model.max_position_embeddings={m.positions}",
+    )
     need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     need(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
 
@@ -489,42 +508,66 @@ def finalize(config: RunConfig) -> None:
     from pretrain.parallel.zero import validate_zero  # lazy: zero.py imports this module
 
     validate_zero(config)
-    need(m.num_heads % p.tensor == 0, "parallel.tensor",
-         f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}")
-    need(m.kv_heads % p.tensor == 0, "parallel.tensor",
-         f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tensor={p.tensor}")
-    need(m.ffn_size % p.tensor == 0, "parallel.tensor",
-         f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={p.tensor}")
+    need(
+        m.num_heads % p.tensor == 0,
+        "parallel.tensor",
+        f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}",
+    )
+    need(
+        m.kv_heads % p.tensor == 0,
+        "parallel.tensor",
+        f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tensor={p.tensor}",
+    )
+    need(
+        m.ffn_size % p.tensor == 0,
+        "parallel.tensor",
+        f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={p.tensor}",
+    )
     stages = p.pipeline * p.virtual_stages
-    need(m.num_layers % stages == 0, "model.num_layers",
-         f"{m.num_layers} layers cannot be split into parallel.pipeline={p.pipeline} x "
-         f"parallel.virtual_stages={p.virtual_stages} = {stages} equal stages")
-    need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel",
-         "needs parallel.tensor > 1")
-    need(not p.sequence_parallel or m.seq_length % p.tensor == 0, "parallel.sequence_parallel",
-         f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={p.tensor}")
+    need(
+        m.num_layers % stages == 0,
+        "model.num_layers",
+        f"{m.num_layers} layers cannot be split into parallel.pipeline={p.pipeline} x "
+        f"parallel.virtual_stages={p.virtual_stages} = {stages} equal stages",
+    )
+    need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+    need(
+        not p.sequence_parallel or m.seq_length % p.tensor == 0,
+        "parallel.sequence_parallel",
+        f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={p.tensor}",
+    )
 
     multiple = m.make_vocab_size_divisible_by * p.tensor
     if m.padded_vocab_size is None:
         m.padded_vocab_size = pad_vocab(m.vocab_size, multiple)
-    need(m.padded_vocab_size >= m.vocab_size, "model.padded_vocab_size",
-         f"{m.padded_vocab_size} is smaller than model.vocab_size={m.vocab_size}")
-    need(m.padded_vocab_size % p.tensor == 0, "model.padded_vocab_size",
-         f"{m.padded_vocab_size} is not divisible by parallel.tensor={p.tensor}")
+    need(
+        m.padded_vocab_size >= m.vocab_size,
+        "model.padded_vocab_size",
+        f"{m.padded_vocab_size} is smaller than model.vocab_size={m.vocab_size}",
+    )
+    need(
+        m.padded_vocab_size % p.tensor == 0,
+        "model.padded_vocab_size",
+        f"{m.padded_vocab_size} is not divisible by parallel.tensor={p.tensor}",
+    )
 
     # 0 steps would build the data and model only to train nothing (it ended in a traceback).
     need(t.steps >= 1, "train.steps", f"must be >= 1 (the number of optimizer steps to train for), got {t.steps}")
     need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     if t.global_batch_size is not None:
-        need(t.global_batch_size >= 1 and t.global_batch_size % t.micro_batch_size == 0,
-             "train.global_batch_size",
-             f"{t.global_batch_size} is not a positive multiple of train.micro_batch_size="
-             f"{t.micro_batch_size}")
+        need(
+            t.global_batch_size >= 1 and t.global_batch_size % t.micro_batch_size == 0,
+            "train.global_batch_size",
+            f"{t.global_batch_size} is not a positive multiple of train.micro_batch_size={t.micro_batch_size}",
+        )
     need(t.log_interval >= 1, "train.log_interval", f"must be >= 1, got {t.log_interval}")
     need(t.eval_interval >= 0, "train.eval_interval", f"must be >= 0, got {t.eval_interval}")
     need(t.eval_iters >= 1, "train.eval_iters", f"must be >= 1, got {t.eval_iters}")
-    need(t.exit_after_minutes is None or t.exit_after_minutes > 0, "train.exit_after_minutes",
-         f"must be positive, got {t.exit_after_minutes}")
+    need(
+        t.exit_after_minutes is None or t.exit_after_minutes > 0,
+        "train.exit_after_minutes",
+        f"must be positive, got {t.exit_after_minutes}",
+    )
 
     need(o.lr > 0, "optimizer.lr", f"must be positive, got {o.lr}")
     need(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr={o.lr}], got {o.min_lr}")
@@ -534,16 +577,21 @@ def finalize(config: RunConfig) -> None:
     need(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {o.clip_grad}")
     need(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
     if s.decay_steps is not None:
-        need(s.decay_steps > s.warmup_steps, "schedule.decay_steps",
-             f"{s.decay_steps} must exceed schedule.warmup_steps={s.warmup_steps}")
+        need(
+            s.decay_steps > s.warmup_steps,
+            "schedule.decay_steps",
+            f"{s.decay_steps} must exceed schedule.warmup_steps={s.warmup_steps}",
+        )
 
     try:
         ratios = config.data.split_ratios
     except ValueError:
-        raise ConfigError(f"data.split: expected three comma-separated numbers, got "
-                          f"{config.data.split!r}") from None
-    need(all(r >= 0 for r in ratios) and ratios[0] > 0, "data.split",
-         f"needs a positive train share and no negative shares, got {config.data.split!r}")
+        raise ConfigError(f"data.split: expected three comma-separated numbers, got {config.data.split!r}") from None
+    need(
+        all(r >= 0 for r in ratios) and ratios[0] > 0,
+        "data.split",
+        f"needs a positive train share and no negative shares, got {config.data.split!r}",
+    )
     if config.data.path:
         from pretrain.data.blend import parse_data_path
 
@@ -552,19 +600,32 @@ def finalize(config: RunConfig) -> None:
         except ValueError as e:
             raise ConfigError(f"data.path: {e}") from None
     masked = config.data.objective == "masked"
-    need(masked == m.bidirectional, "model.bidirectional",
-         "must be true exactly when data.objective=masked (a causal model cannot learn masked-LM, "
-         "and a bidirectional one sees the next token)")
-    need(not (m.attention_backend == "flash_attn" and config.train.precision == "fp32"),
-         "model.attention_backend", "flash_attn runs in bf16 or fp16 only: set train.precision=bf16, or use sdpa")
-    need(not (config.data.document_attention_mask and not config.data.tokenizer), "data.document_attention_mask",
-         "needs data.tokenizer (its end-of-document token separates the documents)")
+    need(
+        masked == m.bidirectional,
+        "model.bidirectional",
+        "must be true exactly when data.objective=masked (a causal model cannot learn masked-LM, "
+        "and a bidirectional one sees the next token)",
+    )
+    need(
+        not (m.attention_backend == "flash_attn" and config.train.precision == "fp32"),
+        "model.attention_backend",
+        "flash_attn runs in bf16 or fp16 only: set train.precision=bf16, or use sdpa",
+    )
+    need(
+        not (config.data.document_attention_mask and not config.data.tokenizer),
+        "data.document_attention_mask",
+        "needs data.tokenizer (its end-of-document token separates the documents)",
+    )
     need(0 < config.data.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {config.data.mask_prob}")
     need(p.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {p.timeout_minutes}")
-    need(config.train.hang_timeout_minutes >= 0, "train.hang_timeout_minutes",
-         f"must be >= 0 (0 disables the watchdog), got {config.train.hang_timeout_minutes}")
+    need(
+        config.train.hang_timeout_minutes >= 0,
+        "train.hang_timeout_minutes",
+        f"must be >= 0 (0 disables the watchdog), got {config.train.hang_timeout_minutes}",
+    )
     config.faults.validate()
     need(config.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(config.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
-    need(config.logging.peak_tflops is None or config.logging.peak_tflops > 0,
-         "logging.peak_tflops", "must be positive")
+    need(
+        config.logging.peak_tflops is None or config.logging.peak_tflops > 0, "logging.peak_tflops", "must be positive"
+    )

@@ -20,7 +20,7 @@ disagree, or fail with "invalid device ordinal", as soon as a task sees one GPU.
 from __future__ import annotations
 
 import os
-from typing import MutableMapping, Optional
+from collections.abc import MutableMapping
 
 import torch
 
@@ -39,7 +39,8 @@ def cuda_index(*, local_rank: int, local_world_size: int, visible: int) -> int:
         f"{visible} GPUs: neither one GPU of its own nor one for every task of the node. Give each task "
         f"its own GPU (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per task), or let every task "
         f"see all of the node's GPUs (srun --gpus-per-node without per-task binding), or start at most "
-        f"{visible} tasks per node (--ntasks-per-node)")
+        f"{visible} tasks per node (--ntasks-per-node)"
+    )
 
 
 def pick_device(choice: str, *, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
@@ -50,14 +51,13 @@ def pick_device(choice: str, *, local_rank: int = 0, local_world_size: int = 1) 
         choice = "cuda" if torch.cuda.is_available() else "cpu"
     if choice != "cuda":
         return torch.device(choice)
-    index = cuda_index(local_rank=local_rank, local_world_size=local_world_size,
-                       visible=torch.cuda.device_count())
+    index = cuda_index(local_rank=local_rank, local_world_size=local_world_size, visible=torch.cuda.device_count())
     # Current for everything that does not name a device: NCCL, Triton launches, torch.cuda.*.
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
 
-def bind_deepspeed(device: torch.device, env: Optional[MutableMapping[str, str]] = None) -> None:
+def bind_deepspeed(device: torch.device, env: MutableMapping[str, str] | None = None) -> None:
     """Tell DeepSpeed our device before `deepspeed.initialize`: it reads the GPU index from
     LOCAL_RANK. Under Open MPI it also asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK
     (engine._configure_with_arguments), so that one follows; the process group exists by then,
@@ -72,7 +72,7 @@ def bind_deepspeed(device: torch.device, env: Optional[MutableMapping[str, str]]
         env["OMPI_COMM_WORLD_LOCAL_RANK"] = index
 
 
-def cuda_rng_state(device: torch.device) -> Optional[torch.Tensor]:
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
     """The CUDA RNG state a checkpoint needs: that of this rank's own device only. (All visible
     devices' states, `get_rng_state_all`, would not restore where a task sees a different number
     of GPUs: one GPU per task has no device 5, and eight visible put cuda:0's state on device 0

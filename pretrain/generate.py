@@ -8,8 +8,16 @@ from pretrain.models.gpt import GPT
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.8,
-             top_k: int = 40, seed: int = 0, stop_token: int | None = None) -> list[int]:
+def generate(
+    model: GPT,
+    prompt: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+    stop_token: int | None = None,
+) -> list[int]:
     """Continue `prompt` by up to max_new_tokens ids; temperature 0 decodes greedily."""
     if not prompt:
         raise ValueError("the prompt encodes to no tokens; give a non-empty prompt")
@@ -30,4 +38,4 @@ def generate(model: GPT, prompt: list[int], *, max_new_tokens: int, temperature:
         tokens = torch.cat([tokens, torch.tensor([[next_id]], device=device)], dim=1)
         if next_id == stop_token:
             break
-    return tokens[0, len(prompt):].tolist()
+    return tokens[0, len(prompt) :].tolist()

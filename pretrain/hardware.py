@@ -8,8 +8,6 @@ the non-tensor-core rate (TF32 matmuls, when enabled, can run faster than it).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 # name fragment (as torch.cuda.get_device_name reports it) -> dtype -> dense peak TFLOP/s.
@@ -23,7 +21,7 @@ DATASHEET_TFLOPS: dict[str, dict[torch.dtype, float]] = {
 }
 
 
-def datasheet_peak_tflops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+def datasheet_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
     """The datasheet dense peak of this device for dtype, or None where it is not in the table
     (CPUs, other GPUs): callers then fall back to a measured rate and say so."""
     if device.type != "cuda" or not torch.cuda.is_available():

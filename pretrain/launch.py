@@ -24,8 +24,8 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 import torch.distributed as dist
 
@@ -47,15 +47,20 @@ class Launch:
 
     def export(self) -> None:
         """Set the torch.distributed env:// variables (DeepSpeed and child tools read them)."""
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
-                          LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=self.master_addr,
-                          MASTER_PORT=str(self.master_port))
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
 
 
 DEFAULT_PORT = 29500
 
 
-def _int(env: Mapping[str, str], *names: str, default: Optional[int] = None) -> int:
+def _int(env: Mapping[str, str], *names: str, default: int | None = None) -> int:
     for name in names:
         if env.get(name, "") != "":
             try:
@@ -81,11 +86,14 @@ def tasks_per_node(spec: str) -> list[int]:
 def slurm_hostnames(nodelist: str) -> list[str]:
     """`scontrol show hostnames` of a SLURM node list such as 'gpu[001-004],login1'."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise LaunchError(f"cannot expand the SLURM node list {nodelist!r} with `scontrol show hostnames`: "
-                          f"{e}; set MASTER_ADDR to the first node's address") from None
+        raise LaunchError(
+            f"cannot expand the SLURM node list {nodelist!r} with `scontrol show hostnames`: "
+            f"{e}; set MASTER_ADDR to the first node's address"
+        ) from None
     return out.split()
 
 
@@ -103,11 +111,13 @@ def slurm_node_address(node: str) -> str:
     if _resolvable(node):
         return node
     try:
-        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True,
-                             check=True, timeout=60).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "node", "-o", node], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise LaunchError(f"node {node} does not resolve and `scontrol show node` failed ({e}); set "
-                          "MASTER_ADDR") from None
+        raise LaunchError(
+            f"node {node} does not resolve and `scontrol show node` failed ({e}); set MASTER_ADDR"
+        ) from None
     m = re.search(r"\bNodeAddr=(\S+)", out)
     if not m:
         raise LaunchError(f"node {node} does not resolve and has no NodeAddr; set MASTER_ADDR")
@@ -115,11 +125,16 @@ def slurm_node_address(node: str) -> str:
 
 
 def _torchrun(env: Mapping[str, str]) -> Launch:
-    return Launch("torchrun", rank=_int(env, "RANK"), world_size=_int(env, "WORLD_SIZE"),
-                  local_rank=_int(env, "LOCAL_RANK", default=0),
-                  local_world_size=_int(env, "LOCAL_WORLD_SIZE", default=_int(env, "WORLD_SIZE")),
-                  master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-                  master_port=_int(env, "MASTER_PORT", default=DEFAULT_PORT), node=socket.gethostname())
+    return Launch(
+        "torchrun",
+        rank=_int(env, "RANK"),
+        world_size=_int(env, "WORLD_SIZE"),
+        local_rank=_int(env, "LOCAL_RANK", default=0),
+        local_world_size=_int(env, "LOCAL_WORLD_SIZE", default=_int(env, "WORLD_SIZE")),
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int(env, "MASTER_PORT", default=DEFAULT_PORT),
+        node=socket.gethostname(),
+    )
 
 
 def _srun(env: Mapping[str, str]) -> Launch:
@@ -137,9 +152,16 @@ def _srun(env: Mapping[str, str]) -> Launch:
     # Same job id -> same port on every task (and again after a requeue); spread over
     # 20000-39999 so that jobs sharing a node rarely collide. MASTER_PORT overrides it.
     port = _int(env, "MASTER_PORT", default=20000 + _int(env, "SLURM_JOB_ID", default=0) % 20000)
-    return Launch("srun", rank=_int(env, "SLURM_PROCID"), world_size=world, local_rank=_int(env, "SLURM_LOCALID"),
-                  local_world_size=local_world, master_addr=addr, master_port=port,
-                  node=env.get("SLURMD_NODENAME") or socket.gethostname())
+    return Launch(
+        "srun",
+        rank=_int(env, "SLURM_PROCID"),
+        world_size=world,
+        local_rank=_int(env, "SLURM_LOCALID"),
+        local_world_size=local_world,
+        master_addr=addr,
+        master_port=port,
+        node=env.get("SLURMD_NODENAME") or socket.gethostname(),
+    )
 
 
 def _mpirun(env: Mapping[str, str]) -> Launch:
@@ -155,13 +177,23 @@ def _mpirun(env: Mapping[str, str]) -> Launch:
         elif local_world == world:  # every rank on this node
             addr = addr or "127.0.0.1"
         elif not addr:
-            raise LaunchError("mpirun across nodes: set MASTER_ADDR (rank 0's address) or install mpi4py "
-                              "(`pip install mpi4py`) so that rank 0 can announce it")
-    return Launch("mpirun", rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
-                  master_addr=addr, master_port=int(port or DEFAULT_PORT), node=socket.gethostname())
+            raise LaunchError(
+                "mpirun across nodes: set MASTER_ADDR (rank 0's address) or install mpi4py "
+                "(`pip install mpi4py`) so that rank 0 can announce it"
+            )
+    return Launch(
+        "mpirun",
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        local_world_size=local_world,
+        master_addr=addr,
+        master_port=int(port or DEFAULT_PORT),
+        node=socket.gethostname(),
+    )
 
 
-def _master_from_mpi(rank: int) -> Optional[tuple[str, str]]:
+def _master_from_mpi(rank: int) -> tuple[str, str] | None:
     """Rank 0's address and a port free there, broadcast over MPI (None without mpi4py)."""
     try:
         from mpi4py import MPI
@@ -180,13 +212,24 @@ def discover(env: Mapping[str, str] = os.environ) -> Launch:
     """This process's place in the job, from the launcher's environment."""
     if env.get("TORCHELASTIC_RUN_ID") or ("RANK" in env and "WORLD_SIZE" in env):
         return _torchrun(env)
-    if "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env) and \
-            env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")) not in ("batch", "4294967294", "extern"):
+    if (
+        "SLURM_PROCID" in env
+        and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env)
+        and env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")) not in ("batch", "4294967294", "extern")
+    ):
         return _srun(env)
     if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env:
         return _mpirun(env)
-    return Launch("single", rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
-                  master_port=DEFAULT_PORT, node=socket.gethostname())
+    return Launch(
+        "single",
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        local_world_size=1,
+        master_addr="127.0.0.1",
+        master_port=DEFAULT_PORT,
+        node=socket.gethostname(),
+    )
 
 
 def start_process_group(launch: Launch, *, backend: str, timeout_minutes: float) -> None:
@@ -200,15 +243,21 @@ def start_process_group(launch: Launch, *, backend: str, timeout_minutes: float)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     where = f"{launch.master_addr}:{launch.master_port}"
     try:
-        dist.init_process_group(backend=backend, init_method=f"tcp://{where}", rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout)
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{where}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timeout,
+        )
     except Exception as e:  # DistNetworkError, DistStoreError, TimeoutError, RuntimeError
-        who = ("as the master, waited for the other ranks" if launch.rank == 0
-               else "could not reach the master")
-        raise LaunchError(f"rank {launch.rank} of {launch.world_size} ({launch.launcher}, node {launch.node}) {who} "
-                          f"at {where} within {timeout_minutes:g} min ({type(e).__name__}: {str(e).strip()[:300]}). "
-                          "Check that the address resolves and the port is open from every node; MASTER_ADDR / "
-                          "MASTER_PORT override them, parallel.timeout_minutes sets the wait") from None
+        who = "as the master, waited for the other ranks" if launch.rank == 0 else "could not reach the master"
+        raise LaunchError(
+            f"rank {launch.rank} of {launch.world_size} ({launch.launcher}, node {launch.node}) {who} "
+            f"at {where} within {timeout_minutes:g} min ({type(e).__name__}: {str(e).strip()[:300]}). "
+            "Check that the address resolves and the port is open from every node; MASTER_ADDR / "
+            "MASTER_PORT override them, parallel.timeout_minutes sets the wait"
+        ) from None
 
 
 def announce_nodes(launch: Launch, *, backend: str, device: str) -> None:
@@ -218,8 +267,11 @@ def announce_nodes(launch: Launch, *, backend: str, device: str) -> None:
     if launch.local_rank != 0:
         return
     mine = sorted(r for node, r, _ in everyone if node == launch.node)
-    print(f"node {launch.node}: ranks {_ranges(mine)} of {launch.world_size} ({launch.launcher}, {backend}, "
-          f"{device}, master {launch.master_addr}:{launch.master_port})", flush=True)
+    print(
+        f"node {launch.node}: ranks {_ranges(mine)} of {launch.world_size} ({launch.launcher}, {backend}, "
+        f"{device}, master {launch.master_addr}:{launch.master_port})",
+        flush=True,
+    )
 
 
 def _ranges(ranks: list[int]) -> str:

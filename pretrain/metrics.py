@@ -9,7 +9,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -25,11 +24,15 @@ def training_flops(config: ModelConfig, *, batch: int, seq: int) -> float:
     for Llama it counts the real GQA and SwiGLU widths instead of assuming that shape.
     """
     h, layers = config.hidden_size, config.num_layers
-    attn_weights = h * (config.num_heads + 2 * config.kv_heads) * config.head_dim + config.num_heads * config.head_dim * h
+    attn_weights = (
+        h * (config.num_heads + 2 * config.kv_heads) * config.head_dim + config.num_heads * config.head_dim * h
+    )
     mlp_weights = h * config.ffn_size * (3 if config.flavour == "llama" else 2)
     tokens = batch * seq
-    return (6 * tokens * (layers * (attn_weights + mlp_weights) + config.vocab_rows * h)
-            + 12 * batch * seq * seq * layers * h)
+    return (
+        6 * tokens * (layers * (attn_weights + mlp_weights) + config.vocab_rows * h)
+        + 12 * batch * seq * seq * layers * h
+    )
 
 
 def megatron_flops(config: ModelConfig, *, batch: int, seq: int) -> float:
@@ -113,8 +116,9 @@ class MetricsLogger:
     an existing metrics.jsonl are dropped first, since this run logs those steps again. A run
     restarted before its first checkpoint thus replaces its own records rather than doubling them."""
 
-    def __init__(self, log_dir: str, *, tensorboard: bool = True, enabled: bool = True,
-                 resume_step: Optional[int] = None) -> None:
+    def __init__(
+        self, log_dir: str, *, tensorboard: bool = True, enabled: bool = True, resume_step: int | None = None
+    ) -> None:
         self.enabled = enabled
         self.jsonl = None
         self.writer = None
@@ -135,8 +139,10 @@ class MetricsLogger:
     def _drop_after(self, step: int) -> None:
         dropped = drop_records_after(self.path, step)
         if dropped:
-            print(f"{self.path}: dropped {dropped} records after step {step} (this run logs those steps again)",
-                  flush=True)
+            print(
+                f"{self.path}: dropped {dropped} records after step {step} (this run logs those steps again)",
+                flush=True,
+            )
 
     def rewind(self, step: int) -> None:
         """Training went back to `step` (a rollback): drop the later records, as a resume does."""
@@ -145,7 +151,7 @@ class MetricsLogger:
             self._drop_after(step)
             self.jsonl = open(self.path, "a", buffering=1)
 
-    def log(self, record: dict, *, console: Optional[str] = None) -> None:
+    def log(self, record: dict, *, console: str | None = None) -> None:
         if not self.enabled:
             return
         if console:

@@ -6,7 +6,7 @@ Gradient clipping needs the norm over the whole parallel grid: pretrain/parallel
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -28,8 +28,7 @@ def build_optimizer(params: Iterable[nn.Parameter], config: OptimizerConfig) -> 
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                             eps=config.eps, foreach=True)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps, foreach=True)
 
 
 def learning_rate(step: int, *, optim: OptimizerConfig, schedule: ScheduleConfig, total_steps: int) -> float:
@@ -86,8 +85,10 @@ class DynamicLossScaler:
         if overflow:
             if self.hysteresis <= 1:
                 if self.scale == LOSS_SCALE_MIN:  # as DeepSpeed: fp16 cannot represent this run
-                    raise Diverged(f"fp16 loss scale is already at its minimum ({LOSS_SCALE_MIN}) and the "
-                                       "gradients still overflow; train with train.precision=bf16")
+                    raise Diverged(
+                        f"fp16 loss scale is already at its minimum ({LOSS_SCALE_MIN}) and the "
+                        "gradients still overflow; train with train.precision=bf16"
+                    )
                 self.scale = max(self.scale / 2, LOSS_SCALE_MIN)
             else:
                 self.hysteresis -= 1
@@ -100,8 +101,12 @@ class DynamicLossScaler:
         self.iteration += 1
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "iteration": self.iteration, "last_overflow": self.last_overflow,
-                "hysteresis": self.hysteresis}
+        return {
+            "scale": self.scale,
+            "iteration": self.iteration,
+            "last_overflow": self.last_overflow,
+            "hysteresis": self.hysteresis,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.scale, self.iteration = float(state["scale"]), int(state["iteration"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,13 +37,13 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 class StopRequests:
     """Install with `with StopRequests(...) as stop:`; `stop.check()` after every step."""
 
-    def __init__(self, *, minutes: Optional[float], world_size: int, device: torch.device) -> None:
+    def __init__(self, *, minutes: float | None, world_size: int, device: torch.device) -> None:
         self.minutes, self.world_size, self.device = minutes, world_size, device
         self.start = time.perf_counter()
-        self.received: Optional[str] = None
+        self.received: str | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopRequests":
+    def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -57,7 +56,7 @@ class StopRequests:
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
 
-    def check(self) -> Optional[str]:
+    def check(self) -> str | None:
         """Why to stop now ('SIGUSR1', 'signal', 'time limit'), the same on every rank; or None."""
         timed_out = self.minutes is not None and time.perf_counter() - self.start > 60 * self.minutes
         flags = torch.tensor([float(self.received is not None), float(timed_out)], device=self.device)

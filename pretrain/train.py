@@ -12,15 +12,21 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import (CheckpointError, Checkpointer, CheckpointSaveError, checkpoint_candidates,
-                                 find_resume_checkpoint, load_newest_intact)
+from pretrain.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointSaveError,
+    checkpoint_candidates,
+    find_resume_checkpoint,
+    load_newest_intact,
+)
 from pretrain.checkpoint.fallback import first_readable, step_of
 from pretrain.checkpoint.guard import check_no_overwrite, run_lock
 from pretrain.config import ConfigError, RunConfig, load_config
@@ -37,8 +43,14 @@ from pretrain.launch import discover
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
 from pretrain.models.attention import check_backend
 from pretrain.models.build import weight_dtype
-from pretrain.optim import (BackwardRootChunk, DynamicLossScaler, build_optimizer, learning_rate,
-                            set_learning_rate, unscale_and_check)
+from pretrain.optim import (
+    BackwardRootChunk,
+    DynamicLossScaler,
+    build_optimizer,
+    learning_rate,
+    set_learning_rate,
+    unscale_and_check,
+)
 from pretrain.parallel.data import GradientSync, clip_gradients, global_grad_norm, reduce_loss, shared_loss
 from pretrain.parallel.pipeline import build_model_chunks, forward_backward
 from pretrain.parallel.topology import Topology, init_distributed, validate_layout
@@ -50,25 +62,31 @@ from pretrain.stopping import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_RESUMA
 @dataclass
 class Data:
     train: SampleLoader
-    valid: Optional[SampleDataset]
-    collate: Optional[Callable]
+    valid: SampleDataset | None
+    collate: Callable | None
 
 
 def check_data(config: RunConfig):
     """Check data.path and the tokenizer against the model; returns the tokenizer (or None)."""
     d, m = config.data, config.model
     if not d.path:
-        raise ConfigError("data.path: no dataset given; run `bash launch/quickstart.sh` to build one, "
-                          "or set data.path=PREFIX (for PREFIX.bin/.idx) or 'w1 PREFIX1 w2 PREFIX2 ...'")
+        raise ConfigError(
+            "data.path: no dataset given; run `bash launch/quickstart.sh` to build one, "
+            "or set data.path=PREFIX (for PREFIX.bin/.idx) or 'w1 PREFIX1 w2 PREFIX2 ...'"
+        )
     for _, prefix in parse_data_path(d.path):
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
-                raise ConfigError(f"data.path: {prefix}{suffix} does not exist (data.path names prefixes "
-                                  "written by tools/preprocess_data.py, without .bin/.idx)")
+                raise ConfigError(
+                    f"data.path: {prefix}{suffix} does not exist (data.path names prefixes "
+                    "written by tools/preprocess_data.py, without .bin/.idx)"
+                )
     tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > m.vocab_size:
-        raise ConfigError(f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({tokenizer.vocab_size} in {d.tokenizer}); set model.vocab_size={tokenizer.vocab_size}")
+        raise ConfigError(
+            f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size} in {d.tokenizer}); set model.vocab_size={tokenizer.vocab_size}"
+        )
     if d.objective == "masked" and tokenizer is None:
         raise ConfigError("data.tokenizer: the masked objective needs the tokenizer (for its mask token)")
     return tokenizer
@@ -81,21 +99,40 @@ def build_data(config: RunConfig, topo: Topology, *, consumed_samples: int, toke
     tokenizer = tokenizer or check_data(config)
     global_batch = t.global_batch_size or t.micro_batch_size * topo.dp
     datasets = build_datasets(
-        d.path, seq_length=config.model.seq_length, seed=t.seed, split_ratios=d.split_ratios,
-        num_samples={"train": t.steps * global_batch,
-                     "valid": t.eval_iters * t.micro_batch_size * topo.dp if t.eval_interval else 0},
-        cache_dir=d.cache_dir or None, is_builder=topo.rank == 0,
-        barrier=dist.barrier if topo.world_size > 1 else None)
+        d.path,
+        seq_length=config.model.seq_length,
+        seed=t.seed,
+        split_ratios=d.split_ratios,
+        num_samples={
+            "train": t.steps * global_batch,
+            "valid": t.eval_iters * t.micro_batch_size * topo.dp if t.eval_interval else 0,
+        },
+        cache_dir=d.cache_dir or None,
+        is_builder=topo.rank == 0,
+        barrier=dist.barrier if topo.world_size > 1 else None,
+    )
     collate = None
     if d.objective == "masked":
-        collate = MaskedLMCollator(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask, seed=t.seed,
-                                   special_ids=(tokenizer.eod, tokenizer.pad), mask_prob=d.mask_prob,
-                                   mean_span=d.mean_span)
+        collate = MaskedLMCollator(
+            vocab_size=tokenizer.vocab_size,
+            mask_id=tokenizer.mask,
+            seed=t.seed,
+            special_ids=(tokenizer.eod, tokenizer.pad),
+            mask_prob=d.mask_prob,
+            mean_span=d.mean_span,
+        )
     if d.document_attention_mask:
         collate = with_document_segments(collate or causal_lm_collate, tokenizer.eod)
-    loader = SampleLoader(datasets["train"], micro_batch_size=t.micro_batch_size, seed=t.seed,
-                          dp_rank=topo.dp_rank, dp_size=topo.dp, consumed_samples=consumed_samples,
-                          collate=collate, vocab_size=config.model.vocab_size)
+    loader = SampleLoader(
+        datasets["train"],
+        micro_batch_size=t.micro_batch_size,
+        seed=t.seed,
+        dp_rank=topo.dp_rank,
+        dp_size=topo.dp,
+        consumed_samples=consumed_samples,
+        collate=collate,
+        vocab_size=config.model.vocab_size,
+    )
     return Data(train=loader, valid=datasets["valid"], collate=collate)
 
 
@@ -104,9 +141,11 @@ def accumulation_steps(config: RunConfig, *, data_parallel: int) -> int:
     per_step = t.micro_batch_size * data_parallel
     global_batch = t.global_batch_size or per_step
     if global_batch % per_step:
-        raise ConfigError(f"train.global_batch_size: {global_batch} is not divisible by "
-                          f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x "
-                          f"{data_parallel}")
+        raise ConfigError(
+            f"train.global_batch_size: {global_batch} is not divisible by "
+            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x "
+            f"{data_parallel}"
+        )
     return global_batch // per_step
 
 
@@ -117,8 +156,16 @@ class Trainer:
     loss scaler). With parallel.zero_stage > 0 a ZeroEngine owns all four (DeepSpeed's ZeRO
     optimizer); the schedule, data and loss are the same code either way."""
 
-    def __init__(self, config: RunConfig, topo: Topology, chunks: list, *, train_batches: Iterator[dict],
-                 valid: Optional[SampleDataset] = None, collate: Optional[Callable] = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        topo: Topology,
+        chunks: list,
+        *,
+        train_batches: Iterator[dict],
+        valid: SampleDataset | None = None,
+        collate: Callable | None = None,
+    ) -> None:
         self.config, self.topo, self.chunks, self.valid, self.collate = config, topo, chunks, valid, collate
         self.batches = train_batches
         # Told each operation as it starts (the hang watchdog's beat); run() sets it.
@@ -143,8 +190,7 @@ class Trainer:
                 self.schedule_chunks = [BackwardRootChunk(c, scale=lambda: self.scaler.scale) for c in chunks]
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         device_type = topo.device.type
-        self.autocast = lambda: torch.autocast(device_type, dtype=dtype or torch.bfloat16,  # noqa: E731
-                                               enabled=dtype is not None)
+        self.autocast = lambda: torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
         seq = config.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
         self.hidden_shape = (config.train.micro_batch_size, seq, config.model.hidden_size)
         self.hidden_dtype = dtype or torch.float32  # what activations travel in between stages
@@ -155,11 +201,17 @@ class Trainer:
         loss and gradient norm, so all skip together)."""
         c = self.config
         lr = learning_rate(step, optim=c.optimizer, schedule=c.schedule, total_steps=c.train.steps)
-        losses = forward_backward(chunks=self.schedule_chunks, topo=self.topo, batches=self.batches,
-                                  progress=self.progress,
-                                  micro_batches=self.accum, autocast=self.autocast, hidden_shape=self.hidden_shape,
-                                  hidden_dtype=self.hidden_dtype,
-                                  on_last_backward=self.zero.on_last_backward if self.zero else self.grad_sync.enable)
+        losses = forward_backward(
+            chunks=self.schedule_chunks,
+            topo=self.topo,
+            batches=self.batches,
+            progress=self.progress,
+            micro_batches=self.accum,
+            autocast=self.autocast,
+            hidden_shape=self.hidden_shape,
+            hidden_dtype=self.hidden_dtype,
+            on_last_backward=self.zero.on_last_backward if self.zero else self.grad_sync.enable,
+        )
         self.progress("optimizer")
         loss = shared_loss(losses, self.topo)
         problem = self.guard.loss_problem(loss)
@@ -177,7 +229,7 @@ class Trainer:
             record.pop("skipped")
         return {"loss": loss, "lr": lr, **record, "bad_step": problem, "skipped_steps": self.guard.skipped_total}
 
-    def _step(self, lr: float, problem: Optional[str]) -> dict:
+    def _step(self, lr: float, problem: str | None) -> dict:
         """Our own optimizer step; `problem`: the loss already condemned the step."""
         set_learning_rate(self.optimizer, lr)
         self.grad_sync.finish()
@@ -231,14 +283,27 @@ class Trainer:
         t = self.config.train
         for chunk in self.chunks:
             chunk.eval()
-        loader = SampleLoader(self.valid, micro_batch_size=t.micro_batch_size, seed=t.seed,
-                              dp_rank=self.topo.dp_rank, dp_size=self.topo.dp, collate=self.collate,
-                              vocab_size=self.config.model.vocab_size)
+        loader = SampleLoader(
+            self.valid,
+            micro_batch_size=t.micro_batch_size,
+            seed=t.seed,
+            dp_rank=self.topo.dp_rank,
+            dp_size=self.topo.dp,
+            collate=self.collate,
+            vocab_size=self.config.model.vocab_size,
+        )
         iters = min(t.eval_iters, max(1, len(self.valid) // (t.micro_batch_size * self.topo.dp)))
-        losses = forward_backward(chunks=self.chunks, topo=self.topo, batches=iter(loader), micro_batches=iters,
-                                  progress=lambda operation: self.progress(f"evaluation: {operation}"),
-                                  autocast=self.autocast, hidden_shape=self.hidden_shape,
-                                  hidden_dtype=self.hidden_dtype, forward_only=True)
+        losses = forward_backward(
+            chunks=self.chunks,
+            topo=self.topo,
+            batches=iter(loader),
+            micro_batches=iters,
+            progress=lambda operation: self.progress(f"evaluation: {operation}"),
+            autocast=self.autocast,
+            hidden_shape=self.hidden_shape,
+            hidden_dtype=self.hidden_dtype,
+            forward_only=True,
+        )
         for chunk in self.chunks:
             chunk.train()
         return reduce_loss(torch.stack(losses).mean(), self.topo) if losses else math.nan
@@ -269,18 +334,29 @@ def run(config: RunConfig, *, launch=None) -> dict:
         check_no_overwrite(ck.dir, start_step=0)
     consumed = resume_meta["train_state"].get("consumed_samples") if resume_meta else 0
     if consumed is None:  # weights-only tools may write checkpoints without a data position
-        raise CheckpointError(f"{resume_from}/meta.json has no train_state.consumed_samples: it does not say "
-                              "where in the data to continue; resume from a checkpoint a training run saved")
+        raise CheckpointError(
+            f"{resume_from}/meta.json has no train_state.consumed_samples: it does not say "
+            "where in the data to continue; resume from a checkpoint a training run saved"
+        )
     topo = init_distributed(config, device=device, launch=launch)
     # From here on every wait is bounded: collectives by parallel.timeout_minutes, everything
     # else (index building, model building, checkpoint loading, steps) by the watchdog.
     with Watchdog(timeout_s=60 * t.hang_timeout_minutes, rank=topo.rank, log_dir=config.logging.dir) as watchdog:
-        return fit(config, topo, watchdog=watchdog, resume_from=resume_from, consumed=consumed,
-                   tokenizer=tokenizer, say=say)
+        return fit(
+            config, topo, watchdog=watchdog, resume_from=resume_from, consumed=consumed, tokenizer=tokenizer, say=say
+        )
 
 
-def fit(config: RunConfig, topo: Topology, *, watchdog: Watchdog, resume_from: Optional[Path], consumed: int,
-        tokenizer, say: Optional[Callable[[str], None]]) -> dict:
+def fit(
+    config: RunConfig,
+    topo: Topology,
+    *,
+    watchdog: Watchdog,
+    resume_from: Path | None,
+    consumed: int,
+    tokenizer,
+    say: Callable[[str], None] | None,
+) -> dict:
     """run() once the process groups are up: build, resume, loop."""
     t, ck, device = config.train, config.checkpoint, topo.device
     # Data first: a missing or mismatched dataset should fail before a model is built.
@@ -298,9 +374,15 @@ def fit(config: RunConfig, topo: Topology, *, watchdog: Watchdog, resume_from: O
     step = 0
     if resume_from is not None:  # a damaged checkpoint falls back to the one before it
         watchdog.beat(f"loading {resume_from}")
-        resumed, meta = load_newest_intact(checkpoint_candidates(ck.dir, resume_from), model=chunks,
-                                           optimizer=trainer.optimizer, config=config, topo=topo,
-                                           zero=trainer.zero, warn=say)
+        resumed, meta = load_newest_intact(
+            checkpoint_candidates(ck.dir, resume_from),
+            model=chunks,
+            optimizer=trainer.optimizer,
+            config=config,
+            topo=topo,
+            zero=trainer.zero,
+            warn=say,
+        )
         step = meta["step"]
         trainer.load_train_state(meta["train_state"])
         data.train.consumed_samples = meta["train_state"].get("consumed_samples", consumed)  # a fallback's
@@ -311,18 +393,25 @@ def fit(config: RunConfig, topo: Topology, *, watchdog: Watchdog, resume_from: O
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
     peak = config.logging.peak_tflops or measure_peak_tflops(device, dtype)
     global_batch = t.micro_batch_size * trainer.accum * topo.dp
-    speed = Throughput(tokens_per_step=global_batch * config.model.seq_length, peak_tflops=peak,
-                       flops_per_step=training_flops(config.model, batch=global_batch, seq=config.model.seq_length),
-                       world_size=topo.world_size)
+    speed = Throughput(
+        tokens_per_step=global_batch * config.model.seq_length,
+        peak_tflops=peak,
+        flops_per_step=training_flops(config.model, batch=global_batch, seq=config.model.seq_length),
+        world_size=topo.world_size,
+    )
     # resume_step: steps after it are (re)run here, so their old records in metrics.jsonl go.
-    logger = MetricsLogger(config.logging.dir, tensorboard=config.logging.tensorboard, enabled=logging_rank,
-                           resume_step=step)
+    logger = MetricsLogger(
+        config.logging.dir, tensorboard=config.logging.tensorboard, enabled=logging_rank, resume_step=step
+    )
     if logging_rank:
         params = trainer.num_params
-        print(f"model: {config.model.flavour}, {config.model.num_layers} layers, hidden "
-              f"{config.model.hidden_size}, {params / 1e6:.2f}M parameters on this rank; {topo.describe()}; "
-              f"global batch {global_batch} x {config.model.seq_length} tokens ({trainer.accum} micro-batches "
-              f"per rank); {device.type}, {t.precision}, peak {peak:.2f} TFLOP/s per rank for MFU", flush=True)
+        print(
+            f"model: {config.model.flavour}, {config.model.num_layers} layers, hidden "
+            f"{config.model.hidden_size}, {params / 1e6:.2f}M parameters on this rank; {topo.describe()}; "
+            f"global batch {global_batch} x {config.model.seq_length} tokens ({trainer.accum} micro-batches "
+            f"per rank); {device.type}, {t.precision}, peak {peak:.2f} TFLOP/s per rank for MFU",
+            flush=True,
+        )
 
     saver = Checkpointer(ck.dir, config, topo) if ck.dir else None
 
@@ -335,12 +424,20 @@ def fit(config: RunConfig, topo: Topology, *, watchdog: Watchdog, resume_from: O
         if not trainer.weights_finite():
             return False
         train_state = {"consumed_samples": data.train.consumed_samples, **trainer.train_state()}
-        path = saver.save(step_now, model=chunks, optimizer=None if trainer.zero else trainer.optimizer,
-                          zero=trainer.zero, train_state=train_state)
+        path = saver.save(
+            step_now,
+            model=chunks,
+            optimizer=None if trainer.zero else trainer.optimizer,
+            zero=trainer.zero,
+            train_state=train_state,
+        )
         if topo.rank == 0:
             how = "writing in the background" if saver.async_save else "saved"
-            print(f"checkpoint {path}: {how} (training paused {saver.stats['snapshot_s']:.2f} s to copy "
-                  f"{saver.stats['bytes'] / 2**20:.1f} MiB per rank)", flush=True)
+            print(
+                f"checkpoint {path}: {how} (training paused {saver.stats['snapshot_s']:.2f} s to copy "
+                f"{saver.stats['bytes'] / 2**20:.1f} MiB per rank)",
+                flush=True,
+            )
         return True
 
     def roll_back(reason: str, from_step: int) -> int:
@@ -354,23 +451,36 @@ def fit(config: RunConfig, topo: Topology, *, watchdog: Watchdog, resume_from: O
         candidates = checkpoint_candidates(ck.dir, find_resume_checkpoint(ck.dir, "auto"))
         if not candidates:
             raise Diverged(f"{reason} at step {from_step}, before any checkpoint was saved to roll back to")
-        path, meta = load_newest_intact(candidates, model=chunks, optimizer=trainer.optimizer, config=config,
-                                        topo=topo, zero=trainer.zero, warn=say)
+        path, meta = load_newest_intact(
+            candidates, model=chunks, optimizer=trainer.optimizer, config=config, topo=topo, zero=trainer.zero, warn=say
+        )
         trainer.load_train_state(meta["train_state"], rollback=True)
         skipped = data.train.consumed_samples - meta["train_state"]["consumed_samples"]
         logger.rewind(meta["step"])
-        logger.log({"step": meta["step"], "rollback": {
-            "from_step": from_step, "reason": reason, "checkpoint": str(path), "skipped_samples": skipped,
-            "rollbacks": trainer.guard.rollbacks}}, console=(
-            f"rollback {trainer.guard.rollbacks} of at most {config.faults.max_rollbacks}: {reason} at step "
-            f"{from_step}; reloaded {path}, skipping the {skipped} samples read since it"))
+        logger.log(
+            {
+                "step": meta["step"],
+                "rollback": {
+                    "from_step": from_step,
+                    "reason": reason,
+                    "checkpoint": str(path),
+                    "skipped_samples": skipped,
+                    "rollbacks": trainer.guard.rollbacks,
+                },
+            },
+            console=(
+                f"rollback {trainer.guard.rollbacks} of at most {config.faults.max_rollbacks}: {reason} at step "
+                f"{from_step}; reloaded {path}, skipping the {skipped} samples read since it"
+            ),
+        )
         return meta["step"]
 
     def run_eval(step_now: int) -> dict:
         val = trainer.evaluate()
         record = {"step": step_now, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
-        logger.log(record, console=f"step {step_now:>6} | validation loss {val:.4f} | "
-                                   f"perplexity {record['val_ppl']:.2f}")
+        logger.log(
+            record, console=f"step {step_now:>6} | validation loss {val:.4f} | perplexity {record['val_ppl']:.2f}"
+        )
         return record
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -396,9 +506,17 @@ def fit(config: RunConfig, topo: Topology, *, watchdog: Watchdog, resume_from: O
             # A bad step is always logged (the same decision on every rank: the meter's report is
             # a collective).
             if step % t.log_interval == 0 or step == t.steps or bad:
-                last = log_step(logger, step, record, config=config, speed=speed.of(interval_time / interval_steps),
-                                consumed=data.train.consumed_samples, device=device, stragglers=meter.report(),
-                                bad_in_a_row=trainer.guard.consecutive_bad)
+                last = log_step(
+                    logger,
+                    step,
+                    record,
+                    config=config,
+                    speed=speed.of(interval_time / interval_steps),
+                    consumed=data.train.consumed_samples,
+                    device=device,
+                    stragglers=meter.report(),
+                    bad_in_a_row=trainer.guard.consecutive_bad,
+                )
                 interval_time, interval_steps = 0.0, 0
             if trainer.guard.must_roll_back():
                 step = saved_at = evaluated_at = roll_back(bad, step)
@@ -444,26 +562,52 @@ class Throughput:
 
     def of(self, seconds: float) -> dict:
         tflops = self.flops_per_step / seconds / 1e12 / self.world_size
-        return {"tokens_per_s": self.tokens_per_step / seconds, "tflops": tflops, "mfu": tflops / self.peak_tflops,
-                "step_time_s": seconds}
+        return {
+            "tokens_per_s": self.tokens_per_step / seconds,
+            "tflops": tflops,
+            "mfu": tflops / self.peak_tflops,
+            "step_time_s": seconds,
+        }
 
 
-def log_step(logger: MetricsLogger, step: int, record: dict, *, config: RunConfig, speed: dict, consumed: int,
-             device: torch.device, stragglers: list[dict], bad_in_a_row: int) -> dict:
+def log_step(
+    logger: MetricsLogger,
+    step: int,
+    record: dict,
+    *,
+    config: RunConfig,
+    speed: dict,
+    consumed: int,
+    device: torch.device,
+    stragglers: list[dict],
+    bad_in_a_row: int,
+) -> dict:
     """One metrics record and console line for `step`; `speed`: Throughput.of the mean step time."""
-    last = {"step": step, **record, **speed, "consumed_samples": consumed,
-            "peak_mem_bytes": peak_memory_bytes(device), "stragglers": stragglers}
+    last = {
+        "step": step,
+        **record,
+        **speed,
+        "consumed_samples": consumed,
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "stragglers": stragglers,
+    }
     if record["bad_step"] is None:
         del last["bad_step"]
-    console = (f"step {step:>6}/{config.train.steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-               f"grad {record['grad_norm']:.3f} | {speed['tokens_per_s']:,.0f} tok/s | {speed['tflops']:.3f} "
-               f"TFLOP/s | MFU {100 * speed['mfu']:.1f}% | mem {last['peak_mem_bytes'] / 2**30:.2f} GiB")
+    console = (
+        f"step {step:>6}/{config.train.steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+        f"grad {record['grad_norm']:.3f} | {speed['tokens_per_s']:,.0f} tok/s | {speed['tflops']:.3f} "
+        f"TFLOP/s | MFU {100 * speed['mfu']:.1f}% | mem {last['peak_mem_bytes'] / 2**30:.2f} GiB"
+    )
     if record["bad_step"] is not None:
-        console += (f"\nstep {step} skipped on every rank: {record['bad_step']} ({bad_in_a_row} in a row; "
-                    f"{config.faults.max_bad_steps} in a row roll back to the last checkpoint)")
+        console += (
+            f"\nstep {step} skipped on every rank: {record['bad_step']} ({bad_in_a_row} in a row; "
+            f"{config.faults.max_bad_steps} in a row roll back to the last checkpoint)"
+        )
     for slow in stragglers:
-        console += (f"\nstraggler: rank {slow['rank']} on {slow['host']} worked {slow['own_work_s']:.3f} s, "
-                    f"{slow['ratio']:.1f}x the median rank's {slow['median_s']:.3f} s since the last report")
+        console += (
+            f"\nstraggler: rank {slow['rank']} on {slow['host']} worked {slow['own_work_s']:.3f} s, "
+            f"{slow['ratio']:.1f}x the median rank's {slow['median_s']:.3f} s since the last report"
+        )
     logger.log(last, console=console)
     return last
 
@@ -498,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                 dist.barrier()
             dist.destroy_process_group()
     return code
+
 
 if __name__ == "__main__":
     sys.exit(main())

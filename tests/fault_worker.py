@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pretrain.train as train  # noqa: E402
+import pretrain.train as train
 
 FAULT = json.loads(os.environ.get("PRETRAIN_TEST_FAULT", "{}"))
 RANK = int(os.environ.get("RANK", "0"))
@@ -58,7 +58,8 @@ def scale_logits() -> None:
         for chunk in chunks:
             if chunk.final_norm is not None:
                 chunk.final_norm.register_forward_hook(
-                    lambda module, inputs, out: out * factor if STEP[1] in calls and module.training else out)
+                    lambda module, inputs, out: out * factor if STEP[1] in calls and module.training else out
+                )
         return chunks
 
     train.build_model_chunks = build
@@ -110,6 +111,11 @@ if __name__ == "__main__":
     track_steps()
     kind = FAULT.get("kind")
     if kind and targeted():
-        {"scale_logits": scale_logits, "stuck_data": stuck_data, "slow_data": slow_data, "failing_save": failing_save,
-         "fp16_overflow": fp16_overflow}[kind]()
+        {
+            "scale_logits": scale_logits,
+            "stuck_data": stuck_data,
+            "slow_data": slow_data,
+            "failing_save": failing_save,
+            "fp16_overflow": fp16_overflow,
+        }[kind]()
     sys.exit(train.main(sys.argv[1:]))

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.config import config_from_dict  # noqa: E402
+from pretrain.config import config_from_dict
 
 BASE = {
     "model": {"num_layers": 4, "hidden_size": 64, "num_heads": 4, "vocab_size": 250, "seq_length": 32},
@@ -39,8 +39,9 @@ def global_batches(config, steps: int) -> torch.Tensor:
     """[steps, global_batch, seq + 1] token ids, the same for every layout."""
     g = torch.Generator().manual_seed(1234)
     t = config.train
-    return torch.randint(0, config.model.vocab_size, (steps, t.global_batch_size, config.model.seq_length + 1),
-                         generator=g)
+    return torch.randint(
+        0, config.model.vocab_size, (steps, t.global_batch_size, config.model.seq_length + 1), generator=g
+    )
 
 
 def rank_batches(data: torch.Tensor, *, micro: int, dp: int, dp_rank: int, segments: bool = False):
@@ -48,7 +49,7 @@ def rank_batches(data: torch.Tensor, *, micro: int, dp: int, dp_rank: int, segme
     `segments`: add document numbers, with every token divisible by 17 ending a document."""
     for step in data:
         for start in range(0, step.shape[0], micro * dp):
-            sample = step[start + dp_rank * micro: start + (dp_rank + 1) * micro]
+            sample = step[start + dp_rank * micro : start + (dp_rank + 1) * micro]
             batch = {"tokens": sample[:, :-1], "labels": sample[:, 1:]}
             if segments:
                 ends = (batch["tokens"] % 17 == 0).long()
@@ -66,8 +67,13 @@ def build_trainer(config, steps: int):
     torch.manual_seed(config.train.seed)
     topo = init_distributed(config, device=torch.device("cpu"))
     chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed, dtype=weight_dtype(config))
-    batches = rank_batches(global_batches(config, steps), micro=config.train.micro_batch_size, dp=topo.dp,
-                           dp_rank=topo.dp_rank, segments=config.data.document_attention_mask)
+    batches = rank_batches(
+        global_batches(config, steps),
+        micro=config.train.micro_batch_size,
+        dp=topo.dp,
+        dp_rank=topo.dp_rank,
+        segments=config.data.document_attention_mask,
+    )
     return Trainer(config, topo, chunks, train_batches=batches)
 
 
@@ -76,18 +82,25 @@ def train_steps(config, steps: int) -> dict:
     trainer = build_trainer(config, steps)
     topo = trainer.topo
     records = [trainer.step(step) for step in range(1, steps + 1)]
-    return {"rank": topo.rank, "logging": topo.is_logging_rank,
-            "buckets": len(trainer.grad_sync.buckets), "overlapped": trainer.grad_sync.overlapped,
-            "loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records]}
+    return {
+        "rank": topo.rank,
+        "logging": topo.is_logging_rank,
+        "buckets": len(trainer.grad_sync.buckets),
+        "overlapped": trainer.grad_sync.overlapped,
+        "loss": [r["loss"] for r in records],
+        "grad_norm": [r["grad_norm"] for r in records],
+    }
 
 
 def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     result = train_steps(make_config(overrides), steps)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     import torch.distributed as dist
+
     dist.barrier()
     dist.destroy_process_group()
 
@@ -122,20 +135,27 @@ def train_job(job: dict) -> dict:
         # DeepSpeed refuses fp16 on a CPU without fp16 matmul support (this machine); torch runs
         # fp16 matmuls on it anyway, slowly, which is enough to exercise our fp16 glue.
         from deepspeed.accelerator import get_accelerator
+
         type(get_accelerator()).is_fp16_supported = lambda self: True
     config = make_config(job["overrides"])
     torch.manual_seed(config.train.seed)
     topo = init_distributed(config, device=torch.device("cpu"))
     chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed, dtype=weight_dtype(config))
     first, last = job.get("first", 1), job["last"]
-    data = global_batches(config, last)[first - 1:]
+    data = global_batches(config, last)[first - 1 :]
     batches = rank_batches(data, micro=config.train.micro_batch_size, dp=topo.dp, dp_rank=topo.dp_rank)
     trainer = Trainer(config, topo, chunks, train_batches=batches)
     read_files: list[str] = []
     if job.get("resume"):
         with _files_read(read_files):
-            meta = load_checkpoint(Path(job["resume"]), model=chunks, optimizer=trainer.optimizer, config=config,
-                                   topo=topo, zero=trainer.zero)
+            meta = load_checkpoint(
+                Path(job["resume"]),
+                model=chunks,
+                optimizer=trainer.optimizer,
+                config=config,
+                topo=topo,
+                zero=trainer.zero,
+            )
         trainer.load_train_state(meta["train_state"])
     # Saved in the background, as training does, while this run trains on.
     saver = Checkpointer(job["save"], config, topo) if job.get("save") else None
@@ -143,16 +163,29 @@ def train_job(job: dict) -> dict:
     for step in range(first, last + 1):
         records.append(trainer.step(step))
         if step == job.get("save_at"):  # and train on: the same run is the uninterrupted reference
-            saver.save(step, model=chunks, optimizer=trainer.optimizer, zero=trainer.zero,
-                       train_state={"consumed_samples": 0, **trainer.train_state()})
+            saver.save(
+                step,
+                model=chunks,
+                optimizer=trainer.optimizer,
+                zero=trainer.zero,
+                train_state={"consumed_samples": 0, **trainer.train_state()},
+            )
             if job.get("dump_weights") and topo.rank == 0:  # the live weights (whole on rank 0 unless ZeRO-3)
-                torch.save({n: p.detach().clone() for c in chunks for n, p in c.named_parameters()},
-                           job["dump_weights"])
+                torch.save(
+                    {n: p.detach().clone() for c in chunks for n, p in c.named_parameters()}, job["dump_weights"]
+                )
     if saver is not None:
         saver.wait()
-    result = {"rank": topo.rank, "dp_rank": topo.dp_rank, "logging": topo.is_logging_rank, "read_files": read_files,
-              "loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
-              "loss_scale": [r.get("loss_scale") for r in records], "params": trainer.num_params}
+    result = {
+        "rank": topo.rank,
+        "dp_rank": topo.dp_rank,
+        "logging": topo.is_logging_rank,
+        "read_files": read_files,
+        "loss": [r["loss"] for r in records],
+        "grad_norm": [r["grad_norm"] for r in records],
+        "loss_scale": [r.get("loss_scale") for r in records],
+        "params": trainer.num_params,
+    }
     if trainer.zero is not None:
         result["optimizer_bytes"] = trainer.zero.optimizer_state_bytes()
         result["weight_bytes"] = trainer.zero.weight_bytes()
@@ -182,12 +215,14 @@ def _files_read(names: list[str]):
 
 
 def _job_worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     result = train_job(job)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -196,8 +231,12 @@ def _job_worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
 def run_job(overrides: list[str], *, world: int, last: int = 3, **job) -> list[dict]:
     """Spawn `world` ranks; every rank's result, logging rank first."""
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_job_worker, args=(world, free_port(), {"overrides": overrides, "last": last, **job}, out),
-                 nprocs=world, join=True)
+        mp.spawn(
+            _job_worker,
+            args=(world, free_port(), {"overrides": overrides, "last": last, **job}, out),
+            nprocs=world,
+            join=True,
+        )
         results = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
     return sorted(results, key=lambda r: not r["logging"])
 

@@ -6,6 +6,7 @@
 # - pip: pretrain with its test and kernels extras (triton, ~300 MB: its kernels are checked on
 #   CPU under TRITON_INTERPRET=1), CPU torch pinned by constraints.txt; DeepSpeed without
 #   prebuilt C++ ops (DS_BUILD_OPS=0).
+# - ruff (lint + format check, ruff.toml) before any test.
 # - tests/slurm/cluster_up.sh starts the SLURM cluster the sbatch tests submit to; it is
 #   stopped again when the suite ends.
 set -euo pipefail
@@ -35,6 +36,10 @@ DS_BUILD_OPS=0 "$PY" -m pip install -q -c constraints.txt -e ".[test,kernels]"
 # torch finds ninja on PATH; pip puts it beside this Python, which may not be on PATH yet.
 PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
 export PATH
+
+# Lint and format first (ruff.toml): seconds, and a failure names file and line.
+"$PY" -m ruff check .
+"$PY" -m ruff format --check .
 
 started_cluster=0
 if [ ! -f "${PRETRAIN_SLURM_DIR:-/tmp/pretrain-slurm}/started" ]; then started_cluster=1; fi

@@ -11,9 +11,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_activation_memory_bench_measures_28_plus_4t():
-    result = subprocess.run([sys.executable, "bench/activation_memory.py", "--tp", "1", "2", "--hidden", "64",
-                             "--heads", "4", "--seq", "32", "--layers", "2", "--vocab", "200"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/activation_memory.py",
+            "--tp",
+            "1",
+            "2",
+            "--hidden",
+            "64",
+            "--heads",
+            "4",
+            "--seq",
+            "32",
+            "--layers",
+            "2",
+            "--vocab",
+            "200",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("RESULT activation_memory bytes_per_layer_coef=")

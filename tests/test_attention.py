@@ -13,8 +13,15 @@ from pretrain.data.loader import causal_lm_collate, with_document_segments
 from pretrain.models.attention import attention, check_backend, document_offsets
 from pretrain.models.gpt import GPT
 
-LLAMA = {"flavour": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
-         "vocab_size": 300, "seq_length": 48}
+LLAMA = {
+    "flavour": "llama",
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "vocab_size": 300,
+    "seq_length": 48,
+}
 
 
 def test_segments_number_documents_with_their_end_token():
@@ -46,7 +53,8 @@ def test_document_mask_in_training_loss_and_grads():
     tokens = torch.randint(1, 300, (2, 48))
     tokens[:, 20] = 0
     segments = with_document_segments(causal_lm_collate, 0)(
-        torch.cat([tokens, tokens[:, :1]], dim=1).numpy(), np.zeros(2))["segments"]
+        torch.cat([tokens, tokens[:, :1]], dim=1).numpy(), np.zeros(2)
+    )["segments"]
     loss = model(tokens, labels=tokens, segments=segments)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
@@ -55,6 +63,7 @@ def test_document_mask_in_training_loss_and_grads():
 def _fake_flash_attn():
     """A stand-in for the flash-attn package with its documented semantics ([b, s, heads, d]
     layout, GQA by head groups, varlen over cumulative offsets), computed with plain torch."""
+
     def reference(q, k, v, causal):  # [s, heads, d] x [s, kv, d]
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -82,8 +91,11 @@ def test_flash_attn_backend_layout_and_documents(monkeypatch):
     stand-in package (no GPU here)."""
     monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn())
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 24, 16, generator=g), torch.randn(2, 2, 24, 16, generator=g), \
-        torch.randn(2, 2, 24, 16, generator=g)
+    q, k, v = (
+        torch.randn(2, 4, 24, 16, generator=g),
+        torch.randn(2, 2, 24, 16, generator=g),
+        torch.randn(2, 2, 24, 16, generator=g),
+    )
     segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 3 + [1] * 3 + [2] * 18])
     for segs in (None, segments):
         for causal in (True, False):
@@ -135,8 +147,11 @@ def test_cpu_query_blocks_equal_one_causal_call(s, kv_heads, monkeypatch):
     grad_out = torch.randn(2, 4, s, 32, generator=g)
     calls = []
     real_sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
-                        lambda *a, **kw: calls.append(a[0].shape[2]) or real_sdpa(*a, **kw))
+    monkeypatch.setattr(
+        attention_module.F,
+        "scaled_dot_product_attention",
+        lambda *a, **kw: calls.append(a[0].shape[2]) or real_sdpa(*a, **kw),
+    )
     out = attention(q, k, v)
     assert calls == [min(128, s - start) for start in range(0, s, 128)]  # the block path ran
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
@@ -173,9 +188,11 @@ def test_gqa_with_document_mask_copies_kv_to_query_heads_where_asked(causal, mon
     calls = []
     real_sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(attention_module, "_expand_kv_for_mask", lambda q: True)
-    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: calls.append((k.shape[1], kw.get("enable_gqa"))) or
-                        real_sdpa(q, k, v, **kw))
+    monkeypatch.setattr(
+        attention_module.F,
+        "scaled_dot_product_attention",
+        lambda q, k, v, **kw: calls.append((k.shape[1], kw.get("enable_gqa"))) or real_sdpa(q, k, v, **kw),
+    )
     got = attention(q, k, v, causal=causal, segments=segments)
     grads = torch.autograd.grad(got, (q, k, v), grad_out)
     assert calls == [(6, False)]  # K/V at the query heads' count, no enable_gqa
@@ -196,14 +213,16 @@ def test_document_offsets_once_per_forward(checkpointing, monkeypatch):
     real_offsets = attention_module.document_offsets
     monkeypatch.setattr(attention_module, "document_offsets", lambda s: calls.append(1) or real_offsets(s))
     model_config = {**LLAMA, "num_layers": 3, "activation_checkpointing": checkpointing}
-    config = config_from_dict({"model": {**model_config, "attention_backend": "flash_attn"},
-                               "train": {"precision": "bf16"}}).model
+    config = config_from_dict(
+        {"model": {**model_config, "attention_backend": "flash_attn"}, "train": {"precision": "bf16"}}
+    ).model
     flash = GPT(config, init_seed=5)
     sdpa = GPT(config_from_dict({"model": model_config}).model, init_seed=5)
     tokens = torch.randint(1, 300, (2, 48), generator=torch.Generator().manual_seed(2))
     tokens[0, 10], tokens[1, 30] = 0, 0
     segments = with_document_segments(causal_lm_collate, 0)(
-        torch.cat([tokens, tokens[:, :1]], dim=1).numpy(), np.zeros(2))["segments"]
+        torch.cat([tokens, tokens[:, :1]], dim=1).numpy(), np.zeros(2)
+    )["segments"]
     losses = []
     for model in (flash, sdpa):
         loss = model(tokens, labels=tokens, segments=segments)

@@ -15,15 +15,34 @@ def bench(*args: str) -> str:
 
 
 def test_gpu_train_dry_run_on_cpu():
-    out = bench("bench/gpu_train.py", "--device", "cpu", "--config", "configs/gpt_tiny.yaml", "--precision", "fp32",
-                "--micro-batch", "2", "--accumulation", "1", "--steps", "4", "--warmup", "2", "--seq", "64",
-                "--variants", "eager")
+    out = bench(
+        "bench/gpu_train.py",
+        "--device",
+        "cpu",
+        "--config",
+        "configs/gpt_tiny.yaml",
+        "--precision",
+        "fp32",
+        "--micro-batch",
+        "2",
+        "--accumulation",
+        "1",
+        "--steps",
+        "4",
+        "--warmup",
+        "2",
+        "--seq",
+        "64",
+        "--variants",
+        "eager",
+    )
     assert "RESULT gpu_train_gpt_tiny_eager tokens_per_s=" in out
 
 
 def test_checkpoint_bench_small():
-    out = bench("bench/checkpoint.py", "--hidden", "128", "--layers", "1", "--vocab", "1000", "--repeats", "1",
-                "--steps", "8")
+    out = bench(
+        "bench/checkpoint.py", "--hidden", "128", "--layers", "1", "--vocab", "1000", "--repeats", "1", "--steps", "8"
+    )
     for name in ("checkpoint_save", "checkpoint_load", "checkpoint_async_stall"):
         assert f"RESULT {name} " in out
 
@@ -31,8 +50,25 @@ def test_checkpoint_bench_small():
 def test_zero_comm_bench_small():
     """ZeRO-1 with TP2 + SP at DP2: the gradient reduction runs during the last backward (only
     the last bucket after it), and the SP gradients are summed in one TP all-reduce per step."""
-    out = bench("bench/zero_comm.py", "--layouts", "tp2_sp_dp2", "--layers", "2", "--hidden", "64", "--heads", "4",
-                "--vocab", "500", "--seq", "32", "--bucket-mb", "0.05", "--steps", "1")
+    out = bench(
+        "bench/zero_comm.py",
+        "--layouts",
+        "tp2_sp_dp2",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--vocab",
+        "500",
+        "--seq",
+        "32",
+        "--bucket-mb",
+        "0.05",
+        "--steps",
+        "1",
+    )
     fields = dict(f.split("=") for f in out.split("RESULT zero_comm ", 1)[1].split())
     assert float(fields["tp2_sp_dp2_after_share"]) < 0.5
     assert fields["tp2_sp_dp2_tp_allreduce_backward"] == "1"

@@ -105,7 +105,9 @@ def test_blended_dataset_reads_and_caches(three, tmp_path):
     np.testing.assert_array_equal(source, train.dataset_index)  # each sample from its dataset
     for d, comp in enumerate(train.datasets):  # ... and it is that dataset's next sample
         np.testing.assert_array_equal(batch[source == d], comp.get_batch(np.arange((source == d).sum())))
-    again = build_datasets(text, seq_length=12, seed=5, split_ratios=(90, 10, 0), num_samples={"train": 400, "valid": 20})
+    again = build_datasets(
+        text, seq_length=12, seed=5, split_ratios=(90, 10, 0), num_samples={"train": 400, "valid": 20}
+    )
     assert not again["train"].built_index
     np.testing.assert_array_equal(again["train"].get_batch(np.arange(len(train))), batch)
     cache = os.path.join(os.path.dirname(three[0]), "index-cache")
@@ -116,12 +118,15 @@ def test_blended_dataset_reads_and_caches(three, tmp_path):
 
 
 def test_build_datasets_split_and_count_rules(three):
-    ds = build_datasets(three[0], seq_length=8, seed=1, split_ratios=(80, 20, 0),
-                        num_samples={"train": 50, "valid": None})
+    ds = build_datasets(
+        three[0], seq_length=8, seed=1, split_ratios=(80, 20, 0), num_samples={"train": 50, "valid": None}
+    )
     assert isinstance(ds["train"], GPTDataset) and len(ds["train"]) >= 50
     assert ds["valid"].num_samples is None  # None: one epoch
     assert ds["test"] is None  # ratio 0
-    ds = build_datasets(three[0], seq_length=8, seed=1, split_ratios=(80, 10, 10), num_samples={"train": 50, "valid": 0})
+    ds = build_datasets(
+        three[0], seq_length=8, seed=1, split_ratios=(80, 10, 10), num_samples={"train": 50, "valid": 0}
+    )
     assert ds["valid"] is None and ds["test"] is None  # 0 or missing: not wanted
     with pytest.raises(ValueError, match="unknown splits"):
         build_datasets(three[0], seq_length=8, seed=1, split_ratios=(1, 0, 0), num_samples={"validation": 3})
@@ -136,14 +141,19 @@ def test_build_datasets_split_and_count_rules(three):
 def _rank(rank: int, text: str, barrier, out, fail: bool) -> None:
     try:
         ds = build_datasets(
-            text, seq_length=10 if not fail else 100_000, seed=3, split_ratios=(1, 0, 0),
-            num_samples={"train": 300 if not fail else None}, is_builder=rank == 0, barrier=barrier.wait,
+            text,
+            seq_length=10 if not fail else 100_000,
+            seed=3,
+            split_ratios=(1, 0, 0),
+            num_samples={"train": 300 if not fail else None},
+            is_builder=rank == 0,
+            barrier=barrier.wait,
             wait_seconds=2,
         )
         train = ds["train"]
         built = train.built_index or any(c.built_index for c in getattr(train, "datasets", []))
         out.put((rank, built, train.get_batch(np.arange(len(train))).tobytes(), None))
-    except Exception as exc:  # noqa: BLE001 - reported to the test
+    except Exception as exc:
         out.put((rank, None, None, f"{type(exc).__name__}: {exc}"))
 
 
@@ -183,8 +193,15 @@ def test_non_builders_without_barrier_wait_for_the_cache(three, tmp_path):
     out = ctx.Queue()
 
     def waiter() -> None:
-        ds = build_datasets(three[0], seq_length=6, seed=2, split_ratios=(1, 0, 0), num_samples={"train": 100},
-                            is_builder=False, wait_seconds=30)
+        ds = build_datasets(
+            three[0],
+            seq_length=6,
+            seed=2,
+            split_ratios=(1, 0, 0),
+            num_samples={"train": 100},
+            is_builder=False,
+            wait_seconds=30,
+        )
         out.put(ds["train"].get_batch(np.arange(100)).tobytes())
 
     proc = ctx.Process(target=waiter)

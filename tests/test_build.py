@@ -12,10 +12,23 @@ from pretrain.models.gpt import GPT, Stage
 from pretrain.parallel.tensor import TensorParallelLayers
 
 MODELS = {
-    "llama": {"flavour": "llama", "num_layers": 3, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
-              "vocab_size": 300, "seq_length": 32},
-    "gpt2": {"flavour": "gpt2", "num_layers": 3, "hidden_size": 64, "num_heads": 4, "vocab_size": 300,
-             "seq_length": 32},
+    "llama": {
+        "flavour": "llama",
+        "num_layers": 3,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "vocab_size": 300,
+        "seq_length": 32,
+    },
+    "gpt2": {
+        "flavour": "gpt2",
+        "num_layers": 3,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "vocab_size": 300,
+        "seq_length": 32,
+    },
 }
 
 
@@ -82,7 +95,12 @@ def test_model_build_bench_runs_small():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "bench/model_build.py", "--layers", "1", "--hidden", "128", "--vocab", "500"],
-                         cwd=root, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "bench/model_build.py", "--layers", "1", "--hidden", "128", "--vocab", "500"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RESULT model_build params_m=" in out.stdout

@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import (Checkpointer, CheckpointError, SavedCheckpoint, load_checkpoint, load_model,
-                                 resolve_checkpoint, save_checkpoint)
+from pretrain.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    SavedCheckpoint,
+    load_checkpoint,
+    load_model,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from pretrain.checkpoint import files as ckfiles
 from pretrain.config import config_from_dict
 from pretrain.models.gpt import GPT
@@ -36,8 +43,9 @@ def setup(**checkpoint):
 
 
 def save(root, step, config, model, optimizer):
-    return save_checkpoint(root, step=step, model=model, optimizer=optimizer, config=config,
-                           train_state={"consumed_samples": 8 * step})
+    return save_checkpoint(
+        root, step=step, model=model, optimizer=optimizer, config=config, train_state={"consumed_samples": 8 * step}
+    )
 
 
 def optimizer_states(optimizer):
@@ -59,8 +67,12 @@ def test_save_load_round_trip(tmp_path, async_save):
     assert path == tmp_path / "step_5" and (tmp_path / "latest").read_text().strip() == "step_5"
     assert resolve_checkpoint(tmp_path) == path
     assert sorted(p.name for p in path.iterdir()) == [
-        "config.yaml", "meta.json", "model_tp0_pp0_part0.safetensors", "optimizer_tp0_pp0_part0.safetensors",
-        "rng_rank0.pt"]
+        "config.yaml",
+        "meta.json",
+        "model_tp0_pp0_part0.safetensors",
+        "optimizer_tp0_pp0_part0.safetensors",
+        "rng_rank0.pt",
+    ]
     loaded, loaded_config = load_model(tmp_path)
     assert loaded_config == config
     for name, p in loaded.named_parameters():  # the snapshot, not the weights changed afterwards
@@ -136,8 +148,9 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     bigger = config_from_dict({"model": {**MODEL, "num_layers": 2}})
     model2 = GPT(bigger.model)
     with pytest.raises(CheckpointError, match=r"model.num_layers: checkpoint 1, this run 2"):
-        load_checkpoint(path, model=model2, optimizer=build_optimizer(model2.parameters(), bigger.optimizer),
-                        config=bigger)
+        load_checkpoint(
+            path, model=model2, optimizer=build_optimizer(model2.parameters(), bigger.optimizer), config=bigger
+        )
 
     weights = path / "model_tp0_pp0_part0.safetensors"
     data = weights.read_bytes()
@@ -225,8 +238,13 @@ def test_kill_at_random_moments_leaves_a_loadable_latest(tmp_path):
     last, published = 0, []
     for trial in range(8):
         mode = "async" if trial % 2 else "sync"
-        proc = subprocess.Popen([sys.executable, str(script), str(root), mode, str(last + 1)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(root), mode, str(last + 1)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
         time.sleep(rng.uniform(0.05, 0.6))
         proc.send_signal(signal.SIGKILL)

@@ -18,13 +18,19 @@ from pretrain.checkpoint.guard import DirectoryLock, check_no_overwrite
 from tests.test_faults import table_row
 
 ROOT = Path(__file__).resolve().parents[1]
-TAKE_LOCK = ("import sys, time; sys.path.insert(0, {root!r}); from pretrain.checkpoint.guard import DirectoryLock; "
-             "DirectoryLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(float(sys.argv[2]))")
+TAKE_LOCK = (
+    "import sys, time; sys.path.insert(0, {root!r}); from pretrain.checkpoint.guard import DirectoryLock; "
+    "DirectoryLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(float(sys.argv[2]))"
+)
 
 
 def _take_lock_in_another_process(path: Path, hold_s: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", TAKE_LOCK.format(root=str(ROOT)), str(path), str(hold_s)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", TAKE_LOCK.format(root=str(ROOT)), str(path), str(hold_s)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "locked", proc.stderr.read()
     return proc
 
@@ -96,15 +102,34 @@ def test_a_run_never_overwrites_later_checkpoints(tmp_path):
 
 # -- through the trainer: python -m pretrain.train as a user runs it --------------------------------
 
-TINY = ["model.num_layers=1", "model.hidden_size=32", "model.num_heads=2", "model.seq_length=32",
-        "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=0", "logging.tensorboard=false",
-        "logging.peak_tflops=1", "checkpoint.interval=2", "checkpoint.async_save=false"]
+TINY = [
+    "model.num_layers=1",
+    "model.hidden_size=32",
+    "model.num_heads=2",
+    "model.seq_length=32",
+    "train.micro_batch_size=2",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "logging.tensorboard=false",
+    "logging.peak_tflops=1",
+    "checkpoint.interval=2",
+    "checkpoint.async_save=false",
+]
 
 
 def train(data, tmp_path, *overrides, wait=True):
-    command = [sys.executable, "-m", "pretrain.train", "configs/gpt_tiny.yaml", f"data.path={data['prefix']}",
-               f"data.tokenizer={data['tokenizer']}", f"checkpoint.dir={tmp_path}/ckpt",
-               f"logging.dir={tmp_path}/logs", *TINY, *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain.train",
+        "configs/gpt_tiny.yaml",
+        f"data.path={data['prefix']}",
+        f"data.tokenizer={data['tokenizer']}",
+        f"checkpoint.dir={tmp_path}/ckpt",
+        f"logging.dir={tmp_path}/logs",
+        *TINY,
+        *overrides,
+    ]
     if not wait:
         return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -119,8 +144,12 @@ def test_trainer_resumes_without_latest_and_refuses_to_overwrite(stdlib_data, tm
     assert "no 'latest' pointer; resuming from the newest complete checkpoint" in resumed.stderr
     assert "resumed from" in resumed.stdout and "at step 4" in resumed.stdout
     assert (tmp_path / "ckpt/latest").read_text().strip() == "step_6"
-    table_row("a missing `latest`", "`latest` deleted beside step_2 and step_4", "at start",
-              "resumed from step_4 with a warning, trained to step 6")
+    table_row(
+        "a missing `latest`",
+        "`latest` deleted beside step_2 and step_4",
+        "at start",
+        "resumed from step_4 with a warning, trained to step 6",
+    )
     # Starting over (checkpoint.resume=none) would write step_2 .. step_6 over the saved ones.
     fresh = train(stdlib_data, tmp_path, "train.steps=6", "checkpoint.resume=none")
     assert fresh.returncode == 2 and "would overwrite them" in fresh.stderr, fresh.stderr[-2000:]
@@ -143,6 +172,9 @@ def test_a_second_run_on_the_same_directory_is_refused(stdlib_data, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    table_row("a second run on the same checkpoint.dir", "the same command started while a run trains",
-              f"{refused_after:.1f} s after its start (the lock, before any process group)",
-              "second run refused with code 2 naming host and pid; the first one trains on")
+    table_row(
+        "a second run on the same checkpoint.dir",
+        "the same command started while a run trains",
+        f"{refused_after:.1f} s after its start (the lock, before any process group)",
+        "second run refused with code 2 naming host and pid; the first one trains on",
+    )

@@ -14,11 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from parallel_harness import free_port
-from pretrain.checkpoint import (Checkpointer, CheckpointError, CheckpointSaveError, CorruptCheckpointError,
-                                 checkpoint_candidates, find_resume_checkpoint, load_checkpoint, load_model,
-                                 load_newest_intact, reshard_checkpoint, save_checkpoint)
+
+from pretrain.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointSaveError,
+    CorruptCheckpointError,
+    checkpoint_candidates,
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_model,
+    load_newest_intact,
+    reshard_checkpoint,
+    save_checkpoint,
+)
 from pretrain.config import config_from_dict
 from pretrain.models.gpt import GPT
 from pretrain.optim import build_optimizer
@@ -70,6 +80,7 @@ def assert_same(a: dict, b: dict) -> None:
 
 # -- checksums ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("async_save", [False, True])
 def test_every_file_has_its_checksum_in_meta(tmp_path, async_save):
     config, model, optimizer = setup()
@@ -96,8 +107,9 @@ def test_every_file_has_its_checksum_in_meta(tmp_path, async_save):
 @pytest.mark.parametrize("name", [MODEL_FILE, OPTIMIZER_FILE, "rng_rank0.pt", "config.yaml"])
 def test_a_flipped_byte_raises_corrupt_checkpoint_error_naming_the_file(tmp_path, name):
     config, model, optimizer = setup()
-    path = save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, config=config,
-                           train_state={"consumed_samples": 8})
+    path = save_checkpoint(
+        tmp_path, step=1, model=model, optimizer=optimizer, config=config, train_state={"consumed_samples": 8}
+    )
     if name == "config.yaml":  # a change YAML still reads: only the checksum can tell
         text = (path / name).read_text()
         (path / name).write_text(text.replace("seed: 1234", "seed: 1235", 1))
@@ -140,17 +152,20 @@ def test_checkpoints_without_checksums_still_load(tmp_path):
 
 # -- falling back ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad", [MODEL_FILE, OPTIMIZER_FILE, "rng_rank0.pt"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, bad):
     """The damaged file is found after the weights (optimizer) or everything else (RNG) were
     already loaded from it: the fallback must overwrite all of that."""
     config, model, optimizer = setup()
-    save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, config=config,
-                    train_state={"consumed_samples": 8})
+    save_checkpoint(
+        tmp_path, step=1, model=model, optimizer=optimizer, config=config, train_state={"consumed_samples": 8}
+    )
     train_step(model, optimizer)
     torch.rand(5)  # a different RNG state in step 2
-    save_checkpoint(tmp_path, step=2, model=model, optimizer=optimizer, config=config,
-                    train_state={"consumed_samples": 16})
+    save_checkpoint(
+        tmp_path, step=2, model=model, optimizer=optimizer, config=config, train_state={"consumed_samples": 16}
+    )
     flip_byte(tmp_path / "step_2" / bad)
 
     candidates = checkpoint_candidates(tmp_path, find_resume_checkpoint(str(tmp_path), "auto"))
@@ -175,8 +190,13 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
         flip_byte(tmp_path / f"step_{step}" / MODEL_FILE)
     said = []
     with pytest.raises(CheckpointError, match="no intact checkpoint") as caught:
-        load_newest_intact(checkpoint_candidates(tmp_path, tmp_path / "step_2"), model=model, optimizer=optimizer,
-                           config=config, warn=said.append)
+        load_newest_intact(
+            checkpoint_candidates(tmp_path, tmp_path / "step_2"),
+            model=model,
+            optimizer=optimizer,
+            config=config,
+            warn=said.append,
+        )
     assert not isinstance(caught.value, CorruptCheckpointError)
     assert len(said) == 2 and "step_1" in str(caught.value) and "step_2" in str(caught.value)
     # Not damage: a different model fails at once, without trying older checkpoints.
@@ -187,6 +207,7 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
 
 
 # -- failed saves -------------------------------------------------------------------------------
+
 
 def fail_with(monkeypatch, where: str, error: OSError, times: int) -> dict:
     """Make the saver's write (or publish) raise `error` the next `times` calls."""
@@ -210,12 +231,15 @@ def leftovers(root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-@pytest.mark.parametrize("where, error", [
-    ("write_safetensors", OSError(28, "No space left on device")),
-    ("publish", PermissionError(13, "Permission denied")),
-], ids=["disk_full", "permission"])
-def test_a_failed_save_is_reported_keeps_latest_and_is_retried(tmp_path, monkeypatch, capfd, async_save, where,
-                                                               error):
+@pytest.mark.parametrize(
+    "where, error",
+    [
+        ("write_safetensors", OSError(28, "No space left on device")),
+        ("publish", PermissionError(13, "Permission denied")),
+    ],
+    ids=["disk_full", "permission"],
+)
+def test_a_failed_save_is_reported_keeps_latest_and_is_retried(tmp_path, monkeypatch, capfd, async_save, where, error):
     config, model, optimizer = setup()
     saver = Checkpointer(tmp_path, config, async_save=async_save)
     saver.save(1, model=model, optimizer=optimizer, train_state={})
@@ -279,11 +303,13 @@ def test_a_failed_last_save_raises_at_finish(tmp_path, monkeypatch, async_save):
 
 # -- two ranks ----------------------------------------------------------------------------------
 
+
 def _two_ranks(rank: int, port: int, root: str, out: str) -> None:
     """TP 2: each rank reads its own tensor files. Only rank 1's file of step 2 is damaged:
     both ranks must fall back to step 1. Then a save fails on rank 1 only."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -302,8 +328,11 @@ def _two_ranks(rank: int, port: int, root: str, out: str) -> None:
         with torch.no_grad():
             for p in params:
                 p.fill_(value)
-                optimizer.state[p] = {"step": torch.tensor(value), "exp_avg": torch.full_like(p, value),
-                                      "exp_avg_sq": torch.full_like(p, value)}
+                optimizer.state[p] = {
+                    "step": torch.tensor(value),
+                    "exp_avg": torch.full_like(p, value),
+                    "exp_avg_sq": torch.full_like(p, value),
+                }
 
     reports: list[str] = []
     saver = Checkpointer(root, config, topo, async_save=True, report=reports.append)
@@ -326,9 +355,14 @@ def _two_ranks(rank: int, port: int, root: str, out: str) -> None:
     files.Checksums.check = recording
     set_all(7.0)
     said: list[str] = []
-    chosen, meta = load_newest_intact(checkpoint_candidates(root, Path(root, "step_2")), model=chunks,
-                                      optimizer=optimizer, config=config, topo=topo,
-                                      warn=said.append if rank == 0 else None)
+    chosen, meta = load_newest_intact(
+        checkpoint_candidates(root, Path(root, "step_2")),
+        model=chunks,
+        optimizer=optimizer,
+        config=config,
+        topo=topo,
+        warn=said.append if rank == 0 else None,
+    )
     files.Checksums.check = check
     loaded = all(bool(torch.all(p == 1.0)) and bool(torch.all(optimizer.state[p]["exp_avg"] == 1.0)) for p in params)
 
@@ -342,8 +376,13 @@ def _two_ranks(rank: int, port: int, root: str, out: str) -> None:
         saver_module.write_safetensors = failing
     saver.save(3, model=chunks, optimizer=optimizer, train_state={"consumed_samples": 3})
     saver.wait()
-    first = {"failures": saver.failures, "last_error": saver.last_error, "reports": list(reports),
-             "latest": Path(root, "latest").read_text().strip(), "leftovers": leftovers(Path(root))}
+    first = {
+        "failures": saver.failures,
+        "last_error": saver.last_error,
+        "reports": list(reports),
+        "latest": Path(root, "latest").read_text().strip(),
+        "leftovers": leftovers(Path(root)),
+    }
     saver.save(4, model=chunks, optimizer=optimizer, train_state={"consumed_samples": 4})
     try:
         saver.wait()
@@ -351,8 +390,15 @@ def _two_ranks(rank: int, port: int, root: str, out: str) -> None:
     except CheckpointSaveError as e:
         second = str(e)
     saver_module.write_safetensors = real
-    result = {"chosen": str(chosen), "step": meta["step"], "said": said, "loaded": loaded,
-              "verified": sorted(set(verified)), "first": first, "second": second}
+    result = {
+        "chosen": str(chosen),
+        "step": meta["step"],
+        "said": said,
+        "loaded": loaded,
+        "verified": sorted(set(verified)),
+        "first": first,
+        "second": second,
+    }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
@@ -369,8 +415,12 @@ def test_two_ranks_fall_back_together_and_agree_on_failed_saves(tmp_path):
     assert len(r0["said"]) == 1 and bad in r0["said"][0] and "rank 1" in r0["said"][0] and r1["said"] == []
     # Each rank verified only the files it read (its own TP rank's, its RNG, the config): at 128
     # ranks nobody reads the whole checkpoint.
-    assert r0["verified"] == ["config.yaml", "model_tp0_pp0_part0.safetensors", "optimizer_tp0_pp0_part0.safetensors",
-                              "rng_rank0.pt"]
+    assert r0["verified"] == [
+        "config.yaml",
+        "model_tp0_pp0_part0.safetensors",
+        "optimizer_tp0_pp0_part0.safetensors",
+        "rng_rank0.pt",
+    ]
     assert "model_tp0_pp0_part0.safetensors" not in r1["verified"] and "rng_rank0.pt" not in r1["verified"]
 
     for r in (r0, r1):

@@ -13,7 +13,13 @@ CONFIGS = sorted(glob.glob("configs/*.yaml"))
 
 def test_shipped_configs_load():
     assert {c.split("/")[-1] for c in CONFIGS} >= {
-        "gpt_tiny.yaml", "gpt_125m.yaml", "gpt_1.3b.yaml", "gpt_13b.yaml", "llama_tiny.yaml", "llama_1b.yaml"}
+        "gpt_tiny.yaml",
+        "gpt_125m.yaml",
+        "gpt_1.3b.yaml",
+        "gpt_13b.yaml",
+        "llama_tiny.yaml",
+        "llama_1b.yaml",
+    }
     for path in CONFIGS:
         config = load_config(path)
         assert config.model.padded_vocab_size % (128 * config.parallel.tensor) == 0
@@ -29,9 +35,18 @@ def test_13b_shape_and_padded_vocab():
 
 
 def test_overrides_are_typed():
-    c = load_config("configs/gpt_tiny.yaml", [
-        "train.steps=40", "optimizer.lr=1e-4", "model.dropout=0.1", "parallel.sequence_parallel=false",
-        "data.path=0.3 a 0.7 b", "train.global_batch_size=16", "train.exit_after_minutes=null"])
+    c = load_config(
+        "configs/gpt_tiny.yaml",
+        [
+            "train.steps=40",
+            "optimizer.lr=1e-4",
+            "model.dropout=0.1",
+            "parallel.sequence_parallel=false",
+            "data.path=0.3 a 0.7 b",
+            "train.global_batch_size=16",
+            "train.exit_after_minutes=null",
+        ],
+    )
     assert c.train.steps == 40 and isinstance(c.train.steps, int)
     assert c.optimizer.lr == pytest.approx(1e-4) and isinstance(c.optimizer.lr, float)
     assert c.model.dropout == 0.1
@@ -43,26 +58,29 @@ def test_overrides_are_typed():
     assert (c.data.tokenizer, c.checkpoint.dir, c.train.steps) == ("1e5", "2020-01-01", 100)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["train.stepz=3"], "train.stepz"),
-    (["trian.steps=3"], "trian"),
-    (["train.steps=abc"], "train.steps"),
-    (["train.steps=1.5"], "train.steps"),
-    (["model.flavour=bert"], "model.flavour"),
-    (["model.num_heads=3"], "model.hidden_size"),
-    (["model.flavour=llama", "model.num_kv_heads=3"], "model.num_kv_heads"),
-    (["model.num_kv_heads=2"], "model.num_kv_heads"),  # GQA needs the llama flavour
-    (["model.max_position_embeddings=128"], "model.seq_length"),
-    (["model.dropout=1.5"], "model.dropout"),
-    (["parallel.tensor=3"], "parallel.tensor"),
-    (["parallel.pipeline=3"], "model.num_layers"),
-    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
-    (["train.global_batch_size=12"], "train.global_batch_size"),
-    (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
-    (["schedule.decay=step"], "schedule.decay"),
-    (["data.split=a,b"], "data.split"),
-    (["steps"], "key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.stepz=3"], "train.stepz"),
+        (["trian.steps=3"], "trian"),
+        (["train.steps=abc"], "train.steps"),
+        (["train.steps=1.5"], "train.steps"),
+        (["model.flavour=bert"], "model.flavour"),
+        (["model.num_heads=3"], "model.hidden_size"),
+        (["model.flavour=llama", "model.num_kv_heads=3"], "model.num_kv_heads"),
+        (["model.num_kv_heads=2"], "model.num_kv_heads"),  # GQA needs the llama flavour
+        (["model.max_position_embeddings=128"], "model.seq_length"),
+        (["model.dropout=1.5"], "model.dropout"),
+        (["parallel.tensor=3"], "parallel.tensor"),
+        (["parallel.pipeline=3"], "model.num_layers"),
+        (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
+        (["train.global_batch_size=12"], "train.global_batch_size"),
+        (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
+        (["schedule.decay=step"], "schedule.decay"),
+        (["data.split=a,b"], "data.split"),
+        (["steps"], "key=value"),
+    ],
+)
 def test_bad_configs_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         load_config("configs/gpt_tiny.yaml", overrides)
@@ -91,8 +109,18 @@ def test_derived_defaults():
 
 def test_cli_rejects_bad_override_before_training(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "pretrain.train", "configs/gpt_tiny.yaml", "model.num_heads=5",
-         f"logging.dir={tmp_path}/logs"], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "pretrain.train",
+            "configs/gpt_tiny.yaml",
+            "model.num_heads=5",
+            f"logging.dir={tmp_path}/logs",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "model.hidden_size" in result.stderr and "num_heads=5" in result.stderr
     assert "step" not in result.stdout  # nothing trained

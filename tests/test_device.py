@@ -26,9 +26,16 @@ def gpus(monkeypatch):
 
 
 def srun_env(local_rank: int, tasks_per_node: int) -> dict:
-    return {"SLURM_PROCID": str(8 + local_rank), "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16",
-            "SLURM_LOCALID": str(local_rank), "SLURM_NODEID": "1",
-            "SLURM_STEP_TASKS_PER_NODE": f"{tasks_per_node}(x2)", "MASTER_ADDR": "n1", "SLURM_JOB_ID": "7"}
+    return {
+        "SLURM_PROCID": str(8 + local_rank),
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "16",
+        "SLURM_LOCALID": str(local_rank),
+        "SLURM_NODEID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": f"{tasks_per_node}(x2)",
+        "MASTER_ADDR": "n1",
+        "SLURM_JOB_ID": "7",
+    }
 
 
 def test_every_task_sees_all_gpus_picks_its_local_rank(gpus):
@@ -43,8 +50,9 @@ def test_a_task_with_its_own_gpu_uses_cuda_0(gpus):
     local_rank % count agreed here, but DeepSpeed's cuda:LOCAL_RANK did not)."""
     calls = gpus(1)
     launch = discover(srun_env(5, 8))
-    assert pick_device("cuda", local_rank=launch.local_rank,
-                       local_world_size=launch.local_world_size) == torch.device("cuda", 0)
+    assert pick_device("cuda", local_rank=launch.local_rank, local_world_size=launch.local_world_size) == torch.device(
+        "cuda", 0
+    )
     assert calls == [0]
 
 

@@ -34,7 +34,8 @@ def test_spike_rule_waits_for_a_full_window_then_flags_only_real_jumps():
     assert feed(guard, [10.0, 9.0, 30.0, 8.0]) == [None] * 4
     window = [10.0, 9.0, 30.0, 8.0]
     assert spike_threshold(window, sigmas=3.0, min_increase=0.1) == pytest.approx(
-        14.25 + 3 * math.sqrt(sum((x - 14.25) ** 2 for x in window) / 4))
+        14.25 + 3 * math.sqrt(sum((x - 14.25) ** 2 for x in window) / 4)
+    )
     guard = DivergenceGuard(FaultsConfig(spike_window=4, spike_sigmas=3.0, spike_min_increase=0.1))
     feed(guard, [4.0, 4.02, 3.98, 4.0])  # std 0.014: 3 sigma would be 4.04
     assert guard.loss_problem(4.3) is None  # below the 10 % floor (4.4): ordinary noise late in training
@@ -86,8 +87,11 @@ def test_slow_ranks_are_those_above_factor_times_the_median():
 def test_faults_section_validates_itself():
     from pretrain.config import ConfigError, config_from_dict
 
-    for bad, key in [("faults.spike_window=0", "faults.spike_window"), ("faults.max_bad_steps=0", "faults.max_bad_steps"),
-                     ("faults.straggler_factor=1.0", "faults.straggler_factor"),
-                     ("faults.max_rollbacks=-1", "faults.max_rollbacks")]:
+    for bad, key in [
+        ("faults.spike_window=0", "faults.spike_window"),
+        ("faults.max_bad_steps=0", "faults.max_bad_steps"),
+        ("faults.straggler_factor=1.0", "faults.straggler_factor"),
+        ("faults.max_rollbacks=-1", "faults.max_rollbacks"),
+    ]:
         with pytest.raises(ConfigError, match=key):
             config_from_dict({}, [bad])

@@ -54,9 +54,16 @@ def test_cli_yaml_list_exits_2(tmp_path):
 def _meta_without(tmp_path: Path, *missing: str) -> Path:
     from pretrain.checkpoint.files import FORMAT_VERSION
 
-    meta = {"format_version": FORMAT_VERSION, "step": 10, "layout": {"tensor": 1, "pipeline": 1, "data": 1},
-            "world_size": 1, "parts": 1, "has_optimizer": True, "has_rng": True,
-            "train_state": {"consumed_samples": 80}}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": 10,
+        "layout": {"tensor": 1, "pipeline": 1, "data": 1},
+        "world_size": 1,
+        "parts": 1,
+        "has_optimizer": True,
+        "has_rng": True,
+        "train_state": {"consumed_samples": 80},
+    }
     for key in missing:
         meta.pop(key)
     step_dir = tmp_path / "ck" / "step_10"
@@ -135,8 +142,18 @@ def test_truncated_safetensors_is_named(tmp_path, keep):
 
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-                                                "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100}))
+    (hf / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["GPT2LMHeadModel"],
+                "model_type": "gpt2",
+                "n_embd": 64,
+                "n_layer": 2,
+                "n_head": 4,
+                "vocab_size": 100,
+            }
+        )
+    )
     save_file({"transformer.wte.weight": torch.zeros(100, 64)}, str(hf / "model.safetensors"))
     data = (hf / "model.safetensors").read_bytes()
     (hf / "model.safetensors").write_bytes(data[:keep])
@@ -161,8 +178,15 @@ def test_preprocess_refuses_an_unwritable_output_directory_before_tokenizing(tmp
     corpus.write_text('{"text": "hello"}\n')
     out = _unwritable_directory(tmp_path)
     # The tokenizer path does not exist: the output check must come first, before it is loaded.
-    result = run_cli("tools/preprocess_data.py", "--input", str(corpus), "--output-prefix", str(out / "data"),
-                     "--tokenizer", str(tmp_path / "no_such.model"))
+    result = run_cli(
+        "tools/preprocess_data.py",
+        "--input",
+        str(corpus),
+        "--output-prefix",
+        str(out / "data"),
+        "--tokenizer",
+        str(tmp_path / "no_such.model"),
+    )
     assert_clear_error(result, f"cannot write in the directory {out}", "writable location")
     assert "no_such.model" not in result.stderr
 
@@ -174,17 +198,23 @@ def test_check_output_directory_creates_a_missing_one(tmp_path):
     assert list((tmp_path / "new").iterdir()) == []  # the probe leaves nothing behind
 
 
-@pytest.mark.parametrize("script", ["pretrain_gpt_125m.sh", "pretrain_gpt_1.3b.sh", "pretrain_gpt_13b.sh",
-                                    "preprocess_data.sh"])
+@pytest.mark.parametrize(
+    "script", ["pretrain_gpt_125m.sh", "pretrain_gpt_1.3b.sh", "pretrain_gpt_13b.sh", "preprocess_data.sh"]
+)
 def test_slurm_script_submitted_from_elsewhere_says_what_to_do(tmp_path, script):
     """sbatch runs a spool copy of the script with SLURM_SUBMIT_DIR = where sbatch was run."""
     spool_copy = tmp_path / "slurm_script"
     spool_copy.write_text((ROOT / "slurm" / script).read_text())
     env = {k: v for k, v in os.environ.items() if k != "PRETRAIN_ROOT"}
-    env.update(SLURM_SUBMIT_DIR=str(tmp_path), PRETRAIN_INPUTS="x", PRETRAIN_OUTPUT_DIR=str(tmp_path / "o"),
-               PRETRAIN_TOKENIZER="t")
-    result = subprocess.run(["bash", str(spool_copy)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=60)
+    env.update(
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        PRETRAIN_INPUTS="x",
+        PRETRAIN_OUTPUT_DIR=str(tmp_path / "o"),
+        PRETRAIN_TOKENIZER="t",
+    )
+    result = subprocess.run(
+        ["bash", str(spool_copy)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2, result.stderr
     assert "No such file or directory" not in result.stderr
     assert "submit from the pretrain checkout" in result.stderr and "PRETRAIN_ROOT=/path/to/checkout" in result.stderr
@@ -200,8 +230,19 @@ def test_cli_training_on_ids_beyond_the_vocabulary_exits_2(tmp_path):
     with IndexedDatasetWriter(prefix, dtype=np.int32) as writer:
         for d in range(40):
             writer.add_document(np.full(50, 300 + d, dtype=np.int32))  # every id >= 256
-    result = run_cli("-m", "pretrain.train", "configs/gpt_tiny.yaml", f"data.path={prefix}", "data.tokenizer=",
-                     "model.vocab_size=256", "train.steps=2", "train.eval_interval=0", "train.device=cpu",
-                     f"logging.dir={tmp_path}/logs", "logging.tensorboard=false", "checkpoint.dir=",
-                     "logging.peak_tflops=1")
+    result = run_cli(
+        "-m",
+        "pretrain.train",
+        "configs/gpt_tiny.yaml",
+        f"data.path={prefix}",
+        "data.tokenizer=",
+        "model.vocab_size=256",
+        "train.steps=2",
+        "train.eval_interval=0",
+        "train.device=cpu",
+        f"logging.dir={tmp_path}/logs",
+        "logging.tensorboard=false",
+        "checkpoint.dir=",
+        "logging.peak_tflops=1",
+    )
     assert_clear_error(result, f"{prefix}.bin, document", "outside the model's vocabulary [0, 256)")

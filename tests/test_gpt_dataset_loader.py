@@ -347,8 +347,10 @@ def test_resume_with_a_different_dp_size_keeps_the_global_stream(numbered, old_d
     global_batch = 12
 
     def steps(dp: int, consumed: int, count: int) -> list[set[bytes]]:
-        loaders = [SampleLoader(ds, micro_batch_size=mbs, seed=7, dp_rank=r, dp_size=dp, consumed_samples=consumed)
-                   for r in range(dp)]
+        loaders = [
+            SampleLoader(ds, micro_batch_size=mbs, seed=7, dp_rank=r, dp_size=dp, consumed_samples=consumed)
+            for r in range(dp)
+        ]
         out = []
         for _ in range(count):
             seen = set()

@@ -38,9 +38,16 @@ def megatron_build(blend: list[str], *, seq_length: int, seed: int, split: str, 
         from megatron.core.datasets.utils import get_blend_from_list
 
         config = GPTDatasetConfig(
-            random_seed=seed, sequence_length=seq_length, blend=get_blend_from_list(blend), split=split,
-            tokenizer=MegatronTokenizer(), reset_position_ids=False, reset_attention_mask=False,
-            eod_mask_loss=False, create_attention_mask=False, path_to_cache=cache,
+            random_seed=seed,
+            sequence_length=seq_length,
+            blend=get_blend_from_list(blend),
+            split=split,
+            tokenizer=MegatronTokenizer(),
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+            path_to_cache=cache,
         )
         return BlendedMegatronDatasetBuilder(MegatronGPTDataset, sizes, lambda: True, config).build()
 
@@ -74,11 +81,17 @@ def write_random(prefix: str, rng: np.random.Generator, n: int, max_len: int, dt
 def test_same_samples_as_megatron_gpt_dataset(tmp_path, seq_length, sizes):
     prefix = str(tmp_path / "data")
     write_random(prefix, np.random.default_rng(seq_length), n=400, max_len=60)
-    theirs = megatron_build([prefix], seq_length=seq_length, seed=1234, split="80,15,5", sizes=sizes,
-                            cache=str(tmp_path / "megatron"))
-    ours = build_datasets(prefix, seq_length=seq_length, seed=1234, split_ratios=(80, 15, 5),
-                          num_samples=dict(zip(("train", "valid", "test"), sizes, strict=True)),
-                          cache_dir=str(tmp_path / "ours"))
+    theirs = megatron_build(
+        [prefix], seq_length=seq_length, seed=1234, split="80,15,5", sizes=sizes, cache=str(tmp_path / "megatron")
+    )
+    ours = build_datasets(
+        prefix,
+        seq_length=seq_length,
+        seed=1234,
+        split_ratios=(80, 15, 5),
+        num_samples=dict(zip(("train", "valid", "test"), sizes, strict=True)),
+        cache_dir=str(tmp_path / "ours"),
+    )
     for split, mine, ref in zip(("train", "valid", "test"), ours.values(), theirs, strict=True):
         assert isinstance(mine, GPTDataset)
         assert len(mine) == len(ref), split
@@ -93,10 +106,17 @@ def test_same_samples_on_real_preprocessed_text(stdlib_data, tmp_path):
     """The stdlib corpus, tokenized by our tools: megatron reads our files and agrees sample by sample."""
     prefix = stdlib_data["prefix"]
     sizes = [2000, 50, None]
-    theirs = megatron_build([prefix], seq_length=256, seed=7, split="98,2,0", sizes=sizes,
-                            cache=str(tmp_path / "megatron"))
-    ours = build_datasets(prefix, seq_length=256, seed=7, split_ratios=(98, 2, 0),
-                          num_samples={"train": 2000, "valid": 50}, cache_dir=str(tmp_path / "ours"))
+    theirs = megatron_build(
+        [prefix], seq_length=256, seed=7, split="98,2,0", sizes=sizes, cache=str(tmp_path / "megatron")
+    )
+    ours = build_datasets(
+        prefix,
+        seq_length=256,
+        seed=7,
+        split_ratios=(98, 2, 0),
+        num_samples={"train": 2000, "valid": 50},
+        cache_dir=str(tmp_path / "ours"),
+    )
     assert theirs[2] is None and ours["test"] is None
     for mine, ref in ((ours["train"], theirs[0]), (ours["valid"], theirs[1])):
         assert len(mine) == len(ref)
@@ -118,17 +138,26 @@ def test_blend_components_are_megatrons_and_draw_their_share(tmp_path, monkeypat
     text = " ".join(f"{w} {p}" for w, p in zip(weights, prefixes, strict=True))
     sizes = [1000, 100, 0]  # megatron wants a size for every split of a weighted blend
     blend_list = [x for w, p in zip(weights, prefixes, strict=True) for x in (str(w), p)]
-    theirs = megatron_build(blend_list, seq_length=24, seed=3, split="90,10,0", sizes=sizes,
-                            cache=str(tmp_path / "megatron"))
-    ours = build_datasets(text, seq_length=24, seed=3, split_ratios=(90, 10, 0),
-                          num_samples={"train": 1000, "valid": 100}, cache_dir=str(tmp_path / "ours"))
+    theirs = megatron_build(
+        blend_list, seq_length=24, seed=3, split="90,10,0", sizes=sizes, cache=str(tmp_path / "megatron")
+    )
+    ours = build_datasets(
+        text,
+        seq_length=24,
+        seed=3,
+        split_ratios=(90, 10, 0),
+        num_samples={"train": 1000, "valid": 100},
+        cache_dir=str(tmp_path / "ours"),
+    )
     for mine, ref, size in ((ours["train"], theirs[0], 1000), (ours["valid"], theirs[1], 100)):
         assert isinstance(mine, BlendedDataset)
         assert len(mine) == len(ref) == sum(math.ceil(size * w) for w in weights)
         for component, ref_component, w in zip(mine.datasets, ref.datasets, weights, strict=True):
             # Each component is the dataset megatron builds for it: same size request, same samples.
-            assert component.num_samples == ref_component.num_samples == math.ceil(
-                math.ceil(size * w) * (1 + COMPONENT_SURPLUS)
+            assert (
+                component.num_samples
+                == ref_component.num_samples
+                == math.ceil(math.ceil(size * w) * (1 + COMPONENT_SURPLUS))
             )
             assert len(component) == len(ref_component)
             everything = np.arange(len(ref_component))

@@ -25,8 +25,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     from pretrain.parallel.zero import groups_time_out_after
 
     # The default group's own timeout is long, so only the groups' timeouts can end the waits.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=30)
+    )
     # Each layout puts both ranks in different groups of the grid.
     topo = build_topology(tp=1, pp=1, dp=2, timeout_minutes=TIMEOUT_MIN)
     tp2 = build_topology(tp=2, pp=1, dp=1, timeout_minutes=TIMEOUT_MIN)
@@ -35,9 +36,15 @@ def _worker(rank: int, port: int, out: str) -> None:
     saver = Checkpointer(Path(out) / "ckpt", config, topo)
     with groups_time_out_after(TIMEOUT_MIN):
         deepspeed_like = dist.new_group([0, 1])  # as deepspeed.comm creates its groups
-    groups = {"dp": topo.dp_group, "tp": tp2.tp_group, "model": tp2.model_group, "pp": pp2.pp_group,
-              "embedding": pp2.embedding_group, "checkpoint": saver.group,
-              "deepspeed": deepspeed_like}
+    groups = {
+        "dp": topo.dp_group,
+        "tp": tp2.tp_group,
+        "model": tp2.model_group,
+        "pp": pp2.pp_group,
+        "embedding": pp2.embedding_group,
+        "checkpoint": saver.group,
+        "deepspeed": deepspeed_like,
+    }
     waited = {}
     for name, group in groups.items():
         if rank == 0:  # rank 1 never joins: rank 0's collective must time out

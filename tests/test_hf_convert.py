@@ -28,12 +28,35 @@ QUIET = {"log": lambda message: None}
 # Grouped-query llama with an odd vocabulary larger than the tokenizer's (2000): the 47 padding
 # rows of the 2048-row embedding must be dropped, the one real id beyond the tokenizer kept.
 MODELS = {
-    "llama": {"flavour": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
-              "vocab_size": 2001, "seq_length": 32, "rope_theta": 50000.0, "norm_eps": 1e-6},
-    "gpt2": {"flavour": "gpt2", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 2000,
-             "seq_length": 32},
-    "llama_tied": {"flavour": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 2000,
-                   "seq_length": 32, "tie_embeddings": True, "ffn_hidden_size": 96},
+    "llama": {
+        "flavour": "llama",
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "vocab_size": 2001,
+        "seq_length": 32,
+        "rope_theta": 50000.0,
+        "norm_eps": 1e-6,
+    },
+    "gpt2": {
+        "flavour": "gpt2",
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "vocab_size": 2000,
+        "seq_length": 32,
+    },
+    "llama_tied": {
+        "flavour": "llama",
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "vocab_size": 2000,
+        "seq_length": 32,
+        "tie_embeddings": True,
+        "ffn_hidden_size": 96,
+    },
 }
 
 
@@ -45,8 +68,9 @@ def load_tool(name):
 
 
 def run_tool(name, *args):
-    return subprocess.run([sys.executable, f"tools/{name}.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, f"tools/{name}.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def make_checkpoint(root, model, tokenizer):
@@ -81,8 +105,9 @@ def exported(stdlib_data, tmp_path_factory):
 
 
 def hf_model(path):
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                                    output_loading_info=True)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 
@@ -116,7 +141,7 @@ def test_export_matches_our_logits_and_greedy_samples(name, exported, stdlib_dat
     prompt = load_tokenizer(stdlib_data["tokenizer"]).encode("def main(argv):\n    ")
     mine = generate(ours, prompt, max_new_tokens=8, temperature=0, stop_token=2)
     with torch.no_grad():
-        hf_ids = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8)[0, len(prompt):]
+        hf_ids = theirs.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8)[0, len(prompt) :]
     assert hf_ids.tolist() == mine
 
 
@@ -126,8 +151,13 @@ def test_exported_tokenizer_encodes_like_ours(exported, stdlib_data):
     theirs = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
     corpus = Path(stdlib_data["prefix"]).parent / "corpus.jsonl"
     texts = [json.loads(line)["text"][:3000] for line in corpus.read_text().splitlines()[:8]]
-    texts += ["    if x == 10:\n\t\treturn 'héllo 世界 🐍'\n", "  two leading spaces", "digits 1234567890",
-              "special pieces as text: <s> </s> <pad> <mask> <unk>", ""]
+    texts += [
+        "    if x == 10:\n\t\treturn 'héllo 世界 🐍'\n",
+        "  two leading spaces",
+        "digits 1234567890",
+        "special pieces as text: <s> </s> <pad> <mask> <unk>",
+        "",
+    ]
     for text in texts:
         assert theirs.encode(text) == ours.encode(text), text[:80]
         assert theirs.decode(ours.encode(text)) == ours.decode(ours.encode(text))
@@ -141,12 +171,30 @@ def test_unigram_sentencepiece_tokenizer(stdlib_data, tmp_path):
 
     corpus = Path(stdlib_data["prefix"]).parent / "corpus.jsonl"
     (tmp_path / "small.jsonl").write_text("\n".join(corpus.read_text().splitlines()[:20]) + "\n")
-    subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", tmp_path / "small.jsonl", "--output",
-                    tmp_path / "uni", "--vocab-size", "400", "--model-type", "unigram"], cwd=ROOT, check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/train_tokenizer.py",
+            "--input",
+            tmp_path / "small.jsonl",
+            "--output",
+            tmp_path / "uni",
+            "--vocab-size",
+            "400",
+            "--model-type",
+            "unigram",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     (tmp_path / "hf").mkdir()
-    assert export_tokenizer(str(tmp_path / "uni.model"), tmp_path / "hf", max_length=64) == {"bos": 1, "eos": 2,
-                                                                                              "pad": 3}
+    assert export_tokenizer(str(tmp_path / "uni.model"), tmp_path / "hf", max_length=64) == {
+        "bos": 1,
+        "eos": 2,
+        "pad": 3,
+    }
     ours = load_tokenizer(str(tmp_path / "uni.model"))
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
     for text in ["def f(x):\n    return x + 1\n", "x<0x41>y <0x0A>", "a<unk>b </s><s>", "<mask><pad>", "é中😀"]:
@@ -211,9 +259,17 @@ def test_import_of_a_transformers_model(flavour, tmp_path):
     TP=2 x PP=2 and gives its logits."""
     torch.manual_seed(0)
     if flavour == "llama":
-        config = transformers.LlamaConfig(vocab_size=1001, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                          rope_theta=123456.0, rms_norm_eps=1e-5)
+        config = transformers.LlamaConfig(
+            vocab_size=1001,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            rope_theta=123456.0,
+            rms_norm_eps=1e-5,
+        )
         model = transformers.LlamaForCausalLM(config)
     else:
         config = transformers.GPT2Config(vocab_size=1001, n_embd=64, n_layer=2, n_head=4, n_positions=64)
@@ -232,9 +288,19 @@ def test_import_of_a_transformers_model(flavour, tmp_path):
 
 
 def train_overrides(step_dir, stdlib_data, run_dir):
-    return [f"data.path={stdlib_data['prefix']}", f"checkpoint.resume={step_dir}", f"checkpoint.dir={run_dir}",
-            "train.steps=2", "train.micro_batch_size=2", "train.eval_interval=0", "logging.tensorboard=false",
-            "logging.peak_tflops=1", "optimizer.lr=1e-6", "optimizer.min_lr=0", "checkpoint.async_save=false"]
+    return [
+        f"data.path={stdlib_data['prefix']}",
+        f"checkpoint.resume={step_dir}",
+        f"checkpoint.dir={run_dir}",
+        "train.steps=2",
+        "train.micro_batch_size=2",
+        "train.eval_interval=0",
+        "logging.tensorboard=false",
+        "logging.peak_tflops=1",
+        "optimizer.lr=1e-6",
+        "optimizer.min_lr=0",
+        "checkpoint.async_save=false",
+    ]
 
 
 def test_imported_checkpoint_trains(exported, stdlib_data, tmp_path):
@@ -283,10 +349,20 @@ def test_export_errors(exported, tmp_path, capsys):
 
 
 def test_export_refuses_a_masked_lm(stdlib_data, tmp_path, capsys):
-    config = config_from_dict({"model": {**MODELS["gpt2"], "bidirectional": True},
-                               "data": {"objective": "masked", "tokenizer": stdlib_data["tokenizer"]}})
-    save_checkpoint(tmp_path / "ckpt", step=1, model=GPT(config.model, init_seed=0), optimizer=None, config=config,
-                    train_state={"consumed_samples": 0})
+    config = config_from_dict(
+        {
+            "model": {**MODELS["gpt2"], "bidirectional": True},
+            "data": {"objective": "masked", "tokenizer": stdlib_data["tokenizer"]},
+        }
+    )
+    save_checkpoint(
+        tmp_path / "ckpt",
+        step=1,
+        model=GPT(config.model, init_seed=0),
+        optimizer=None,
+        config=config,
+        train_state={"consumed_samples": 0},
+    )
     tool = load_tool("convert_to_hf")
     assert tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
@@ -304,8 +380,18 @@ def test_export_without_tokenizer_warns(tmp_path, capsys):
 def test_import_refuses_pickles(tmp_path, capsys):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-                                                "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 100}))
+    (hf / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["GPT2LMHeadModel"],
+                "model_type": "gpt2",
+                "n_embd": 64,
+                "n_layer": 2,
+                "n_head": 4,
+                "vocab_size": 100,
+            }
+        )
+    )
     (hf / "pytorch_model.bin").write_bytes(b"not unpickled")
     assert load_tool("convert_from_hf").main(["--input", str(hf), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -313,26 +399,42 @@ def test_import_refuses_pickles(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"head_dim": 32}, "head_dim"),
-    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"head_dim": 32}, "head_dim"),
+        ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type"),
+    ],
+)
 def test_unsupported_llama_features_name_the_key(change, key):
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-              "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 100,
+    }
     model_fields_from_hf(config)
     with pytest.raises(HFConversionError, match=key):
         model_fields_from_hf({**config, **change})
 
 
 def test_unsupported_gpt2_features_and_weight_overrides(exported, tmp_path):
-    gpt2 = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
-            "vocab_size": 100}
+    gpt2 = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 4,
+        "vocab_size": 100,
+    }
     with pytest.raises(HFConversionError, match="activation_function"):
         model_fields_from_hf({**gpt2, "activation_function": "gelu"})
     with pytest.raises(HFConversionError, match="scale_attn_by_inverse_layer_idx"):
@@ -360,13 +462,17 @@ def test_export_refuses_non_finite_weights_unless_allowed(stdlib_data, tmp_path,
     with torch.no_grad():
         model.blocks["0"].mlp.fc2.weight[0, :3] = float("nan")  # a diverged run's weights
         model.final_norm.weight[0] = float("inf")
-    save_checkpoint(tmp_path / "ckpt", step=3, model=model, optimizer=None, config=config,
-                    train_state={"consumed_samples": 0})
+    save_checkpoint(
+        tmp_path / "ckpt", step=3, model=model, optimizer=None, config=config, train_state={"consumed_samples": 0}
+    )
     tool = load_tool("convert_to_hf")
     assert tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
-    assert "holds non-finite weights (NaN or Inf) in 2 tensors" in err and "(3 of " in err and "--allow-non-finite" in err
+    assert (
+        "holds non-finite weights (NaN or Inf) in 2 tensors" in err and "(3 of " in err and "--allow-non-finite" in err
+    )
     assert not (tmp_path / "hf/model.safetensors").exists()
-    assert tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"),
-                      "--allow-non-finite"]) == 0
+    assert (
+        tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"), "--allow-non-finite"]) == 0
+    )
     assert (tmp_path / "hf/model.safetensors").is_file()

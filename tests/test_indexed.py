@@ -153,7 +153,7 @@ def good(tmp_path):
 
 
 def patch(idx: bytes, offset: int, data: bytes) -> bytes:
-    return idx[:offset] + data + idx[offset + len(data):]
+    return idx[:offset] + data + idx[offset + len(data) :]
 
 
 @pytest.mark.parametrize(
@@ -316,9 +316,9 @@ def test_merge_keeps_megatrons_multi_sequence_documents(tmp_path):
     merged = merge_datasets([theirs, ours, theirs], str(tmp_path / "merged"))
     source = MegatronDataset(theirs, multimodal=False, mmap=True)
     n_seq, n_doc = len(sentences), len(source.document_indices) - 1
-    expected_docs = np.concatenate([
-        source.document_indices, n_seq + np.arange(1, 6), n_seq + 5 + source.document_indices[1:]
-    ])
+    expected_docs = np.concatenate(
+        [source.document_indices, n_seq + np.arange(1, 6), n_seq + 5 + source.document_indices[1:]]
+    )
     np.testing.assert_array_equal(merged.document_indices, expected_docs)
     assert len(merged) == 2 * n_seq + 5 and len(merged.document_indices) == 2 * n_doc + 5 + 1
     mega = MegatronDataset(str(tmp_path / "merged"), multimodal=False, mmap=True)

@@ -63,11 +63,13 @@ def _grads(out, inputs, grad_out):
 # Each case runs `api` (the reference module, or the public kernels module in the Triton worker)
 # on inputs drawn from `seed` and returns {metric: (value, float64 truth)}.
 
+
 def case_rms_norm(api, dtype, seed):
     results = {}
     # (shape, weight dtype or None): odd widths, leading dims, the autocast mix (fp32 weight).
-    for i, (shape, wdt) in enumerate([((4, 8, 96), dtype), ((37, 127), dtype), ((2, 3, 130), torch.float32),
-                                       ((16, 72), None)]):
+    for i, (shape, wdt) in enumerate(
+        [((4, 8, 96), dtype), ((37, 127), dtype), ((2, 3, 130), torch.float32), ((16, 72), None)]
+    ):
         gen = torch.Generator().manual_seed(seed + i)
         n = shape[-1]
         x = _randn(shape, gen, dtype)
@@ -89,8 +91,14 @@ def case_rms_norm(api, dtype, seed):
 
 def case_layer_norm(api, dtype, seed):
     results = {}
-    for i, (shape, wdt, has_bias) in enumerate([((4, 8, 96), dtype, True), ((37, 127), dtype, True),
-                                                 ((2, 3, 130), torch.float32, True), ((16, 72), dtype, False)]):
+    for i, (shape, wdt, has_bias) in enumerate(
+        [
+            ((4, 8, 96), dtype, True),
+            ((37, 127), dtype, True),
+            ((2, 3, 130), torch.float32, True),
+            ((16, 72), dtype, False),
+        ]
+    ):
         gen = torch.Generator().manual_seed(seed + i)
         n = shape[-1]
         x = (3 + 2 * torch.randn(shape, generator=gen)).to(DEVICE, dtype)  # a mean far from 0
@@ -180,8 +188,7 @@ def _ce_truth(logits: torch.Tensor, labels: torch.Tensor, vocab_size, grad: torc
     padding columns."""
     vocab = logits.shape[-1] if vocab_size is None else vocab_size
     ld = logits.double().requires_grad_()
-    loss = F.cross_entropy(ld[..., :vocab].reshape(-1, vocab), labels.reshape(-1), reduction="none",
-                           ignore_index=-100)
+    loss = F.cross_entropy(ld[..., :vocab].reshape(-1, vocab), labels.reshape(-1), reduction="none", ignore_index=-100)
     (dl,) = torch.autograd.grad(loss, [ld], grad.double().reshape(-1))
     return loss.view(labels.shape), dl
 
@@ -195,8 +202,9 @@ def _labels(shape, vocab: int, gen) -> torch.Tensor:
 def case_cross_entropy(api, dtype, seed):
     results = {}
     # (logits shape, vocab_size, inplace_backward)
-    for i, (shape, vocab_size, inplace) in enumerate([((48, 250), None, False), ((2, 20, 257), 250, False),
-                                                      ((40, 257), 250, True), ((8, 5000), 4999, False)]):
+    for i, (shape, vocab_size, inplace) in enumerate(
+        [((48, 250), None, False), ((2, 20, 257), 250, False), ((40, 257), 250, True), ((8, 5000), 4999, False)]
+    ):
         gen = torch.Generator().manual_seed(seed + i)
         logits = 3 * torch.randn(shape, generator=gen)
         logits.view(-1, shape[-1])[0] += 300  # a row whose exp overflows without the max shift
@@ -247,6 +255,7 @@ def run_case(name: str, dtype_name: str, api, ref_api=None, seed=None) -> dict:
         return report
     except Exception as e:  # reported per case, so one failure does not hide the others
         import traceback
+
         return {"seed": seed, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"}
 
 
@@ -286,9 +295,10 @@ def _tp_rank(rank: int, world: int, port: int, seed: int, out_dir: str, dtype_na
         out = {}
         for i, (n, local_vocab, vocab_size) in enumerate(TP_CASES):
             full, labels, grad = _tp_inputs(i, n, local_vocab * world, vocab_size, seed, DTYPES[dtype_name])
-            shard = full[:, rank * local_vocab:(rank + 1) * local_vocab].clone().requires_grad_()
-            loss = kernels.cross_entropy(shard * 1, labels, vocab_start=rank * local_vocab,
-                                         vocab_size=vocab_size, group=dist.group.WORLD)
+            shard = full[:, rank * local_vocab : (rank + 1) * local_vocab].clone().requires_grad_()
+            loss = kernels.cross_entropy(
+                shard * 1, labels, vocab_start=rank * local_vocab, vocab_size=vocab_size, group=dist.group.WORLD
+            )
             (dshard,) = torch.autograd.grad(loss, [shard], grad)
             out[i] = (loss, dshard)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -329,10 +339,12 @@ def run_tp(dtype_name: str, seed=None) -> dict:
         return {"seed": seed, "errors": errors}
     except Exception as e:
         import traceback
+
         return {"seed": seed, "error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"}
 
 
 # ---------------------------------------------------------------- the Triton worker (subprocess)
+
 
 def _poison_empty() -> None:
     """Every torch.empty comes back NaN-filled (max int for integers): an output element a kernel
@@ -362,6 +374,7 @@ def _forbid_reference():
     def forbidden(name):
         def fn(*args, **kwargs):
             raise AssertionError(f"PRETRAIN_KERNELS=triton but kernels.{name} ran the PyTorch reference")
+
         return fn
 
     for n in names:
@@ -405,8 +418,19 @@ def model_with_kernels() -> dict:
 
     errors = {}
     for flavour, extra in (("llama", {"num_kv_heads": 1}), ("gpt2", {})):
-        config = config_from_dict({"model": {"flavour": flavour, "num_layers": 1, "hidden_size": 32, "num_heads": 2,
-                                             "vocab_size": 50, "seq_length": 8, **extra}}).model
+        config = config_from_dict(
+            {
+                "model": {
+                    "flavour": flavour,
+                    "num_layers": 1,
+                    "hidden_size": 32,
+                    "num_heads": 2,
+                    "vocab_size": 50,
+                    "seq_length": 8,
+                    **extra,
+                }
+            }
+        ).model
         tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
         results = {}
         for mode in ("torch", "triton"):
@@ -448,8 +472,10 @@ def cuda_worker() -> int:
             worst_ref = max(report["vs_ref"].values())
             ok = worst < TOL[DTYPES[dt]] and worst_ref < TOL[DTYPES[dt]]
             failed += not ok
-            print(f"{name:14s} {dt}  max err vs float64 {worst:.2e}  vs reference {worst_ref:.2e}  "
-                  f"{'ok' if ok else 'FAIL'}  (seed {report['seed']})")
+            print(
+                f"{name:14s} {dt}  max err vs float64 {worst:.2e}  vs reference {worst_ref:.2e}  "
+                f"{'ok' if ok else 'FAIL'}  (seed {report['seed']})"
+            )
     print(f"{torch.cuda.get_device_name()}: {'all ok' if not failed else f'{failed} FAILED'}")
     return 1 if failed else 0
 
@@ -457,18 +483,28 @@ def cuda_worker() -> int:
 @pytest.fixture(scope="module")
 def triton_reports() -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PRETRAIN_KERNELS="triton")
-    proc = subprocess.run([sys.executable, __file__, "--worker", "triton"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=WORKER_TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", "triton"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT,
+    )
     if proc.returncode == 3:
-        pytest.fail("triton is not importable: the Triton kernels are tested under TRITON_INTERPRET=1; "
-                    "run tests/run.sh (it installs triton)\n" + proc.stderr[-2000:], pytrace=False)
+        pytest.fail(
+            "triton is not importable: the Triton kernels are tested under TRITON_INTERPRET=1; "
+            "run tests/run.sh (it installs triton)\n" + proc.stderr[-2000:],
+            pytrace=False,
+        )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     signal = " (killed by a signal: an out-of-bounds access segfaults the interpreter)" if proc.returncode < 0 else ""
     assert proc.returncode == 0 and lines, f"Triton worker failed ({proc.returncode}){signal}:\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return json.loads(lines[-1][len("RESULTS ") :])
 
 
 # ---------------------------------------------------------------- tests
+
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("name", list(CASES))
@@ -501,11 +537,17 @@ def test_triton_vocab_parallel_cross_entropy(triton_reports, dtype_name):
 def test_reference_vocab_parallel_cross_entropy():
     """2 gloo ranks, reference version (fp32; bf16 runs in the Triton worker's pair)."""
     env = dict(os.environ, PRETRAIN_KERNELS="torch")
-    proc = subprocess.run([sys.executable, __file__, "--worker", "tp-torch"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=WORKER_TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", "tp-torch"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    assert_report(json.loads(lines[-1][len("RESULTS "):]), "fp32", "reference 2-rank cross-entropy")
+    assert_report(json.loads(lines[-1][len("RESULTS ") :]), "fp32", "reference 2-rank cross-entropy")
 
 
 def test_dispatch(monkeypatch):

@@ -34,7 +34,9 @@ STAT_POINTERS = {"mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr", "max_ptr", "sums_pt
 
 def _compile_variants():
     """(label, jit function, {constexpr: value}, num_warps, data dtype, param dtype)."""
-    from pretrain.models.kernels import triton_cross_entropy as ce, triton_norms as norms, triton_rope as rope
+    from pretrain.models.kernels import triton_cross_entropy as ce
+    from pretrain.models.kernels import triton_norms as norms
+    from pretrain.models.kernels import triton_rope as rope
     from pretrain.models.kernels import triton_swiglu as sw
     from pretrain.models.kernels.triton_common import row_block, row_warps
 
@@ -98,10 +100,12 @@ def compile_worker() -> int:
                 with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                     f.write(kernel.asm["cubin"])
                     f.flush()
-                    usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True,
-                                           text=True, check=True).stdout
-                fields = dict(tok.split(":", 1) for line in usage.splitlines() if "REG:" in line
-                              for tok in line.split())
+                    usage = subprocess.run(
+                        [str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True, check=True
+                    ).stdout
+                fields = dict(
+                    tok.split(":", 1) for line in usage.splitlines() if "REG:" in line for tok in line.split()
+                )
                 reports[key] = {k: int(fields[k]) for k in ("REG", "STACK", "LOCAL", "SHARED")}
             except Exception as e:
                 reports[key] = {"error": f"{type(e).__name__}: {str(e)[-1500:]}"}
@@ -113,14 +117,21 @@ def test_triton_compiles_for_gpus():
     """Every kernel compiles for sm_90 and sm_80 at the wrappers' GPU launch configurations,
     without register spills."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PRETRAIN_KERNELS")}
-    proc = subprocess.run([sys.executable, __file__, "--worker", "compile"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=WORKER_TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", "compile"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WORKER_TIMEOUT,
+    )
     if proc.returncode == 3:
-        pytest.fail("triton is not importable: run tests/run.sh (it installs triton)\n" + proc.stderr[-2000:],
-                    pytrace=False)
+        pytest.fail(
+            "triton is not importable: run tests/run.sh (it installs triton)\n" + proc.stderr[-2000:], pytrace=False
+        )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, f"compile worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    reports = json.loads(lines[-1][len("RESULTS "):])
+    reports = json.loads(lines[-1][len("RESULTS ") :])
     failed = {k: r["error"] for k, r in reports.items() if "error" in r}
     assert not failed, f"kernels that do not compile: {failed}"
     spills = {k: r for k, r in reports.items() if r["LOCAL"] or r["STACK"]}

@@ -16,25 +16,56 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_torchrun_environment():
-    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node7",
-           "MASTER_PORT": "1234", "TORCHELASTIC_RUN_ID": "x"}
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "node7",
+        "MASTER_PORT": "1234",
+        "TORCHELASTIC_RUN_ID": "x",
+    }
     launch = discover(env)
-    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank, launch.local_world_size,
-            launch.master_addr, launch.master_port) == ("torchrun", 3, 8, 1, 2, "node7", 1234)
+    assert (
+        launch.launcher,
+        launch.rank,
+        launch.world_size,
+        launch.local_rank,
+        launch.local_world_size,
+        launch.master_addr,
+        launch.master_port,
+    ) == ("torchrun", 3, 8, 1, 2, "node7", 1234)
 
 
 def test_srun_environment_takes_master_from_the_node_list(monkeypatch):
     expanded = []
-    monkeypatch.setattr("pretrain.launch.slurm_hostnames", lambda nodelist: expanded.append(nodelist) or
-                        ["gpu001", "gpu002", "gpu003"])
+    monkeypatch.setattr(
+        "pretrain.launch.slurm_hostnames", lambda nodelist: expanded.append(nodelist) or ["gpu001", "gpu002", "gpu003"]
+    )
     monkeypatch.setattr("pretrain.launch.slurm_node_address", lambda node: f"{node}.cluster")
-    env = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "12", "SLURM_NTASKS": "12",
-           "SLURM_LOCALID": "1", "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2),4",
-           "SLURM_STEP_NODELIST": "gpu[001-003]", "SLURM_JOB_ID": "123456", "SLURMD_NODENAME": "gpu003"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "12",
+        "SLURM_NTASKS": "12",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2),4",
+        "SLURM_STEP_NODELIST": "gpu[001-003]",
+        "SLURM_JOB_ID": "123456",
+        "SLURMD_NODENAME": "gpu003",
+    }
     launch = discover(env)
     assert expanded == ["gpu[001-003]"]
-    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank, launch.local_world_size,
-            launch.master_addr, launch.node) == ("srun", 5, 12, 1, 4, "gpu001.cluster", "gpu003")
+    assert (
+        launch.launcher,
+        launch.rank,
+        launch.world_size,
+        launch.local_rank,
+        launch.local_world_size,
+        launch.master_addr,
+        launch.node,
+    ) == ("srun", 5, 12, 1, 4, "gpu001.cluster", "gpu003")
     assert launch.master_port == 20000 + 123456 % 20000  # the same on every task, and after a requeue
     assert discover({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "999"}).master_addr == "10.0.0.1"
     # The batch shell (no step) is not a training task: it runs as a single process.
@@ -50,13 +81,30 @@ def test_tasks_per_node_format():
 
 
 def test_mpirun_environments():
-    ompi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-            "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "4000"}
+    ompi = {
+        "OMPI_COMM_WORLD_RANK": "1",
+        "OMPI_COMM_WORLD_SIZE": "2",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "4000",
+    }
     launch = discover(ompi)
-    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank, launch.master_port) == \
-        ("mpirun", 1, 2, 1, 4000)
-    mpich = {"PMI_RANK": "0", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2",
-             "MASTER_ADDR": "head", "MASTER_PORT": "4000"}
+    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank, launch.master_port) == (
+        "mpirun",
+        1,
+        2,
+        1,
+        4000,
+    )
+    mpich = {
+        "PMI_RANK": "0",
+        "PMI_SIZE": "4",
+        "MPI_LOCALRANKID": "0",
+        "MPI_LOCALNRANKS": "2",
+        "MASTER_ADDR": "head",
+        "MASTER_PORT": "4000",
+    }
     assert (discover(mpich).world_size, discover(mpich).local_world_size) == (4, 2)
 
 
@@ -72,17 +120,40 @@ def test_unreachable_master_fails_within_the_timeout_naming_the_address(stdlib_d
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nobody listens there
-    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+    env = {
+        **os.environ,
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     start = time.time()
-    result = subprocess.run([sys.executable, "-m", "pretrain.train", "configs/gpt_tiny.yaml", "parallel.timeout_minutes=0.1",
-                             f"data.path={stdlib_data['prefix']}", f"data.tokenizer={stdlib_data['tokenizer']}",
-                             "model.vocab_size=2000", f"logging.dir={tmp_path}", f"checkpoint.dir={tmp_path}/ckpt"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pretrain.train",
+            "configs/gpt_tiny.yaml",
+            "parallel.timeout_minutes=0.1",
+            f"data.path={stdlib_data['prefix']}",
+            f"data.tokenizer={stdlib_data['tokenizer']}",
+            "model.vocab_size=2000",
+            f"logging.dir={tmp_path}",
+            f"checkpoint.dir={tmp_path}/ckpt",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     took = time.time() - start
     assert result.returncode == 2, result.stderr[-2000:]
-    assert f"rank 1 of 2 (torchrun, node {socket.gethostname()}) could not reach the master at 127.0.0.1:{port} " \
-           "within 0.1 min" in result.stderr
+    assert (
+        f"rank 1 of 2 (torchrun, node {socket.gethostname()}) could not reach the master at 127.0.0.1:{port} "
+        "within 0.1 min" in result.stderr
+    )
     assert took < 60
 
 
@@ -95,8 +166,13 @@ def test_train_sh_puts_the_triton_cache_on_node_local_disk_per_job(tmp_path):
     base = {k: v for k, v in os.environ.items() if k not in ("TRITON_CACHE_DIR", "SLURM_JOB_ID")}
 
     def cache_dir(**env: str) -> str:
-        return subprocess.run(["bash", str(ROOT / "launch/train.sh")], env={**base, "PYTHON": str(fake_python), **env},
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["bash", str(ROOT / "launch/train.sh")],
+            env={**base, "PYTHON": str(fake_python), **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
 
     assert cache_dir(TMPDIR="/local/job7", SLURM_JOB_ID="7", USER="ana") == "/local/job7/pretrain-triton-ana-7"
     assert cache_dir(TRITON_CACHE_DIR="/mine") == "/mine"

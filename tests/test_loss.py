@@ -70,8 +70,10 @@ def test_scratch_is_reused_but_never_while_held():
     # Two micro-batches in flight through the loss, then both backwards: each kept its own buffer.
     hidden, weight, labels = case()
     other = torch.randint(0, 1000, labels.shape, generator=torch.Generator().manual_seed(5))
-    losses = [linear_cross_entropy(hidden * (i + 1), weight, lab, vocab_size=1000, scratch=scratch)
-              for i, lab in enumerate((labels, other))]
+    losses = [
+        linear_cross_entropy(hidden * (i + 1), weight, lab, vocab_size=1000, scratch=scratch)
+        for i, lab in enumerate((labels, other))
+    ]
     sum(losses).backward()
     got = hidden.grad.clone()
     hidden.grad = None

@@ -101,7 +101,9 @@ class Data:
 
 def test_resume_and_dp_layout_give_the_same_masked_batches():
     data, collate = Data(40, 32), make()
-    single = [next(loader) for loader in [SampleLoader(data, micro_batch_size=4, seed=0, collate=collate)] for _ in range(6)]
+    single = [
+        next(loader) for loader in [SampleLoader(data, micro_batch_size=4, seed=0, collate=collate)] for _ in range(6)
+    ]
     ranks = [SampleLoader(data, micro_batch_size=2, seed=0, dp_rank=r, dp_size=2, collate=collate) for r in range(2)]
     for step in range(6):
         got = [next(loader) for loader in ranks]

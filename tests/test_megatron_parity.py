@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallel_harness import free_port  # noqa: E402
+from parallel_harness import free_port
 
 TP = 2
 ATOL, RTOL = 1e-6, 1e-5
@@ -52,11 +52,19 @@ def _full_tensors() -> dict[str, torch.Tensor]:
     # Labels on both halves of the vocabulary, so both ranks own some targets.
     labels[0, 0], labels[1, 1] = 0, VOCAB - 1
     return {
-        "col_w": rand(OUT, H), "col_b": rand(OUT), "col_x": rand(B, S, H), "col_gy": rand(B, S, OUT),
-        "row_w": rand(H, OUT), "row_b": rand(H), "row_x": rand(B, S, OUT), "row_gy": rand(B, S, H),
-        "emb_w": rand(VOCAB, H), "emb_gy": rand(B, S, H),
+        "col_w": rand(OUT, H),
+        "col_b": rand(OUT),
+        "col_x": rand(B, S, H),
+        "col_gy": rand(B, S, OUT),
+        "row_w": rand(H, OUT),
+        "row_b": rand(H),
+        "row_x": rand(B, S, OUT),
+        "row_gy": rand(B, S, H),
+        "emb_w": rand(VOCAB, H),
+        "emb_gy": rand(B, S, H),
         "tokens": torch.randint(0, VOCAB, (B, S), generator=g),
-        "logits": 3 * rand(B, S, VOCAB), "labels": labels,
+        "logits": 3 * rand(B, S, VOCAB),
+        "labels": labels,
     }
 
 
@@ -85,8 +93,9 @@ def _compare(rank: int) -> dict[str, dict]:
 
     topo = build_topology(tp=TP, pp=1, dp=1)
     assert topo.tp_rank == rank
-    config = ModelParallelConfig(tensor_model_parallel_size=TP, use_cpu_initialization=True,
-                                 perform_initialization=False)
+    config = ModelParallelConfig(
+        tensor_model_parallel_size=TP, use_cpu_initialization=True, perform_initialization=False
+    )
     full = _full_tensors()
     out: dict[str, dict] = {}
 
@@ -103,8 +112,11 @@ def _compare(rank: int) -> dict[str, dict]:
     w, b = _rows(full["col_w"], rank), _rows(full["col_b"], rank)
     gy = _rows(full["col_gy"], rank, dim=-1)
     mine = load(ours.ColumnParallelLinear(H, OUT, bias=True, stacked=1, topo=topo), weight=w, bias=b)
-    theirs = load(mtp.ColumnParallelLinear(H, OUT, config=config, init_method=no_init, bias=True,
-                                           gather_output=False), weight=w, bias=b)
+    theirs = load(
+        mtp.ColumnParallelLinear(H, OUT, config=config, init_method=no_init, bias=True, gather_output=False),
+        weight=w,
+        bias=b,
+    )
     x_ours, x_theirs = _leaf(full["col_x"]), _leaf(full["col_x"])
     y_ours = mine(x_ours)
     y_theirs, _ = theirs(x_theirs)
@@ -118,8 +130,13 @@ def _compare(rank: int) -> dict[str, dict]:
     # Row-parallel linear, input already split, bias added after the reduction.
     w, b = _rows(full["row_w"], rank, dim=1), full["row_b"]
     mine = load(ours.RowParallelLinear(OUT, H, bias=True, topo=topo), weight=w, bias=b)
-    theirs = load(mtp.RowParallelLinear(OUT, H, config=config, init_method=no_init, bias=True,
-                                        input_is_parallel=True, skip_bias_add=False), weight=w, bias=b)
+    theirs = load(
+        mtp.RowParallelLinear(
+            OUT, H, config=config, init_method=no_init, bias=True, input_is_parallel=True, skip_bias_add=False
+        ),
+        weight=w,
+        bias=b,
+    )
     x = _rows(full["row_x"], rank, dim=-1)
     x_ours, x_theirs = _leaf(x), _leaf(x)
     y_ours = mine(x_ours)
@@ -163,18 +180,20 @@ def _compare(rank: int) -> dict[str, dict]:
         out[f"cross_entropy.{case}.logits_grad"] = _diff(l_ours.grad, l_theirs.grad)
         if case == "ignore_index":  # the ignored token contributes nothing on either side
             out[f"cross_entropy.{case}.ignored_row_zero"] = {
-                "max_abs": l_ours.grad[1, 2].abs().max().item(), "scale": 0.0,
-                "ok": bool((l_ours.grad[1, 2] == 0).all()) and bool((l_theirs.grad[1, 2] == 0).all())}
+                "max_abs": l_ours.grad[1, 2].abs().max().item(),
+                "scale": 0.0,
+                "ok": bool((l_ours.grad[1, 2] == 0).all()) and bool((l_theirs.grad[1, 2] == 0).all()),
+            }
         # A dense reference for the loss too, so both could not be wrong the same way.
-        dense = torch.nn.functional.cross_entropy(full["logits"].flatten(0, 1), labels.flatten(),
-                                                  ignore_index=-100)
+        dense = torch.nn.functional.cross_entropy(full["logits"].flatten(0, 1), labels.flatten(), ignore_index=-100)
         out[f"cross_entropy.{case}.loss_vs_dense"] = _diff(loss_ours, dense)
     return out
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -211,5 +230,7 @@ def test_matches_megatron(parity, layer):
     for rank, result in enumerate(parity):
         for quantity in GROUPS[layer]:
             d = result[f"{layer}.{quantity}"]
-            assert d["ok"], (f"rank {rank} {layer} {quantity}: max |ours - megatron| = {d['max_abs']:.3e} "
-                             f"(values up to {d['scale']:.3e}; atol {ATOL}, rtol {RTOL})")
+            assert d["ok"], (
+                f"rank {rank} {layer} {quantity}: max |ours - megatron| = {d['max_abs']:.3e} "
+                f"(values up to {d['scale']:.3e}; atol {ATOL}, rtol {RTOL})"
+            )

@@ -9,6 +9,7 @@ from pretrain.metrics import MetricsLogger
 def strict_loads(line: str):
     def refuse(token):
         raise ValueError(f"non-standard JSON token {token}")
+
     return json.loads(line, parse_constant=refuse)
 
 

@@ -11,10 +11,23 @@ from pretrain.config import config_from_dict
 from pretrain.models.gpt import GPT
 
 FLAVOURS = {
-    "gpt2": {"flavour": "gpt2", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 300,
-             "seq_length": 32},
-    "llama": {"flavour": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 2,
-              "vocab_size": 300, "seq_length": 32},
+    "gpt2": {
+        "flavour": "gpt2",
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "vocab_size": 300,
+        "seq_length": 32,
+    },
+    "llama": {
+        "flavour": "llama",
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "vocab_size": 300,
+        "seq_length": 32,
+    },
 }
 
 
@@ -68,8 +81,9 @@ def naive_attention(module, x, rope):
         cos, sin = rope
 
         def rot(t):
-            t1, t2 = t[..., : d // 2], t[..., d // 2:]
+            t1, t2 = t[..., : d // 2], t[..., d // 2 :]
             return t * cos + torch.cat([-t2, t1], -1) * sin
+
         q, k = rot(q), rot(k)
     scores = q @ k.transpose(-1, -2) / math.sqrt(d)
     scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
@@ -112,7 +126,7 @@ def test_flavour_structure():
 
 def test_megatron_init():
     model = make("gpt2", num_layers=8, hidden_size=256, num_heads=4)
-    std = lambda p: p.detach().std().item()  # noqa: E731
+    std = lambda p: p.detach().std().item()
     assert std(model.blocks["0"].attn.qkv.weight) == pytest.approx(0.02, rel=0.05)
     assert std(model.blocks["0"].attn.proj.weight) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
     assert std(model.blocks["3"].mlp.fc2.weight) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)

@@ -18,10 +18,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from parallel_harness import build_trainer, free_port, make_config
-from pretrain.parallel.nccl_rules import (CommRecorder, Event, NcclRuleViolation, Op, check_nccl_rules, dump_trace,
-                                          load_trace)
+
+from pretrain.parallel.nccl_rules import (
+    CommRecorder,
+    Event,
+    NcclRuleViolation,
+    Op,
+    check_nccl_rules,
+    dump_trace,
+    load_trace,
+)
 
 # -- the checker on hand-written traces --------------------------------------------------------------
 
@@ -43,14 +50,20 @@ def wait(unit):
 
 
 def all_reduce(unit, group="1", ranks=(0, 1), nbytes=8):
-    return post(unit, Op(kind="collective", name="all_reduce", nbytes=nbytes, dtype="float32", group=group,
-                         ranks=ranks, reduce="SUM"))
+    return post(
+        unit,
+        Op(
+            kind="collective", name="all_reduce", nbytes=nbytes, dtype="float32", group=group, ranks=ranks, reduce="SUM"
+        ),
+    )
 
 
 def test_lone_sends_ahead_of_receives_deadlock():
     # Each rank sends first, then waits for the other's message: fine on gloo, a hang on NCCL.
-    traces = {0: [post(1, send(1)), post(2, recv(1)), wait(2), wait(1)],
-              1: [post(1, send(0)), post(2, recv(0)), wait(2), wait(1)]}
+    traces = {
+        0: [post(1, send(1)), post(2, recv(1)), wait(2), wait(1)],
+        1: [post(1, send(0)), post(2, recv(0)), wait(2), wait(1)],
+    }
     with pytest.raises(NcclRuleViolation, match="(?s)deadlock.*rank 0 waits for \\[recv <- rank 1"):
         check_nccl_rules(traces)
 
@@ -62,8 +75,10 @@ def test_a_batched_exchange_completes():
 
 def test_matching_ignores_tags_and_checks_sizes():
     # The first send (40 B) meets the first receive, posted for an 80-byte message.
-    traces = {0: [post(1, send(1, 40)), post(2, send(1, 80)), wait(1), wait(2)],
-              1: [post(1, recv(0, 80)), post(2, recv(0, 40)), wait(1), wait(2)]}
+    traces = {
+        0: [post(1, send(1, 40)), post(2, send(1, 80)), wait(1), wait(2)],
+        1: [post(1, recv(0, 80)), post(2, recv(0, 40)), wait(1), wait(2)],
+    }
     with pytest.raises(NcclRuleViolation, match="send #1 from rank 0 to rank 1 .*40 B.* 80 B"):
         check_nccl_rules(traces)
 
@@ -71,8 +86,10 @@ def test_matching_ignores_tags_and_checks_sizes():
 def test_a_send_waits_behind_earlier_operations_on_its_pair():
     # Rank 1 receives in the order sent, but only after a receive from rank 0 that rank 0 posts
     # after waiting for its own second send: the stream order makes this a cycle.
-    traces = {0: [post(1, send(1)), post(2, send(1)), wait(2), post(3, recv(1)), wait(3)],
-              1: [post(1, recv(0)), wait(1), post(2, send(0)), wait(2), post(3, recv(0)), wait(3)]}
+    traces = {
+        0: [post(1, send(1)), post(2, send(1)), wait(2), post(3, recv(1)), wait(3)],
+        1: [post(1, recv(0)), wait(1), post(2, send(0)), wait(2), post(3, recv(0)), wait(3)],
+    }
     with pytest.raises(NcclRuleViolation, match="deadlock"):
         check_nccl_rules(traces)
 
@@ -87,8 +104,10 @@ def test_collectives_must_come_in_the_same_order():
 
 def test_a_collective_blocks_until_every_member_joins():
     # Rank 1 waits for a message from rank 0 before the all-reduce; rank 0 sends it only after.
-    traces = {0: [all_reduce(1), wait(1), post(2, send(1)), wait(2)],
-              1: [post(1, recv(0)), wait(1), all_reduce(2), wait(2)]}
+    traces = {
+        0: [all_reduce(1), wait(1), post(2, send(1)), wait(2)],
+        1: [post(1, recv(0)), wait(1), all_reduce(2), wait(2)],
+    }
     with pytest.raises(NcclRuleViolation, match="deadlock"):
         check_nccl_rules(traces)
 
@@ -96,16 +115,23 @@ def test_a_collective_blocks_until_every_member_joins():
 def test_unmatched_send_and_group_order():
     with pytest.raises(NcclRuleViolation, match="never matched"):
         check_nccl_rules({0: [post(1, send(1))], 1: []})
-    groups = {0: [Event("new_group", ranks=(0, 1)), Event("new_group", ranks=(0,))],
-              1: [Event("new_group", ranks=(0,)), Event("new_group", ranks=(0, 1))]}
+    groups = {
+        0: [Event("new_group", ranks=(0, 1)), Event("new_group", ranks=(0,))],
+        1: [Event("new_group", ranks=(0,)), Event("new_group", ranks=(0, 1))],
+    }
     with pytest.raises(NcclRuleViolation, match="same order"):
         check_nccl_rules(groups)
 
 
 # -- real ranks ------------------------------------------------------------------------------------
 
-TINY = ["model.hidden_size=8", "model.num_heads=2", "model.vocab_size=32", "model.seq_length=4",
-        "train.micro_batch_size=1"]
+TINY = [
+    "model.hidden_size=8",
+    "model.num_heads=2",
+    "model.vocab_size=32",
+    "model.seq_length=4",
+    "train.micro_batch_size=1",
+]
 
 
 def cases(pp: int) -> list[tuple[int, int]]:
@@ -161,13 +187,18 @@ def _schedule_worker(rank: int, pp: int, port: int, which: str, out: str) -> Non
             for forward_only in (False, True):
                 with CommRecorder() as rec:
                     if which == "lone_sends":
-                        _lone_send_executor(flatten(make_schedule(topo, micro, forward_only=forward_only)), topo,
-                                            shape)
+                        _lone_send_executor(flatten(make_schedule(topo, micro, forward_only=forward_only)), topo, shape)
                     else:
                         with torch.set_grad_enabled(not forward_only):
-                            forward_backward(chunks=chunks, topo=topo, batches=_batches(micro, 0),
-                                             micro_batches=micro, autocast=lambda: torch.autocast("cpu", enabled=False),
-                                             hidden_shape=shape, forward_only=forward_only)
+                            forward_backward(
+                                chunks=chunks,
+                                topo=topo,
+                                batches=_batches(micro, 0),
+                                micro_batches=micro,
+                                autocast=lambda: torch.autocast("cpu", enabled=False),
+                                hidden_shape=shape,
+                                forward_only=forward_only,
+                            )
                 traces[f"{vp}/{micro}/{int(forward_only)}"] = dump_trace(rec.events)
     Path(out, f"rank{rank}.json").write_text(json.dumps(traces))
     dist.barrier()
@@ -208,16 +239,23 @@ def test_the_model_catches_the_old_lone_send_executor():
             verdicts[case] = "deadlock" if "deadlock" in str(e) else str(e)
     # gloo ran every case to the end; under NCCL every training step of 2+ micro-batches hangs.
     training = {case: v for case, v in verdicts.items() if case.endswith("/0")}
-    assert training == {"1/1/0": "ok", "1/2/0": "deadlock", "1/5/0": "deadlock", "2/2/0": "deadlock",
-                        "3/4/0": "deadlock", "4/6/0": "deadlock"}, verdicts
+    assert training == {
+        "1/1/0": "ok",
+        "1/2/0": "deadlock",
+        "1/5/0": "deadlock",
+        "2/2/0": "deadlock",
+        "3/4/0": "deadlock",
+        "4/6/0": "deadlock",
+    }, verdicts
 
 
 # -- a whole training step: collectives of TP, SP, DP buckets, tied embeddings and ZeRO ------------------
 
 
 def _step_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     config = make_config(overrides)
     with CommRecorder() as rec:
@@ -233,15 +271,45 @@ def _step_worker(rank: int, world: int, port: int, overrides: list[str], out: st
 # an interleaved schedule, from our hooks (plain DP) or DeepSpeed's buckets driven by ours
 # (pretrain/parallel/zero_grads.py), next to the sequence-parallel TP sums and the tied
 # embedding's sum. Their losses against single-process runs are in test_parallel/test_zero.
-@pytest.mark.parametrize("overrides, world", [
-    (["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true", "parallel.virtual_stages=2",
-      "parallel.bucket_mb=0.01"], 8),
-    (["parallel.tensor=2", "parallel.pipeline=2", "parallel.virtual_stages=2", "parallel.sequence_parallel=true",
-      "parallel.zero_stage=1", "parallel.bucket_mb=0.01"], 8),
-    (["model.flavour=llama", "model.num_kv_heads=2", "parallel.pipeline=2", "parallel.virtual_stages=2",
-      "parallel.zero_stage=2", "parallel.bucket_mb=0.01"], 4),
-    (["parallel.pipeline=2", "train.precision=bf16"], 2),
-], ids=["tp2_pp2_dp2_sp_interleaved", "zero1_tp2_pp2_dp2_sp_tied", "zero2_pp2_dp2", "pp2_bf16"])
+@pytest.mark.parametrize(
+    "overrides, world",
+    [
+        (
+            [
+                "parallel.tensor=2",
+                "parallel.pipeline=2",
+                "parallel.sequence_parallel=true",
+                "parallel.virtual_stages=2",
+                "parallel.bucket_mb=0.01",
+            ],
+            8,
+        ),
+        (
+            [
+                "parallel.tensor=2",
+                "parallel.pipeline=2",
+                "parallel.virtual_stages=2",
+                "parallel.sequence_parallel=true",
+                "parallel.zero_stage=1",
+                "parallel.bucket_mb=0.01",
+            ],
+            8,
+        ),
+        (
+            [
+                "model.flavour=llama",
+                "model.num_kv_heads=2",
+                "parallel.pipeline=2",
+                "parallel.virtual_stages=2",
+                "parallel.zero_stage=2",
+                "parallel.bucket_mb=0.01",
+            ],
+            4,
+        ),
+        (["parallel.pipeline=2", "train.precision=bf16"], 2),
+    ],
+    ids=["tp2_pp2_dp2_sp_interleaved", "zero1_tp2_pp2_dp2_sp_tied", "zero2_pp2_dp2", "pp2_bf16"],
+)
 def test_a_training_step_follows_nccl_rules(overrides, world):
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_step_worker, args=(world, free_port(), overrides, out), nprocs=world, join=True)

@@ -46,15 +46,19 @@ def test_linear_and_constant_and_decay_steps():
 
 
 def test_no_weight_decay_on_biases_and_norms():
-    model = GPT(config_from_dict({"model": {"num_layers": 1, "hidden_size": 32, "num_heads": 2,
-                                            "vocab_size": 100}}).model)
+    model = GPT(
+        config_from_dict({"model": {"num_layers": 1, "hidden_size": 32, "num_heads": 2, "vocab_size": 100}}).model
+    )
     optimizer = build_optimizer(model.parameters(), OptimizerConfig(weight_decay=0.1))
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim == 2 for p in decay["params"])
-    assert {names[id(p)] for p in no_decay["params"]} >= {"blocks.0.attn.qkv.bias", "blocks.0.norm1.weight",
-                                                          "final_norm.bias"}
+    assert {names[id(p)] for p in no_decay["params"]} >= {
+        "blocks.0.attn.qkv.bias",
+        "blocks.0.norm1.weight",
+        "final_norm.bias",
+    }
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
@@ -65,4 +69,6 @@ def test_clip_returns_norm_before_clipping():
     assert grad_norm_and_clip(params, max_norm=1.0, topo=single_process()) == pytest.approx(5.0)
     total = torch.cat([p.grad for p in params]).norm().item()
     assert total == pytest.approx(1.0, rel=1e-5)
-    assert grad_norm_and_clip(params, max_norm=0.0, topo=single_process()) == pytest.approx(1.0, rel=1e-5)  # 0 disables clipping
+    assert grad_norm_and_clip(params, max_norm=0.0, topo=single_process()) == pytest.approx(
+        1.0, rel=1e-5
+    )  # 0 disables clipping

@@ -6,7 +6,6 @@ allow 2e-5 absolute on the loss and 1e-4 relative on the gradient norm.
 """
 
 import pytest
-
 from parallel_harness import run_layout
 
 FLAVOURS = {"gpt2": [], "llama": ["model.flavour=llama", "model.num_kv_heads=2"]}
@@ -17,8 +16,16 @@ LAYOUTS = {
     "pp2_interleaved": (["parallel.pipeline=2", "parallel.virtual_stages=2"], 2),
     "dp2": (["parallel.bucket_mb=0.01"], 2),  # small buckets: several per step
     "tp2_pp2": (["parallel.tensor=2", "parallel.pipeline=2"], 4),
-    "tp2_pp2_dp2": (["parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true",
-                     "parallel.virtual_stages=2", "parallel.bucket_mb=0.01"], 8),
+    "tp2_pp2_dp2": (
+        [
+            "parallel.tensor=2",
+            "parallel.pipeline=2",
+            "parallel.sequence_parallel=true",
+            "parallel.virtual_stages=2",
+            "parallel.bucket_mb=0.01",
+        ],
+        8,
+    ),
 }
 
 # llama runs every layout; gpt2 the three that cover its own paths (tied embeddings across
@@ -26,9 +33,11 @@ LAYOUTS = {
 # Attention kept within documents (data.document_attention_mask): every stage applies the mask.
 DOCUMENTS = ["data.document_attention_mask=true", "data.tokenizer=unused"]
 FLAVOURS["llama_documents"] = FLAVOURS["llama"] + DOCUMENTS
-CASES = [("llama", layout) for layout in LAYOUTS] + [("gpt2", layout) for layout in
-                                                     ("tp2_sp", "pp2_interleaved", "tp2_pp2_dp2")] + \
-    [("llama_documents", "tp2_pp2")]
+CASES = (
+    [("llama", layout) for layout in LAYOUTS]
+    + [("gpt2", layout) for layout in ("tp2_sp", "pp2_interleaved", "tp2_pp2_dp2")]
+    + [("llama_documents", "tp2_pp2")]
+)
 _reference: dict = {}
 
 

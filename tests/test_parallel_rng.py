@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from parallel_harness import free_port, make_config
 
 
@@ -33,8 +32,15 @@ def _worker(rank: int, port: int, out: str) -> None:
     # equal those without (recomputation replays the same masks).
     grads = {}
     for mode in ("none", "full"):
-        config = make_config(["model.flavour=llama", "model.num_kv_heads=2", "model.dropout=0.3",
-                              "parallel.tensor=2", f"model.activation_checkpointing={mode}"])
+        config = make_config(
+            [
+                "model.flavour=llama",
+                "model.num_kv_heads=2",
+                "model.dropout=0.3",
+                "parallel.tensor=2",
+                f"model.activation_checkpointing={mode}",
+            ]
+        )
         topo = init_distributed(config, device=torch.device("cpu"))
         (model,) = build_model_chunks(config.model, topo, init_seed=1)
         tokens = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))

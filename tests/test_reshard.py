@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from parallel_harness import make_config, run_job
+
 from pretrain.checkpoint import SavedCheckpoint, merged_state_dict, reshard_checkpoint
 
 TOL = 2e-5
@@ -30,12 +30,16 @@ def gpt2_grid(tmp_path_factory):
     return ckpt / "step_2", straight
 
 
-@pytest.mark.parametrize("layout,dp", [
-    ([], 1),                                              # one process
-    (["parallel.tensor=4"], 1),                           # TP 4: vocabulary padded to 512 rows
-    (["parallel.pipeline=2"], 1),                         # PP 2 without TP
-    (["parallel.zero_stage=1"], 4),                       # DP 4 under ZeRO-1
-], ids=["tp1_pp1", "tp4", "pp2", "dp4_zero1"])
+@pytest.mark.parametrize(
+    "layout,dp",
+    [
+        ([], 1),  # one process
+        (["parallel.tensor=4"], 1),  # TP 4: vocabulary padded to 512 rows
+        (["parallel.pipeline=2"], 1),  # PP 2 without TP
+        (["parallel.zero_stage=1"], 4),  # DP 4 under ZeRO-1
+    ],
+    ids=["tp1_pp1", "tp4", "pp2", "dp4_zero1"],
+)
 def test_tp2_pp2_dp2_resumes_at_another_layout(gpt2_grid, layout, dp):
     step_dir, straight = gpt2_grid
     resumed = run_job(layout, world=world(layout, dp), first=3, last=4, resume=str(step_dir))[0]
@@ -47,8 +51,7 @@ def test_tp2_pp2_dp2_resumes_at_another_layout(gpt2_grid, layout, dp):
 def test_zero_interleaved_llama_resumes_without_zero_and_under_zero3(tmp_path):
     """Grouped-query attention, SwiGLU; saved under ZeRO-1 with interleaved virtual stages and
     sequence parallelism, resumed on one process without ZeRO and at DP 2 under ZeRO-3."""
-    saved_at = [*LLAMA, *GRID, "parallel.virtual_stages=2", "parallel.sequence_parallel=true",
-                "parallel.zero_stage=1"]
+    saved_at = [*LLAMA, *GRID, "parallel.virtual_stages=2", "parallel.sequence_parallel=true", "parallel.zero_stage=1"]
     straight = run_job(saved_at, world=8, last=4, save=str(tmp_path), save_at=2)[0]
     for layout, dp in ((LLAMA, 1), ([*LLAMA, "parallel.zero_stage=3", "parallel.zero3_persistence_threshold=0"], 2)):
         resumed = run_job(layout, world=world(layout, dp), first=3, last=4, resume=str(tmp_path / "step_2"))[0]
@@ -59,14 +62,16 @@ def test_offline_reshard_round_trips_bit_exactly(gpt2_grid, tmp_path):
     """tools/reshard_checkpoint.py's function: TP2xPP2 -> TP4 -> TP1xPP2(x2 virtual) -> TP1:
     every weight and optimizer tensor comes back bit for bit (vocabulary padding aside)."""
     step_dir, _ = gpt2_grid
-    tp4 = reshard_checkpoint(step_dir, tmp_path / "tp4", ["parallel.tensor=4", "parallel.pipeline=1"],
-                             data_parallel=2)
-    assert sorted(p.name for p in tp4.glob("model_*")) == [f"model_tp{t}_pp0_part{d}.safetensors"
-                                                          for t in range(4) for d in range(2)]
-    pp2 = reshard_checkpoint(tp4, tmp_path / "pp2", ["parallel.tensor=1", "parallel.pipeline=2",
-                                                     "parallel.virtual_stages=2"])
-    back = reshard_checkpoint(pp2, tmp_path / "tp1", ["parallel.tensor=1", "parallel.pipeline=1",
-                                                      "parallel.virtual_stages=1"])
+    tp4 = reshard_checkpoint(step_dir, tmp_path / "tp4", ["parallel.tensor=4", "parallel.pipeline=1"], data_parallel=2)
+    assert sorted(p.name for p in tp4.glob("model_*")) == [
+        f"model_tp{t}_pp0_part{d}.safetensors" for t in range(4) for d in range(2)
+    ]
+    pp2 = reshard_checkpoint(
+        tp4, tmp_path / "pp2", ["parallel.tensor=1", "parallel.pipeline=2", "parallel.virtual_stages=2"]
+    )
+    back = reshard_checkpoint(
+        pp2, tmp_path / "tp1", ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_stages=1"]
+    )
     a, b = SavedCheckpoint(step_dir), SavedCheckpoint(back)
     assert a.names == b.names
     vocab = 250

@@ -17,17 +17,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = Path(os.environ.get("PRETRAIN_SLURM_DIR", "/tmp/pretrain-slurm"))
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sh")) + sorted((ROOT / "launch").glob("*.sh")) + [ROOT / "bench/gpu.sh"]
-TINY = ["model.vocab_size=2000", "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
-        "model.seq_length=64", "model.dropout=0.0", "train.micro_batch_size=2", "train.global_batch_size=8",
-        "train.log_interval=1", "train.eval_interval=0", "logging.tensorboard=false", "logging.peak_tflops=1"]
+TINY = [
+    "model.vocab_size=2000",
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "model.seq_length=64",
+    "model.dropout=0.0",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "logging.tensorboard=false",
+    "logging.peak_tflops=1",
+]
 
 
 @pytest.fixture(scope="session")
 def cluster():
     """The cluster's environment (SLURM_CONF); started here unless tests/run.sh already did."""
     started = not (SLURM_DIR / "started").exists()
-    up = subprocess.run(["bash", str(ROOT / "tests/slurm/cluster_up.sh")], capture_output=True, text=True,
-                        timeout=600)
+    up = subprocess.run(["bash", str(ROOT / "tests/slurm/cluster_up.sh")], capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, up.stdout + up.stderr
     yield {**os.environ, "SLURM_CONF": str(SLURM_DIR / "slurm.conf")}
     if started:
@@ -35,9 +45,15 @@ def cluster():
 
 
 def job_env(cluster, stdlib_data, run_dir, overrides):
-    return {**cluster, "PRETRAIN_CONFIG": "configs/gpt_tiny.yaml", "PRETRAIN_DATA": stdlib_data["prefix"],
-            "PRETRAIN_TOKENIZER": stdlib_data["tokenizer"], "PRETRAIN_RUN_DIR": str(run_dir),
-            "PRETRAIN_OVERRIDES": " ".join(TINY + overrides), "PYTHON": sys.executable}
+    return {
+        **cluster,
+        "PRETRAIN_CONFIG": "configs/gpt_tiny.yaml",
+        "PRETRAIN_DATA": stdlib_data["prefix"],
+        "PRETRAIN_TOKENIZER": stdlib_data["tokenizer"],
+        "PRETRAIN_RUN_DIR": str(run_dir),
+        "PRETRAIN_OVERRIDES": " ".join(TINY + overrides),
+        "PYTHON": sys.executable,
+    }
 
 
 # 2 nodes x 2 tasks, no GPUs: the 13B script's own #SBATCH lines, overridden as a user would.
@@ -62,8 +78,9 @@ def test_scripts_pass_bash_n_and_shellcheck(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     if shutil.which("shellcheck") is None:  # tests/run.sh installs it (Debian's shellcheck)
         pytest.fail("shellcheck is not installed: run the suite through tests/run.sh")
-    check = subprocess.run(["shellcheck", "-x", str(script.relative_to(ROOT))], cwd=ROOT, capture_output=True,
-                           text=True)
+    check = subprocess.run(
+        ["shellcheck", "-x", str(script.relative_to(ROOT))], cwd=ROOT, capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stdout
 
 
@@ -72,9 +89,14 @@ def straight_13b(cluster, stdlib_data, tmp_path_factory):
     """`sbatch --wait slurm/pretrain_gpt_13b.sh` on 2 nodes x 2 CPU tasks: TP 2 x DP 2, ZeRO-1."""
     run_dir = tmp_path_factory.mktemp("gpt13b_straight")
     log = run_dir / "job.out"
-    result = subprocess.run([*SBATCH, "--wait", f"--output={log}", "slurm/pretrain_gpt_13b.sh"], cwd=ROOT,
-                            env=job_env(cluster, stdlib_data, run_dir, LAYOUT), capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(
+        [*SBATCH, "--wait", f"--output={log}", "slurm/pretrain_gpt_13b.sh"],
+        cwd=ROOT,
+        env=job_env(cluster, stdlib_data, run_dir, LAYOUT),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return result, run_dir, log
 
 
@@ -97,9 +119,14 @@ def test_preempted_job_saves_requeues_resumes_and_matches(cluster, stdlib_data, 
     resume equal the uninterrupted job's."""
     _, straight_dir, _ = straight_13b
     log = tmp_path / "job.out"
-    submitted = subprocess.run([*SBATCH, "--parsable", f"--output={log}", "slurm/pretrain_gpt_13b.sh"], cwd=ROOT,
-                               env=job_env(cluster, stdlib_data, tmp_path, LAYOUT), capture_output=True, text=True,
-                               timeout=60)
+    submitted = subprocess.run(
+        [*SBATCH, "--parsable", f"--output={log}", "slurm/pretrain_gpt_13b.sh"],
+        cwd=ROOT,
+        env=job_env(cluster, stdlib_data, tmp_path, LAYOUT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     metrics = tmp_path / "logs/metrics.jsonl"
@@ -165,9 +192,14 @@ def test_killed_task_restarts_in_the_same_allocation_and_matches(cluster, stdlib
     log = tmp_path / "job.out"
     overrides = [*LAYOUT, "parallel.timeout_minutes=0.5", "train.hang_timeout_minutes=1"]
     began = time.time()
-    submitted = subprocess.run([*SBATCH, "--parsable", f"--output={log}", "slurm/pretrain_gpt_13b.sh"], cwd=ROOT,
-                               env=job_env(cluster, stdlib_data, tmp_path, overrides), capture_output=True,
-                               text=True, timeout=60)
+    submitted = subprocess.run(
+        [*SBATCH, "--parsable", f"--output={log}", "slurm/pretrain_gpt_13b.sh"],
+        cwd=ROOT,
+        env=job_env(cluster, stdlib_data, tmp_path, overrides),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
     metrics, latest = tmp_path / "logs/metrics.jsonl", tmp_path / "checkpoints/latest"
@@ -186,16 +218,20 @@ def test_killed_task_restarts_in_the_same_allocation_and_matches(cluster, stdlib
     text = log.read_text()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "0", text[-4000:]
     assert "requeueing" not in text
-    assert (f"job {job}: restart 1 of 3 in the same allocation after exit code " in text
-            and f"resuming from the latest checkpoint in {tmp_path}/checkpoints" in text), text[-4000:]
+    assert (
+        f"job {job}: restart 1 of 3 in the same allocation after exit code " in text
+        and f"resuming from the latest checkpoint in {tmp_path}/checkpoints" in text
+    ), text[-4000:]
     assert "restart 2 of 3" not in text
     resumed_at = int(re.search(rf"resumed from {tmp_path}/checkpoints/step_(\d+)", text).group(1))
     assert 10 <= resumed_at <= killed_after
     ours, theirs = losses(tmp_path), losses(straight_dir)
     assert sorted(ours) == list(range(1, 31))
     assert [ours[s] for s in range(resumed_at + 1, 31)] == [theirs[s] for s in range(resumed_at + 1, 31)]
-    print(f"killed rank 1 after step {killed_after}; resumed from step {resumed_at}; job took {took:.0f} s, "
-          f"{time.time() - killed_at:.0f} s of it after the kill")
+    print(
+        f"killed rank 1 after step {killed_after}; resumed from step {resumed_at}; job took {took:.0f} s, "
+        f"{time.time() - killed_at:.0f} s of it after the kill"
+    )
     assert took < 240
 
 
@@ -203,9 +239,14 @@ def test_configuration_error_is_not_retried(cluster, stdlib_data, tmp_path):
     """Exit code 2 (a mistake in the config) ends the job at once: no restart, no requeue."""
     log = tmp_path / "job.out"
     began = time.time()
-    result = subprocess.run([*SBATCH, "--wait", "--parsable", f"--output={log}", "slurm/pretrain_gpt_13b.sh"],
-                            cwd=ROOT, env=job_env(cluster, stdlib_data, tmp_path, [*LAYOUT, "model.num_layers=0"]),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*SBATCH, "--wait", "--parsable", f"--output={log}", "slurm/pretrain_gpt_13b.sh"],
+        cwd=ROOT,
+        env=job_env(cluster, stdlib_data, tmp_path, [*LAYOUT, "model.num_layers=0"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     took = time.time() - began
     text = log.read_text()
     job = result.stdout.strip().split(";")[0]
@@ -246,9 +287,17 @@ def stub_job(cluster, tmp_path, plan: str, **env) -> tuple[list[str], dict]:
     shutil.copy(ROOT / "slurm/lib.sh", stub / "slurm/lib.sh")
     (stub / "launch/train.sh").write_text(STUB_TRAIN)
     (stub / "launch/train.sh").chmod(0o755)
-    return ([*SBATCH, "--parsable", f"--output={tmp_path}/job.out", str(ROOT / "slurm/pretrain_gpt_13b.sh")],
-            {**cluster, "PRETRAIN_ROOT": str(stub), "PRETRAIN_RUN_DIR": str(tmp_path / "run"), "STUB_PLAN": plan,
-             "STUB_READY": str(tmp_path / "ready"), **env})
+    return (
+        [*SBATCH, "--parsable", f"--output={tmp_path}/job.out", str(ROOT / "slurm/pretrain_gpt_13b.sh")],
+        {
+            **cluster,
+            "PRETRAIN_ROOT": str(stub),
+            "PRETRAIN_RUN_DIR": str(tmp_path / "run"),
+            "STUB_PLAN": plan,
+            "STUB_READY": str(tmp_path / "ready"),
+            **env,
+        },
+    )
 
 
 def test_restart_after_each_fault_with_new_port_and_signals_still_passed_on(cluster, tmp_path):
@@ -268,8 +317,10 @@ def test_restart_after_each_fault_with_new_port_and_signals_still_passed_on(clus
     state = wait_for_end(cluster, job, log, deadline)
     text = log.read_text()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-3000:]
-    assert (f"job {job}: restart 1 of 3 in the same allocation after exit code 137 (a task killed by signal 9 "
-            f"(KILL)), resuming from the latest checkpoint in {tmp_path}/run/checkpoints") in text, text
+    assert (
+        f"job {job}: restart 1 of 3 in the same allocation after exit code 137 (a task killed by signal 9 "
+        f"(KILL)), resuming from the latest checkpoint in {tmp_path}/run/checkpoints"
+    ) in text, text
     assert f"job {job}: restart 2 of 3 in the same allocation after exit code 76 (a hang" in text
     assert "restart 3 of 3" not in text
     assert "batch shell: SIGUSR1, passing it to the training tasks" in text and "stub: SIGUSR1" in text
@@ -278,21 +329,26 @@ def test_restart_after_each_fault_with_new_port_and_signals_still_passed_on(clus
     assert ports[0] == "derived" and len({ports[0], ports[1], ports[2]}) == 3, ports
 
 
-@pytest.mark.parametrize("plan, env, code", [("77", {}, 77), ("78", {}, 78),
-                                             ("1 1 0", {"PRETRAIN_MAX_RESTARTS": "1"}, 1)],
-                         ids=["diverged", "saves-failing", "restarts-used-up"])
+@pytest.mark.parametrize(
+    "plan, env, code",
+    [("77", {}, 77), ("78", {}, 78), ("1 1 0", {"PRETRAIN_MAX_RESTARTS": "1"}, 1)],
+    ids=["diverged", "saves-failing", "restarts-used-up"],
+)
 def test_exit_code_not_retried_or_restarts_used_up(cluster, tmp_path, plan, env, code):
     command, job_env_ = stub_job(cluster, tmp_path, plan, **env)
-    result = subprocess.run([*command[:1], "--wait", *command[1:]], cwd=tmp_path, env=job_env_,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [*command[:1], "--wait", *command[1:]], cwd=tmp_path, env=job_env_, capture_output=True, text=True, timeout=120
+    )
     text = (tmp_path / "job.out").read_text()
     job = result.stdout.strip().split(";")[0]
     state = job_state(cluster, job)
     assert state["JobState"] == "FAILED" and state["ExitCode"] == f"{code}:0" and state["Restarts"] == "0", text
     if code == 1:
         assert "restart 1 of 1" in text and "restart 2" not in text
-        assert f"job {job}: training failed with exit code 1 (a crash or a timed-out collective) and all 1 " \
-               "restarts (PRETRAIN_MAX_RESTARTS) are used up" in text
+        assert (
+            f"job {job}: training failed with exit code 1 (a crash or a timed-out collective) and all 1 "
+            "restarts (PRETRAIN_MAX_RESTARTS) are used up" in text
+        )
     else:
         assert "restart 1" not in text and f"training failed with exit code {code}" in text
         assert "not restarting, a person must look" in text
@@ -308,12 +364,29 @@ def test_preprocess_job_array_over_shards(cluster, stdlib_data, tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
     for i in range(3):
-        (shards / f"part{i}.jsonl").write_text("\n".join(lines[i * 30:(i + 1) * 30]) + "\n")
-    env = {**cluster, "PRETRAIN_INPUTS": str(shards / "*.jsonl"), "PRETRAIN_OUTPUT_DIR": str(tmp_path / "out"),
-           "PRETRAIN_TOKENIZER": stdlib_data["tokenizer"], "PYTHON": sys.executable}
-    result = subprocess.run(["sbatch", "--wait", "--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/pre-%A_%a.out",
-                             "slurm/preprocess_data.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+        (shards / f"part{i}.jsonl").write_text("\n".join(lines[i * 30 : (i + 1) * 30]) + "\n")
+    env = {
+        **cluster,
+        "PRETRAIN_INPUTS": str(shards / "*.jsonl"),
+        "PRETRAIN_OUTPUT_DIR": str(tmp_path / "out"),
+        "PRETRAIN_TOKENIZER": stdlib_data["tokenizer"],
+        "PYTHON": sys.executable,
+    }
+    result = subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            "--array=0-1",
+            "--cpus-per-task=1",
+            f"--output={tmp_path}/pre-%A_%a.out",
+            "slurm/preprocess_data.sh",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     logs = "".join(p.read_text() for p in tmp_path.glob("pre-*.out"))
     assert result.returncode == 0, result.stderr + logs
     for i in range(3):
@@ -326,22 +399,49 @@ def test_preprocess_job_array_over_shards(cluster, stdlib_data, tmp_path):
 
 
 def local_run(command: list[str], stdlib_data, run_dir) -> subprocess.CompletedProcess:
-    overrides = [*TINY, "parallel.tensor=2", "train.steps=4", f"data.path={stdlib_data['prefix']}",
-                 f"data.tokenizer={stdlib_data['tokenizer']}", f"logging.dir={run_dir}/logs", f"checkpoint.dir={run_dir}/ckpt"]
+    overrides = [
+        *TINY,
+        "parallel.tensor=2",
+        "train.steps=4",
+        f"data.path={stdlib_data['prefix']}",
+        f"data.tokenizer={stdlib_data['tokenizer']}",
+        f"logging.dir={run_dir}/logs",
+        f"checkpoint.dir={run_dir}/ckpt",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
-    return subprocess.run([*command, "configs/gpt_tiny.yaml", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [*command, "configs/gpt_tiny.yaml", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_mpirun_and_torchrun_start_the_same_training(stdlib_data, tmp_path):
     mpirun = shutil.which("mpirun")
     assert mpirun, "Open MPI is not installed: run the suite through tests/run.sh"
-    by_mpi = local_run([mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "PYTHONPATH",
-                        "-x", "PYTHON", "-x", "OMP_NUM_THREADS", "launch/train.sh"], stdlib_data, tmp_path / "mpi")
+    by_mpi = local_run(
+        [
+            mpirun,
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            "2",
+            "-x",
+            "PYTHONPATH",
+            "-x",
+            "PYTHON",
+            "-x",
+            "OMP_NUM_THREADS",
+            "launch/train.sh",
+        ],
+        stdlib_data,
+        tmp_path / "mpi",
+    )
     assert by_mpi.returncode == 0, by_mpi.stdout[-2000:] + by_mpi.stderr[-3000:]
     assert "ranks 0-1 of 2 (mpirun, gloo, cpu" in by_mpi.stdout
-    by_torchrun = local_run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                             "pretrain.train"], stdlib_data, tmp_path / "torchrun")
+    by_torchrun = local_run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pretrain.train"],
+        stdlib_data,
+        tmp_path / "torchrun",
+    )
     assert by_torchrun.returncode == 0, by_torchrun.stderr[-3000:]
     assert "ranks 0-1 of 2 (torchrun, gloo, cpu" in by_torchrun.stdout
     assert losses(tmp_path / "mpi") == losses(tmp_path / "torchrun")

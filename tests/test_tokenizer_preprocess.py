@@ -58,9 +58,7 @@ def corpus(tmp_path_factory) -> tuple[str, list[str]]:
 @pytest.fixture(scope="module")
 def tokenizer_path(corpus, tmp_path_factory) -> str:
     prefix = str(tmp_path_factory.mktemp("tok") / "tok")
-    result = run_tool(
-        "train_tokenizer.py", "--input", corpus[0], "--output", prefix, "--vocab-size", str(VOCAB)
-    )
+    result = run_tool("train_tokenizer.py", "--input", corpus[0], "--output", prefix, "--vocab-size", str(VOCAB))
     assert result.returncode == 0, result.stderr
     assert os.path.exists(prefix + ".vocab")
     return prefix + ".model"
@@ -196,8 +194,14 @@ def test_bad_line_is_found_in_any_chunk_worker_and_partition(tokenizer_path, tmp
     out.mkdir()
     for workers, partitions in ((1, 1), (2, 1), (3, 3)):
         with pytest.raises(PreprocessError, match=r"big.jsonl:2223: 'text' holds int"):
-            run([path], output_prefix=str(out / "ds"), tokenizer=tok, workers=workers, partitions=partitions,
-                chunk_bytes=1024)
+            run(
+                [path],
+                output_prefix=str(out / "ds"),
+                tokenizer=tok,
+                workers=workers,
+                partitions=partitions,
+                chunk_bytes=1024,
+            )
         assert os.listdir(out) == []
 
 
@@ -206,8 +210,9 @@ def test_skip_bad_lines_counts_and_keeps_keys_aligned(tokenizer_path, tmp_path):
     lines = [good[0], '{"text": "no title"}', good[1], b"\xff\xfe", good[2], "", good[3], "[1]", good[4], good[5]]
     path = bad_input(tmp_path, lines)
     prefix = str(tmp_path / "skip")
-    result = preprocess(tokenizer_path, [path], prefix, "--json-keys", "text", "title", "--skip-bad-lines",
-                        "--workers", "2")
+    result = preprocess(
+        tokenizer_path, [path], prefix, "--json-keys", "text", "title", "--skip-bad-lines", "--workers", "2"
+    )
     assert result.returncode == 0, result.stderr
     assert "skipped 3 bad line(s)" in result.stderr
     assert "bad.jsonl:2: no key 'title'" in result.stderr and "bad.jsonl:4: not valid UTF-8" in result.stderr
@@ -264,8 +269,11 @@ def hf_tokenizer(directory, corpus_texts: list[str], *, vocab: int | None = None
         tok = HF(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|endoftext|>", "<mask>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<unk>", "<|endoftext|>", "<mask>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(corpus_texts, trainer=trainer)
     else:
         words = {"<unk>": 0, "</s>": 1} | {f"w{i}": i + 2 for i in range(vocab - 2)}
@@ -318,8 +326,14 @@ def test_merge_tool_concatenates(tokenizer_path, corpus, tmp_path):
     result = run_tool("merge_datasets.py", "--input", str(parts), "--output-prefix", merged)
     assert result.returncode == 0, result.stderr
     assert read_pair(merged) == read_pair(whole + "_text_document")
-    bad = run_tool("merge_datasets.py", "--input", str(parts / "one_text_document"), str(tmp_path / "nope"),
-                   "--output-prefix", str(tmp_path / "m2"))
+    bad = run_tool(
+        "merge_datasets.py",
+        "--input",
+        str(parts / "one_text_document"),
+        str(tmp_path / "nope"),
+        "--output-prefix",
+        str(tmp_path / "m2"),
+    )
     assert bad.returncode == 1 and "nope.idx: file not found" in bad.stderr
     assert not os.path.exists(str(tmp_path / "m2.bin"))
 

@@ -60,8 +60,7 @@ def test_interleaving_without_pipeline():
 def test_interleaving_needs_micro_batches_multiple_of_pipeline():
     # 6 sequences / micro 2 / DP 1 = 3 micro-batches, not a multiple of 2 stages.
     with pytest.raises(ConfigError, match=r"micro-batches per step \(3\) .* parallel.pipeline=2"):
-        validate_layout(config("parallel.pipeline=2", "parallel.virtual_stages=2",
-                               "train.global_batch_size=6"), 2)
+        validate_layout(config("parallel.pipeline=2", "parallel.virtual_stages=2", "train.global_batch_size=6"), 2)
 
 
 # --- load_config -----------------------------------------------------------------------------
@@ -70,8 +69,10 @@ def test_interleaving_needs_micro_batches_multiple_of_pipeline():
 @pytest.fixture
 def yaml_config(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model:\n  num_layers: 6\n  hidden_size: 96\n  num_heads: 6\n  vocab_size: 250\n"
-                    "  seq_length: 32\ntrain:\n  micro_batch_size: 1\n")
+    path.write_text(
+        "model:\n  num_layers: 6\n  hidden_size: 96\n  num_heads: 6\n  vocab_size: 250\n"
+        "  seq_length: 32\ntrain:\n  micro_batch_size: 1\n"
+    )
     return path
 
 
@@ -81,15 +82,21 @@ def test_load_config_accepts_a_fitting_layout(yaml_config):
 
 
 def test_load_config_heads_not_divisible_by_tensor(yaml_config):
-    with pytest.raises(ConfigError, match=r"run.yaml: parallel.tensor: model.num_heads=6 is not divisible by "
-                                          r"parallel.tensor=4"):
+    with pytest.raises(
+        ConfigError,
+        match=r"run.yaml: parallel.tensor: model.num_heads=6 is not divisible by "
+        r"parallel.tensor=4",
+    ):
         load_config(yaml_config, ["parallel.tensor=4"])
 
 
 @pytest.mark.parametrize("pp, vp", [(4, 1), (2, 2)])
 def test_load_config_layers_not_divisible_by_stages(yaml_config, pp, vp):
-    with pytest.raises(ConfigError, match=rf"model.num_layers: 6 layers cannot be split into parallel.pipeline="
-                                          rf"{pp} x parallel.virtual_stages={vp} = {pp * vp} equal stages"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"model.num_layers: 6 layers cannot be split into parallel.pipeline="
+        rf"{pp} x parallel.virtual_stages={vp} = {pp * vp} equal stages",
+    ):
         load_config(yaml_config, [f"parallel.pipeline={pp}", f"parallel.virtual_stages={vp}"])
 
 
@@ -166,9 +173,25 @@ def test_schedule_completes_without_deadlock(pp, vp, micro):
 @pytest.mark.parametrize("pp, vp, micro", [(2, 1, 3), (4, 1, 2), (2, 2, 2), (3, 3, 5), (4, 2, 1)])
 def test_forward_only_schedule_completes(pp, vp, micro):
     """Evaluation runs each rank's forwards alone (micro-batch by micro-batch, chunks in order)."""
-    ops = [flatten(make_schedule(Topology(world_size=pp, rank=r, tp=1, pp=pp, dp=1, virtual_stages=vp,
-                                  sequence_parallel=False, device=torch.device("cpu")),
-                         micro, forward_only=True)) for r in range(pp)]
+    ops = [
+        flatten(
+            make_schedule(
+                Topology(
+                    world_size=pp,
+                    rank=r,
+                    tp=1,
+                    pp=pp,
+                    dp=1,
+                    virtual_stages=vp,
+                    sequence_parallel=False,
+                    device=torch.device("cpu"),
+                ),
+                micro,
+                forward_only=True,
+            )
+        )
+        for r in range(pp)
+    ]
     for rank_ops in ops:
         assert sorted((op.chunk, op.micro) for op in rank_ops) == [(c, m) for c in range(vp) for m in range(micro)]
         assert all(op.kind == "F" for op in rank_ops)
@@ -182,15 +205,20 @@ def test_simulator_detects_a_deadlock():
         simulate(bad, pp=2, vp=1)
     # Rank 0 runs both forwards before any backward while rank 1 alternates: rank 0's second
     # send does not wait for rank 1 to receive it, so this completes.
-    simulate([[Op("F", 0, 0), Op("F", 0, 1), Op("B", 0, 0), Op("B", 0, 1)],
-              [Op("F", 0, 0), Op("B", 0, 0), Op("F", 0, 1), Op("B", 0, 1)]], pp=2, vp=1)
+    simulate(
+        [
+            [Op("F", 0, 0), Op("F", 0, 1), Op("B", 0, 0), Op("B", 0, 1)],
+            [Op("F", 0, 0), Op("B", 0, 0), Op("F", 0, 1), Op("B", 0, 1)],
+        ],
+        pp=2,
+        vp=1,
+    )
 
 
 def _bubble(pp: int, vp: int, micro: int) -> float:
     """Idle share of the simulated step, with a chunk's forward costing 1/vp and backward 2/vp
     (the same total work per rank for any vp)."""
-    makespan = simulate(schedules(pp, vp, micro), pp=pp, vp=vp,
-                        cost=lambda op: (1.0 if op.kind == "F" else 2.0) / vp)
+    makespan = simulate(schedules(pp, vp, micro), pp=pp, vp=vp, cost=lambda op: (1.0 if op.kind == "F" else 2.0) / vp)
     busy = 3.0 * micro
     return (makespan - busy) / makespan
 

@@ -21,17 +21,32 @@ def read_metrics(log_dir) -> list[dict]:
 
 
 def data_overrides(data, tmp_path, name="run"):
-    return [f"data.path={data['prefix']}", f"data.tokenizer={data['tokenizer']}",
-            f"checkpoint.dir={tmp_path}/{name}/ckpt", f"logging.dir={tmp_path}/{name}/logs"]
+    return [
+        f"data.path={data['prefix']}",
+        f"data.tokenizer={data['tokenizer']}",
+        f"checkpoint.dir={tmp_path}/{name}/ckpt",
+        f"logging.dir={tmp_path}/{name}/logs",
+    ]
 
 
 @pytest.mark.parametrize("config_name", ["gpt_tiny", "llama_tiny"])
 def test_tiny_config_trains_and_loss_falls(config_name, stdlib_data, tmp_path):
     """`python -m pretrain.train configs/<tiny>.yaml train.steps=40` as a user runs it."""
     result = subprocess.run(
-        [sys.executable, "-m", "pretrain.train", f"configs/{config_name}.yaml", "train.steps=40",
-         "train.eval_interval=20", *data_overrides(stdlib_data, tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "pretrain.train",
+            f"configs/{config_name}.yaml",
+            "train.steps=40",
+            "train.eval_interval=20",
+            *data_overrides(stdlib_data, tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(tmp_path / "run/logs")
     train = [r for r in records if "loss" in r]
@@ -51,12 +66,25 @@ def test_tiny_config_trains_and_loss_falls(config_name, stdlib_data, tmp_path):
 
 def small(flavour):
     """A model small enough that two 40-step runs take seconds; dropout on to test RNG restore."""
-    return [f"model.flavour={flavour}", "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
-            f"model.num_kv_heads={2 if flavour == 'llama' else 4}", "model.seq_length=64",
-            "model.vocab_size=2000", "model.dropout=0.1", "train.micro_batch_size=4",
-            "train.global_batch_size=8", "train.log_interval=1", "train.eval_interval=10",
-            "train.eval_iters=2", "schedule.warmup_steps=5", "schedule.decay_steps=40",
-            "logging.tensorboard=false", "logging.peak_tflops=1"]
+    return [
+        f"model.flavour={flavour}",
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.num_heads=4",
+        f"model.num_kv_heads={2 if flavour == 'llama' else 4}",
+        "model.seq_length=64",
+        "model.vocab_size=2000",
+        "model.dropout=0.1",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=8",
+        "train.log_interval=1",
+        "train.eval_interval=10",
+        "train.eval_iters=2",
+        "schedule.warmup_steps=5",
+        "schedule.decay_steps=40",
+        "logging.tensorboard=false",
+        "logging.peak_tflops=1",
+    ]
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])
@@ -70,8 +98,12 @@ def test_resume_is_bit_exact(flavour, stdlib_data, tmp_path):
     run(load_config(config, resumed + ["train.steps=40"]))
 
     def losses(name):
-        return {r["step"]: (r["loss"], r["grad_norm"], r["lr"])
-                for r in read_metrics(tmp_path / name / "logs") if "loss" in r}
+        return {
+            r["step"]: (r["loss"], r["grad_norm"], r["lr"])
+            for r in read_metrics(tmp_path / name / "logs")
+            if "loss" in r
+        }
+
     a, b = losses("straight"), losses("resumed")
     assert sorted(b) == list(range(1, 41))
     for step in range(21, 41):
@@ -84,12 +116,18 @@ def test_resume_is_bit_exact(flavour, stdlib_data, tmp_path):
 
 def test_gradient_accumulation_matches_one_big_batch(stdlib_data, tmp_path):
     """micro 2 x 4 accumulation steps == micro 8 x 1 (same samples, mean over the global batch)."""
-    base = small("llama") + ["model.dropout=0.0", "train.steps=3", "train.eval_interval=0",
-                             "optimizer.clip_grad=0"]
-    run(load_config("configs/gpt_tiny.yaml", base + ["train.micro_batch_size=2"]
-                    + data_overrides(stdlib_data, tmp_path, "accum")))
-    run(load_config("configs/gpt_tiny.yaml", base + ["train.micro_batch_size=8"]
-                    + data_overrides(stdlib_data, tmp_path, "big")))
+    base = small("llama") + ["model.dropout=0.0", "train.steps=3", "train.eval_interval=0", "optimizer.clip_grad=0"]
+    run(
+        load_config(
+            "configs/gpt_tiny.yaml",
+            base + ["train.micro_batch_size=2"] + data_overrides(stdlib_data, tmp_path, "accum"),
+        )
+    )
+    run(
+        load_config(
+            "configs/gpt_tiny.yaml", base + ["train.micro_batch_size=8"] + data_overrides(stdlib_data, tmp_path, "big")
+        )
+    )
     a = [r["loss"] for r in read_metrics(tmp_path / "accum/logs") if "loss" in r]
     b = [r["loss"] for r in read_metrics(tmp_path / "big/logs") if "loss" in r]
     assert len(a) == 3 and a == pytest.approx(b, rel=1e-5, abs=1e-6)
@@ -112,8 +150,16 @@ def test_signal_saves_exits_resumable_and_resumes_exactly(stdlib_data, tmp_path)
     from pretrain.stopping import EXIT_RESUMABLE
 
     def command(name):
-        return [sys.executable, "-m", "pretrain.train", "configs/gpt_tiny.yaml", *small("gpt2"), "train.steps=30",
-                "model.dropout=0.0", *data_overrides(stdlib_data, tmp_path, name)]
+        return [
+            sys.executable,
+            "-m",
+            "pretrain.train",
+            "configs/gpt_tiny.yaml",
+            *small("gpt2"),
+            "train.steps=30",
+            "model.dropout=0.0",
+            *data_overrides(stdlib_data, tmp_path, name),
+        ]
 
     straight = subprocess.run(command("straight"), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -152,8 +198,13 @@ def test_missing_data_and_small_vocab_fail_before_training(stdlib_data, tmp_path
 
 
 def test_masked_lm_objective_trains_bidirectional_model(stdlib_data, tmp_path):
-    overrides = small("llama") + ["data.objective=masked", "model.bidirectional=true", "model.dropout=0.0",
-                                  "train.steps=30", "optimizer.lr=3e-3"]
+    overrides = small("llama") + [
+        "data.objective=masked",
+        "model.bidirectional=true",
+        "model.dropout=0.0",
+        "train.steps=30",
+        "optimizer.lr=3e-3",
+    ]
     last = run(load_config("configs/gpt_tiny.yaml", overrides + data_overrides(stdlib_data, tmp_path)))
     records = [r for r in read_metrics(tmp_path / "run/logs") if "loss" in r]
     assert records[-1]["loss"] < records[0]["loss"] - 1.0

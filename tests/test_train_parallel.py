@@ -16,18 +16,48 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def torchrun(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                           "-m", "pretrain.train", "configs/llama_tiny.yaml", *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "pretrain.train",
+            "configs/llama_tiny.yaml",
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def small(data, run_dir) -> list[str]:
-    return [f"data.path={data['prefix']}", f"data.tokenizer={data['tokenizer']}", "model.vocab_size=2000",
-            "model.num_layers=4", "model.hidden_size=64", "model.seq_length=64", "train.micro_batch_size=2",
-            "train.global_batch_size=8", "train.log_interval=1", "train.eval_interval=4", "train.eval_iters=2",
-            "schedule.warmup_steps=2", "schedule.decay_steps=8", "logging.tensorboard=false",
-            "logging.peak_tflops=1", "parallel.tensor=2", "parallel.pipeline=2",
-            f"checkpoint.dir={run_dir}/ckpt", f"logging.dir={run_dir}/logs"]
+    return [
+        f"data.path={data['prefix']}",
+        f"data.tokenizer={data['tokenizer']}",
+        "model.vocab_size=2000",
+        "model.num_layers=4",
+        "model.hidden_size=64",
+        "model.seq_length=64",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        "train.log_interval=1",
+        "train.eval_interval=4",
+        "train.eval_iters=2",
+        "schedule.warmup_steps=2",
+        "schedule.decay_steps=8",
+        "logging.tensorboard=false",
+        "logging.peak_tflops=1",
+        "parallel.tensor=2",
+        "parallel.pipeline=2",
+        f"checkpoint.dir={run_dir}/ckpt",
+        f"logging.dir={run_dir}/logs",
+    ]
 
 
 def losses(run_dir) -> dict:
@@ -51,14 +81,17 @@ def test_tp2_pp2_trains_resumes_and_exports(stdlib_data, tmp_path):
 
     files = sorted(p.name for p in (tmp_path / "a/ckpt/step_8").iterdir())
     assert [f for f in files if f.startswith("model_")] == [
-        f"model_tp{t}_pp{p}_part0.safetensors" for t in (0, 1) for p in (0, 1)]
+        f"model_tp{t}_pp{p}_part0.safetensors" for t in (0, 1) for p in (0, 1)
+    ]
 
     # The merged single-device model reproduces the grid's final validation loss.
     model, config = load_model(tmp_path / "a/ckpt")
     from pretrain.data.gpt_dataset import GPTDataset
     from pretrain.data.loader import SampleLoader
-    valid = GPTDataset(config.data.path, seq_length=64, split="valid", split_ratios=config.data.split_ratios,
-                       seed=config.train.seed)
+
+    valid = GPTDataset(
+        config.data.path, seq_length=64, split="valid", split_ratios=config.data.split_ratios, seed=config.train.seed
+    )
     loader = iter(SampleLoader(valid, micro_batch_size=2, seed=config.train.seed))
     with torch.no_grad():
         ours = sum(model(b["tokens"], labels=b["labels"]).item() for b in (next(loader) for _ in range(2))) / 2

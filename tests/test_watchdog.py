@@ -36,8 +36,7 @@ def wait_for(predicate, seconds: float) -> bool:
 
 def test_watchdog_fires_only_without_beats(tmp_path):
     clock, exits = FakeClock(), []
-    with Watchdog(timeout_s=60, rank=3, log_dir=str(tmp_path), clock=clock, poll_s=0.01,
-                  exit=exits.append) as dog:
+    with Watchdog(timeout_s=60, rank=3, log_dir=str(tmp_path), clock=clock, poll_s=0.01, exit=exits.append) as dog:
         for step in range(1, 4):  # beats every 50 fake seconds keep it quiet
             clock.now += 50
             dog.beat("F chunk 0 micro 1", step=step)
@@ -60,20 +59,42 @@ def test_watchdog_off_starts_no_thread(tmp_path):
 def test_sigstopped_rank_makes_its_peer_exit_with_hang_code(stdlib_data, tmp_path):
     hang_minutes = 0.1  # 6 s
     overrides = small(stdlib_data, tmp_path) + [
-        "parallel.tensor=1", "parallel.pipeline=1", "train.steps=100000", "train.eval_interval=0",
-        "checkpoint.interval=0", f"train.hang_timeout_minutes={hang_minutes}",
-        "parallel.timeout_minutes=10", "train.log_interval=1"]
+        "parallel.tensor=1",
+        "parallel.pipeline=1",
+        "train.steps=100000",
+        "train.eval_interval=0",
+        "checkpoint.interval=0",
+        f"train.hang_timeout_minutes={hang_minutes}",
+        "parallel.timeout_minutes=10",
+        "train.log_interval=1",
+    ]
     port, procs = free_port(), []
     for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         log = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain.train", "configs/llama_tiny.yaml", *overrides],
-                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pretrain.train", "configs/llama_tiny.yaml", *overrides],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
     try:
         metrics = tmp_path / "logs/metrics.jsonl"
-        assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 240), \
-            (tmp_path / "rank0.log").read_text()[-3000:]
+        assert wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, 240), (
+            tmp_path / "rank0.log"
+        ).read_text()[-3000:]
         os.kill(procs[1].pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         code = procs[0].wait(timeout=60 * hang_minutes + 30)
@@ -91,6 +112,9 @@ def test_sigstopped_rank_makes_its_peer_exit_with_hang_code(stdlib_data, tmp_pat
     report = (tmp_path / "logs/hangs/rank0.txt").read_text()
     assert "operation " in report and "--- thread MainThread" in report
     assert "pretrain/train.py" in report  # the main thread's stack, down to where it blocked
-    table_row("a hung rank (SIGSTOP)", "kill -STOP of rank 1 after step 3",
-              f"{waited:.1f} s (train.hang_timeout_minutes=0.1: 6 s)",
-              f"stopped with code {EXIT_HANG}; stacks in logs/hangs/rank0.txt")
+    table_row(
+        "a hung rank (SIGSTOP)",
+        "kill -STOP of rank 1 after step 3",
+        f"{waited:.1f} s (train.hang_timeout_minutes=0.1: 6 s)",
+        f"stopped with code {EXIT_HANG}; stacks in logs/hangs/rank0.txt",
+    )

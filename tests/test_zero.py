@@ -19,8 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from parallel_harness import global_batches, make_config, rank_batches
+from parallel_harness import run_job as run
 
-from parallel_harness import global_batches, make_config, rank_batches, run_job as run
 from pretrain.config import ConfigError, config_from_dict
 from pretrain.parallel.zero import deepspeed_config
 
@@ -67,8 +68,13 @@ def test_dp2_matches_plain_data_parallel_and_shards_optimizer_state(stage):
 def test_zero1_tp2_pp2_dp2_matches_same_layout():
     """gpt2: tied embeddings summed across the pipeline, LayerNorm/biases under sequence
     parallelism, interleaved schedule; ZeRO-1 shards over DP only."""
-    layout = ("parallel.tensor=2", "parallel.pipeline=2", "parallel.virtual_stages=2",
-              "parallel.sequence_parallel=true", "parallel.bucket_mb=0.01")
+    layout = (
+        "parallel.tensor=2",
+        "parallel.pipeline=2",
+        "parallel.virtual_stages=2",
+        "parallel.sequence_parallel=true",
+        "parallel.bucket_mb=0.01",
+    )
     ranks = run([*layout, "parallel.zero_stage=1"], world=8)
     assert_same_training(ranks[0], baseline(layout, 8))
     # Each TP/PP position's state is split over its 2 DP ranks, not over TP or PP.
@@ -116,23 +122,54 @@ def test_zero2_bf16_resume_is_exact(tmp_path):
 def _torchrun(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                           "-m", "pretrain.train", "configs/llama_tiny.yaml", *overrides],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "pretrain.train",
+            "configs/llama_tiny.yaml",
+            *overrides,
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_train_command_with_zero3_resumes_exactly_and_exports(stdlib_data, tmp_path):
     """`python -m pretrain.train` under torchrun with ZeRO-3: prints the DeepSpeed config it
     uses, resumes bit-exactly from its per-DP-rank checkpoint, and load_model() gathers the
     sharded weights into the single-device model (its validation loss matches the run's)."""
+
     def overrides(run_dir, steps):
-        return [f"data.path={stdlib_data['prefix']}", f"data.tokenizer={stdlib_data['tokenizer']}",
-                "model.vocab_size=2000", "model.num_layers=2", "model.hidden_size=64", "model.seq_length=64",
-                "train.micro_batch_size=2", "train.global_batch_size=8", "train.log_interval=1",
-                "train.eval_interval=6", "train.eval_iters=2", "schedule.warmup_steps=2", "schedule.decay_steps=6",
-                "logging.tensorboard=false",
-                "logging.peak_tflops=1", "parallel.zero_stage=3", "parallel.zero3_persistence_threshold=0",
-                f"checkpoint.dir={run_dir}/ckpt", f"logging.dir={run_dir}/logs", f"train.steps={steps}"]
+        return [
+            f"data.path={stdlib_data['prefix']}",
+            f"data.tokenizer={stdlib_data['tokenizer']}",
+            "model.vocab_size=2000",
+            "model.num_layers=2",
+            "model.hidden_size=64",
+            "model.seq_length=64",
+            "train.micro_batch_size=2",
+            "train.global_batch_size=8",
+            "train.log_interval=1",
+            "train.eval_interval=6",
+            "train.eval_iters=2",
+            "schedule.warmup_steps=2",
+            "schedule.decay_steps=6",
+            "logging.tensorboard=false",
+            "logging.peak_tflops=1",
+            "parallel.zero_stage=3",
+            "parallel.zero3_persistence_threshold=0",
+            f"checkpoint.dir={run_dir}/ckpt",
+            f"logging.dir={run_dir}/logs",
+            f"train.steps={steps}",
+        ]
 
     def losses(run_dir):
         lines = (Path(run_dir) / "logs/metrics.jsonl").read_text().splitlines()
@@ -156,11 +193,17 @@ def test_train_command_with_zero3_resumes_exactly_and_exports(stdlib_data, tmp_p
     from pretrain.data.loader import SampleLoader
 
     model, config = load_model(tmp_path / "a/ckpt")
-    valid = GPTDataset(config.data.path, seq_length=64, split="valid", split_ratios=config.data.split_ratios,
-                       seed=config.train.seed)
+    valid = GPTDataset(
+        config.data.path, seq_length=64, split="valid", split_ratios=config.data.split_ratios, seed=config.train.seed
+    )
     # What the run evaluated: the first 2 validation micro-batches of each of its 2 DP ranks.
-    batches = [b for rank in range(2) for b in itertools.islice(
-        SampleLoader(valid, micro_batch_size=2, seed=config.train.seed, dp_rank=rank, dp_size=2), 2)]
+    batches = [
+        b
+        for rank in range(2)
+        for b in itertools.islice(
+            SampleLoader(valid, micro_batch_size=2, seed=config.train.seed, dp_rank=rank, dp_size=2), 2
+        )
+    ]
     with torch.no_grad():
         ours = sum(model(b["tokens"], labels=b["labels"]).item() for b in batches) / len(batches)
     lines = (tmp_path / "a/logs/metrics.jsonl").read_text().splitlines()
@@ -196,7 +239,7 @@ def test_fp16_without_zero_resumes_exactly(tmp_path):
 
     def trainer(first):
         chunks = build_model_chunks(config.model, topo, init_seed=config.train.seed, dtype=weight_dtype(config))
-        data = rank_batches(global_batches(config, 4)[first - 1:], micro=2, dp=1, dp_rank=0)
+        data = rank_batches(global_batches(config, 4)[first - 1 :], micro=2, dp=1, dp_rank=0)
         return chunks, Trainer(config, topo, chunks, train_batches=data)
 
     _, straight = trainer(1)
@@ -205,8 +248,15 @@ def test_fp16_without_zero_resumes_exactly(tmp_path):
     chunks, first = trainer(1)
     first.scaler.scale, first.scaler.hysteresis = 1024.0, 1
     [first.step(s) for s in (1, 2)]
-    save_checkpoint(tmp_path, step=2, model=chunks, optimizer=first.optimizer, config=config,
-                    train_state={"consumed_samples": 0, **first.train_state()}, topo=topo)
+    save_checkpoint(
+        tmp_path,
+        step=2,
+        model=chunks,
+        optimizer=first.optimizer,
+        config=config,
+        train_state={"consumed_samples": 0, **first.train_state()},
+        topo=topo,
+    )
     chunks, resumed = trainer(3)
     load_checkpoint(tmp_path / "step_2", model=chunks, optimizer=resumed.optimizer, config=config, topo=topo)
     resumed.load_train_state(read_meta(tmp_path / "step_2")["train_state"])
@@ -218,17 +268,27 @@ def test_fp16_without_zero_resumes_exactly(tmp_path):
 def test_our_loss_scaler_follows_deepspeeds_rule(monkeypatch):
     from deepspeed.runtime.fp16 import loss_scaler as ds
 
-    from pretrain.optim import (LOSS_SCALE_HYSTERESIS, LOSS_SCALE_INIT_POWER, LOSS_SCALE_MIN, LOSS_SCALE_WINDOW,
-                                DynamicLossScaler)
+    from pretrain.optim import (
+        LOSS_SCALE_HYSTERESIS,
+        LOSS_SCALE_INIT_POWER,
+        LOSS_SCALE_MIN,
+        LOSS_SCALE_WINDOW,
+        DynamicLossScaler,
+    )
 
     monkeypatch.setattr(ds, "dist", SimpleNamespace(get_rank=lambda: 1))  # its log line asks for a rank
-    theirs = ds.DynamicLossScaler(init_scale=2**LOSS_SCALE_INIT_POWER, scale_window=LOSS_SCALE_WINDOW,
-                                  min_scale=LOSS_SCALE_MIN, delayed_shift=LOSS_SCALE_HYSTERESIS,
-                                  consecutive_hysteresis=False)
+    theirs = ds.DynamicLossScaler(
+        init_scale=2**LOSS_SCALE_INIT_POWER,
+        scale_window=LOSS_SCALE_WINDOW,
+        min_scale=LOSS_SCALE_MIN,
+        delayed_shift=LOSS_SCALE_HYSTERESIS,
+        consecutive_hysteresis=False,
+    )
     ours = DynamicLossScaler()
     g = torch.Generator().manual_seed(0)
-    overflows = ([False] * 2500 + [True] * 6 + [False] * 1500
-                 + [bool(x) for x in torch.rand(3000, generator=g).lt(0.002)])
+    overflows = (
+        [False] * 2500 + [True] * 6 + [False] * 1500 + [bool(x) for x in torch.rand(3000, generator=g).lt(0.002)]
+    )
     seen = set()
     for overflow in overflows:
         theirs.update_scale(overflow)
@@ -253,8 +313,15 @@ def test_unscale_and_check_finds_overflow():
 
 
 def test_deepspeed_config_is_generated_from_ours():
-    config = make_config(["parallel.zero_stage=2", "train.precision=bf16", "optimizer.clip_grad=0.5",
-                          "parallel.bucket_mb=1", "parallel.offload_optimizer=true"])
+    config = make_config(
+        [
+            "parallel.zero_stage=2",
+            "train.precision=bf16",
+            "optimizer.clip_grad=0.5",
+            "parallel.bucket_mb=1",
+            "parallel.offload_optimizer=true",
+        ]
+    )
     ds = deepspeed_config(config, data_parallel=2, accumulation=2)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 8
@@ -263,20 +330,26 @@ def test_deepspeed_config_is_generated_from_ours():
     zero = ds["zero_optimization"]
     assert zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "cpu"
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 2**20 // 2  # bf16 elements
-    fp16 = deepspeed_config(make_config(["parallel.zero_stage=3", "train.precision=fp16",
-                                         "parallel.offload_params=true"]), data_parallel=1, accumulation=4)
+    fp16 = deepspeed_config(
+        make_config(["parallel.zero_stage=3", "train.precision=fp16", "parallel.offload_params=true"]),
+        data_parallel=1,
+        accumulation=4,
+    )
     assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # dynamic
     assert fp16["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert fp16["zero_optimization"]["stage3_param_persistence_threshold"] == 100000
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.zero_stage=3", "parallel.pipeline=2"], "ZeRO-3 with parallel.pipeline > 1 is not supported"),
-    (["parallel.zero_stage=2", "parallel.pipeline=2"], "ZeRO-2 with parallel.pipeline > 1 needs untied"),
-    (["parallel.offload_params=true", "parallel.zero_stage=2"], "needs parallel.zero_stage=3"),
-    (["parallel.offload_optimizer=true"], "needs parallel.zero_stage >= 1"),
-    (["parallel.zero_stage=4"], "must be 0-3"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.zero_stage=3", "parallel.pipeline=2"], "ZeRO-3 with parallel.pipeline > 1 is not supported"),
+        (["parallel.zero_stage=2", "parallel.pipeline=2"], "ZeRO-2 with parallel.pipeline > 1 needs untied"),
+        (["parallel.offload_params=true", "parallel.zero_stage=2"], "needs parallel.zero_stage=3"),
+        (["parallel.offload_optimizer=true"], "needs parallel.zero_stage >= 1"),
+        (["parallel.zero_stage=4"], "must be 0-3"),
+    ],
+)
 def test_unsupported_combinations_fail_when_the_config_loads(overrides, message):
     with pytest.raises(ConfigError, match=message):
         make_config(overrides)

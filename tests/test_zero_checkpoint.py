@@ -15,9 +15,9 @@ import math
 
 import pytest
 import torch
+from parallel_harness import make_config, run_job
 from safetensors import safe_open
 
-from parallel_harness import make_config, run_job
 from pretrain.checkpoint import load_model
 
 TOL = 2e-5
@@ -59,15 +59,25 @@ def check_fragment_files(step_dir, *, dp: int, params_per_position: int, positio
         assert fragments and all(len(v) == 2 for v in fragments.values())
 
 
-@pytest.mark.parametrize("stage, resumes", [
-    (1, [([], 4, 1), ([], 1, 0)]),          # DP 4 under ZeRO-1; one process without ZeRO
-    (2, [([], 1, 0)]),
-    (3, [([], 4, 1)]),
-], ids=["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize(
+    "stage, resumes",
+    [
+        (1, [([], 4, 1), ([], 1, 0)]),  # DP 4 under ZeRO-1; one process without ZeRO
+        (2, [([], 1, 0)]),
+        (3, [([], 4, 1)]),
+    ],
+    ids=["zero1", "zero2", "zero3"],
+)
 def test_dp2_checkpoint_holds_own_partitions_and_resumes_at_any_layout(tmp_path, stage, resumes):
     zero = [f"parallel.zero_stage={stage}", "parallel.zero3_persistence_threshold=0"]
-    straight = run_job([*LLAMA, *zero], world=2, last=4, save=str(tmp_path), save_at=2,
-                       dump_weights=str(tmp_path / "live.pt") if stage < 3 else None)
+    straight = run_job(
+        [*LLAMA, *zero],
+        world=2,
+        last=4,
+        save=str(tmp_path),
+        save_at=2,
+        dump_weights=str(tmp_path / "live.pt") if stage < 3 else None,
+    )
     step_dir = tmp_path / "step_2"
     check_fragment_files(step_dir, dp=2, params_per_position=straight[0]["params"], positions=1)
 
@@ -110,8 +120,9 @@ def test_tp2_dp2_zero1_checkpoint_resumes_at_tp1_and_at_its_own_layout(tmp_path)
     from pretrain.checkpoint import SavedCheckpoint, reshard_checkpoint
     from pretrain.hf.convert import export_checkpoint, read_hf_weights
 
-    tp1 = reshard_checkpoint(step_dir, tmp_path / "tp1", ["parallel.tensor=1", "parallel.sequence_parallel=false",
-                                                          "parallel.zero_stage=0"])
+    tp1 = reshard_checkpoint(
+        step_dir, tmp_path / "tp1", ["parallel.tensor=1", "parallel.sequence_parallel=false", "parallel.zero_stage=0"]
+    )
     a, b = SavedCheckpoint(step_dir), SavedCheckpoint(tp1)
     vocab = make_config(LLAMA).model.vocab_size
     for name in a.names:
@@ -140,8 +151,9 @@ def test_format_2_checkpoints_still_load(tmp_path):
     tokens = torch.randint(0, config.model.vocab_size, (2, config.model.seq_length))
     model(tokens, labels=tokens).backward()
     optimizer.step()
-    step_dir = save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, config=config,
-                               train_state={"consumed_samples": 0})
+    step_dir = save_checkpoint(
+        tmp_path, step=1, model=model, optimizer=optimizer, config=config, train_state={"consumed_samples": 0}
+    )
     meta = json.loads((step_dir / "meta.json").read_text())
     (step_dir / "meta.json").write_text(json.dumps({**meta, "format_version": 2}))
     loaded, _ = load_model(step_dir)

@@ -19,17 +19,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.hf import cli_error, import_checkpoint  # noqa: E402
+from pretrain.hf import cli_error, import_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="local Hugging Face model directory (config.json + "
-                        "model.safetensors or model.safetensors.index.json)")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="local Hugging Face model directory (config.json + model.safetensors or model.safetensors.index.json)",
+    )
     parser.add_argument("--output", required=True, help="checkpoint directory to write step_0 under")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --output")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="run config overrides, e.g. parallel.tensor=2 parallel.pipeline=2")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="run config overrides, e.g. parallel.tensor=2 parallel.pipeline=2",
+    )
     args = parser.parse_args(argv)
     try:
         import_checkpoint(args.input, args.output, args.overrides, force=args.force)

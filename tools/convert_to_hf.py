@@ -16,17 +16,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.hf import cli_error, export_checkpoint  # noqa: E402
+from pretrain.hf import cli_error, export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint root (uses latest) or step_N directory")
     parser.add_argument("--output", required=True, help="directory to write the transformers model to")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty --output (overwrites the "
-                        "files an export writes, removes stale weight files, leaves other files)")
-    parser.add_argument("--allow-non-finite", action="store_true",
-                        help="export weights that hold NaN or Inf (refused by default: a diverged run)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --output (overwrites the "
+        "files an export writes, removes stale weight files, leaves other files)",
+    )
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="export weights that hold NaN or Inf (refused by default: a diverged run)",
+    )
     args = parser.parse_args(argv)
     try:
         export_checkpoint(args.checkpoint, args.output, force=args.force, allow_non_finite=args.allow_non_finite)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.checkpoint import CheckpointError, load_model  # noqa: E402
-from pretrain.data.tokenizer import load_tokenizer  # noqa: E402
-from pretrain.generate import generate  # noqa: E402
+from pretrain.checkpoint import CheckpointError, load_model
+from pretrain.data.tokenizer import load_tokenizer
+from pretrain.generate import generate
 
 
 def main() -> int:
@@ -31,9 +31,15 @@ def main() -> int:
     if not tokenizer_path or not Path(tokenizer_path).is_file():
         parser.error(f"tokenizer {tokenizer_path!r} not found; pass --tokenizer MODEL")
     tokenizer = load_tokenizer(tokenizer_path)
-    ids = generate(model, tokenizer.encode(args.prompt), max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                   stop_token=tokenizer.eod)
+    ids = generate(
+        model,
+        tokenizer.encode(args.prompt),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop_token=tokenizer.eod,
+    )
     print(args.prompt + tokenizer.decode(ids))
     return 0
 

@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # includes IndexedDatasetError: names the file and the problem
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"merged {len(prefixes)} datasets: {len(merged)} sequences, {merged.num_tokens} tokens -> "
-          f"{args.output_prefix}.bin/.idx", file=sys.stderr)
+    print(
+        f"merged {len(prefixes)} datasets: {len(merged)} sequences, {merged.num_tokens} tokens -> "
+        f"{args.output_prefix}.bin/.idx",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -19,7 +19,7 @@ def read_records(path: Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{number}: not a JSON line ({e})")
+            raise SystemExit(f"{path}:{number}: not a JSON line ({e})") from None
     return records
 
 

@@ -28,8 +28,14 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pretrain.data.preprocess import (PreprocessError, Progress, check_output_directory, expand_inputs, output_prefixes,
-                                      preprocess)
+from pretrain.data.preprocess import (
+    PreprocessError,
+    Progress,
+    check_output_directory,
+    expand_inputs,
+    output_prefixes,
+    preprocess,
+)
 from pretrain.data.tokenizer import load_tokenizer
 
 
@@ -41,16 +47,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSON fields to tokenize (default: text)")
     parser.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1,
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
         help="tokenizer processes, one thread each (default: one per core)",
     )
     parser.add_argument(
-        "--partitions", type=int, default=1,
+        "--partitions",
+        type=int,
+        default=1,
         help="split the input into this many ranges, each read, tokenized and written by its own "
         "process with workers/partitions workers, concatenated at the end (for very many cores)",
     )
     parser.add_argument(
-        "--skip-bad-lines", action="store_true",
+        "--skip-bad-lines",
+        action="store_true",
         help="skip lines that are not valid JSON objects with non-empty text, and count them, "
         "instead of stopping at the first",
     )

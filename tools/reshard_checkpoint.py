@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.checkpoint import reshard_checkpoint  # noqa: E402
+from pretrain.checkpoint import reshard_checkpoint
 
 
 def main() -> int:

@@ -106,15 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     parser.add_argument("--json-key", default="text")
     parser.add_argument(
-        "--max-sentence-length", type=int, default=4096,
+        "--max-sentence-length",
+        type=int,
+        default=4096,
         help="documents are cut on line boundaries into training sentences of at most this many bytes",
     )
     parser.add_argument(
-        "--input-sentence-size", type=int, default=200_000,
+        "--input-sentence-size",
+        type=int,
+        default=200_000,
         help="train on a random sample of at most this many sentences (0: all)",
     )
     parser.add_argument(
-        "--character-coverage", type=float, default=0.9995,
+        "--character-coverage",
+        type=float,
+        default=0.9995,
         help="share of characters given their own piece; rarer ones become byte pieces",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)

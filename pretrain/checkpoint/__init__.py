@@ -8,14 +8,40 @@ fallback.py load the newest checkpoint no rank finds damaged
 """
 
 from pretrain.checkpoint.fallback import checkpoint_candidates, load_newest_intact
-from pretrain.checkpoint.files import (FORMAT_VERSION, LATEST, CheckpointError, CorruptCheckpointError,
-                                       find_resume_checkpoint, prune_checkpoints, read_config, read_meta,
-                                       resolve_checkpoint)
+from pretrain.checkpoint.files import (
+    FORMAT_VERSION,
+    LATEST,
+    CheckpointError,
+    CorruptCheckpointError,
+    find_resume_checkpoint,
+    prune_checkpoints,
+    read_config,
+    read_meta,
+    resolve_checkpoint,
+)
 from pretrain.checkpoint.reader import SavedCheckpoint, load_model, merged_state_dict
 from pretrain.checkpoint.reshard import load_checkpoint, reshard_checkpoint, write_layout
 from pretrain.checkpoint.saver import Checkpointer, CheckpointSaveError, save_checkpoint
 
-__all__ = ["FORMAT_VERSION", "LATEST", "CheckpointError", "CheckpointSaveError", "Checkpointer",
-           "CorruptCheckpointError", "SavedCheckpoint", "checkpoint_candidates", "find_resume_checkpoint",
-           "load_checkpoint", "load_model", "load_newest_intact", "merged_state_dict", "prune_checkpoints",
-           "read_config", "read_meta", "reshard_checkpoint", "resolve_checkpoint", "save_checkpoint", "write_layout"]
+__all__ = [
+    "FORMAT_VERSION",
+    "LATEST",
+    "CheckpointError",
+    "CheckpointSaveError",
+    "Checkpointer",
+    "CorruptCheckpointError",
+    "SavedCheckpoint",
+    "checkpoint_candidates",
+    "find_resume_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "load_newest_intact",
+    "merged_state_dict",
+    "prune_checkpoints",
+    "read_config",
+    "read_meta",
+    "reshard_checkpoint",
+    "resolve_checkpoint",
+    "save_checkpoint",
+    "write_layout",
+]

@@ -11,8 +11,8 @@ resume tries: the checkpoint `find_resume_checkpoint` chose, then the older comp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,12 +27,12 @@ OK, DAMAGED, FAILED = 0, 1, 2  # a rank's outcome; the worst one decides for all
 _MESSAGE_BYTES = 512  # of each rank's error, shared only when a load failed somewhere
 
 
-def _step_of(path: Path) -> Optional[int]:
+def _step_of(path: Path) -> int | None:
     suffix = path.name.split("_", 1)[1] if path.name.startswith("step_") else ""
     return int(suffix) if suffix.isdigit() else None
 
 
-def checkpoint_candidates(root: str | Path, first: Optional[str | Path]) -> list[Path]:
+def checkpoint_candidates(root: str | Path, first: str | Path | None) -> list[Path]:
     """`first` (the checkpoint find_resume_checkpoint chose), then the complete step_N/
     directories under `root` older than it, newest first: what load_newest_intact tries."""
     if first is None:
@@ -44,7 +44,7 @@ def checkpoint_candidates(root: str | Path, first: Optional[str | Path]) -> list
     return [first, *reversed(older)]
 
 
-def first_readable(candidates: list[Path], *, warn: Optional[Callable[[str], None]] = None) -> tuple[list[Path], dict]:
+def first_readable(candidates: list[Path], *, warn: Callable[[str], None] | None = None) -> tuple[list[Path], dict]:
     """The candidates from the first whose meta.json reads on, and that meta (no communication:
     every rank reads the same small file before the process groups start). A damaged meta.json
     is skipped with a warning, like a damaged tensor file in load_newest_intact."""
@@ -54,8 +54,11 @@ def first_readable(candidates: list[Path], *, warn: Optional[Callable[[str], Non
         except CorruptCheckpointError as e:
             if warn is not None:
                 warn(f"warning: skipping checkpoint {step_dir}: {e}")
-    raise CheckpointError(f"no checkpoint with a readable meta.json: {len(candidates)} tried ("
-                          + ", ".join(str(c) for c in candidates) + ")")
+    raise CheckpointError(
+        f"no checkpoint with a readable meta.json: {len(candidates)} tried ("
+        + ", ".join(str(c) for c in candidates)
+        + ")"
+    )
 
 
 def step_of(step_dir: Path, meta: dict) -> int:
@@ -64,9 +67,16 @@ def step_of(step_dir: Path, meta: dict) -> int:
     return meta["step"] if step is None else step
 
 
-def load_newest_intact(candidates: list[str | Path], *, model, optimizer, config: RunConfig,
-                       topo: Optional[Topology] = None, zero=None,
-                       warn: Optional[Callable[[str], None]] = None) -> tuple[Path, dict]:
+def load_newest_intact(
+    candidates: list[str | Path],
+    *,
+    model,
+    optimizer,
+    config: RunConfig,
+    topo: Topology | None = None,
+    zero=None,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Path, dict]:
     """Load the first candidate checkpoint no rank finds damaged (collective: every rank calls
     it with the same list); returns (its directory, its meta). `warn(message)` (pass it on rank 0
     only) names each damaged file skipped. Raises CheckpointError when none is intact."""
@@ -81,16 +91,19 @@ def load_newest_intact(candidates: list[str | Path], *, model, optimizer, config
         if index:
             torch.set_rng_state(rng[0])
             restore_cuda_rng_state(rng[1], topo.device)
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         try:
             if Path(step_dir).is_dir() and not (Path(step_dir) / "meta.json").is_file():
-                raise CorruptCheckpointError(f"{step_dir}/meta.json is missing: the checkpoint is incomplete",
-                                             step_dir=step_dir, file=Path(step_dir) / "meta.json")
+                raise CorruptCheckpointError(
+                    f"{step_dir}/meta.json is missing: the checkpoint is incomplete",
+                    step_dir=step_dir,
+                    file=Path(step_dir) / "meta.json",
+                )
             meta = load_checkpoint(step_dir, model=model, optimizer=optimizer, config=config, topo=topo, zero=zero)
             outcome = OK
         except (CorruptCheckpointError, OSError) as e:
             error, outcome = e, DAMAGED
-        except Exception as e:  # noqa: BLE001 - raised below on every rank together
+        except Exception as e:
             error, outcome = e, FAILED
         worst, message = _agree(outcome, error, topo)
         if worst == OK:
@@ -101,15 +114,21 @@ def load_newest_intact(candidates: list[str | Path], *, model, optimizer, config
             raise CheckpointError(f"loading {step_dir} failed on another rank: {message}")
         skipped.append(message)
         if warn is not None:
-            nxt = (f"falling back to the previous complete checkpoint, {candidates[index + 1]}"
-                   if index + 1 < len(candidates) else "no older complete checkpoint is left to try")
+            nxt = (
+                f"falling back to the previous complete checkpoint, {candidates[index + 1]}"
+                if index + 1 < len(candidates)
+                else "no older complete checkpoint is left to try"
+            )
             warn(f"warning: skipping checkpoint {step_dir}: {message}; {nxt}")
-    raise CheckpointError(f"no intact checkpoint to resume from: {len(candidates)} tried, all damaged ("
-                          + "; ".join(skipped) + "). Restore one from a backup, or start without "
-                          "(checkpoint.resume=none and another checkpoint.dir)")
+    raise CheckpointError(
+        f"no intact checkpoint to resume from: {len(candidates)} tried, all damaged ("
+        + "; ".join(skipped)
+        + "). Restore one from a backup, or start without "
+        "(checkpoint.resume=none and another checkpoint.dir)"
+    )
 
 
-def _agree(outcome: int, error: Optional[BaseException], topo: Topology) -> tuple[int, str]:
+def _agree(outcome: int, error: BaseException | None, topo: Topology) -> tuple[int, str]:
     """The worst outcome over all ranks and, when it is not OK, the first failing rank's error
     (one int all-reduce when all went well; a second, of the messages, only after a failure)."""
     text = "" if error is None else _describe(error)
@@ -124,7 +143,7 @@ def _agree(outcome: int, error: Optional[BaseException], topo: Topology) -> tupl
     rows = torch.zeros(world, _MESSAGE_BYTES, dtype=torch.int32, device=topo.device)
     if outcome == worst:
         raw = list(f"on rank {rank}: {text}".encode()[:_MESSAGE_BYTES])
-        rows[rank, :len(raw)] = torch.tensor(raw, dtype=torch.int32, device=topo.device)
+        rows[rank, : len(raw)] = torch.tensor(raw, dtype=torch.int32, device=topo.device)
     dist.all_reduce(rows)  # each rank filled only its own row: the sum is every failing rank's message
     messages = [bytes(row[row > 0].tolist()).decode(errors="replace") for row in rows.cpu()]
     failed = [m for m in messages if m]

@@ -39,7 +39,6 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -51,9 +50,18 @@ READABLE_VERSIONS = (2, 3)
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
+_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class CheckpointError(ValueError):
@@ -131,7 +139,7 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
 
 
-def _header(entries: dict[str, dict], metadata: Optional[dict[str, str]]) -> bytes:
+def _header(entries: dict[str, dict], metadata: dict[str, str] | None) -> bytes:
     """The safetensors prefix: 8-byte little-endian length, then the JSON header, padded so the
     data starts 8-byte aligned."""
     head = json.dumps({**({"__metadata__": metadata} if metadata else {}), **entries}, separators=(",", ":")).encode()
@@ -148,8 +156,9 @@ def _entries(tensors) -> tuple[dict[str, dict], int]:
     return entries, offset
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
-                      metadata: Optional[dict[str, str]] = None) -> FileChecksum:
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> FileChecksum:
     """Write tensors (CPU, contiguous) as a safetensors file and fsync it; returns its size and
     CRC-32, folded in as the bytes go out. Format: 8-byte little-endian header length, JSON
     header, then the raw data."""
@@ -189,7 +198,7 @@ class StreamingTensorFile:
             self.file.write(_bytes(t))
         self.size += nbytes
 
-    def close(self, metadata: Optional[dict[str, str]] = None) -> FileChecksum:
+    def close(self, metadata: dict[str, str] | None = None) -> FileChecksum:
         """Write the file (header, then the data); returns its size and CRC-32."""
         self.file.close()
         prefix = _header(self.entries, metadata)
@@ -206,18 +215,37 @@ class StreamingTensorFile:
         return FileChecksum(size, crc)
 
 
-def write_meta_and_config(directory: Path, config: RunConfig, *, step: int, data_parallel: int,
-                          has_optimizer: bool, has_rng: bool, train_state: dict,
-                          checksums: Optional[dict[str, FileChecksum]] = None) -> None:
+def write_meta_and_config(
+    directory: Path,
+    config: RunConfig,
+    *,
+    step: int,
+    data_parallel: int,
+    has_optimizer: bool,
+    has_rng: bool,
+    train_state: dict,
+    checksums: dict[str, FileChecksum] | None = None,
+) -> None:
     """config.yaml, then meta.json, whose presence marks the checkpoint complete: written last.
     `checksums`: file name -> FileChecksum of every tensor and RNG file written (config.yaml's
     is added here); recorded in meta.json."""
     p = config.parallel
-    meta = {"format_version": FORMAT_VERSION, "step": step,
-            "layout": {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_stages": p.virtual_stages,
-                       "data": data_parallel, "zero_stage": p.zero_stage},
-            "world_size": p.tensor * p.pipeline * data_parallel, "parts": data_parallel,
-            "has_optimizer": has_optimizer, "has_rng": has_rng, "train_state": train_state}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "layout": {
+            "tensor": p.tensor,
+            "pipeline": p.pipeline,
+            "virtual_stages": p.virtual_stages,
+            "data": data_parallel,
+            "zero_stage": p.zero_stage,
+        },
+        "world_size": p.tensor * p.pipeline * data_parallel,
+        "parts": data_parallel,
+        "has_optimizer": has_optimizer,
+        "has_rng": has_rng,
+        "train_state": train_state,
+    }
     config_sum = write_file(directory / "config.yaml", config_yaml(config))
     if checksums is not None:
         sums = {**checksums, "config.yaml": config_sum}
@@ -285,7 +313,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path} is not a checkpoint: no meta.json and no '{LATEST}' file in it")
 
 
-def find_resume_checkpoint(root: str, resume: str, *, warn=None) -> Optional[Path]:
+def find_resume_checkpoint(root: str, resume: str, *, warn=None) -> Path | None:
     """Which checkpoint checkpoint.resume asks for: None for a fresh start. With `auto`, a
     missing or unusable `latest` beside complete step_N/ directories resumes from the newest of
     them (`warn(message)` says so): checkpoints on disk are never taken for a fresh start."""
@@ -306,8 +334,10 @@ def find_resume_checkpoint(root: str, resume: str, *, warn=None) -> Optional[Pat
             problem = f"{Path(root) / LATEST} names {chosen.name}, but {steps[-1][1].name} is newer and complete"
         except (CheckpointError, OSError, UnicodeDecodeError) as e:
             if not steps:
-                raise CheckpointError(f"{Path(root) / LATEST} is unusable ({e}) and {root} holds no complete "
-                                      "checkpoint: delete it to start from scratch") from None
+                raise CheckpointError(
+                    f"{Path(root) / LATEST} is unusable ({e}) and {root} holds no complete "
+                    "checkpoint: delete it to start from scratch"
+                ) from None
             problem = f"{Path(root) / LATEST} is unusable ({e})"
     elif steps:
         problem = f"{root} has no '{LATEST}' pointer"
@@ -325,15 +355,20 @@ def read_meta(step_dir: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"{where} is unreadable: {e}", step_dir=step_dir, file=where) from None
     if not isinstance(meta, dict):
-        raise CorruptCheckpointError(f"{where}: expected a JSON object, got {type(meta).__name__}; the checkpoint "
-                                     "is damaged: resume from an earlier step_N/ (checkpoint.resume=PATH)",
-                                     step_dir=step_dir, file=where)
+        raise CorruptCheckpointError(
+            f"{where}: expected a JSON object, got {type(meta).__name__}; the checkpoint "
+            "is damaged: resume from an earlier step_N/ (checkpoint.resume=PATH)",
+            step_dir=step_dir,
+            file=where,
+        )
     version = meta.get("format_version")
     if version not in READABLE_VERSIONS:
-        raise CheckpointError(f"{step_dir} has checkpoint format version {version}; this version of "
-                              f"pretrain reads versions {', '.join(map(str, READABLE_VERSIONS))} (convert it "
-                              "with the pretrain release that wrote it: load_model + tools/convert_to_hf.py, "
-                              "then tools/convert_from_hf.py here)")
+        raise CheckpointError(
+            f"{step_dir} has checkpoint format version {version}; this version of "
+            f"pretrain reads versions {', '.join(map(str, READABLE_VERSIONS))} (convert it "
+            "with the pretrain release that wrote it: load_model + tools/convert_to_hf.py, "
+            "then tools/convert_from_hf.py here)"
+        )
     check_meta_fields(meta, where=f"{step_dir}/meta.json")
     if not isinstance(meta.get("checksums", {}), dict):
         raise CorruptCheckpointError(f"{where}: field 'checksums' should be a mapping", step_dir=step_dir, file=where)
@@ -348,10 +383,14 @@ REQUIRED_LAYOUT = ("tensor", "pipeline")
 
 def check_meta_fields(meta: dict, *, where: str) -> None:
     """Raise CheckpointError naming `where` and the first missing or mistyped field."""
+
     def damaged(problem: str) -> CheckpointError:
-        return CorruptCheckpointError(f"{where}: {problem}; the checkpoint is damaged or was not written by "
-                                      "pretrain: resume from an earlier step_N/ (checkpoint.resume=PATH)",
-                                      step_dir=Path(where).parent, file=where)
+        return CorruptCheckpointError(
+            f"{where}: {problem}; the checkpoint is damaged or was not written by "
+            "pretrain: resume from an earlier step_N/ (checkpoint.resume=PATH)",
+            step_dir=Path(where).parent,
+            file=where,
+        )
 
     for key, kind in REQUIRED_META.items():
         if key not in meta:
@@ -363,7 +402,7 @@ def check_meta_fields(meta: dict, *, where: str) -> None:
             raise damaged(f"missing field 'layout.{key}'")
 
 
-def read_config(step_dir: Path, checksums: Optional[Checksums] = None) -> RunConfig:
+def read_config(step_dir: Path, checksums: Checksums | None = None) -> RunConfig:
     """The run config saved with a checkpoint; verified against `checksums` when given."""
     path = Path(step_dir) / "config.yaml"
     try:
@@ -382,14 +421,15 @@ def config_yaml(config: RunConfig) -> bytes:
     return yaml.safe_dump(to_dict(config), sort_keys=False).encode()
 
 
-def load_pt(path: Path, checksums: Optional[Checksums] = None):
+def load_pt(path: Path, checksums: Checksums | None = None):
     """A small torch file (RNG states), read with weights_only=True: no code runs from it;
     verified against `checksums` when given."""
     import io
 
     if not path.is_file():
-        raise CorruptCheckpointError(f"{path} is missing: the checkpoint is incomplete", step_dir=path.parent,
-                                     file=path)
+        raise CorruptCheckpointError(
+            f"{path} is missing: the checkpoint is incomplete", step_dir=path.parent, file=path
+        )
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -399,8 +439,7 @@ def load_pt(path: Path, checksums: Optional[Checksums] = None):
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle that is not plain tensors, or a damaged file
-        raise CorruptCheckpointError(f"{path} cannot be loaded safely: {e}", step_dir=path.parent,
-                                     file=path) from None
+        raise CorruptCheckpointError(f"{path} cannot be loaded safely: {e}", step_dir=path.parent, file=path) from None
 
 
 class Checksums:
@@ -413,19 +452,25 @@ class Checksums:
         self.expected: dict[str, dict] = meta.get("checksums") or {}
         self.verified: set[str] = set()
 
-    def _entry(self, path: Path) -> Optional[dict]:
+    def _entry(self, path: Path) -> dict | None:
         entry = self.expected.get(path.name)
         if entry is None:
             return None
         try:
             return {"bytes": int(entry["bytes"]), CHECKSUM: int(entry[CHECKSUM], 16)}
         except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(f"{self.dir}/meta.json: unreadable checksum entry for {path.name}: {entry!r}",
-                                         step_dir=self.dir, file=self.dir / "meta.json") from None
+            raise CorruptCheckpointError(
+                f"{self.dir}/meta.json: unreadable checksum entry for {path.name}: {entry!r}",
+                step_dir=self.dir,
+                file=self.dir / "meta.json",
+            ) from None
 
     def _bad(self, path: Path, problem: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"checkpoint {self.dir} is damaged: {path} {problem}; an earlier "
-                                      "checkpoint may be intact", step_dir=self.dir, file=path)
+        return CorruptCheckpointError(
+            f"checkpoint {self.dir} is damaged: {path} {problem}; an earlier checkpoint may be intact",
+            step_dir=self.dir,
+            file=path,
+        )
 
     def check_size(self, path: Path) -> None:
         """Compare the file's size on disk with the recorded one (a stat: cheap enough for every
@@ -448,8 +493,9 @@ class Checksums:
         if checksum.size != entry["bytes"]:
             raise self._bad(path, f"has {checksum.size} bytes, {entry['bytes']} were written (truncated?)")
         if checksum.crc32 != entry[CHECKSUM]:
-            raise self._bad(path, f"fails its checksum (CRC-32 {checksum.crc32:08x}, {entry[CHECKSUM]:08x} "
-                                  "recorded at save)")
+            raise self._bad(
+                path, f"fails its checksum (CRC-32 {checksum.crc32:08x}, {entry[CHECKSUM]:08x} recorded at save)"
+            )
         self.verified.add(path.name)
 
     def verify_bytes(self, path: Path, data) -> None:

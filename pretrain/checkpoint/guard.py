@@ -19,8 +19,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 from pretrain.checkpoint.files import CheckpointError, complete_steps
 
@@ -32,7 +32,7 @@ class DirectoryLock:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         """Take the lock or raise CheckpointError naming the run that holds it."""
@@ -44,11 +44,17 @@ class DirectoryLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise CheckpointError(f"checkpoint.dir {self.root} is in use by another run ({_describe(holder)}); "
-                                  "wait for it to finish or stop it, or give this run another "
-                                  "checkpoint.dir") from None
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID"),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            raise CheckpointError(
+                f"checkpoint.dir {self.root} is in use by another run ({_describe(holder)}); "
+                "wait for it to finish or stop it, or give this run another "
+                "checkpoint.dir"
+            ) from None
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "job": os.environ.get("SLURM_JOB_ID"),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._fd = fd
@@ -92,7 +98,9 @@ def check_no_overwrite(root: str | Path, *, start_step: int) -> None:
     later = [path.name for step, path in complete_steps(Path(root)) if step > start_step]
     if later:
         start = f"the checkpoint it resumes from (step {start_step})" if start_step else "step 0 (no resume)"
-        raise CheckpointError(f"checkpoint.dir {root} holds {', '.join(later[:4])}{' ...' if len(later) > 4 else ''}, "
-                              f"newer than {start}: this run would overwrite them. Resume from the newest "
-                              "(checkpoint.resume=auto), move those directories away, or use another "
-                              "checkpoint.dir")
+        raise CheckpointError(
+            f"checkpoint.dir {root} holds {', '.join(later[:4])}{' ...' if len(later) > 4 else ''}, "
+            f"newer than {start}: this run would overwrite them. Resume from the newest "
+            "(checkpoint.resume=auto), move those directories away, or use another "
+            "checkpoint.dir"
+        )

@@ -24,13 +24,21 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import safe_open
 
-from pretrain.checkpoint.files import (CheckpointError, Checksums, CorruptCheckpointError, FileChecksum, model_file,
-                                       optimizer_file, read_config, read_meta, resolve_checkpoint)
+from pretrain.checkpoint.files import (
+    CheckpointError,
+    Checksums,
+    CorruptCheckpointError,
+    FileChecksum,
+    model_file,
+    optimizer_file,
+    read_config,
+    read_meta,
+    resolve_checkpoint,
+)
 from pretrain.config import ModelConfig, RunConfig
 from pretrain.models.layers import ShardSpec, shard_tensor, unshard_tensors
 
@@ -44,11 +52,16 @@ SHAPE_FIELDS = ("flavour", "num_layers", "hidden_size", "num_heads", "kv_heads",
 
 def check_same_model(saved: ModelConfig, here: ModelConfig, where: Path) -> None:
     fields = SHAPE_FIELDS + (("positions",) if here.flavour == "gpt2" else ())  # learned positions
-    differ = [f"model.{f}: checkpoint {getattr(saved, f)}, this run {getattr(here, f)}"
-              for f in fields if getattr(saved, f) != getattr(here, f)]
+    differ = [
+        f"model.{f}: checkpoint {getattr(saved, f)}, this run {getattr(here, f)}"
+        for f in fields
+        if getattr(saved, f) != getattr(here, f)
+    ]
     if differ:
-        raise CheckpointError(f"{where} holds a different model shape ({'; '.join(differ)}); use the "
-                              "checkpoint's model settings (its config.yaml) or start without it")
+        raise CheckpointError(
+            f"{where} holds a different model shape ({'; '.join(differ)}); use the "
+            "checkpoint's model settings (its config.yaml) or start without it"
+        )
 
 
 def fit_rows(full: torch.Tensor, rows: int) -> torch.Tensor:
@@ -82,7 +95,7 @@ class SavedCheckpoint:
     `parts`: index only these (tp, pp, part) files (a ZeRO rank resuming at the saved layout
     reads its own files and nothing else); then names and completeness are those files' only."""
 
-    def __init__(self, path: str | Path, *, parts: Optional[list[tuple[int, int, int]]] = None) -> None:
+    def __init__(self, path: str | Path, *, parts: list[tuple[int, int, int]] | None = None) -> None:
         self.dir = resolve_checkpoint(path)
         self.meta = read_meta(self.dir)
         self.checksums = Checksums(self.dir, self.meta)
@@ -93,14 +106,17 @@ class SavedCheckpoint:
         self._open: dict[Path, object] = {}
         self._whole: dict[Path, dict[str, torch.Tensor]] = {}  # files read at once (read_whole_files)
         self.read_whole_files = False
-        self.specs: dict[str, Optional[ShardSpec]] = {}
+        self.specs: dict[str, ShardSpec | None] = {}
         self.shapes: dict[str, list[int]] = {}
         # name -> tp rank -> pipeline rank -> the pieces of that shard (a tied embedding is on
         # two pipeline ranks; under ZeRO a shard is spread over the DP ranks' files)
         self._model: dict[str, dict[int, dict[int, list[_Piece]]]] = {}
         self._optim: dict[str, dict[int, dict[int, list[_Piece]]]] = {}  # "name/key" -> the same
-        files = parts if parts is not None else [(t, p, d) for t in range(self.tp) for p in range(self.pp)
-                                                 for d in range(self.parts)]
+        files = (
+            parts
+            if parts is not None
+            else [(t, p, d) for t in range(self.tp) for p in range(self.pp) for d in range(self.parts)]
+        )
         for tp, pp, part in files:
             self._index_model(self.dir / model_file(tp, pp, part), tp, pp)
             if self.has_optimizer:
@@ -115,15 +131,19 @@ class SavedCheckpoint:
     def _handle(self, path: Path):
         if path not in self._open:
             if not path.is_file():
-                raise CorruptCheckpointError(f"{path} is missing: the checkpoint is incomplete (saved at layout "
-                                             f"{self.meta['layout']})", step_dir=self.dir, file=path)
+                raise CorruptCheckpointError(
+                    f"{path} is missing: the checkpoint is incomplete (saved at layout {self.meta['layout']})",
+                    step_dir=self.dir,
+                    file=path,
+                )
             self.checksums.check_size(path)
             try:
                 self._open[path] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as e:  # truncated or foreign file
                 self.checksums.verify(path)  # a damaged header: say so when the checksum can tell
-                raise CorruptCheckpointError(f"{path} is not a readable tensor file: {e}", step_dir=self.dir,
-                                             file=path) from None
+                raise CorruptCheckpointError(
+                    f"{path} is not a readable tensor file: {e}", step_dir=self.dir, file=path
+                ) from None
         return self._open[path]
 
     def blame(self) -> None:
@@ -160,8 +180,9 @@ class SavedCheckpoint:
                 self.specs[name] = ShardSpec(*spec) if spec else None
             self.shapes.update(json.loads(meta["shapes"]))
         except (KeyError, ValueError, TypeError):
-            raise self._damaged_header(path, f"{path} has no pretrain shard metadata: not a pretrain checkpoint "
-                                             "file") from None
+            raise self._damaged_header(
+                path, f"{path} has no pretrain shard metadata: not a pretrain checkpoint file"
+            ) from None
         self._index(handle, path, tp, pp, self._model)
 
     def _shard_shape(self, name: str) -> list[int]:
@@ -181,8 +202,10 @@ class SavedCheckpoint:
                             incomplete.append(f"{key} (tensor rank {tp}, pipeline rank {pp})")
         if incomplete:
             self.blame()
-            raise CheckpointError(f"{self.dir}: tensors missing from some ranks' files (e.g. {incomplete[0]}): "
-                                  "the checkpoint is incomplete")
+            raise CheckpointError(
+                f"{self.dir}: tensors missing from some ranks' files (e.g. {incomplete[0]}): "
+                "the checkpoint is incomplete"
+            )
 
     def _covered(self, key: str, optimizer: bool, pieces: list[_Piece]) -> bool:
         if any(p.whole for p in pieces):
@@ -190,19 +213,19 @@ class SavedCheckpoint:
         name = key.rsplit("/", 1)[0] if optimizer else key
         return _covers(pieces, 0, math.prod(self._shard_shape(name)))
 
-    def _pieces(self, key: str, tp: int, optimizer: bool, pp: Optional[int]) -> list[_Piece]:
+    def _pieces(self, key: str, tp: int, optimizer: bool, pp: int | None) -> list[_Piece]:
         """The pieces of the saved shard `key` of TP rank tp, from pipeline rank pp's files when
         they hold it."""
         index = self._optim if optimizer else self._model
         if key not in index or tp not in index[key]:
             kind = "optimizer state" if optimizer else "weight"
-            raise CheckpointError(f"{self.dir} has no {kind} '{key}' for tensor rank {tp} (a different model "
-                                  "shape?)")
+            raise CheckpointError(f"{self.dir} has no {kind} '{key}' for tensor rank {tp} (a different model shape?)")
         by_pp = index[key][tp]
         return by_pp.get(pp, next(iter(by_pp.values())))
 
-    def has_range(self, name: str, key: Optional[str], *, tp_rank: int, pp_rank: Optional[int],
-                  start: int, numel: int) -> bool:
+    def has_range(
+        self, name: str, key: str | None, *, tp_rank: int, pp_rank: int | None, start: int, numel: int
+    ) -> bool:
         """Whether the indexed files hold elements [start, start + numel) of the flattened saved
         shard (metadata only; nothing is read)."""
         stored, optimizer = (name, False) if key is None else (f"{name}/{key}", True)
@@ -216,9 +239,9 @@ class SavedCheckpoint:
 
     def optimizer_keys(self, name: str) -> list[str]:
         prefix = f"{name}/"
-        return sorted(k[len(prefix):] for k in self._optim if k.startswith(prefix))
+        return sorted(k[len(prefix) :] for k in self._optim if k.startswith(prefix))
 
-    def _read(self, piece: _Piece, lo: Optional[int] = None, hi: Optional[int] = None) -> torch.Tensor:
+    def _read(self, piece: _Piece, lo: int | None = None, hi: int | None = None) -> torch.Tensor:
         """The piece's tensor, or its flattened elements [lo, hi) (only those are read)."""
         if self.read_whole_files:
             if piece.path not in self._whole:
@@ -236,7 +259,7 @@ class SavedCheckpoint:
         # A whole shard: read the rows the range touches (safetensors slices the first dimension).
         row = math.prod(shape[1:])
         first, last = lo // row, -(-hi // row)
-        return view[first:last].reshape(-1)[lo - first * row:hi - first * row]
+        return view[first:last].reshape(-1)[lo - first * row : hi - first * row]
 
     def _read_whole(self, path: Path) -> dict[str, torch.Tensor]:
         """A file read whole, checked against its checksum on the very bytes read."""
@@ -252,7 +275,7 @@ class SavedCheckpoint:
             self.checksums.verify(path)
         return tensors
 
-    def _stored(self, key: str, tp: int, optimizer: bool, pp: Optional[int] = None) -> torch.Tensor:
+    def _stored(self, key: str, tp: int, optimizer: bool, pp: int | None = None) -> torch.Tensor:
         """The saved shard `key` of TP rank tp, from pipeline rank pp's files when they hold it."""
         pieces = self._pieces(key, tp, optimizer, pp)
         whole = next((p for p in pieces if p.whole), None)
@@ -264,11 +287,15 @@ class SavedCheckpoint:
     def _flat(self, pieces: list[_Piece], start: int, numel: int, key: str) -> torch.Tensor:
         """Elements [start, start + numel) of a flattened shard, from the pieces overlapping them."""
         end = start + numel
-        parts = [(max(start, p.start), min(end, p.start + p.numel), p) for p in pieces
-                 if p.start < end and start < p.start + p.numel]
+        parts = [
+            (max(start, p.start), min(end, p.start + p.numel), p)
+            for p in pieces
+            if p.start < end and start < p.start + p.numel
+        ]
         if not _covers([p for _, _, p in parts], start, end):
-            raise CheckpointError(f"{self.dir}: elements {start}-{end} of '{key}' are in no file read here (the "
-                                  "checkpoint is incomplete)")
+            raise CheckpointError(
+                f"{self.dir}: elements {start}-{end} of '{key}' are in no file read here (the checkpoint is incomplete)"
+            )
         if len(parts) == 1:  # within one piece: a view where the data is already in memory
             lo, hi, p = parts[0]
             return self._read(p, lo - p.start, hi - p.start)
@@ -277,10 +304,10 @@ class SavedCheckpoint:
             t = self._read(p, lo - p.start, hi - p.start)
             if out is None:
                 out = torch.empty(numel, dtype=t.dtype)
-            out[lo - start:hi - start] = t
+            out[lo - start : hi - start] = t
         return out
 
-    def full(self, name: str, key: Optional[str] = None) -> torch.Tensor:
+    def full(self, name: str, key: str | None = None) -> torch.Tensor:
         """The unsharded weight `name`, or its optimizer state `key` (exp_avg, step, ...)."""
         stored = name if key is None else f"{name}/{key}"
         spec = self.specs.get(name)
@@ -289,8 +316,16 @@ class SavedCheckpoint:
             return first
         return unshard_tensors([first] + [self._stored(stored, t, key is not None) for t in range(1, self.tp)], spec)
 
-    def shard(self, name: str, key: Optional[str] = None, *, tp_rank: int, tp_size: int,
-              rows: Optional[int] = None, pp_rank: Optional[int] = None) -> torch.Tensor:
+    def shard(
+        self,
+        name: str,
+        key: str | None = None,
+        *,
+        tp_rank: int,
+        tp_size: int,
+        rows: int | None = None,
+        pp_rank: int | None = None,
+    ) -> torch.Tensor:
         """What TP rank tp_rank of tp_size holds of `name` (or of its state `key`); `rows`: the
         vocabulary rows (padded) the target layout has, for the vocabulary tensors; `pp_rank`:
         read from that pipeline rank's files where they hold the tensor."""
@@ -304,18 +339,29 @@ class SavedCheckpoint:
             full = fit_rows(full, rows)
         return shard_tensor(full, spec, rank=tp_rank, size=tp_size).contiguous()
 
-    def shard_range(self, name: str, key: Optional[str] = None, *, tp_rank: int, tp_size: int, start: int,
-                    numel: int, rows: Optional[int] = None, pp_rank: Optional[int] = None) -> torch.Tensor:
+    def shard_range(
+        self,
+        name: str,
+        key: str | None = None,
+        *,
+        tp_rank: int,
+        tp_size: int,
+        start: int,
+        numel: int,
+        rows: int | None = None,
+        pp_rank: int | None = None,
+    ) -> torch.Tensor:
         """Elements [start, start + numel) of `shard(...)` flattened (a ZeRO rank's fragment). At
         the saved TP size only the pieces overlapping the range are read, and of those only the
         range; at another TP size the tensor is put together first (one tensor at a time)."""
         if self._same_shard(name, tp_size, rows):
             stored = name if key is None else f"{name}/{key}"
             return self._flat(self._pieces(stored, tp_rank, key is not None, pp_rank), start, numel, stored)
-        return self.shard(name, key, tp_rank=tp_rank, tp_size=tp_size, rows=rows,
-                          pp_rank=pp_rank).reshape(-1)[start:start + numel]
+        return self.shard(name, key, tp_rank=tp_rank, tp_size=tp_size, rows=rows, pp_rank=pp_rank).reshape(-1)[
+            start : start + numel
+        ]
 
-    def _same_shard(self, name: str, tp_size: int, rows: Optional[int]) -> bool:
+    def _same_shard(self, name: str, tp_size: int, rows: int | None) -> bool:
         same_rows = rows is None or name not in VOCAB_PARAMS or rows == self.shapes[name][0]
         return tp_size == self.tp and same_rows
 
@@ -336,16 +382,25 @@ def _covers(pieces: list[_Piece], start: int, end: int) -> bool:
     return at >= end
 
 
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool}
+_TORCH_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class FileTensors(dict):
     """The tensors of one file read whole, and the file's size and CRC-32 (`checksum`), computed
     from the same buffer: checking a file that is read whole anyway costs no second read."""
 
-    checksum: Optional[FileChecksum] = None
+    checksum: FileChecksum | None = None
 
 
 def read_whole(path: Path) -> FileTensors:
@@ -361,8 +416,8 @@ def read_whole(path: Path) -> FileTensors:
         tensors = FileTensors()
         tensors.checksum = FileChecksum(size, zlib.crc32(memoryview(buffer.numpy())))
         head = int.from_bytes(buffer[:8].numpy().tobytes(), "little")
-        header = json.loads(buffer[8:8 + head].numpy().tobytes())
-        data = buffer[8 + head:]
+        header = json.loads(buffer[8 : 8 + head].numpy().tobytes())
+        data = buffer[8 + head :]
         for key, entry in header.items():
             if key == "__metadata__":
                 continue
@@ -374,8 +429,9 @@ def read_whole(path: Path) -> FileTensors:
             tensors[key] = raw.view(dtype).reshape(entry["shape"])
         return tensors
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise CorruptCheckpointError(f"{path} is not a readable tensor file: {e}", step_dir=path.parent,
-                                     file=path) from None
+        raise CorruptCheckpointError(
+            f"{path} is not a readable tensor file: {e}", step_dir=path.parent, file=path
+        ) from None
 
 
 def merged_state_dict(step_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -395,8 +451,10 @@ def load_model(checkpoint_dir: str | Path):
     missing = sorted(set(state) - set(saved.names))
     extra = sorted(set(saved.names) - set(state))
     if missing or extra:
-        raise CheckpointError(f"{saved.dir}: weights do not fit the model its config.yaml describes "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        raise CheckpointError(
+            f"{saved.dir}: weights do not fit the model its config.yaml describes "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     with torch.no_grad():
         for name, tensor in state.items():
             tensor.copy_(saved.shard(name, tp_rank=0, tp_size=1, rows=tensor.shape[0]))

@@ -15,13 +15,26 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from pretrain.checkpoint.files import (TMP_PREFIX, CheckpointError, Checksums, FileChecksum, StreamingTensorFile,
-                                       load_pt, model_file, optimizer_file, publish, read_config, read_meta,
-                                       remove_leftovers, resolve_checkpoint, rng_file, write_meta_and_config)
+from pretrain.checkpoint.files import (
+    TMP_PREFIX,
+    CheckpointError,
+    Checksums,
+    FileChecksum,
+    StreamingTensorFile,
+    load_pt,
+    model_file,
+    optimizer_file,
+    publish,
+    read_config,
+    read_meta,
+    remove_leftovers,
+    resolve_checkpoint,
+    rng_file,
+    write_meta_and_config,
+)
 from pretrain.checkpoint.reader import VOCAB_PARAMS, SavedCheckpoint, check_same_model
 from pretrain.checkpoint.saver import assign_parts, shard_metadata
 from pretrain.config import RunConfig
@@ -32,12 +45,18 @@ from pretrain.parallel.zero_state import ADAM_KEYS
 
 def _layout(config: RunConfig, dp: int) -> dict:
     p = config.parallel
-    return {"tensor": p.tensor, "pipeline": p.pipeline, "virtual_stages": p.virtual_stages, "data": dp,
-            "zero_stage": p.zero_stage}
+    return {
+        "tensor": p.tensor,
+        "pipeline": p.pipeline,
+        "virtual_stages": p.virtual_stages,
+        "data": dp,
+        "zero_stage": p.zero_stage,
+    }
 
 
-def load_checkpoint(step_dir: str | Path, *, model, optimizer, config: RunConfig, topo: Optional[Topology] = None,
-                    zero=None) -> dict:
+def load_checkpoint(
+    step_dir: str | Path, *, model, optimizer, config: RunConfig, topo: Topology | None = None, zero=None
+) -> dict:
     """Restore this rank's weights and optimizer state in place from a checkpoint of any layout
     (and the RNG states when the layout is the same); returns the meta (step, train_state).
 
@@ -65,12 +84,15 @@ def _check_names(saved: SavedCheckpoint, names) -> None:
     missing = sorted(set(names) - set(saved.names))
     if missing:
         saved.blame()
-        raise CheckpointError(f"{saved.dir} lacks weights this model needs ({', '.join(missing[:3])}): "
-                              "a different model shape, or an incomplete checkpoint")
+        raise CheckpointError(
+            f"{saved.dir} lacks weights this model needs ({', '.join(missing[:3])}): "
+            "a different model shape, or an incomplete checkpoint"
+        )
 
 
-def _load_plain(step_dir: Path, chunks: list, *, optimizer, config: RunConfig, topo: Topology,
-                with_state: bool) -> None:
+def _load_plain(
+    step_dir: Path, chunks: list, *, optimizer, config: RunConfig, topo: Topology, with_state: bool
+) -> None:
     """Without ZeRO every DP rank needs its position's whole shards."""
     saved = SavedCheckpoint(step_dir)
     params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
@@ -78,17 +100,25 @@ def _load_plain(step_dir: Path, chunks: list, *, optimizer, config: RunConfig, t
     # At the saved TP size a rank needs exactly its own position's files: read them whole.
     saved.read_whole_files = saved.tp == topo.tp and saved.pp == topo.pp
 
-    def shard(name: str, key: Optional[str] = None) -> torch.Tensor:
-        return saved.shard(name, key, tp_rank=topo.tp_rank, tp_size=topo.tp, rows=config.model.vocab_rows,
-                           pp_rank=topo.pp_rank if saved.pp == topo.pp else None)
+    def shard(name: str, key: str | None = None) -> torch.Tensor:
+        return saved.shard(
+            name,
+            key,
+            tp_rank=topo.tp_rank,
+            tp_size=topo.tp,
+            rows=config.model.vocab_rows,
+            pp_rank=topo.pp_rank if saved.pp == topo.pp else None,
+        )
 
     with torch.no_grad():
         for name, param in params.items():
             value = shard(name)
             if value.shape != param.shape:
                 saved.blame()
-                raise CheckpointError(f"{saved.dir}: {name} has shape {tuple(value.shape)} for this rank, the "
-                                      f"model has {tuple(param.shape)} (a different model shape?)")
+                raise CheckpointError(
+                    f"{saved.dir}: {name} has shape {tuple(value.shape)} for this rank, the "
+                    f"model has {tuple(param.shape)} (a different model shape?)"
+                )
             param.copy_(value)
         if optimizer is not None:
             for name, param in params.items():
@@ -99,8 +129,9 @@ def _load_plain(step_dir: Path, chunks: list, *, optimizer, config: RunConfig, t
                     optimizer.state.pop(param, None)
 
 
-def _load_zero(step_dir: Path, meta: dict, chunks: list, *, zero, config: RunConfig, topo: Topology,
-               with_state: bool) -> None:
+def _load_zero(
+    step_dir: Path, meta: dict, chunks: list, *, zero, config: RunConfig, topo: Topology, with_state: bool
+) -> None:
     """Under ZeRO a rank needs only its own fragments (pretrain/parallel/zero_state.py): the
     runs of the flattened TP shards its partition holds. Saved at this very layout, those are
     its own files' fragments, and it reads its own two files and nothing else; saved at any
@@ -111,26 +142,39 @@ def _load_zero(step_dir: Path, meta: dict, chunks: list, *, zero, config: RunCon
     # whose files are damaged must still take part, or its peers would wait in the all-gather.
     # It reads zeros from the failure on and raises after the collective; a caller (such as
     # load_newest_intact) then loads another checkpoint over the whole state.
-    failure: Optional[Exception] = None
+    failure: Exception | None = None
     try:
-        saved, step = _zero_source(step_dir, meta, chunks, fragments, zero=zero, config=config, topo=topo,
-                                   with_state=with_state)
+        saved, step = _zero_source(
+            step_dir, meta, chunks, fragments, zero=zero, config=config, topo=topo, with_state=with_state
+        )
     except (CheckpointError, OSError) as e:
         saved, step, failure = None, None, e
     pp_rank = None if saved is None else topo.pp_rank if saved.pp == topo.pp else None
     shapes = {f.name: f.shape for f in fragments}
 
-    def read(name: str, key: Optional[str], start: int, numel: int) -> torch.Tensor:
+    def read(name: str, key: str | None, start: int, numel: int) -> torch.Tensor:
         nonlocal failure
         if failure is None:
             try:
                 rows = config.model.vocab_rows
-                if key is None and saved.shapes.get(name) is not None and not _fits(saved, name, shapes[name], topo,
-                                                                                    rows):
-                    raise CheckpointError(f"{saved.dir}: {name} does not fit this model's shard {shapes[name]} (a "
-                                          "different model shape?)")
-                return saved.shard_range(name, key, tp_rank=topo.tp_rank, tp_size=topo.tp, start=start,
-                                         numel=numel, rows=rows, pp_rank=pp_rank)
+                if (
+                    key is None
+                    and saved.shapes.get(name) is not None
+                    and not _fits(saved, name, shapes[name], topo, rows)
+                ):
+                    raise CheckpointError(
+                        f"{saved.dir}: {name} does not fit this model's shard {shapes[name]} (a different model shape?)"
+                    )
+                return saved.shard_range(
+                    name,
+                    key,
+                    tp_rank=topo.tp_rank,
+                    tp_size=topo.tp,
+                    start=start,
+                    numel=numel,
+                    rows=rows,
+                    pp_rank=pp_rank,
+                )
             except (CheckpointError, OSError) as e:
                 failure = e
         return torch.zeros(numel)
@@ -140,18 +184,35 @@ def _load_zero(step_dir: Path, meta: dict, chunks: list, *, zero, config: RunCon
         raise failure
 
 
-def _zero_source(step_dir: Path, meta: dict, chunks: list, fragments: list, *, zero, config: RunConfig,
-                 topo: Topology, with_state: bool) -> tuple[SavedCheckpoint, Optional[float]]:
+def _zero_source(
+    step_dir: Path,
+    meta: dict,
+    chunks: list,
+    fragments: list,
+    *,
+    zero,
+    config: RunConfig,
+    topo: Topology,
+    with_state: bool,
+) -> tuple[SavedCheckpoint, float | None]:
     """The files a ZeRO rank reads its fragments from, and the Adam step count when it loads
     optimizer state (no communication)."""
     layout, p = meta["layout"], config.parallel
     saved = None
-    if (layout["tensor"], layout["pipeline"], layout.get("virtual_stages", 1), layout["data"],
-            layout.get("zero_stage", 0)) == (topo.tp, topo.pp, p.virtual_stages, topo.dp, zero.stage):
+    if (
+        layout["tensor"],
+        layout["pipeline"],
+        layout.get("virtual_stages", 1),
+        layout["data"],
+        layout.get("zero_stage", 0),
+    ) == (topo.tp, topo.pp, p.virtual_stages, topo.dp, zero.stage):
         own = SavedCheckpoint(step_dir, parts=[(topo.tp_rank, topo.pp_rank, topo.dp_rank)])
         keys = [None, *ADAM_KEYS] if with_state and own.has_optimizer else [None]
-        if all(own.has_range(f.name, k, tp_rank=topo.tp_rank, pp_rank=topo.pp_rank, start=f.start, numel=f.numel)
-               for f in fragments for k in keys):
+        if all(
+            own.has_range(f.name, k, tp_rank=topo.tp_rank, pp_rank=topo.pp_rank, start=f.start, numel=f.numel)
+            for f in fragments
+            for k in keys
+        ):
             saved, own.read_whole_files = own, True  # one sequential read per file
     if saved is None:
         saved = SavedCheckpoint(step_dir)
@@ -208,8 +269,9 @@ def stage_owners(name: str, config: RunConfig) -> list[int]:
     return [pp - 1]  # final norm, output layer
 
 
-def write_layout(source, target: RunConfig, output: str | Path, *, step: int, train_state: dict,
-                 data_parallel: int = 1) -> Path:
+def write_layout(
+    source, target: RunConfig, output: str | Path, *, step: int, train_state: dict, data_parallel: int = 1
+) -> Path:
     """Write `source` (a SavedCheckpoint, or anything with its `names`, `specs`, `has_optimizer`,
     `optimizer_keys`, `shard`) as step_N under `output` at the target config's TP/PP layout,
     split into `data_parallel` parts per position; published atomically like a training save."""
@@ -229,9 +291,15 @@ def write_layout(source, target: RunConfig, output: str | Path, *, step: int, tr
         owner = assign_parts({n: math.prod(source.shapes[n]) for n in names}, data_parallel)
         for tp_rank in range(tp):
             # One tensor in memory at a time: each goes straight to its file.
-            files = [(StreamingTensorFile(tmp / model_file(tp_rank, pp_rank, part)),
-                      StreamingTensorFile(tmp / optimizer_file(tp_rank, pp_rank, part)) if source.has_optimizer
-                      else None, {}, {}) for part in range(data_parallel)]
+            files = [
+                (
+                    StreamingTensorFile(tmp / model_file(tp_rank, pp_rank, part)),
+                    StreamingTensorFile(tmp / optimizer_file(tp_rank, pp_rank, part)) if source.has_optimizer else None,
+                    {},
+                    {},
+                )
+                for part in range(data_parallel)
+            ]
             for name in names:
                 weights, optimizer, specs, shapes = files[owner[name]]
                 spec = source.specs.get(name)
@@ -244,14 +312,23 @@ def write_layout(source, target: RunConfig, output: str | Path, *, step: int, tr
                 checksums[weights.path.name] = weights.close(shard_metadata(specs, shapes))
                 if optimizer is not None:
                     checksums[optimizer.path.name] = optimizer.close()
-    write_meta_and_config(tmp, target, step=step, data_parallel=data_parallel, has_optimizer=source.has_optimizer,
-                          has_rng=False, train_state=train_state, checksums=checksums)
+    write_meta_and_config(
+        tmp,
+        target,
+        step=step,
+        data_parallel=data_parallel,
+        has_optimizer=source.has_optimizer,
+        has_rng=False,
+        train_state=train_state,
+        checksums=checksums,
+    )
     publish(tmp, final)
     return final
 
 
-def reshard_checkpoint(checkpoint: str | Path, output: str | Path, overrides: list[str], *,
-                       data_parallel: int = 1) -> Path:
+def reshard_checkpoint(
+    checkpoint: str | Path, output: str | Path, overrides: list[str], *, data_parallel: int = 1
+) -> Path:
     """Write the checkpoint at another layout: `overrides` are `parallel.*=value` keys, checked as
     a training run of tensor x pipeline x data_parallel ranks would check them."""
     from pretrain.config import config_from_dict, to_dict
@@ -267,5 +344,11 @@ def reshard_checkpoint(checkpoint: str | Path, output: str | Path, overrides: li
     target = config_from_dict(raw, overrides)
     p = target.parallel
     validate_layout(target, p.tensor * p.pipeline * data_parallel)
-    return write_layout(saved, target, output, step=saved.meta["step"], train_state=saved.meta["train_state"],
-                        data_parallel=data_parallel)
+    return write_layout(
+        saved,
+        target,
+        output,
+        step=saved.meta["step"],
+        train_state=saved.meta["train_state"],
+        data_parallel=data_parallel,
+    )

@@ -28,16 +28,27 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint.files import (LATEST, TMP_PREFIX, FileChecksum, model_file, optimizer_file,
-                                       prune_checkpoints, publish, remove_leftovers, rng_file, write_file,
-                                       write_meta_and_config, write_safetensors)
+from pretrain.checkpoint.files import (
+    LATEST,
+    TMP_PREFIX,
+    FileChecksum,
+    model_file,
+    optimizer_file,
+    prune_checkpoints,
+    publish,
+    remove_leftovers,
+    rng_file,
+    write_file,
+    write_meta_and_config,
+    write_safetensors,
+)
 from pretrain.config import RunConfig
 from pretrain.device import cuda_rng_state
 from pretrain.parallel.topology import Topology, group_timeout, single_process
@@ -49,7 +60,7 @@ class Shard:
 
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)  # "{name}/{key}"
-    specs: dict[str, Optional[list[int]]] = field(default_factory=dict)
+    specs: dict[str, list[int] | None] = field(default_factory=dict)
     shapes: dict[str, list[int]] = field(default_factory=dict)  # full (unsharded) shapes
     # ZeRO: key -> [start, numel], the run of the flattened TP shard a 1-D tensor holds
     fragments: dict[str, list[int]] = field(default_factory=dict)
@@ -61,17 +72,19 @@ class Shard:
         """Write this shard's files; returns file name -> its size and CRC-32."""
         fragments = {k: v for k, v in self.fragments.items() if k in self.weights}
         name = model_file(tp, pp, part)
-        sums = {name: write_safetensors(directory / name, self.weights,
-                                        shard_metadata(self.specs, self.shapes, fragments))}
+        sums = {
+            name: write_safetensors(directory / name, self.weights, shard_metadata(self.specs, self.shapes, fragments))
+        }
         if self.optimizer:
             fragments = {k: v for k, v in self.fragments.items() if k in self.optimizer}
             name = optimizer_file(tp, pp, part)
-            sums[name] = write_safetensors(directory / name, self.optimizer,
-                                           {"fragments": json.dumps(fragments)} if fragments else None)
+            sums[name] = write_safetensors(
+                directory / name, self.optimizer, {"fragments": json.dumps(fragments)} if fragments else None
+            )
         return sums
 
 
-def shard_metadata(specs: dict, shapes: dict, fragments: Optional[dict] = None) -> dict[str, str]:
+def shard_metadata(specs: dict, shapes: dict, fragments: dict | None = None) -> dict[str, str]:
     """A weight file's metadata: how each tensor splits across TP ranks, its full shape, and for
     ZeRO fragments which run of the flattened TP shard the stored 1-D tensor is."""
     meta = {"format": "pretrain", "specs": json.dumps(specs), "shapes": json.dumps(shapes)}
@@ -108,12 +121,13 @@ class HostBuffers:
             return t.contiguous()
         buffer = self.buffers.get(key)
         if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
-            buffer = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu",
-                                                     pin_memory=t.device.type == "cuda")
+            buffer = self.buffers[key] = torch.empty(
+                t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda"
+            )
         return buffer.copy_(t, non_blocking=t.device.type == "cuda")
 
 
-def _spec(param) -> Optional[list[int]]:
+def _spec(param) -> list[int] | None:
     spec = getattr(param, "tp_spec", None)
     return None if spec is None else [spec.dim, spec.parts]
 
@@ -126,8 +140,9 @@ def _full_shape(param, shape: list[int], topo: Topology) -> list[int]:
     return shape
 
 
-def take_shard(chunks: list[torch.nn.Module], *, optimizer, zero, topo: Topology,
-               host: Optional[HostBuffers] = None) -> Shard:
+def take_shard(
+    chunks: list[torch.nn.Module], *, optimizer, zero, topo: Topology, host: HostBuffers | None = None
+) -> Shard:
     """This rank's part of its position's tensors, copied to the host (no communication)."""
     host = host or HostBuffers()
     if zero is not None:
@@ -205,24 +220,34 @@ class Checkpointer:
 
     max_failures = 2  # in a row
 
-    def __init__(self, root: str | Path, config: RunConfig, topo: Optional[Topology] = None, *,
-                 async_save: Optional[bool] = None, report: Optional[Callable[[str], None]] = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        config: RunConfig,
+        topo: Topology | None = None,
+        *,
+        async_save: bool | None = None,
+        report: Callable[[str], None] | None = None,
+    ) -> None:
         self.root, self.config = Path(root), config
         self.topo = topo or single_process()
         self.async_save = config.checkpoint.async_save if async_save is None else async_save
         # gloo whatever the training backend (host-side agreement from a background thread), with
         # the run's timeout: a new group would otherwise wait 30 min for a lost peer.
-        self.group = (dist.new_group(backend="gloo", timeout=group_timeout(config.parallel.timeout_minutes))
-                      if self.topo.world_size > 1 else None)
-        self._thread: Optional[threading.Thread] = None
-        self._fatal: Optional[BaseException] = None
+        self.group = (
+            dist.new_group(backend="gloo", timeout=group_timeout(config.parallel.timeout_minutes))
+            if self.topo.world_size > 1
+            else None
+        )
+        self._thread: threading.Thread | None = None
+        self._fatal: BaseException | None = None
         self._host = HostBuffers(copy=self.async_save)
         self.report = report or (lambda message: print(message, file=sys.stderr, flush=True))
         # of the last save: snapshot_s (training blocked), bytes; once written: write_s, written_bytes, failed (0/1)
         self.stats: dict[str, float] = {}
         self.failures = 0  # failed saves in a row
         self.total_failures = 0
-        self.last_error: Optional[str] = None
+        self.last_error: str | None = None
         self._errors: list[str] = []  # the failures in a row, described
 
     def save(self, step: int, *, model, optimizer=None, zero=None, train_state: dict) -> Path:
@@ -258,21 +283,24 @@ class Checkpointer:
         (a run must not report success without its final checkpoint)."""
         self.wait()
         if self.failures:
-            raise CheckpointSaveError(f"the last checkpoint save failed ({self.last_error}); {self._newest()}. "
-                                      f"{self._advice()}")
+            raise CheckpointSaveError(
+                f"the last checkpoint save failed ({self.last_error}); {self._newest()}. {self._advice()}"
+            )
 
     def _check(self) -> None:
         if self._fatal is not None:
             error, self._fatal = self._fatal, None
             raise error
         if self.failures >= self.max_failures:
-            raise CheckpointSaveError(f"{self.failures} checkpoint saves in a row failed ({'; '.join(self._errors)}); "
-                                      f"{self._newest()}. {self._advice()}")
+            raise CheckpointSaveError(
+                f"{self.failures} checkpoint saves in a row failed ({'; '.join(self._errors)}); "
+                f"{self._newest()}. {self._advice()}"
+            )
 
     def _advice(self) -> str:
         return f"Free space in {self.root} or fix its permissions, then resume (checkpoint.resume=auto)"
 
-    def _previous(self) -> Optional[Path]:
+    def _previous(self) -> Path | None:
         """The checkpoint `latest` names: what a failed save leaves in place."""
         try:
             return self.root / (self.root / LATEST).read_text().strip()
@@ -281,8 +309,11 @@ class Checkpointer:
 
     def _newest(self) -> str:
         previous = self._previous()
-        return (f"the newest checkpoint is {previous}" if previous else
-                f"no checkpoint of this run has been published in {self.root}")
+        return (
+            f"the newest checkpoint is {previous}"
+            if previous
+            else f"no checkpoint of this run has been published in {self.root}"
+        )
 
     def _background(self, *job) -> None:
         try:
@@ -302,16 +333,22 @@ class Checkpointer:
         self.last_error = f"step {step}, {failure}"
         self._errors.append(self.last_error)
         if self.topo.rank == 0:
-            then = ("the save is retried at the next checkpoint interval; training continues"
-                    if self.failures < self.max_failures else
-                    f"{self.failures} saves in a row have failed: the run stops (CheckpointSaveError)")
+            then = (
+                "the save is retried at the next checkpoint interval; training continues"
+                if self.failures < self.max_failures
+                else f"{self.failures} saves in a row have failed: the run stops (CheckpointSaveError)"
+            )
             previous = self._previous()
-            kept = (f"keeping the previous checkpoint {previous} ('{LATEST}' unchanged)" if previous else
-                    f"no earlier checkpoint exists in {self.root}")
-            self.report(f"checkpoint save of step {step} FAILED on {failure}; the partial save is removed, {kept}; "
-                        f"{then}")
+            kept = (
+                f"keeping the previous checkpoint {previous} ('{LATEST}' unchanged)"
+                if previous
+                else f"no earlier checkpoint exists in {self.root}"
+            )
+            self.report(
+                f"checkpoint save of step {step} FAILED on {failure}; the partial save is removed, {kept}; {then}"
+            )
 
-    def _exchange(self, error: Optional[BaseException], payload=None) -> tuple[Optional[str], list]:
+    def _exchange(self, error: BaseException | None, payload=None) -> tuple[str | None, list]:
         """Every rank's outcome and payload (a barrier that also carries failures): the first
         failing rank's error ("rank R: ..."), or None when all succeeded, and all payloads."""
         mine = (None if error is None else _describe(error), payload)
@@ -328,14 +365,14 @@ class Checkpointer:
             failed[0] += f" (and {len(failed) - 1} more rank(s))"
         return (failed[0] if failed else None), [p for _, p in outcomes]
 
-    def _write(self, step: int, shard: Shard, rng: dict, train_state: dict, has_optimizer: bool) -> Optional[str]:
+    def _write(self, step: int, shard: Shard, rng: dict, train_state: dict, has_optimizer: bool) -> str | None:
         """Write, agree, publish. Returns None once step_N is published, or the failure every
         rank agreed on ("rank R: error"), its temporary directory removed and `latest` untouched."""
         topo, rank = self.topo, self.topo.rank
         start = time.perf_counter()
         final = self.root / f"step_{step}"
         tmp = self.root / f"{TMP_PREFIX}step_{step}"
-        error: Optional[BaseException] = None
+        error: BaseException | None = None
         written = 0
         if rank == 0:
             try:
@@ -357,16 +394,26 @@ class Checkpointer:
             if failure is None and rank == 0:
                 checksums = {name: c for rank_sums in every for name, c in rank_sums.items()}
                 try:
-                    write_meta_and_config(tmp, self.config, step=step, data_parallel=topo.dp,
-                                          has_optimizer=has_optimizer, has_rng=True, train_state=train_state,
-                                          checksums=checksums)
+                    write_meta_and_config(
+                        tmp,
+                        self.config,
+                        step=step,
+                        data_parallel=topo.dp,
+                        has_optimizer=has_optimizer,
+                        has_rng=True,
+                        train_state=train_state,
+                        checksums=checksums,
+                    )
                     publish(tmp, final)
                 except BaseException as e:
                     error = e
             if failure is None:
                 failure, _ = self._exchange(error)
-        self.stats.update(write_s=time.perf_counter() - start, written_bytes=float(written if failure is None else 0),
-                          failed=float(failure is not None))
+        self.stats.update(
+            write_s=time.perf_counter() - start,
+            written_bytes=float(written if failure is None else 0),
+            failed=float(failure is not None),
+        )
         if failure is not None:
             if rank == 0:
                 remove_leftovers(self.root)  # the partial save; published checkpoints are never touched
@@ -399,8 +446,17 @@ def _pt_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def save_checkpoint(root: str | Path, *, step: int, model, optimizer, config: RunConfig, train_state: dict,
-                    topo: Optional[Topology] = None, zero=None) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    *,
+    step: int,
+    model,
+    optimizer,
+    config: RunConfig,
+    train_state: dict,
+    topo: Topology | None = None,
+    zero=None,
+) -> Path:
     """One synchronous save (collective: every rank calls it); returns step_N."""
     saver = Checkpointer(root, config, topo, async_save=False)
     return saver.save(step, model=model, optimizer=optimizer, zero=zero, train_state=train_state)

@@ -65,7 +65,9 @@ def parse_data_path(text: str) -> list[tuple[float, str]]:
         if not math.isfinite(weight) or weight <= 0:
             raise ValueError(f"data.path {text!r}: weight {weight_text} of {prefix!r} must be a positive number")
         if _is_number(prefix):
-            raise ValueError(f"data.path {text!r}: expected a dataset prefix after weight {weight_text}, got {prefix!r}")
+            raise ValueError(
+                f"data.path {text!r}: expected a dataset prefix after weight {weight_text}, got {prefix!r}"
+            )
         blend.append((weight, prefix))
     prefixes = [p for _, p in blend]
     for p in prefixes:
@@ -203,7 +205,9 @@ class BlendedDataset:
         return dataset.locate(int(self.dataset_sample_index[int(k)]), column)
 
     def __repr__(self) -> str:
-        parts = ", ".join(f"{n} from {getattr(ds, 'prefix', ds)!r}" for ds, n in zip(self.datasets, self.counts, strict=True))
+        parts = ", ".join(
+            f"{n} from {getattr(ds, 'prefix', ds)!r}" for ds, n in zip(self.datasets, self.counts, strict=True)
+        )
         return f"BlendedDataset({len(self)} samples: {parts})"
 
 

@@ -68,8 +68,14 @@ def build_datasets(
 
             def gpt(i: int, n: int | None, split: str = split, s: int = s) -> GPTDataset:
                 return GPTDataset(
-                    indexed[i], seq_length=seq_length, split=split, seed=seed, num_samples=n,
-                    document_range=bounds[i][s], cache_dir=cache_dir, create=create,
+                    indexed[i],
+                    seq_length=seq_length,
+                    split=split,
+                    seed=seed,
+                    num_samples=n,
+                    document_range=bounds[i][s],
+                    cache_dir=cache_dir,
+                    create=create,
                     wait_seconds=wait_seconds,
                 )
 
@@ -81,9 +87,12 @@ def build_datasets(
             drawn, built = component_sizes([w for w, _ in blend], int(wanted))
             components = [gpt(i, n) for i, n in enumerate(built)]
             out[split] = BlendedDataset(
-                components, drawn, name=f"blend-{split}",
+                components,
+                drawn,
+                name=f"blend-{split}",
                 cache_dir=cache_dir if cache_dir is not None else blend_cache_dir([p for _, p in blend]),
-                create=create, wait_seconds=wait_seconds,
+                create=create,
+                wait_seconds=wait_seconds,
             )
         return out
 

@@ -294,8 +294,11 @@ class GPTDataset:
                 f"(now {tuple(split_ratios)})"
             )
         return build_gpt_indices(
-            self.indexed.sequence_lengths, (begin, end),
-            seq_length=self.seq_length, seed=self.seed, num_samples=self.num_samples,
+            self.indexed.sequence_lengths,
+            (begin, end),
+            seq_length=self.seq_length,
+            seed=self.seed,
+            num_samples=self.num_samples,
         )
 
     @property

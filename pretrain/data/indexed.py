@@ -169,8 +169,7 @@ class IndexedDatasetWriter:
         self._check_open()
         if other.dtype != self.dtype:
             raise ValueError(
-                f"cannot append {other.prefix} ({other.dtype}) to {self.prefix} ({self.dtype}): "
-                "token dtypes differ"
+                f"cannot append {other.prefix} ({other.dtype}) to {self.prefix} ({self.dtype}): token dtypes differ"
             )
         with open(other.bin_path, "rb") as src:  # the reader validated its size on open
             while block := src.read(chunk_bytes):
@@ -451,8 +450,7 @@ class IndexedDataset:
 
     def __repr__(self) -> str:
         return (
-            f"IndexedDataset({self.prefix!r}, sequences={self._n_seq}, "
-            f"tokens={self.num_tokens}, dtype={self._dtype})"
+            f"IndexedDataset({self.prefix!r}, sequences={self._n_seq}, tokens={self.num_tokens}, dtype={self._dtype})"
         )
 
 

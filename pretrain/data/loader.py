@@ -47,11 +47,13 @@ def with_document_segments(collate: Collate, eod: int) -> Collate:
     """`collate` plus "segments" [b, s]: how many end-of-document tokens precede each position,
     so the tokens of one document (its closing EOD included) share a number and attention can
     be kept within documents (data.document_attention_mask)."""
+
     def collate_with_segments(samples: np.ndarray, positions: np.ndarray) -> dict[str, torch.Tensor]:
         batch = collate(samples, positions)
         ends = (batch["tokens"] == eod).long()
         batch["segments"] = ends.cumsum(dim=1) - ends
         return batch
+
     return collate_with_segments
 
 
@@ -150,7 +152,8 @@ class SampleLoader:
             f"token id {int(samples[row, column])} in {where} is outside the model's vocabulary "
             f"[0, {self.vocab_size}) (largest id in this batch: {int(samples.max())}); the data was "
             "tokenized with another tokenizer: set model.vocab_size (and data.tokenizer) to the one used by "
-            "tools/preprocess_data.py, or re-run it with the model's tokenizer")
+            "tools/preprocess_data.py, or re-run it with the model's tokenizer"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed}

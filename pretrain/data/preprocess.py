@@ -69,8 +69,9 @@ def check_output_directory(output_prefix: str) -> str:
             probe.write(b"x")
             probe.flush()
     except OSError as exc:
-        raise PreprocessError(f"{what} ({exc.strerror or exc}); choose a writable location, "
-                              "or fix the directory's permissions") from None
+        raise PreprocessError(
+            f"{what} ({exc.strerror or exc}); choose a writable location, or fix the directory's permissions"
+        ) from None
     return directory
 
 
@@ -212,9 +213,7 @@ class ChunkResult:
 class ChunkEncoder:
     """Decode, parse, check and tokenize one chunk (picklable; one per worker process)."""
 
-    def __init__(
-        self, tokenizer: Tokenizer, *, keys: Sequence[str], append_eod: bool, skip_bad_lines: bool
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, keys: Sequence[str], append_eod: bool, skip_bad_lines: bool) -> None:
         self.tokenizer = tokenizer
         self.keys = list(keys)
         self.append_eod = append_eod
@@ -460,21 +459,20 @@ def _partition_main(args: tuple) -> None:
     index, units, paths, prefixes, encoder, workers, chunk_bytes, counters, queue = args
     try:
         with contextlib.ExitStack() as stack:
-            writers = [
-                stack.enter_context(IndexedDatasetWriter(p, dtype=encoder.dtype)) for p in prefixes
-            ]
+            writers = [stack.enter_context(IndexedDatasetWriter(p, dtype=encoder.dtype)) for p in prefixes]
 
             def report(docs: int, nbytes: int, tokens: int, read: int) -> None:
                 with counters.get_lock():
                     for j, v in enumerate((docs, nbytes, tokens, read)):
                         counters[4 * index + j] += v
 
-            stats = run_partition(units, paths, writers, encoder, workers=workers, chunk_bytes=chunk_bytes,
-                                  on_progress=report)
+            stats = run_partition(
+                units, paths, writers, encoder, workers=workers, chunk_bytes=chunk_bytes, on_progress=report
+            )
         queue.put((index, None, stats))
     except PreprocessError as exc:
         queue.put((index, str(exc), None))
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+    except BaseException as exc:
         queue.put((index, f"partition {index} failed: {type(exc).__name__}: {exc}", None))
 
 
@@ -513,8 +511,15 @@ def preprocess(
         with contextlib.ExitStack() as stack:
             # Each writer deletes its temporary files if anything below raises.
             writers = [stack.enter_context(IndexedDatasetWriter(p, dtype=encoder.dtype)) for p in prefixes]
-            return run_partition([Unit(i, p) for i, p in enumerate(paths)], paths, writers, encoder,
-                                 workers=workers, chunk_bytes=chunk_bytes, on_progress=update)
+            return run_partition(
+                [Unit(i, p) for i, p in enumerate(paths)],
+                paths,
+                writers,
+                encoder,
+                workers=workers,
+                chunk_bytes=chunk_bytes,
+                on_progress=update,
+            )
 
     plan = plan_partitions(paths, partitions)
     share = [workers // partitions + (k < workers % partitions) for k in range(partitions)]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Optional
 
 from pretrain.config import FaultsConfig
 
@@ -44,7 +43,7 @@ class DivergenceGuard:
         self.skipped_total = 0
         self.rollbacks = 0
 
-    def loss_problem(self, loss: float) -> Optional[str]:
+    def loss_problem(self, loss: float) -> str | None:
         """Why the step with this loss must be skipped, or None: a NaN or infinite loss always;
         a spike once the spike window is full."""
         c = self.config
@@ -53,15 +52,17 @@ class DivergenceGuard:
         if c.spike_sigmas > 0 and len(self.history) == c.spike_window:
             limit = spike_threshold(list(self.history), sigmas=c.spike_sigmas, min_increase=c.spike_min_increase)
             if loss > limit:
-                return (f"loss spike: {loss:.4f} above {limit:.4f} (mean + {c.spike_sigmas:g} std of the last "
-                        f"{c.spike_window} steps)")
+                return (
+                    f"loss spike: {loss:.4f} above {limit:.4f} (mean + {c.spike_sigmas:g} std of the last "
+                    f"{c.spike_window} steps)"
+                )
         return None
 
     @staticmethod
-    def norm_problem(grad_norm: float) -> Optional[str]:
+    def norm_problem(grad_norm: float) -> str | None:
         return None if math.isfinite(grad_norm) else f"gradient norm is {grad_norm}"
 
-    def record(self, loss: float, problem: Optional[str]) -> None:
+    def record(self, loss: float, problem: str | None) -> None:
         """The step's outcome: a good loss joins the history; a bad step counts."""
         if problem is None:
             self.history.append(loss)
@@ -76,10 +77,12 @@ class DivergenceGuard:
     def start_rollback(self, reason: str) -> None:
         """Count a rollback; raise Diverged when none is left."""
         if self.rollbacks >= self.config.max_rollbacks:
-            raise Diverged(f"{self.consecutive_bad} bad steps in a row ({reason}) after {self.rollbacks} "
-                           f"rollback(s), the most faults.max_rollbacks={self.config.max_rollbacks} allows: the "
-                           "run keeps diverging; lower optimizer.lr, check the data near this point, or resume "
-                           "from an earlier checkpoint (checkpoint.resume=PATH)")
+            raise Diverged(
+                f"{self.consecutive_bad} bad steps in a row ({reason}) after {self.rollbacks} "
+                f"rollback(s), the most faults.max_rollbacks={self.config.max_rollbacks} allows: the "
+                "run keeps diverging; lower optimizer.lr, check the data near this point, or resume "
+                "from an earlier checkpoint (checkpoint.resume=PATH)"
+            )
         self.rollbacks += 1
         self.consecutive_bad = 0
 

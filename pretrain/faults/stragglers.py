@@ -57,6 +57,14 @@ def slow_ranks(work: list[float], *, hosts: list[str], factor: float) -> list[di
     median = statistics.median(work)
     if median <= 0:
         return []
-    return [{"rank": rank, "host": hosts[rank], "own_work_s": round(seconds, 4), "median_s": round(median, 4),
-             "ratio": round(seconds / median, 2)}
-            for rank, seconds in enumerate(work) if seconds > factor * median]
+    return [
+        {
+            "rank": rank,
+            "host": hosts[rank],
+            "own_work_s": round(seconds, 4),
+            "median_s": round(median, 4),
+            "ratio": round(seconds / median, 2),
+        }
+        for rank, seconds in enumerate(work)
+        if seconds > factor * median
+    ]

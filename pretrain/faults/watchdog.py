@@ -16,8 +16,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from pretrain.stopping import EXIT_HANG
 
@@ -26,19 +26,26 @@ class Watchdog:
     """`with Watchdog(...) as dog:` then `dog.beat(phase, step=...)`; `timeout_s` None or <= 0
     disables it (beats then cost one attribute write)."""
 
-    def __init__(self, *, timeout_s: Optional[float], rank: int, log_dir: str = "",
-                 clock: Callable[[], float] = time.monotonic, poll_s: Optional[float] = None,
-                 exit: Callable[[int], None] = os._exit) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float | None,
+        rank: int,
+        log_dir: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        poll_s: float | None = None,
+        exit: Callable[[int], None] = os._exit,
+    ) -> None:
         self.timeout_s = timeout_s if timeout_s and timeout_s > 0 else None
         self.rank, self.log_dir, self.clock, self.exit = rank, log_dir, clock, exit
         self.poll_s = poll_s if poll_s is not None else min(5.0, (self.timeout_s or 5.0) / 10)
         self.step, self.phase = 0, "start"
         self.last_beat = clock()
-        self.fired: Optional[Path] = None
+        self.fired: Path | None = None
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         if self.timeout_s is not None:
             self.last_beat = self.clock()
             self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
@@ -50,7 +57,7 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join(timeout=2 * self.poll_s + 1)
 
-    def beat(self, phase: str, *, step: Optional[int] = None) -> None:
+    def beat(self, phase: str, *, step: int | None = None) -> None:
         """Progress: the rank is starting `phase` (of `step`, when given)."""
         if step is not None:
             self.step = step
@@ -74,16 +81,24 @@ class Watchdog:
             path.write_text(self.report(host=host, idle=idle))
         except OSError as e:  # the report is a courtesy; exiting is what matters
             path = Path(f"(not written: {e})")
-        print(f"watchdog: rank {self.rank} on {host} made no progress for {idle:.0f} s at {where}; "
-              f"stacks in {path}; exiting with code {EXIT_HANG}", file=sys.stderr, flush=True)
+        print(
+            f"watchdog: rank {self.rank} on {host} made no progress for {idle:.0f} s at {where}; "
+            f"stacks in {path}; exiting with code {EXIT_HANG}",
+            file=sys.stderr,
+            flush=True,
+        )
         self.fired = path
         self.exit(EXIT_HANG)
 
     def report(self, *, host: str, idle: float) -> str:
         names = {t.ident: t.name for t in threading.enumerate()}
-        lines = [f"rank {self.rank} on {host}, pid {os.getpid()}",
-                 f"no progress for {idle:.1f} s (train.hang_timeout_minutes = {self.timeout_s / 60:g})",
-                 f"step {self.step}", f"operation {self.phase}", ""]
+        lines = [
+            f"rank {self.rank} on {host}, pid {os.getpid()}",
+            f"no progress for {idle:.1f} s (train.hang_timeout_minutes = {self.timeout_s / 60:g})",
+            f"step {self.step}",
+            f"operation {self.phase}",
+            "",
+        ]
         for ident, frame in sys._current_frames().items():
             if ident == threading.get_ident():
                 continue  # the watchdog itself

@@ -23,5 +23,11 @@ from pretrain.hf.convert import cli_error, export_checkpoint, import_checkpoint
 from pretrain.hf.mapping import HFConversionError, model_fields_from_hf
 from pretrain.hf.tokenizer import export_tokenizer
 
-__all__ = ["HFConversionError", "cli_error", "export_checkpoint", "export_tokenizer", "import_checkpoint",
-           "model_fields_from_hf"]
+__all__ = [
+    "HFConversionError",
+    "cli_error",
+    "export_checkpoint",
+    "export_tokenizer",
+    "import_checkpoint",
+    "model_fields_from_hf",
+]

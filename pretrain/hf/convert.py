@@ -5,18 +5,25 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from pretrain.checkpoint.reader import fit_rows
 from pretrain.config import ConfigError, ModelConfig, RunConfig, config_from_dict
-from pretrain.models.layers import shard_tensor
-
-from pretrain.hf.mapping import (VOCAB_PARAMS, HFConversionError, Log, _warn, check_shapes, from_hf_state_dict,
-                                 hf_config, model_fields_from_hf, model_params, to_hf_state_dict)
+from pretrain.hf.mapping import (
+    VOCAB_PARAMS,
+    HFConversionError,
+    Log,
+    _warn,
+    check_shapes,
+    from_hf_state_dict,
+    hf_config,
+    model_fields_from_hf,
+    model_params,
+    to_hf_state_dict,
+)
 from pretrain.hf.tokenizer import export_tokenizer, import_tokenizer
-
+from pretrain.models.layers import shard_tensor
 
 # ================================================================================================
 # Files
@@ -41,7 +48,8 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
             raise HFConversionError(
                 f"{hf_dir} holds only pickled PyTorch weights ({', '.join(pickles[:3])}), which are not read "
                 "here because unpickling a file can run arbitrary code; convert them to safetensors first "
-                "where you trust them (e.g. model.save_pretrained(dir, safe_serialization=True))")
+                "where you trust them (e.g. model.save_pretrained(dir, safe_serialization=True))"
+            )
         raise HFConversionError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json")
     weights: dict[str, torch.Tensor] = {}
     for path in files:
@@ -58,8 +66,10 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise HFConversionError(f"{path} is not a readable safetensors file ({e}); it is probably truncated "
-                                f"({path.stat().st_size} bytes): download it again") from None
+        raise HFConversionError(
+            f"{path} is not a readable safetensors file ({e}); it is probably truncated "
+            f"({path.stat().st_size} bytes): download it again"
+        ) from None
 
 
 def read_hf_config(hf_dir: Path) -> dict:
@@ -76,16 +86,18 @@ def _check_output(output: Path, force: bool) -> None:
     if output.exists() and not output.is_dir():
         raise HFConversionError(f"--output {output} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not force:
-        raise HFConversionError(f"--output {output} exists and is not empty; choose another directory or pass "
-                                "--force to overwrite")
+        raise HFConversionError(
+            f"--output {output} exists and is not empty; choose another directory or pass --force to overwrite"
+        )
 
 
 # ================================================================================================
 # The two conversions
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path, *, force: bool = False,
-                      allow_non_finite: bool = False, log: Log = print) -> Path:
+def export_checkpoint(
+    checkpoint: str | Path, output: str | Path, *, force: bool = False, allow_non_finite: bool = False, log: Log = print
+) -> Path:
     """Write the checkpoint (root with `latest`, or step_N; any TP/PP layout) as a transformers
     model directory; returns it. Weights holding NaN or Inf (a diverged run) are refused unless
     `allow_non_finite`."""
@@ -103,8 +115,11 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, force: bool
     hf_state = to_hf_state_dict(state, model)
     output.mkdir(parents=True, exist_ok=True)
     # Stale weights of an earlier export (--force) would be loaded alongside the new ones.
-    for stale in [*output.glob("model*.safetensors"), output / "model.safetensors.index.json",
-                  *output.glob("pytorch_model*.bin")]:
+    for stale in [
+        *output.glob("model*.safetensors"),
+        output / "model.safetensors.index.json",
+        *output.glob("pytorch_model*.bin"),
+    ]:
         stale.unlink(missing_ok=True)
     save_file(hf_state, str(output / "model.safetensors"), metadata={"format": "pt"})
 
@@ -116,13 +131,17 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, force: bool
         except (ValueError, ImportError, OSError) as e:  # the weights are still worth having
             _warn(f"tokenizer {tokenizer} was not exported: {e}")
     else:
-        _warn(f"tokenizer {tokenizer!r} (data.tokenizer of {saved.dir}/config.yaml) not found: the model is "
-              "exported without a tokenizer and without bos/eos/pad ids")
+        _warn(
+            f"tokenizer {tokenizer!r} (data.tokenizer of {saved.dir}/config.yaml) not found: the model is "
+            "exported without a tokenizer and without bos/eos/pad ids"
+        )
     config = hf_config(model, bos=ids["bos"], eos=ids["eos"], pad=ids["pad"])
     (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_generation_config(output, ids)
-    log(f"exported {saved.dir} (step {saved.meta['step']}, layout tp={saved.tp} pp={saved.pp}) as "
-        f"{config['architectures'][0]} to {output}")
+    log(
+        f"exported {saved.dir} (step {saved.meta['step']}, layout tp={saved.tp} pp={saved.pp}) as "
+        f"{config['architectures'][0]} to {output}"
+    )
     return output
 
 
@@ -132,9 +151,11 @@ def _check_finite(state: dict[str, torch.Tensor], where: Path) -> None:
     bad = {name: n for name, n in bad.items() if n}
     if bad:
         listed = ", ".join(f"{name} ({n} of {state[name].numel()})" for name, n in list(bad.items())[:4])
-        raise HFConversionError(f"{where} holds non-finite weights (NaN or Inf) in {len(bad)} tensors: {listed}"
-                                f"{' ...' if len(bad) > 4 else ''}; it comes from a diverged run: export an earlier "
-                                "step_N/, or pass --allow-non-finite to export it anyway")
+        raise HFConversionError(
+            f"{where} holds non-finite weights (NaN or Inf) in {len(bad)} tensors: {listed}"
+            f"{' ...' if len(bad) > 4 else ''}; it comes from a diverged run: export an earlier "
+            "step_N/, or pass --allow-non-finite to export it anyway"
+        )
 
 
 def _write_generation_config(output: Path, ids: dict) -> None:
@@ -144,7 +165,8 @@ def _write_generation_config(output: Path, ids: dict) -> None:
         _warn("transformers is not installed: no generation_config.json written (pip install 'pretrain[hf]')")
         return
     GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]).save_pretrained(
-        str(output))
+        str(output)
+    )
 
 
 class HFSource:
@@ -163,8 +185,9 @@ class HFSource:
     def optimizer_keys(self, name: str) -> list[str]:
         return []
 
-    def shard(self, name: str, key: Optional[str] = None, *, tp_rank: int, tp_size: int,
-              rows: Optional[int] = None) -> torch.Tensor:
+    def shard(
+        self, name: str, key: str | None = None, *, tp_rank: int, tp_size: int, rows: int | None = None
+    ) -> torch.Tensor:
         assert key is None, "imported checkpoints hold no optimizer state"
         full = self.tensors[name]
         if name in VOCAB_PARAMS and rows is not None:
@@ -176,11 +199,22 @@ class HFSource:
 
 
 # Model settings that decide the weights: an override may not change them.
-_WEIGHT_FIELDS = ("flavour", "num_layers", "hidden_size", "num_heads", "kv_heads", "ffn_size", "vocab_size",
-                  "tied", "positions", "norm_eps", "rope_theta")
+_WEIGHT_FIELDS = (
+    "flavour",
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "kv_heads",
+    "ffn_size",
+    "vocab_size",
+    "tied",
+    "positions",
+    "norm_eps",
+    "rope_theta",
+)
 
 
-def import_config(hf: dict, overrides: list[str], *, tokenizer: Optional[Path]) -> RunConfig:
+def import_config(hf: dict, overrides: list[str], *, tokenizer: Path | None) -> RunConfig:
     """Our run config for an HF config.json: model.* from it (padded_vocab_size unset, so it
     pads to 128 x parallel.tensor), data.tokenizer the copied tokenizer, then the overrides
     (layout, training settings). Overrides that would change the weights' shapes are refused."""
@@ -200,14 +234,17 @@ def import_config(hf: dict, overrides: list[str], *, tokenizer: Optional[Path]) 
         raise HFConversionError(str(e)) from None
     changed = [f for f in _WEIGHT_FIELDS if getattr(config.model, f) != getattr(reference, f)]
     if changed:
-        raise HFConversionError(f"model.{changed[0]}: the override changes what the Hugging Face weights "
-                                f"fix ({getattr(reference, changed[0])} in config.json); only layout and "
-                                "training settings can be overridden")
+        raise HFConversionError(
+            f"model.{changed[0]}: the override changes what the Hugging Face weights "
+            f"fix ({getattr(reference, changed[0])} in config.json); only layout and "
+            "training settings can be overridden"
+        )
     return config
 
 
-def import_checkpoint(hf_dir: str | Path, output: str | Path, overrides: list[str] = (), *, force: bool = False,
-                      log: Log = print) -> Path:
+def import_checkpoint(
+    hf_dir: str | Path, output: str | Path, overrides: list[str] = (), *, force: bool = False, log: Log = print
+) -> Path:
     """Write a local transformers LlamaForCausalLM / GPT2LMHeadModel directory as step_0 of a
     checkpoint under `output`, at the layout the overrides choose; returns the step directory."""
     from pretrain.checkpoint import write_layout
@@ -226,12 +263,15 @@ def import_checkpoint(hf_dir: str | Path, output: str | Path, overrides: list[st
     if tokenizer is None:
         _warn(f"{hf_dir} has no tokenizer.json or tokenizer.model: data.tokenizer is left empty")
     config = import_config(hf, list(overrides), tokenizer=tokenizer)
-    step_dir = write_layout(HFSource(state, config.model), config, output, step=0,
-                            train_state={"consumed_samples": 0}, data_parallel=1)
+    step_dir = write_layout(
+        HFSource(state, config.model), config, output, step=0, train_state={"consumed_samples": 0}, data_parallel=1
+    )
     p = config.parallel
-    log(f"imported {hf_dir} ({(hf.get('architectures') or [hf.get('model_type')])[0]}) as {step_dir} at layout "
+    log(
+        f"imported {hf_dir} ({(hf.get('architectures') or [hf.get('model_type')])[0]}) as {step_dir} at layout "
         f"tp={p.tensor} pp={p.pipeline}; train on it with: python -m pretrain.train {step_dir}/config.yaml "
-        f"data.path=... checkpoint.resume={step_dir}")
+        f"data.path=... checkpoint.resume={step_dir}"
+    )
     return step_dir
 
 
@@ -239,4 +279,3 @@ def cli_error(message: str) -> int:
     """The tools' way to report a user mistake: `error: ...` on stderr, exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     return 2
-

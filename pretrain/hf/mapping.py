@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -13,8 +13,6 @@ import torch
 from pretrain.checkpoint.reader import VOCAB_PARAMS, fit_rows
 from pretrain.config import ModelConfig
 from pretrain.models.layers import ShardSpec
-
-
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
@@ -36,13 +34,21 @@ def _warn(message: str) -> None:
 # Configs
 
 
-def hf_config(model: ModelConfig, *, bos: Optional[int], eos: Optional[int], pad: Optional[int]) -> dict:
+def hf_config(model: ModelConfig, *, bos: int | None, eos: int | None, pad: int | None) -> dict:
     """config.json for our model. Written as a plain dict, not through transformers' config
     classes, so the file carries the keys both transformers 4.x (`rope_theta`) and 5.x
     (`rope_parameters`) read, whatever version runs the export."""
-    common = {"vocab_size": model.vocab_size, "tie_word_embeddings": model.tied, "initializer_range": model.init_std,
-              "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "use_cache": True,
-              "torch_dtype": "float32", "dtype": "float32"}
+    common = {
+        "vocab_size": model.vocab_size,
+        "tie_word_embeddings": model.tied,
+        "initializer_range": model.init_std,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "dtype": "float32",
+    }
     try:
         import transformers
 
@@ -50,25 +56,50 @@ def hf_config(model: ModelConfig, *, bos: Optional[int], eos: Optional[int], pad
     except ImportError:
         pass
     if model.flavour == "llama":
-        return {"architectures": [ARCHITECTURES["llama"]], "model_type": "llama",
-                "hidden_size": model.hidden_size, "intermediate_size": model.ffn_size,
-                "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads,
-                "num_key_value_heads": model.kv_heads, "head_dim": model.head_dim, "hidden_act": "silu",
-                "max_position_embeddings": model.positions, "rms_norm_eps": model.norm_eps,
-                "rope_theta": model.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
-                "attention_bias": False, "mlp_bias": False, "attention_dropout": model.dropout,
-                "pretraining_tp": 1, **common}
+        return {
+            "architectures": [ARCHITECTURES["llama"]],
+            "model_type": "llama",
+            "hidden_size": model.hidden_size,
+            "intermediate_size": model.ffn_size,
+            "num_hidden_layers": model.num_layers,
+            "num_attention_heads": model.num_heads,
+            "num_key_value_heads": model.kv_heads,
+            "head_dim": model.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": model.positions,
+            "rms_norm_eps": model.norm_eps,
+            "rope_theta": model.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": model.dropout,
+            "pretraining_tp": 1,
+            **common,
+        }
     if model.flavour == "gpt2":
-        return {"architectures": [ARCHITECTURES["gpt2"]], "model_type": "gpt2",
-                "n_embd": model.hidden_size, "n_layer": model.num_layers, "n_head": model.num_heads,
-                "n_positions": model.positions, "n_ctx": model.positions, "n_inner": model.ffn_size,
-                "activation_function": "gelu_new", "layer_norm_epsilon": model.norm_eps,
-                "resid_pdrop": model.dropout, "embd_pdrop": model.dropout, "attn_pdrop": model.dropout,
-                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                "reorder_and_upcast_attn": False, **common}
-    raise HFConversionError(f"model.flavour={model.flavour!r}: no Hugging Face export for this flavour "
-                            f"(supported: {', '.join(ARCHITECTURES)})")
+        return {
+            "architectures": [ARCHITECTURES["gpt2"]],
+            "model_type": "gpt2",
+            "n_embd": model.hidden_size,
+            "n_layer": model.num_layers,
+            "n_head": model.num_heads,
+            "n_positions": model.positions,
+            "n_ctx": model.positions,
+            "n_inner": model.ffn_size,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": model.norm_eps,
+            "resid_pdrop": model.dropout,
+            "embd_pdrop": model.dropout,
+            "attn_pdrop": model.dropout,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            **common,
+        }
+    raise HFConversionError(
+        f"model.flavour={model.flavour!r}: no Hugging Face export for this flavour "
+        f"(supported: {', '.join(ARCHITECTURES)})"
+    )
 
 
 def _require(config: dict, key: str, ok: Callable[[object], bool], why: str) -> None:
@@ -82,11 +113,15 @@ def _flavour_of(config: dict) -> str:
     for flavour, arch in ARCHITECTURES.items():
         if model_type == flavour or arch in archs:
             if archs and arch not in archs:
-                raise HFConversionError(f"config.json: architectures={archs}: only {arch} is supported for "
-                                        f"model_type {flavour!r} (a causal LM head)")
+                raise HFConversionError(
+                    f"config.json: architectures={archs}: only {arch} is supported for "
+                    f"model_type {flavour!r} (a causal LM head)"
+                )
             return flavour
-    raise HFConversionError(f"config.json: model_type={model_type!r}, architectures={archs}: supported are "
-                            f"{', '.join(f'{a} (model_type {f})' for f, a in ARCHITECTURES.items())}")
+    raise HFConversionError(
+        f"config.json: model_type={model_type!r}, architectures={archs}: supported are "
+        f"{', '.join(f'{a} (model_type {f})' for f, a in ARCHITECTURES.items())}"
+    )
 
 
 def model_fields_from_hf(config: dict) -> dict:
@@ -106,24 +141,45 @@ def _llama_fields(c: dict) -> dict:
     _require(c, "rope_scaling", lambda v: v is None, "our RoPE has no scaling (plain rope_theta only)")
     _require(c, "sliding_window", lambda v: v is None, "our attention is full causal attention")
     rope = c.get("rope_parameters") or {}
-    _require(rope, "rope_type", lambda v: v in (None, "default"),
-             "our RoPE has no scaling (config.json rope_parameters.rope_type must be 'default')")
+    _require(
+        rope,
+        "rope_type",
+        lambda v: v in (None, "default"),
+        "our RoPE has no scaling (config.json rope_parameters.rope_type must be 'default')",
+    )
     heads = c["num_attention_heads"]
     hidden = c["hidden_size"]
-    _require(c, "head_dim", lambda v: v is None or v * heads == hidden,
-             f"our head dimension is hidden_size / num_attention_heads = {hidden}/{heads}")
+    _require(
+        c,
+        "head_dim",
+        lambda v: v is None or v * heads == hidden,
+        f"our head dimension is hidden_size / num_attention_heads = {hidden}/{heads}",
+    )
     theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-    return {"flavour": "llama", "num_layers": c["num_hidden_layers"], "hidden_size": hidden, "num_heads": heads,
-            "num_kv_heads": c.get("num_key_value_heads") or heads, "ffn_hidden_size": c["intermediate_size"],
-            "vocab_size": c["vocab_size"], "max_position_embeddings": c.get("max_position_embeddings", 2048),
-            "norm_eps": c.get("rms_norm_eps", 1e-6), "rope_theta": float(theta),
-            "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
-            "dropout": float(c.get("attention_dropout", 0.0)), "init_std": c.get("initializer_range", 0.02)}
+    return {
+        "flavour": "llama",
+        "num_layers": c["num_hidden_layers"],
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "num_kv_heads": c.get("num_key_value_heads") or heads,
+        "ffn_hidden_size": c["intermediate_size"],
+        "vocab_size": c["vocab_size"],
+        "max_position_embeddings": c.get("max_position_embeddings", 2048),
+        "norm_eps": c.get("rms_norm_eps", 1e-6),
+        "rope_theta": float(theta),
+        "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+        "dropout": float(c.get("attention_dropout", 0.0)),
+        "init_std": c.get("initializer_range", 0.02),
+    }
 
 
 def _gpt2_fields(c: dict) -> dict:
-    _require(c, "activation_function", lambda v: v in TANH_GELU,
-             f"our GPT-2 MLP is tanh-GeLU (one of {', '.join(TANH_GELU)})")
+    _require(
+        c,
+        "activation_function",
+        lambda v: v in TANH_GELU,
+        f"our GPT-2 MLP is tanh-GeLU (one of {', '.join(TANH_GELU)})",
+    )
     _require(c, "scale_attn_weights", lambda v: v, "our attention scales scores by 1/sqrt(head_dim)")
     _require(c, "scale_attn_by_inverse_layer_idx", lambda v: not v, "our attention has no per-layer scaling")
     _require(c, "add_cross_attention", lambda v: not v, "our GPT is decoder-only, without cross-attention")
@@ -132,11 +188,19 @@ def _gpt2_fields(c: dict) -> dict:
     rates = {float(c.get(k, 0.1)) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     if len(rates) > 1:
         _warn(f"config.json has different dropout rates {sorted(rates)}; using model.dropout={max(rates)}")
-    return {"flavour": "gpt2", "num_layers": c["n_layer"], "hidden_size": c["n_embd"], "num_heads": c["n_head"],
-            "ffn_hidden_size": c.get("n_inner") or 4 * c["n_embd"], "vocab_size": c["vocab_size"],
-            "max_position_embeddings": c.get("n_positions", 1024), "norm_eps": c.get("layer_norm_epsilon", 1e-5),
-            "tie_embeddings": bool(c.get("tie_word_embeddings", True)), "dropout": max(rates),
-            "init_std": c.get("initializer_range", 0.02)}
+    return {
+        "flavour": "gpt2",
+        "num_layers": c["n_layer"],
+        "hidden_size": c["n_embd"],
+        "num_heads": c["n_head"],
+        "ffn_hidden_size": c.get("n_inner") or 4 * c["n_embd"],
+        "vocab_size": c["vocab_size"],
+        "max_position_embeddings": c.get("n_positions", 1024),
+        "norm_eps": c.get("layer_norm_epsilon", 1e-5),
+        "tie_embeddings": bool(c.get("tie_word_embeddings", True)),
+        "dropout": max(rates),
+        "init_std": c.get("initializer_range", 0.02),
+    }
 
 
 # ================================================================================================
@@ -174,14 +238,19 @@ def llama_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str,
         ours, hf = f"blocks.{i}.", f"model.layers.{i}."
         q, k, v = split_qkv(state[ours + "attn.qkv.weight"], model)
         fc1 = state[ours + "mlp.fc1.weight"]  # [gate; up]
-        out.update({
-            hf + "input_layernorm.weight": state[ours + "norm1.weight"],
-            hf + "post_attention_layernorm.weight": state[ours + "norm2.weight"],
-            hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k, hf + "self_attn.v_proj.weight": v,
-            hf + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
-            hf + "mlp.gate_proj.weight": fc1[:ffn], hf + "mlp.up_proj.weight": fc1[ffn:],
-            hf + "mlp.down_proj.weight": state[ours + "mlp.fc2.weight"],
-        })
+        out.update(
+            {
+                hf + "input_layernorm.weight": state[ours + "norm1.weight"],
+                hf + "post_attention_layernorm.weight": state[ours + "norm2.weight"],
+                hf + "self_attn.q_proj.weight": q,
+                hf + "self_attn.k_proj.weight": k,
+                hf + "self_attn.v_proj.weight": v,
+                hf + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
+                hf + "mlp.gate_proj.weight": fc1[:ffn],
+                hf + "mlp.up_proj.weight": fc1[ffn:],
+                hf + "mlp.down_proj.weight": state[ours + "mlp.fc2.weight"],
+            }
+        )
     return out
 
 
@@ -192,15 +261,21 @@ def llama_from_hf(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, 
         out["head.weight"] = hf["lm_head.weight"]
     for i in range(model.num_layers):
         ours, p = f"blocks.{i}.", f"model.layers.{i}."
-        out.update({
-            ours + "norm1.weight": hf[p + "input_layernorm.weight"],
-            ours + "norm2.weight": hf[p + "post_attention_layernorm.weight"],
-            ours + "attn.qkv.weight": fuse_qkv(hf[p + "self_attn.q_proj.weight"], hf[p + "self_attn.k_proj.weight"],
-                                               hf[p + "self_attn.v_proj.weight"], model),
-            ours + "attn.proj.weight": hf[p + "self_attn.o_proj.weight"],
-            ours + "mlp.fc1.weight": torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]),
-            ours + "mlp.fc2.weight": hf[p + "mlp.down_proj.weight"],
-        })
+        out.update(
+            {
+                ours + "norm1.weight": hf[p + "input_layernorm.weight"],
+                ours + "norm2.weight": hf[p + "post_attention_layernorm.weight"],
+                ours + "attn.qkv.weight": fuse_qkv(
+                    hf[p + "self_attn.q_proj.weight"],
+                    hf[p + "self_attn.k_proj.weight"],
+                    hf[p + "self_attn.v_proj.weight"],
+                    model,
+                ),
+                ours + "attn.proj.weight": hf[p + "self_attn.o_proj.weight"],
+                ours + "mlp.fc1.weight": torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]),
+                ours + "mlp.fc2.weight": hf[p + "mlp.down_proj.weight"],
+            }
+        )
     return out
 
 
@@ -208,50 +283,69 @@ def gpt2_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, 
     """Our gpt2 state dict -> GPT2LMHeadModel's. HF GPT-2 uses Conv1D, whose weight is
     [in, out]: the transpose of nn.Linear's. Its c_attn is [all Q; all K; all V] on the output
     side, where ours interleaves per head."""
-    t = lambda w: w.t()  # noqa: E731
-    out = {"transformer.wte.weight": state["embed.weight"], "transformer.wpe.weight": state["pos_embed.weight"],
-           "transformer.ln_f.weight": state["final_norm.weight"], "transformer.ln_f.bias": state["final_norm.bias"]}
+    t = lambda w: w.t()
+    out = {
+        "transformer.wte.weight": state["embed.weight"],
+        "transformer.wpe.weight": state["pos_embed.weight"],
+        "transformer.ln_f.weight": state["final_norm.weight"],
+        "transformer.ln_f.bias": state["final_norm.bias"],
+    }
     if not model.tied:
         out["lm_head.weight"] = state["head.weight"]
     for i in range(model.num_layers):
         ours, hf = f"blocks.{i}.", f"transformer.h.{i}."
         qkv_w = torch.cat(split_qkv(state[ours + "attn.qkv.weight"], model))
         qkv_b = torch.cat(split_qkv(state[ours + "attn.qkv.bias"], model))
-        out.update({
-            hf + "ln_1.weight": state[ours + "norm1.weight"], hf + "ln_1.bias": state[ours + "norm1.bias"],
-            hf + "ln_2.weight": state[ours + "norm2.weight"], hf + "ln_2.bias": state[ours + "norm2.bias"],
-            hf + "attn.c_attn.weight": t(qkv_w), hf + "attn.c_attn.bias": qkv_b,
-            hf + "attn.c_proj.weight": t(state[ours + "attn.proj.weight"]),
-            hf + "attn.c_proj.bias": state[ours + "attn.proj.bias"],
-            hf + "mlp.c_fc.weight": t(state[ours + "mlp.fc1.weight"]),
-            hf + "mlp.c_fc.bias": state[ours + "mlp.fc1.bias"],
-            hf + "mlp.c_proj.weight": t(state[ours + "mlp.fc2.weight"]),
-            hf + "mlp.c_proj.bias": state[ours + "mlp.fc2.bias"],
-        })
+        out.update(
+            {
+                hf + "ln_1.weight": state[ours + "norm1.weight"],
+                hf + "ln_1.bias": state[ours + "norm1.bias"],
+                hf + "ln_2.weight": state[ours + "norm2.weight"],
+                hf + "ln_2.bias": state[ours + "norm2.bias"],
+                hf + "attn.c_attn.weight": t(qkv_w),
+                hf + "attn.c_attn.bias": qkv_b,
+                hf + "attn.c_proj.weight": t(state[ours + "attn.proj.weight"]),
+                hf + "attn.c_proj.bias": state[ours + "attn.proj.bias"],
+                hf + "mlp.c_fc.weight": t(state[ours + "mlp.fc1.weight"]),
+                hf + "mlp.c_fc.bias": state[ours + "mlp.fc1.bias"],
+                hf + "mlp.c_proj.weight": t(state[ours + "mlp.fc2.weight"]),
+                hf + "mlp.c_proj.bias": state[ours + "mlp.fc2.bias"],
+            }
+        )
     return out
 
 
 def gpt2_from_hf(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel state dict (prefix `transformer.`) -> ours (vocabulary rows as in HF)."""
-    t = lambda w: w.t()  # noqa: E731
+    t = lambda w: w.t()
     d = model.hidden_size
-    out = {"embed.weight": hf["transformer.wte.weight"], "pos_embed.weight": hf["transformer.wpe.weight"],
-           "final_norm.weight": hf["transformer.ln_f.weight"], "final_norm.bias": hf["transformer.ln_f.bias"]}
+    out = {
+        "embed.weight": hf["transformer.wte.weight"],
+        "pos_embed.weight": hf["transformer.wpe.weight"],
+        "final_norm.weight": hf["transformer.ln_f.weight"],
+        "final_norm.bias": hf["transformer.ln_f.bias"],
+    }
     if not model.tied:
         out["head.weight"] = hf["lm_head.weight"]
     for i in range(model.num_layers):
         ours, p = f"blocks.{i}.", f"transformer.h.{i}."
         qkv_w, qkv_b = t(hf[p + "attn.c_attn.weight"]), hf[p + "attn.c_attn.bias"]  # [3d, d], [3d]
-        out.update({
-            ours + "norm1.weight": hf[p + "ln_1.weight"], ours + "norm1.bias": hf[p + "ln_1.bias"],
-            ours + "norm2.weight": hf[p + "ln_2.weight"], ours + "norm2.bias": hf[p + "ln_2.bias"],
-            ours + "attn.qkv.weight": fuse_qkv(*qkv_w.split(d), model),
-            ours + "attn.qkv.bias": fuse_qkv(*qkv_b.split(d), model),
-            ours + "attn.proj.weight": t(hf[p + "attn.c_proj.weight"]),
-            ours + "attn.proj.bias": hf[p + "attn.c_proj.bias"],
-            ours + "mlp.fc1.weight": t(hf[p + "mlp.c_fc.weight"]), ours + "mlp.fc1.bias": hf[p + "mlp.c_fc.bias"],
-            ours + "mlp.fc2.weight": t(hf[p + "mlp.c_proj.weight"]), ours + "mlp.fc2.bias": hf[p + "mlp.c_proj.bias"],
-        })
+        out.update(
+            {
+                ours + "norm1.weight": hf[p + "ln_1.weight"],
+                ours + "norm1.bias": hf[p + "ln_1.bias"],
+                ours + "norm2.weight": hf[p + "ln_2.weight"],
+                ours + "norm2.bias": hf[p + "ln_2.bias"],
+                ours + "attn.qkv.weight": fuse_qkv(*qkv_w.split(d), model),
+                ours + "attn.qkv.bias": fuse_qkv(*qkv_b.split(d), model),
+                ours + "attn.proj.weight": t(hf[p + "attn.c_proj.weight"]),
+                ours + "attn.proj.bias": hf[p + "attn.c_proj.bias"],
+                ours + "mlp.fc1.weight": t(hf[p + "mlp.c_fc.weight"]),
+                ours + "mlp.fc1.bias": hf[p + "mlp.c_fc.bias"],
+                ours + "mlp.fc2.weight": t(hf[p + "mlp.c_proj.weight"]),
+                ours + "mlp.fc2.bias": hf[p + "mlp.c_proj.bias"],
+            }
+        )
     return out
 
 
@@ -266,12 +360,16 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], model: ModelConfig) -> dict
     if model.flavour not in _TO_HF:
         hf_config(model, bos=None, eos=None, pad=None)  # raises, naming the flavour
     if model.bidirectional:
-        raise HFConversionError("model.bidirectional=true: a masked-LM model is not a causal LM; there is no "
-                                "LlamaForCausalLM/GPT2LMHeadModel equivalent")
+        raise HFConversionError(
+            "model.bidirectional=true: a masked-LM model is not a causal LM; there is no "
+            "LlamaForCausalLM/GPT2LMHeadModel equivalent"
+        )
     state = {n: (t[: model.vocab_size] if n in VOCAB_PARAMS else t) for n, t in state.items()}
     # One copy each: slices of one tensor (gate/up of fc1) would otherwise share storage.
-    return {n: t.detach().clone(memory_format=torch.contiguous_format)
-            for n, t in _TO_HF[model.flavour](state, model).items()}
+    return {
+        n: t.detach().clone(memory_format=torch.contiguous_format)
+        for n, t in _TO_HF[model.flavour](state, model).items()
+    }
 
 
 # Buffers some transformers versions saved with the weights: derived, never learned.
@@ -303,8 +401,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[
 
     class Recorder(dict):  # which HF names the mapping reads, to report unused and missing ones
         def __missing__(self, key):
-            raise HFConversionError(f"the Hugging Face weights lack '{key}' (a different architecture, or "
-                                    "an incomplete download)")
+            raise HFConversionError(
+                f"the Hugging Face weights lack '{key}' (a different architecture, or an incomplete download)"
+            )
 
         def __getitem__(self, key):
             used.add(key)
@@ -316,9 +415,11 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[
         raise HFConversionError(f"the Hugging Face weights do not fit the sizes config.json gives: {e}") from None
     unused = sorted(set(hf) - used)
     if unused:
-        raise HFConversionError(f"the Hugging Face weights hold tensors this model has no place for "
-                                f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}): an architecture "
-                                "feature config.json did not announce")
+        raise HFConversionError(
+            f"the Hugging Face weights hold tensors this model has no place for "
+            f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}): an architecture "
+            "feature config.json did not announce"
+        )
     out = {}
     for name, tensor in ours.items():
         tensor = tensor.detach().to(torch.float32).contiguous()
@@ -328,7 +429,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[
     return out
 
 
-def model_params(model: ModelConfig) -> dict[str, tuple[Optional[ShardSpec], list[int]]]:
+def model_params(model: ModelConfig) -> dict[str, tuple[ShardSpec | None, list[int]]]:
     """name -> (TP shard spec, full shape with padded vocabulary rows) of our single-device GPT,
     read off the model itself (every sharded parameter carries `tp_spec`, at TP=1 too). Built on
     the meta device with the random init skipped: nothing is allocated, so this costs the same
@@ -350,9 +451,13 @@ def check_shapes(state: dict[str, torch.Tensor], model: ModelConfig) -> None:
     expected = {n: shape for n, (_, shape) in model_params(model).items()}
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
-        raise HFConversionError(f"the converted weights do not fit the model config.json describes (missing "
-                                f"{missing[:3]}, unexpected {extra[:3]})")
+        raise HFConversionError(
+            f"the converted weights do not fit the model config.json describes (missing "
+            f"{missing[:3]}, unexpected {extra[:3]})"
+        )
     for name, tensor in state.items():
         if list(tensor.shape) != expected[name]:
-            raise HFConversionError(f"weight {name}: shape {list(tensor.shape)} does not match the model "
-                                    f"config.json describes (expected {expected[name]})")
+            raise HFConversionError(
+                f"weight {name}: shape {list(tensor.shape)} does not match the model "
+                f"config.json describes (expected {expected[name]})"
+            )

@@ -6,11 +6,8 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
-
 
 from pretrain.hf.mapping import HFConversionError, _warn
-
 
 # ================================================================================================
 # Tokenizer
@@ -18,8 +15,15 @@ from pretrain.hf.mapping import HFConversionError, _warn
 
 # Files a Hugging Face tokenizer may consist of; replaced as a set on export, so a stale one
 # from an earlier export cannot change how the new directory loads.
-_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                       "added_tokens.json", "vocab.json", "merges.txt")
+_HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def _special_ids(tokenizer) -> dict:
@@ -57,11 +61,22 @@ def _export_sentencepiece(ours, output: Path, *, max_length: int) -> None:
     from transformers import PreTrainedTokenizerFast
 
     sp = ours._sp
-    pieces = {"unk_token": sp.unk_id(), "bos_token": sp.bos_id(), "eos_token": sp.eos_id(),
-              "pad_token": sp.pad_id(), "mask_token": ours.mask}
+    pieces = {
+        "unk_token": sp.unk_id(),
+        "bos_token": sp.bos_id(),
+        "eos_token": sp.eos_id(),
+        "pad_token": sp.pad_id(),
+        "mask_token": ours.mask,
+    }
     specials = {k: sp.id_to_piece(i) for k, i in pieces.items() if i is not None and i >= 0}
-    settings = {**specials, "add_bos_token": False, "add_eos_token": False, "split_special_tokens": True,
-                "clean_up_tokenization_spaces": False, "model_max_length": max_length}
+    settings = {
+        **specials,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copyfile(ours.path, Path(tmp) / "tokenizer.model")
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(settings))
@@ -101,9 +116,13 @@ def _export_tokenizer_json(ours, output: Path, *, max_length: int) -> None:
     tok = json.loads(Path(ours.path).read_text(encoding="utf-8"))
     tok["post_processor"] = None
     (output / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
-    settings = {"eos_token": ours._tok.id_to_token(ours.eod), "pad_token": ours._tok.id_to_token(ours.pad),
-                "clean_up_tokenization_spaces": False, "model_max_length": max_length,
-                "tokenizer_class": "PreTrainedTokenizerFast"}
+    settings = {
+        "eos_token": ours._tok.id_to_token(ours.eod),
+        "pad_token": ours._tok.id_to_token(ours.pad),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     if ours.mask is not None:
         settings["mask_token"] = ours._tok.id_to_token(ours.mask)
     _write_tokenizer_config(output, settings)
@@ -115,8 +134,12 @@ def _write_tokenizer_config(output: Path, settings: dict) -> None:
 
 # Code-like probes with the cases that tell tokenizers apart: indentation runs, digits, a
 # leading space, tabs and newlines, non-ASCII (byte fallback), a special piece typed as text.
-TOKENIZER_PROBES = ("def main(argv=None):\n    return 0\n", "  x = [1, 22, 333]\t# é 中 😀\n\n",
-                    "class A:\n\tpass</s><s>", " leading space and trailing ")
+TOKENIZER_PROBES = (
+    "def main(argv=None):\n    return 0\n",
+    "  x = [1, 22, 333]\t# é 中 😀\n\n",
+    "class A:\n\tpass</s><s>",
+    " leading space and trailing ",
+)
 
 
 def _verify_tokenizer(ours, output: Path) -> None:
@@ -129,12 +152,14 @@ def _verify_tokenizer(ours, output: Path) -> None:
         return
     for text in TOKENIZER_PROBES:
         if theirs.encode(text) != ours.encode(text):
-            _warn(f"the exported tokenizer encodes {text!r} differently from ours "
-                  f"({theirs.encode(text)[:8]} vs {ours.encode(text)[:8]}); check it before use")
+            _warn(
+                f"the exported tokenizer encodes {text!r} differently from ours "
+                f"({theirs.encode(text)[:8]} vs {ours.encode(text)[:8]}); check it before use"
+            )
             return
 
 
-def import_tokenizer(hf_dir: Path, output: Path) -> Optional[Path]:
+def import_tokenizer(hf_dir: Path, output: Path) -> Path | None:
     """Copy the HF directory's tokenizer where our run config can name it; returns the file
     data.tokenizer should point at, or None. A sentencepiece tokenizer.model wins when it loads
     (it is the original of a sentencepiece-based tokenizer.json); else tokenizer.json with its

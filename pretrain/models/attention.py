@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +35,16 @@ def check_backend(backend: str, device: torch.device) -> None:
     """Fail early, with what to do, when `backend` cannot run on `device`."""
     if backend == "flash_attn":
         if device.type != "cuda":
-            raise BackendUnavailable("model.attention_backend=flash_attn needs a CUDA GPU; use "
-                                     "model.attention_backend=sdpa (torch's fused attention) on CPU")
+            raise BackendUnavailable(
+                "model.attention_backend=flash_attn needs a CUDA GPU; use "
+                "model.attention_backend=sdpa (torch's fused attention) on CPU"
+            )
         if importlib.util.find_spec("flash_attn") is None:
-            raise BackendUnavailable("model.attention_backend=flash_attn: the flash-attn package is not "
-                                     "installed (pip install flash-attn --no-build-isolation), or use "
-                                     "model.attention_backend=sdpa, which runs FlashAttention kernels too")
+            raise BackendUnavailable(
+                "model.attention_backend=flash_attn: the flash-attn package is not "
+                "installed (pip install flash-attn --no-build-isolation), or use "
+                "model.attention_backend=sdpa, which runs FlashAttention kernels too"
+            )
 
 
 def document_mask(segments: torch.Tensor, *, causal: bool) -> torch.Tensor:
@@ -60,20 +63,28 @@ class Documents:
     [b, 1, s, s] mask each (SDPA), or for flash-attn a device-to-host sync each: the offsets'
     length and the longest document must be known on the host."""
 
-    mask: Optional[torch.Tensor] = None  # sdpa: bool [b, 1, s, s], True where query i may see key j
-    cu_seqlens: Optional[torch.Tensor] = None  # flash_attn: int32 [docs + 1] over the b * s tokens
+    mask: torch.Tensor | None = None  # sdpa: bool [b, 1, s, s], True where query i may see key j
+    cu_seqlens: torch.Tensor | None = None  # flash_attn: int32 [docs + 1] over the b * s tokens
     max_len: int = 0  # flash_attn: the longest document
 
     @staticmethod
-    def of(segments: torch.Tensor, *, backend: str, causal: bool) -> "Documents":
+    def of(segments: torch.Tensor, *, backend: str, causal: bool) -> Documents:
         if backend == "flash_attn":
             cu_seqlens, max_len = document_offsets(segments)
             return Documents(cu_seqlens=cu_seqlens, max_len=max_len)
         return Documents(mask=document_mask(segments, causal=causal))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0, causal: bool = True,
-              segments: Union[torch.Tensor, Documents, None] = None, backend: str = "sdpa") -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    dropout_p: float = 0.0,
+    causal: bool = True,
+    segments: torch.Tensor | Documents | None = None,
+    backend: str = "sdpa",
+) -> torch.Tensor:
     """q: [b, heads, s, d]; k, v: [b, kv_heads, s, d] -> [b, heads, s, d]. `causal=False` attends
     in both directions (masked-LM); `segments` keeps attention within documents: [b, s] document
     numbers, or their `Documents` for this backend (computed once for all layers)."""
@@ -127,12 +138,15 @@ def _causal_in_query_blocks(q, k, v, *, gqa: bool) -> torch.Tensor:
     outs = []
     for start in range(0, s, _CPU_QUERY_BLOCK):
         end = min(start + _CPU_QUERY_BLOCK, s)
-        outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :end], v[:, :, :end],
-                                                   attn_mask=allowed[start:end, :end], enable_gqa=gqa))
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, :end], v[:, :, :end], attn_mask=allowed[start:end, :end], enable_gqa=gqa
+            )
+        )
     return torch.cat(outs, dim=2)
 
 
-def _flash_attn(q, k, v, *, dropout_p: float, causal: bool, documents: Optional[Documents]) -> torch.Tensor:
+def _flash_attn(q, k, v, *, dropout_p: float, causal: bool, documents: Documents | None) -> torch.Tensor:
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     b, heads, s, d = q.shape
@@ -144,8 +158,7 @@ def _flash_attn(q, k, v, *, dropout_p: float, causal: bool, documents: Optional[
     # Each document of each sequence is one variable-length sequence of the flattened batch.
     cu_seqlens, max_len = documents.cu_seqlens, documents.max_len
     flat = [t.reshape(b * s, t.shape[2], d) for t in (q, k, v)]
-    out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=dropout_p,
-                                 causal=causal)
+    out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=dropout_p, causal=causal)
     return out.view(b, s, heads, d).transpose(1, 2)
 
 

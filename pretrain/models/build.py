@@ -12,8 +12,6 @@ on the same device, so every layout and every existing test sees the same initia
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -31,8 +29,15 @@ def weight_dtype(config: RunConfig) -> torch.dtype:
     return torch.float32
 
 
-def build_gpt(config: ModelConfig, *, init_seed: int, device: Optional[torch.device] = None,
-              dtype: torch.dtype = torch.float32, layers=None, stage: Optional[Stage] = None) -> GPT:
+def build_gpt(
+    config: ModelConfig,
+    *,
+    init_seed: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    layers=None,
+    stage: Stage | None = None,
+) -> GPT:
     """`GPT(config, layers=layers, stage=stage, init_seed=init_seed)` with its parameters in
     `dtype` on `device` (default: the current default device, so under `with torch.device(d)`
     this is a drop-in for GPT(...)), never holding more than one fp32 parameter beyond them."""

@@ -18,7 +18,6 @@ import contextlib
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +62,20 @@ class Attention(nn.Module):
         self.qkv = layers.column(config.hidden_size, qkv_out, bias=bias)
         self.proj = layers.row(config.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              documents: Optional[Documents]) -> torch.Tensor:
-        return attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=self.causal,
-                         segments=documents, backend=self.backend)
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None) -> torch.Tensor:
+        return attention(
+            q,
+            k,
+            v,
+            dropout_p=self.dropout if self.training else 0.0,
+            causal=self.causal,
+            segments=documents,
+            backend=self.backend,
+        )
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]],
-                documents: Optional[Documents] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, documents: Documents | None = None
+    ) -> torch.Tensor:
         qkv = self.qkv(x)  # [b, s, (heads + 2 kv_heads) * d]; s is the full sequence under SP
         b, s, _ = qkv.shape
         group = self.heads // self.kv_heads
@@ -127,7 +133,7 @@ class Block(nn.Module):
         self.mlp = MLP(config, layers)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope=None, documents: Optional[Documents] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, documents: Documents | None = None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.norm1(x), rope, documents))
         return x + self.dropout(self.mlp(self.norm2(x)))
 
@@ -150,8 +156,9 @@ class GPT(nn.Module):
     has the same name (and the same initial value) in every parallel layout.
     """
 
-    def __init__(self, config: ModelConfig, *, layers=None, stage: Optional[Stage] = None,
-                 init_seed: Optional[int] = None) -> None:
+    def __init__(
+        self, config: ModelConfig, *, layers=None, stage: Stage | None = None, init_seed: int | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.layers = layers or DenseLayers()
@@ -194,7 +201,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
-    def reset_parameters(self, seed: Optional[int] = None) -> None:
+    def reset_parameters(self, seed: int | None = None) -> None:
         """Megatron init: N(0, std) everywhere, output projections N(0, std / sqrt(2 layers)).
 
         Each weight is drawn whole from a generator seeded by (seed, its name), then this rank's
@@ -218,8 +225,11 @@ class GPT(nn.Module):
         if "norm" in name:
             return torch.ones(param.shape, device=device)
         std = self.config.init_std
-        scale = std / math.sqrt(2 * self.config.num_layers) if name.endswith(
-            ("attn.proj.weight", "mlp.fc2.weight")) else std
+        scale = (
+            std / math.sqrt(2 * self.config.num_layers)
+            if name.endswith(("attn.proj.weight", "mlp.fc2.weight"))
+            else std
+        )
         generator = torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
         full = torch.empty(full_shape(param, self.layers.tp_size), device=device)
         full.normal_(0.0, scale, generator=generator)
@@ -235,7 +245,7 @@ class GPT(nn.Module):
         x = self.layers.enter_sequence_parallel(x)  # [b, s/tp, h] under sequence parallelism
         return self.embed_dropout(x)
 
-    def run_blocks(self, x: torch.Tensor, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [b, s(/tp), h] -> hidden; `segments` [b, s]: document numbers (attention stays
         within a document), or None."""
         # RoPE tables for the full sequence: attention runs on whole sequences even under
@@ -243,8 +253,11 @@ class GPT(nn.Module):
         s = x.shape[1] * (self.layers.tp_size if self.layers.sequence_parallel else 1)
         rope = (self.rope_cos[:s], self.rope_sin[:s]) if self.config.flavour == "llama" else None
         # The documents' mask or offsets, once for all layers (see Documents).
-        documents = None if segments is None else Documents.of(
-            segments, backend=self.config.attention_backend, causal=not self.config.bidirectional)
+        documents = (
+            None
+            if segments is None
+            else Documents.of(segments, backend=self.config.attention_backend, causal=not self.config.bidirectional)
+        )
         for block in self.blocks.values():
             if self.full_checkpoint and self.training:
                 x = checkpoint(block, x, rope, documents, use_reentrant=False)
@@ -269,11 +282,13 @@ class GPT(nn.Module):
         weight = self.embed.weight if self.head is None else self.head.weight
         return fused(self.final_norm(x), weight, labels, vocab_size=vocab, scratch=self.loss_scratch)
 
-    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None = None, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if tokens.shape[1] > self.config.positions:
-            raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the model's "
-                             f"{self.config.positions} positions")
+            raise ValueError(
+                f"sequence of {tokens.shape[1]} tokens is longer than the model's {self.config.positions} positions"
+            )
         x = self.run_blocks(self.embed_tokens(tokens), segments)
         if labels is not None:
             return self.head_loss(x, labels)

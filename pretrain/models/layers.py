@@ -62,8 +62,7 @@ def shard_tensor(full: torch.Tensor, spec: ShardSpec, *, rank: int, size: int) -
 def unshard_tensors(shards: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
     """The full tensor from every rank's slice, in rank order (inverse of shard_tensor)."""
     per_rank = [s.chunk(spec.parts, dim=spec.dim) for s in shards]
-    return torch.cat([torch.cat([p[i] for p in per_rank], dim=spec.dim) for i in range(spec.parts)],
-                     dim=spec.dim)
+    return torch.cat([torch.cat([p[i] for p in per_rank], dim=spec.dim) for i in range(spec.parts)], dim=spec.dim)
 
 
 def full_shape(param: torch.Tensor, tp_size: int) -> torch.Size:
@@ -107,8 +106,9 @@ class DenseLayers:
     def column(self, in_features: int, out_features: int, *, bias: bool, stacked: int = 1) -> nn.Module:
         """A linear layer whose output dimension TP splits. `stacked` says the output is that
         many equal parts (SwiGLU gate|up) that TP must split one by one."""
-        return _with_specs(nn.Linear(in_features, out_features, bias=bias), weight=ShardSpec(0, stacked),
-                           bias=ShardSpec(0, stacked))
+        return _with_specs(
+            nn.Linear(in_features, out_features, bias=bias), weight=ShardSpec(0, stacked), bias=ShardSpec(0, stacked)
+        )
 
     def row(self, in_features: int, out_features: int, *, bias: bool) -> nn.Module:
         """A linear layer whose input dimension TP splits (output is reduced across TP)."""
@@ -132,15 +132,24 @@ class DenseLayers:
         on how far the vocabulary was padded (which changes with the TP size)."""
         if kernels.use_triton(logits):
             # Fused: fp32 inside, bf16 logits in; the gradient is written over the logits.
-            per_token = kernels.cross_entropy(logits.flatten(0, 1), labels.flatten(), vocab_size=vocab_size,
-                                              inplace_backward=True)
+            per_token = kernels.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), vocab_size=vocab_size, inplace_backward=True
+            )
             return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
         # [b, s, V] -> [b*s, V]; fp32 because bf16 log-softmax over a large vocabulary drifts.
-        return F.cross_entropy(logits[..., :vocab_size].float().flatten(0, 1), labels.flatten(),
-                               ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits[..., :vocab_size].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
 
-    def linear_cross_entropy(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                             vocab_size: int, scratch: ScratchBuffer | None = None) -> torch.Tensor:
+    def linear_cross_entropy(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        vocab_size: int,
+        scratch: ScratchBuffer | None = None,
+    ) -> torch.Tensor:
         """cross_entropy(output_logits(hidden, weight), labels), fused so the [tokens, vocab]
         logits are allocated once (and on CPU kept in `scratch` between steps): hidden [b, s, h],
         weight [padded vocab, h], labels [b, s]."""
@@ -150,5 +159,6 @@ class DenseLayers:
             logits = F.linear(hidden.flatten(0, 1), weight[:vocab_size])
             per_token = kernels.cross_entropy(logits, labels.flatten(), inplace_backward=True)
             return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
-        return linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), vocab_size=vocab_size,
-                                    scratch=scratch)
+        return linear_cross_entropy(
+            hidden.flatten(0, 1), weight, labels.flatten(), vocab_size=vocab_size, scratch=scratch
+        )

@@ -9,7 +9,6 @@ log-softmax-backward output) and the passes over them cost more than everything 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ class ScratchBuffer:
     """
 
     def __init__(self) -> None:
-        self._tensor: Optional[torch.Tensor] = None
+        self._tensor: torch.Tensor | None = None
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of `shape` (the kept one when it is free and big enough)."""
@@ -72,14 +71,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         # hidden [N, h], weight [V padded, h], labels [N]; only the first vocab_size rows count.
         device = hidden.device
         ctx.dtypes, ctx.rows = (hidden.dtype, weight.dtype), weight.shape[0]
-        ctx.autocast_dtype = (torch.get_autocast_dtype(device.type)
-                              if torch.is_autocast_enabled(device.type) else None)
+        ctx.autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         weight = weight[:vocab_size]  # a view: padding rows are neither multiplied nor differentiated
         if ctx.autocast_dtype is not None:  # what autocast does to F.linear, done by hand
             hidden, weight = hidden.to(ctx.autocast_dtype), weight.to(ctx.autocast_dtype)
         n = hidden.shape[0]
-        logits = scratch.take((n, vocab_size), torch.float32, device) if scratch else \
-            torch.empty((n, vocab_size), dtype=torch.float32, device=device)
+        logits = (
+            scratch.take((n, vocab_size), torch.float32, device)
+            if scratch
+            else torch.empty((n, vocab_size), dtype=torch.float32, device=device)
+        )
         if hidden.dtype == torch.float32:
             torch.mm(hidden, weight.t(), out=logits)
         else:
@@ -102,9 +103,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.used:
-            raise RuntimeError("the fused linear cross-entropy backward runs once (its saved buffer "
-                               "becomes the gradient); for retain_graph use "
-                               "layers.cross_entropy(layers.output_logits(...), labels, vocab_size=...)")
+            raise RuntimeError(
+                "the fused linear cross-entropy backward runs once (its saved buffer "
+                "becomes the gradient); for retain_graph use "
+                "layers.cross_entropy(layers.output_logits(...), labels, vocab_size=...)"
+            )
         ctx.used = True
         hidden, weight, probs, target, valid, count = ctx.saved_tensors
         per_row = (grad_loss / count * valid)[:, None]  # [N, 1]; 0 on ignored rows
@@ -130,7 +133,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, vocab_size: int,
-                         scratch: Optional[ScratchBuffer] = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_size: int,
+    scratch: ScratchBuffer | None = None,
+) -> torch.Tensor:
     """hidden [N, h], weight [padded vocab, h], labels [N] -> mean loss (see LinearCrossEntropy)."""
     return LinearCrossEntropy.apply(hidden, weight, labels, IGNORE_INDEX, vocab_size, scratch)

@@ -15,14 +15,12 @@ The sequence dimension is dim 1 of [batch, seq, hidden] activations. With a grou
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
 from pretrain.parallel.waits import waiting
 
-Group = Optional[dist.ProcessGroup]
+Group = dist.ProcessGroup | None
 
 
 def group_size(group: Group) -> int:
@@ -49,7 +47,7 @@ def all_reduce_flat(tensors: list[torch.Tensor], group: Group) -> None:
     all_reduce(flat, group)
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 

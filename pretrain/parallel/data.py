@@ -94,7 +94,7 @@ class GradientSync:
                 n = p.numel()
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad.copy_(bucket.buffer[offset:offset + n].view_as(p))
+                p.grad.copy_(bucket.buffer[offset : offset + n].view_as(p))
                 offset += n
             bucket.reset()
         self.enabled = [False] * len(self.enabled)

@@ -40,8 +40,8 @@ import functools
 import json
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -78,10 +78,16 @@ class Event:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "Event":
+    def from_dict(d: dict) -> Event:
         ops = tuple(Op(**{**o, "ranks": tuple(o["ranks"])}) for o in d["ops"])
-        return Event(kind=d["kind"], unit=d["unit"], ops=ops, label=d["label"], ranks=tuple(d["ranks"]),
-                     seconds=d.get("seconds", 0.0))
+        return Event(
+            kind=d["kind"],
+            unit=d["unit"],
+            ops=ops,
+            label=d["label"],
+            ranks=tuple(d["ranks"]),
+            seconds=d.get("seconds", 0.0),
+        )
 
 
 class NcclRuleViolation(AssertionError):
@@ -91,13 +97,31 @@ class NcclRuleViolation(AssertionError):
 # -- recording ------------------------------------------------------------------------------------
 
 _P2P = ("isend", "irecv", "send", "recv", "batch_isend_irecv")
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
-                "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast", "reduce", "gather", "scatter",
-                "all_to_all", "all_to_all_single", "barrier", "monitored_barrier", "all_reduce_coalesced",
-                "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
+_COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "broadcast",
+    "reduce",
+    "gather",
+    "scatter",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "monitored_barrier",
+    "all_reduce_coalesced",
+    "all_gather_object",
+    "broadcast_object_list",
+    "gather_object",
+    "scatter_object_list",
+)
 
 
-def _group_of(group) -> Optional[dist.ProcessGroup]:
+def _group_of(group) -> dist.ProcessGroup | None:
     return group if group is not None else c10d._get_default_group()
 
 
@@ -122,7 +146,7 @@ def _bytes_and_dtype(tensors: list[torch.Tensor]) -> tuple[int, str]:
 class _Request:
     """A torch.distributed request whose wait() is recorded against the unit it belongs to."""
 
-    def __init__(self, work, recorder: "CommRecorder", unit: int) -> None:
+    def __init__(self, work, recorder: CommRecorder, unit: int) -> None:
         self._work, self._recorder, self._unit = work, recorder, unit
 
     def wait(self, *args, **kwargs):
@@ -149,12 +173,12 @@ class CommRecorder:
         self.rank = -1
         self._units = 0
         self._local = threading.local()
-        self._thread: Optional[int] = None
+        self._thread: int | None = None
         self._saved: list[tuple[object, str, object]] = []
 
     # -- context --------------------------------------------------------------------------------
 
-    def __enter__(self) -> "CommRecorder":
+    def __enter__(self) -> CommRecorder:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self._thread = threading.get_ident()
         for name in _P2P + _COLLECTIVES + ("new_group",):
@@ -227,8 +251,7 @@ class CommRecorder:
             self._record(Event("new_group", ranks=tuple(sorted(ranks)) if ranks else ()))
             return group
         if name == "batch_isend_irecv":
-            ops = tuple(self._p2p_op("send" if p.op.__name__ == "isend" else "recv", p.tensor, p.peer)
-                        for p in args[0])
+            ops = tuple(self._p2p_op("send" if p.op.__name__ == "isend" else "recv", p.tensor, p.peer) for p in args[0])
         elif name in ("isend", "irecv", "send", "recv"):
             ops = (self._p2p_op("send" if name in ("isend", "send") else "recv", *_p2p_args(name, args, kwargs)),)
         else:
@@ -248,7 +271,7 @@ class CommRecorder:
         return result
 
     @staticmethod
-    def _p2p_op(kind: str, tensor: torch.Tensor, peer: Optional[int]) -> Op:
+    def _p2p_op(kind: str, tensor: torch.Tensor, peer: int | None) -> Op:
         if peer is None:
             raise NcclRuleViolation("a receive from any source: NCCL has none; name the peer")
         nbytes, dtype = _bytes_and_dtype([tensor])
@@ -263,8 +286,16 @@ class CommRecorder:
         # The data each rank contributes: the input tensor(s), after the outputs where a
         # function takes both (all_gather(outputs, input), reduce_scatter(output, inputs)).
         tensors = [t for a in list(args) + list(kwargs.values()) for t in _tensors(a)]
-        if name in ("all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
-                    "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all", "all_to_all_single"):
+        if name in (
+            "all_gather",
+            "all_gather_into_tensor",
+            "_all_gather_base",
+            "reduce_scatter",
+            "reduce_scatter_tensor",
+            "_reduce_scatter_base",
+            "all_to_all",
+            "all_to_all_single",
+        ):
             tensors = tensors[1:] if len(tensors) > 1 else tensors
             if name == "all_gather":
                 tensors = tensors[-1:]
@@ -272,11 +303,18 @@ class CommRecorder:
         if name in ("all_to_all", "all_to_all_single"):
             nbytes = -1  # uneven splits are legal: only the order and dtype must agree
         reduce = kwargs.get("op", next((a for a in args if isinstance(a, dist.ReduceOp.RedOpType)), None))
-        return Op(kind="collective", name=name.lstrip("_"), nbytes=nbytes, dtype=dtype, group=key, ranks=ranks,
-                  reduce="" if reduce is None else str(reduce).rsplit(".", 1)[-1])
+        return Op(
+            kind="collective",
+            name=name.lstrip("_"),
+            nbytes=nbytes,
+            dtype=dtype,
+            group=key,
+            ranks=ranks,
+            reduce="" if reduce is None else str(reduce).rsplit(".", 1)[-1],
+        )
 
 
-def _p2p_args(name: str, args, kwargs) -> tuple[torch.Tensor, Optional[int]]:
+def _p2p_args(name: str, args, kwargs) -> tuple[torch.Tensor, int | None]:
     tensor = kwargs.get("tensor", args[0] if args else None)
     key = "dst" if name in ("isend", "send") else "src"
     peer = kwargs.get(key, args[1] if len(args) > 1 else None)
@@ -337,9 +375,11 @@ def _match(traces: dict[int, list[Event]]) -> dict[tuple[int, int], _Unit]:
             (su, si), (ru, ri) = s, r
             a, b = su.ops[si], ru.ops[ri]
             if (a.nbytes, a.dtype) != (b.nbytes, b.dtype):
-                raise NcclRuleViolation(f"send #{k + 1} from rank {pair[0]} to rank {pair[1]} ({a.dtype}, "
-                                        f"{a.nbytes} B) meets a receive of {b.dtype}, {b.nbytes} B: NCCL matches "
-                                        "in order and ignores tags")
+                raise NcclRuleViolation(
+                    f"send #{k + 1} from rank {pair[0]} to rank {pair[1]} ({a.dtype}, "
+                    f"{a.nbytes} B) meets a receive of {b.dtype}, {b.nbytes} B: NCCL matches "
+                    "in order and ignores tags"
+                )
             su.partners[si], ru.partners[ri] = ((ru.rank, ru.unit),), ((su.rank, su.unit),)
     groups: dict[str, tuple[int, ...]] = {}
     for (group, _), entries in colls.items():
@@ -352,8 +392,10 @@ def _match(traces: dict[int, list[Event]]) -> dict[tuple[int, int], _Unit]:
             shapes = {(u.ops[i].name, u.ops[i].dtype, u.ops[i].nbytes, u.ops[i].reduce) for u, i in calls.values()}
             if len(shapes) > 1:
                 seen = "; ".join(f"rank {r}: {_describe(u.ops[i])}" for r, (u, i) in sorted(calls.items()))
-                raise NcclRuleViolation(f"collective #{k + 1} on group {group} {list(ranks)} differs between "
-                                        f"ranks ({seen}): every rank must issue the same collectives in order")
+                raise NcclRuleViolation(
+                    f"collective #{k + 1} on group {group} {list(ranks)} differs between "
+                    f"ranks ({seen}): every rank must issue the same collectives in order"
+                )
             members = tuple((u.rank, u.unit) for u, _ in calls.values())
             for u, i in calls.values():
                 u.partners[i] = members if len(calls) == len(sequences) else None
@@ -390,10 +432,16 @@ def check_nccl_rules(traces: dict[int, list[Event]]) -> dict:
                 pos[rank] += 1
                 moved = True
         heads = {id(q[0]): q[0] for q in queues.values() if q}.values()  # only a head can start
-        ready = [u for u in heads if active((u.rank, u.unit)) and all(
-            # A partner that already completed was running when this op matched it.
-            p is not None and all(q == (u.rank, u.unit) or units[q].done or active(q) for q in p)
-            for p in u.partners)]
+        ready = [
+            u
+            for u in heads
+            if active((u.rank, u.unit))
+            and all(
+                # A partner that already completed was running when this op matched it.
+                p is not None and all(q == (u.rank, u.unit) or units[q].done or active(q) for q in p)
+                for p in u.partners
+            )
+        ]
         for u in ready:
             u.done = True
             for s in u.streams:
@@ -404,9 +452,11 @@ def check_nccl_rules(traces: dict[int, list[Event]]) -> dict:
             break
         if not moved:
             raise NcclRuleViolation(_stuck(traces, pos, units, posted, active))
-    return {"units": len(units),
-            "p2p": sum(op.kind != "collective" for u in units.values() for op in u.ops) // 2,
-            "collectives": sum(op.kind == "collective" for u in units.values() for op in u.ops)}
+    return {
+        "units": len(units),
+        "p2p": sum(op.kind != "collective" for u in units.values() for op in u.ops) // 2,
+        "collectives": sum(op.kind == "collective" for u in units.values() for op in u.ops),
+    }
 
 
 def _check_groups(traces: dict[int, list[Event]]) -> None:
@@ -414,14 +464,18 @@ def _check_groups(traces: dict[int, list[Event]]) -> None:
     first = next(iter(created.values()), [])
     for rank, groups in created.items():
         if groups != first:
-            raise NcclRuleViolation(f"rank {rank} creates process groups {groups[:6]}... in another order than "
-                                    f"rank {next(iter(created))} ({first[:6]}...): every rank must call new_group "
-                                    "for every group, in the same order")
+            raise NcclRuleViolation(
+                f"rank {rank} creates process groups {groups[:6]}... in another order than "
+                f"rank {next(iter(created))} ({first[:6]}...): every rank must call new_group "
+                "for every group, in the same order"
+            )
 
 
 def _stuck(traces, pos, units, posted, active) -> str:
-    lines = ["deadlock under NCCL's rules (sends complete only when the matching receive runs; "
-             "per rank pair one ordered stream):"]
+    lines = [
+        "deadlock under NCCL's rules (sends complete only when the matching receive runs; "
+        "per rank pair one ordered stream):"
+    ]
     for rank, events in traces.items():
         if pos[rank] < len(events):
             e = events[pos[rank]]

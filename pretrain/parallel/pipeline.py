@@ -18,7 +18,8 @@ single-device path pays nothing for the pipeline machinery.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, NamedTuple, Optional
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -46,18 +47,28 @@ def stage_layout(*, num_layers: int, pp: int, vp: int, pp_rank: int, chunk: int)
     return Stage(layer_ids=range(v * per_stage, (v + 1) * per_stage), first=v == 0, last=v == stages - 1)
 
 
-def build_model_chunks(config: ModelConfig, topo: Topology, *, init_seed: int,
-                       dtype: torch.dtype = torch.float32) -> list[GPT]:
+def build_model_chunks(
+    config: ModelConfig, topo: Topology, *, init_seed: int, dtype: torch.dtype = torch.float32
+) -> list[GPT]:
     """This rank's model: the whole GPT without pipelining, else one chunk per virtual stage.
     Built directly on the training device in the weights' dtype (pretrain/models/build.py: no
     full fp32 copy first), initialised to the single-device weights' shards."""
     layers = TensorParallelLayers(topo) if topo.tp > 1 else DenseLayers()
     if topo.pp == 1:
         return [build_gpt(config, layers=layers, init_seed=init_seed, device=topo.device, dtype=dtype)]
-    return [build_gpt(config, layers=layers, init_seed=init_seed, device=topo.device, dtype=dtype,
-                      stage=stage_layout(num_layers=config.num_layers, pp=topo.pp, vp=topo.virtual_stages,
-                                         pp_rank=topo.pp_rank, chunk=c))
-            for c in range(topo.virtual_stages)]
+    return [
+        build_gpt(
+            config,
+            layers=layers,
+            init_seed=init_seed,
+            device=topo.device,
+            dtype=dtype,
+            stage=stage_layout(
+                num_layers=config.num_layers, pp=topo.pp, vp=topo.virtual_stages, pp_rank=topo.pp_rank, chunk=c
+            ),
+        )
+        for c in range(topo.virtual_stages)
+    ]
 
 
 # A schedule is a list of steps; a step is the operations a rank runs back to back between two
@@ -102,8 +113,9 @@ def make_schedule(topo: Topology, micro_batches: int, *, forward_only: bool = Fa
     if forward_only:  # evaluation: each micro-batch through this rank's chunks in stage order
         return [(Op("F", c, m),) for m in range(micro_batches) for c in range(topo.virtual_stages)]
     if topo.virtual_stages > 1:
-        return interleaved_one_f_one_b(pp=topo.pp, pp_rank=topo.pp_rank, vp=topo.virtual_stages,
-                                       micro_batches=micro_batches)
+        return interleaved_one_f_one_b(
+            pp=topo.pp, pp_rank=topo.pp_rank, vp=topo.virtual_stages, micro_batches=micro_batches
+        )
     return one_f_one_b(pp=topo.pp, pp_rank=topo.pp_rank, micro_batches=micro_batches)
 
 
@@ -146,7 +158,7 @@ class PipeLink:
         x = x.detach().to(self.dtype).contiguous()
         self.sends.append(dist.P2POp(dist.isend, x, self.topo.pp_peer(1 if forward else -1)))
 
-    def exchange(self, receives: list[Optional[str]] = ()) -> list[Optional[torch.Tensor]]:
+    def exchange(self, receives: list[str | None] = ()) -> list[torch.Tensor | None]:
         """Post the queued sends together with the receives the next step needs ("F": an
         activation from the previous stage, "B": a gradient from the next one, None: nothing),
         as one group; wait for all; return what was received, in order."""
@@ -165,19 +177,26 @@ class PipeLink:
         return buffers
 
 
-def _receives(op: Op, chunk) -> Optional[str]:
+def _receives(op: Op, chunk) -> str | None:
     """What op needs from a neighbour first: "F" an activation, "B" a gradient, or nothing."""
     if op.kind == "F":
         return None if chunk.stage.first else "F"
     return None if chunk.stage.last else "B"
 
 
-def forward_backward(*, chunks: list, topo: Topology, batches: Iterator[dict], micro_batches: int,
-                     autocast: Callable, hidden_shape: tuple[int, int, int],
-                     hidden_dtype: torch.dtype = torch.float32,
-                     on_last_backward: Callable[[int], None] = lambda chunk: None,
-                     forward_only: bool = False,
-                     progress: Callable[[str], None] = lambda operation: None) -> list[torch.Tensor]:
+def forward_backward(
+    *,
+    chunks: list,
+    topo: Topology,
+    batches: Iterator[dict],
+    micro_batches: int,
+    autocast: Callable,
+    hidden_shape: tuple[int, int, int],
+    hidden_dtype: torch.dtype = torch.float32,
+    on_last_backward: Callable[[int], None] = lambda chunk: None,
+    forward_only: bool = False,
+    progress: Callable[[str], None] = lambda operation: None,
+) -> list[torch.Tensor]:
     """Run forward and backward over `micro_batches` micro-batches; gradients accumulate as the
     mean over them. Returns the detached micro-batch losses (on the last stage; [] elsewhere).
 
@@ -198,8 +217,11 @@ def forward_backward(*, chunks: list, topo: Topology, batches: Iterator[dict], m
                 on_last_backward(0)
             progress(f"F micro {m}" if forward_only else f"F+B micro {m}")
             with autocast():
-                loss = chunks[0](_to_device(batch["tokens"], device), labels=_to_device(batch["labels"], device),
-                                 segments=_segments(batch, device))
+                loss = chunks[0](
+                    _to_device(batch["tokens"], device),
+                    labels=_to_device(batch["labels"], device),
+                    segments=_segments(batch, device),
+                )
             if not forward_only:
                 (loss / micro_batches).backward()
             losses.append(loss.detach())
@@ -211,8 +233,14 @@ def forward_backward(*, chunks: list, topo: Topology, batches: Iterator[dict], m
     micro_data = [next(batches) for _ in range(micro_batches)]
     steps = make_schedule(topo, micro_batches, forward_only=forward_only)
     final = {op.chunk: op for op in flatten(steps) if op.kind == "B"}  # each chunk's last backward
-    run = _StageRunner(chunks, micro_data, link=PipeLink(topo, shape=hidden_shape, dtype=hidden_dtype),
-                       autocast=autocast, device=device, forward_only=forward_only)
+    run = _StageRunner(
+        chunks,
+        micro_data,
+        link=PipeLink(topo, shape=hidden_shape, dtype=hidden_dtype),
+        autocast=autocast,
+        device=device,
+        forward_only=forward_only,
+    )
     for step in steps:
         progress("exchange before " + ", ".join(f"{op.kind} chunk {op.chunk} micro {op.micro}" for op in step))
         received = run.link.exchange([_receives(op, chunks[op.chunk]) for op in step])
@@ -233,14 +261,22 @@ class _StageRunner:
     """Runs one rank's forward and backward operations, keeping what a backward needs from its
     forward (the stage input and output) until then."""
 
-    def __init__(self, chunks: list, micro_data: list[dict], *, link: PipeLink, autocast: Callable,
-                 device: torch.device, forward_only: bool) -> None:
+    def __init__(
+        self,
+        chunks: list,
+        micro_data: list[dict],
+        *,
+        link: PipeLink,
+        autocast: Callable,
+        device: torch.device,
+        forward_only: bool,
+    ) -> None:
         self.chunks, self.micro_data, self.link = chunks, micro_data, link
         self.autocast, self.device, self.forward_only = autocast, device, forward_only
-        self.saved: dict[tuple[int, int], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
+        self.saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.losses: list[torch.Tensor] = []
 
-    def forward(self, op: Op, received: Optional[torch.Tensor]) -> None:
+    def forward(self, op: Op, received: torch.Tensor | None) -> None:
         """One forward of one chunk; queues its output for the next stage."""
         chunk, data = self.chunks[op.chunk], self.micro_data[op.micro]
         x_in = None
@@ -262,7 +298,7 @@ class _StageRunner:
         if not self.forward_only:
             self.saved[(op.chunk, op.micro)] = (x_in, x)
 
-    def backward(self, op: Op, received: Optional[torch.Tensor]) -> None:
+    def backward(self, op: Op, received: torch.Tensor | None) -> None:
         """One backward of one chunk; queues the gradient of its input for the previous stage."""
         x_in, out = self.saved.pop((op.chunk, op.micro))
         if self.chunks[op.chunk].stage.last:

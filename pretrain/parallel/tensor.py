@@ -17,8 +17,14 @@ from torch import nn
 
 from pretrain.models import kernels
 from pretrain.models.layers import IGNORE_INDEX, ShardSpec, make_norm
-from pretrain.parallel.comm import (all_reduce, copy_to_tp, gather_sequence, reduce_from_tp, scatter_sequence,
-                                    split_sequence)
+from pretrain.parallel.comm import (
+    all_reduce,
+    copy_to_tp,
+    gather_sequence,
+    reduce_from_tp,
+    scatter_sequence,
+    split_sequence,
+)
 from pretrain.parallel.random import tensor_parallel_rng
 from pretrain.parallel.topology import Topology
 from pretrain.parallel.waits import waiting
@@ -40,8 +46,9 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, stacked: int, topo: Topology) -> None:
         super().__init__()
         if out_features % (topo.tp * stacked):
-            raise ValueError(f"{out_features} output features cannot be split into {stacked} parts x "
-                             f"{topo.tp} tensor-parallel ranks")
+            raise ValueError(
+                f"{out_features} output features cannot be split into {stacked} parts x {topo.tp} tensor-parallel ranks"
+            )
         self.group, self.sequence_parallel = topo.tp_group, topo.sequence_parallel
         spec = ShardSpec(dim=0, parts=stacked)
         self.weight = _param((out_features // topo.tp, in_features), spec)
@@ -123,8 +130,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.mul_(grad_loss.unsqueeze(1)), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, topo: Topology,
-                                 vocab_size: int | None = None) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, *, topo: Topology, vocab_size: int | None = None
+) -> torch.Tensor:
     """Mean cross-entropy over labels != IGNORE_INDEX of vocab-split logits [b, s, V/tp].
     Columns at or past `vocab_size` (padding) are left out of the softmax."""
     local_vocab = logits.shape[-1]
@@ -133,14 +141,20 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, 
     if kernels.use_triton(logits):
         # No fp32 copy of the logits: per-row max / sum-exp / target cross ranks, and the
         # gradient is written over the logits (only this loss uses them).
-        per_token = kernels.cross_entropy(logits.flatten(0, 1), flat_labels, vocab_start=vocab_start,
-                                          vocab_size=vocab_size, group=topo.tp_group, inplace_backward=True)
+        per_token = kernels.cross_entropy(
+            logits.flatten(0, 1),
+            flat_labels,
+            vocab_start=vocab_start,
+            vocab_size=vocab_size,
+            group=topo.tp_group,
+            inplace_backward=True,
+        )
         return per_token.sum() / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
     buffer = logits.float().flatten(0, 1).clone()
     if vocab_size is not None and vocab_start + local_vocab > vocab_size:
         # exp(-inf) = 0: the padding has no share of the softmax and gets no gradient. A rank
         # holding only padding is fine: the row max is taken over the whole TP group.
-        buffer[:, max(0, vocab_size - vocab_start):] = float("-inf")
+        buffer[:, max(0, vocab_size - vocab_start) :] = float("-inf")
     per_token = _VocabParallelCrossEntropy.apply(buffer, flat_labels, topo.tp_group, vocab_start)
     valid = flat_labels != IGNORE_INDEX
     # clamp: a micro-batch whose labels are all ignored contributes 0, not 0/0.

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from pretrain.config import ConfigError, RunConfig
+
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,13 @@ class Topology:
     virtual_stages: int
     sequence_parallel: bool
     device: torch.device
-    tp_group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
-    dp_group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
-    pp_group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
+    tp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     # All ranks of one model replica (TP x PP): grad-norm and loss reductions.
-    model_group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
+    model_group: dist.ProcessGroup | None = field(default=None, repr=False)
     # First and last pipeline stage of one TP/DP position: keeps tied embeddings in sync.
-    embedding_group: Optional[dist.ProcessGroup] = field(default=None, repr=False)
+    embedding_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     # Coordinates of this rank.
     @property
@@ -66,8 +67,7 @@ class Topology:
 
     def pp_peer(self, offset: int) -> int:
         """Global rank of the pipeline stage `offset` away (wrapping), same TP and DP position."""
-        return self.global_rank(tp_rank=self.tp_rank, dp_rank=self.dp_rank,
-                                pp_rank=(self.pp_rank + offset) % self.pp)
+        return self.global_rank(tp_rank=self.tp_rank, dp_rank=self.dp_rank, pp_rank=(self.pp_rank + offset) % self.pp)
 
     @property
     def is_logging_rank(self) -> bool:
@@ -75,15 +75,16 @@ class Topology:
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
     def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, "
-                f"dp {self.dp_rank}/{self.dp}, pp {self.pp_rank}/{self.pp}"
-                + (f" x {self.virtual_stages} virtual" if self.virtual_stages > 1 else ""))
+        return (
+            f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, "
+            f"dp {self.dp_rank}/{self.dp}, pp {self.pp_rank}/{self.pp}"
+            + (f" x {self.virtual_stages} virtual" if self.virtual_stages > 1 else "")
+        )
 
 
-def single_process(device: torch.device = torch.device("cpu")) -> Topology:
+def single_process(device: torch.device = CPU) -> Topology:
     """The one-rank grid: no process groups, every collective a no-op."""
-    return Topology(world_size=1, rank=0, tp=1, pp=1, dp=1, virtual_stages=1, sequence_parallel=False,
-                    device=device)
+    return Topology(world_size=1, rank=0, tp=1, pp=1, dp=1, virtual_stages=1, sequence_parallel=False, device=device)
 
 
 def validate_layout(config: RunConfig, world_size: int) -> int:
@@ -94,22 +95,28 @@ def validate_layout(config: RunConfig, world_size: int) -> int:
     p, t = config.parallel, config.train
     model_parallel = p.tensor * p.pipeline
     if world_size % model_parallel:
-        raise ConfigError(f"parallel: world size {world_size} is not divisible by parallel.tensor x "
-                          f"parallel.pipeline = {p.tensor} x {p.pipeline} = {model_parallel}")
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by parallel.tensor x "
+            f"parallel.pipeline = {p.tensor} x {p.pipeline} = {model_parallel}"
+        )
     dp = world_size // model_parallel
     if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} "
-                          f"(world {world_size} / (tensor {p.tensor} x pipeline {p.pipeline}))")
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} "
+            f"(world {world_size} / (tensor {p.tensor} x pipeline {p.pipeline}))"
+        )
     if p.virtual_stages > 1:
         if p.pipeline == 1:
             raise ConfigError("parallel.virtual_stages: interleaving needs parallel.pipeline > 1")
         global_batch = t.global_batch_size or t.micro_batch_size * dp
         micro_batches = global_batch // (t.micro_batch_size * dp)
         if micro_batches % p.pipeline:
-            raise ConfigError(f"parallel.virtual_stages: the interleaved schedule needs the number of "
-                              f"micro-batches per step ({micro_batches}) to be a multiple of "
-                              f"parallel.pipeline={p.pipeline}; raise train.global_batch_size")
+            raise ConfigError(
+                f"parallel.virtual_stages: the interleaved schedule needs the number of "
+                f"micro-batches per step ({micro_batches}) to be a multiple of "
+                f"parallel.pipeline={p.pipeline}; raise train.global_batch_size"
+            )
     return dp
 
 
@@ -132,20 +139,34 @@ def init_distributed(config: RunConfig, *, device: torch.device, launch=None) ->
     if not dist.is_initialized():
         start_process_group(launch, backend=backend, timeout_minutes=p.timeout_minutes)
         announce_nodes(launch, backend=backend, device=str(device))
-    return build_topology(tp=p.tensor, pp=p.pipeline, dp=dp, virtual_stages=p.virtual_stages,
-                          sequence_parallel=p.sequence_parallel, device=device, timeout_minutes=p.timeout_minutes)
+    return build_topology(
+        tp=p.tensor,
+        pp=p.pipeline,
+        dp=dp,
+        virtual_stages=p.virtual_stages,
+        sequence_parallel=p.sequence_parallel,
+        device=device,
+        timeout_minutes=p.timeout_minutes,
+    )
 
 
-def group_timeout(minutes: Optional[float]) -> Optional[datetime.timedelta]:
+def group_timeout(minutes: float | None) -> datetime.timedelta | None:
     """parallel.timeout_minutes as new_group's `timeout=`. A new group does not inherit the
     default group's timeout (it gets the backend's default: 30 min on gloo, 10 on NCCL), so every
     group must be given it explicitly or a lost peer blocks its partners for half an hour."""
     return None if minutes is None else datetime.timedelta(minutes=minutes)
 
 
-def build_topology(*, tp: int, pp: int, dp: int, virtual_stages: int = 1, sequence_parallel: bool = False,
-                   device: torch.device = torch.device("cpu"),
-                   timeout_minutes: Optional[float] = None) -> Topology:
+def build_topology(
+    *,
+    tp: int,
+    pp: int,
+    dp: int,
+    virtual_stages: int = 1,
+    sequence_parallel: bool = False,
+    device: torch.device = CPU,
+    timeout_minutes: float | None = None,
+) -> Topology:
     """Create all groups of the grid over an initialised default process group; each waits at
     most `timeout_minutes` (parallel.timeout_minutes) in a collective.
 
@@ -154,10 +175,18 @@ def build_topology(*, tp: int, pp: int, dp: int, virtual_stages: int = 1, sequen
     """
     world_size, rank = dist.get_world_size(), dist.get_rank()
     assert world_size == tp * pp * dp, (world_size, tp, pp, dp)
-    topo = Topology(world_size=world_size, rank=rank, tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages,
-                    sequence_parallel=sequence_parallel, device=device)
+    topo = Topology(
+        world_size=world_size,
+        rank=rank,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        virtual_stages=virtual_stages,
+        sequence_parallel=sequence_parallel,
+        device=device,
+    )
     g = topo.global_rank
-    mine: dict[str, Optional[dist.ProcessGroup]] = {}
+    mine: dict[str, dist.ProcessGroup | None] = {}
     timeout = group_timeout(timeout_minutes)
 
     def make(kind: str, ranks: list[int]) -> None:
@@ -174,8 +203,15 @@ def build_topology(*, tp: int, pp: int, dp: int, virtual_stages: int = 1, sequen
     for dp_rank in range(dp):
         for tp_rank in range(tp):
             make("pp_group", [g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=s) for s in range(pp)])
-            make("embedding_group", sorted({g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=0),
-                                            g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp - 1)}))
+            make(
+                "embedding_group",
+                sorted(
+                    {
+                        g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=0),
+                        g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp - 1),
+                    }
+                ),
+            )
     for dp_rank in range(dp):
         make("model_group", [g(tp_rank=t, dp_rank=dp_rank, pp_rank=s) for s in range(pp) for t in range(tp)])
     return Topology(**{**topo.__dict__, **mine})

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 # Per thread: the checkpoint writer's agreement calls are not the training step's waits.
 _local = threading.local()

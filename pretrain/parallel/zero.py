@@ -31,7 +31,7 @@ import importlib.util
 import math
 import os
 import warnings
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -39,12 +39,24 @@ from torch import nn
 
 from pretrain.config import ConfigError, RunConfig
 from pretrain.faults.divergence import Diverged
-from pretrain.optim import (LOSS_SCALE_HYSTERESIS, LOSS_SCALE_INIT_POWER, LOSS_SCALE_MIN, LOSS_SCALE_WINDOW,
-                            BackwardRootChunk, build_optimizer)
+from pretrain.optim import (
+    LOSS_SCALE_HYSTERESIS,
+    LOSS_SCALE_INIT_POWER,
+    LOSS_SCALE_MIN,
+    LOSS_SCALE_WINDOW,
+    BackwardRootChunk,
+    build_optimizer,
+)
 from pretrain.parallel.topology import Topology, group_timeout
 from pretrain.parallel.zero_grads import ZeroGradientRouter
-from pretrain.parallel.zero_state import (Fragment, Reader, adam_step, ensure_adam_state, load_local_state,
-                                         local_fragments)
+from pretrain.parallel.zero_state import (
+    Fragment,
+    Reader,
+    adam_step,
+    ensure_adam_state,
+    load_local_state,
+    local_fragments,
+)
 
 INSTALL_HINT = "pip install -c constraints.txt -e '.[zero]' (with DS_BUILD_OPS=0 in the environment)"
 
@@ -53,11 +65,15 @@ def validate_zero(config: RunConfig) -> None:
     """Refuse ZeRO settings we do not support, before any process group exists."""
     p, m = config.parallel, config.model
     if p.offload_optimizer and p.zero_stage == 0:
-        raise ConfigError("parallel.offload_optimizer: needs parallel.zero_stage >= 1 (the optimizer state "
-                          "is offloaded by DeepSpeed's ZeRO optimizer)")
+        raise ConfigError(
+            "parallel.offload_optimizer: needs parallel.zero_stage >= 1 (the optimizer state "
+            "is offloaded by DeepSpeed's ZeRO optimizer)"
+        )
     if p.offload_params and p.zero_stage != 3:
-        raise ConfigError("parallel.offload_params: needs parallel.zero_stage=3 (only ZeRO-3 partitions "
-                          "the weights, which is what gets offloaded)")
+        raise ConfigError(
+            "parallel.offload_params: needs parallel.zero_stage=3 (only ZeRO-3 partitions "
+            "the weights, which is what gets offloaded)"
+        )
     if p.zero3_persistence_threshold < 0:
         raise ConfigError(f"parallel.zero3_persistence_threshold: must be >= 0, got {p.zero3_persistence_threshold}")
     if p.zero_stage == 0:
@@ -68,14 +84,16 @@ def validate_zero(config: RunConfig) -> None:
             "weight around its module's forward and backward through hooks on the whole model, while a "
             "pipeline stage runs slices of the model on activations received from another rank, so every "
             "weight would be gathered and released once per micro-batch with nothing in flight to hide it "
-            "(DeepSpeed's own pipeline engine refuses it too). Use parallel.zero_stage=1 or 2 with pipelining")
+            "(DeepSpeed's own pipeline engine refuses it too). Use parallel.zero_stage=1 or 2 with pipelining"
+        )
     if p.zero_stage == 2 and p.pipeline > 1 and m.tied:
         raise ConfigError(
             "parallel.zero_stage: ZeRO-2 with parallel.pipeline > 1 needs untied embeddings: ZeRO-2 reduces "
             "and shards each gradient during every micro-batch's backward, but the two copies of a tied "
             "embedding (first and last stage) must first be summed, and the first stage only has its "
             "gradient at the very end of the pipeline's backward. Set model.tie_embeddings=false, or use "
-            "parallel.zero_stage=1")
+            "parallel.zero_stage=1"
+        )
 
 
 def require_deepspeed(config: RunConfig) -> None:
@@ -85,8 +103,9 @@ def require_deepspeed(config: RunConfig) -> None:
     if not config.parallel.zero_stage:
         return
     if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"parallel.zero_stage={config.parallel.zero_stage} needs DeepSpeed, which is not "
-                          f"installed: {INSTALL_HINT}")
+        raise ConfigError(
+            f"parallel.zero_stage={config.parallel.zero_stage} needs DeepSpeed, which is not installed: {INSTALL_HINT}"
+        )
     _check_precision_supported(config.train.precision)
 
 
@@ -123,9 +142,14 @@ def deepspeed_config(config: RunConfig, *, data_parallel: int, accumulation: int
         # check_grad_overflow: a non-finite bf16 gradient skips the step as in fp16 and fp32.
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         # loss_scale 0 = dynamic; the same constants as our own scaler (pretrain/optim.py).
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": LOSS_SCALE_INIT_POWER,
-                 "loss_scale_window": LOSS_SCALE_WINDOW, "hysteresis": LOSS_SCALE_HYSTERESIS,
-                 "min_loss_scale": LOSS_SCALE_MIN},
+        "fp16": {
+            "enabled": t.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": LOSS_SCALE_INIT_POWER,
+            "loss_scale_window": LOSS_SCALE_WINDOW,
+            "hysteresis": LOSS_SCALE_HYSTERESIS,
+            "min_loss_scale": LOSS_SCALE_MIN,
+        },
         # Our torch AdamW steps the offloaded state on the CPU; DeepSpeed's CPU Adam would first
         # compile a C++ op, and would make the update differ from a run without ZeRO.
         "zero_force_ds_cpu_optimizer": False,
@@ -204,13 +228,17 @@ def _check_precision_supported(precision: str) -> None:
 
     accelerator = get_accelerator()
     if precision == "fp16" and not accelerator.is_fp16_supported():
-        raise ConfigError(f"train.precision: DeepSpeed does not support fp16 on this device "
-                          f"({accelerator.device_name()}; on a CPU it needs fp16 matmul support, e.g. "
-                          "AVX512-FP16 or AMX-FP16); use train.precision=bf16, or fp16 without ZeRO "
-                          "(parallel.zero_stage=0)")
+        raise ConfigError(
+            f"train.precision: DeepSpeed does not support fp16 on this device "
+            f"({accelerator.device_name()}; on a CPU it needs fp16 matmul support, e.g. "
+            "AVX512-FP16 or AMX-FP16); use train.precision=bf16, or fp16 without ZeRO "
+            "(parallel.zero_stage=0)"
+        )
     if precision == "bf16" and not accelerator.is_bf16_supported():
-        raise ConfigError(f"train.precision: DeepSpeed does not support bf16 on this device "
-                          f"({accelerator.device_name()}); use train.precision=fp16 or fp32")
+        raise ConfigError(
+            f"train.precision: DeepSpeed does not support bf16 on this device "
+            f"({accelerator.device_name()}); use train.precision=fp16 or fp32"
+        )
 
 
 def _ensure_process_group(topo: Topology, *, timeout_minutes: float) -> None:
@@ -221,8 +249,9 @@ def _ensure_process_group(topo: Topology, *, timeout_minutes: float) -> None:
     bind_deepspeed(topo.device, os.environ)
     if topo.world_size == 1 and not dist.is_initialized():
         backend = "nccl" if topo.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
 
 
 @contextlib.contextmanager
@@ -242,7 +271,6 @@ def groups_time_out_after(minutes: float) -> Iterator[None]:
         yield
     finally:
         dist.new_group = original
-
 
 
 class ZeroEngine:
@@ -270,17 +298,27 @@ class ZeroEngine:
         module = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
         with groups_time_out_after(config.parallel.timeout_minutes):
             engine, optimizer, _, _ = deepspeed.initialize(
-                model=module, optimizer=build_optimizer(params, config.optimizer), config=self.ds_config,
-                mpu=TopologyMPU(topo) if topo.world_size > 1 else None, dist_init_required=False)
+                model=module,
+                optimizer=build_optimizer(params, config.optimizer),
+                config=self.ds_config,
+                mpu=TopologyMPU(topo) if topo.world_size > 1 else None,
+                dist_init_required=False,
+            )
         self.engine, self.optimizer = engine, optimizer
         # The engine would run its backward epilogue from the optimizer's gradient hooks; ours
         # runs instead (once per backward pass, with the boundary we decide), and our own hooks
         # decide when each gradient is reduced (pretrain/parallel/zero_grads.py).
         optimizer.unregister_grad_acc_post_hooks()
-        self.grads = ZeroGradientRouter(optimizer, stage=self.stage, chunks=chunks, topo=topo,
-                                        bucket_elements=self.ds_config["zero_optimization"]["reduce_bucket_size"])
-        self.chunks = [BackwardRootChunk(chunk, scale=self._loss_scale, on_start=self._backward_start)
-                       for chunk in chunks]
+        self.grads = ZeroGradientRouter(
+            optimizer,
+            stage=self.stage,
+            chunks=chunks,
+            topo=topo,
+            bucket_elements=self.ds_config["zero_optimization"]["reduce_bucket_size"],
+        )
+        self.chunks = [
+            BackwardRootChunk(chunk, scale=self._loss_scale, on_start=self._backward_start) for chunk in chunks
+        ]
         self._announced = 0  # chunks whose last backward of the step has been announced
         self._finished = False  # finish_gradients() ran this step
 
@@ -345,8 +383,10 @@ class ZeroEngine:
         self.grads.reset()
         self._announced, self._finished = 0, False
         if skipped and not skip and self.config.train.precision == "fp16" and opt.loss_scale <= LOSS_SCALE_MIN:
-            raise Diverged(f"fp16 loss scale is at its minimum ({LOSS_SCALE_MIN}) and the gradients still "
-                           "overflow; train with train.precision=bf16")
+            raise Diverged(
+                f"fp16 loss scale is at its minimum ({LOSS_SCALE_MIN}) and the gradients still "
+                "overflow; train with train.precision=bf16"
+            )
         grad_norm = math.inf if skipped else float(norm) if norm is not None else math.nan
         return {"grad_norm": grad_norm, "skipped": skipped}
 
@@ -356,7 +396,9 @@ class ZeroEngine:
         if the gradients were not finite, leaving the fp16 loss scale as it was: a bad step is
         not the scale's fault. Stage 3 decides overflow in one method, stages 1/2 in another."""
         opt, scale = self.optimizer, self.loss_scaler_state()
-        names = ("_overflow_check_and_loss_scale_update",) if self.stage == 3 else ("check_grad_overflow", "has_overflow")
+        names = (
+            ("_overflow_check_and_loss_scale_update",) if self.stage == 3 else ("check_grad_overflow", "has_overflow")
+        )
         saved = {name: opt.__dict__[name] for name in names if name in opt.__dict__}
         if self.stage == 3:
             opt._overflow_check_and_loss_scale_update = lambda update_scale=True: setattr(opt, "overflow", True)
@@ -390,7 +432,7 @@ class ZeroEngine:
     def adam_step(self) -> float:
         return adam_step(self.optimizer)
 
-    def load_local_state(self, chunks: list[nn.Module], *, read: Reader, step: Optional[float]) -> None:
+    def load_local_state(self, chunks: list[nn.Module], *, read: Reader, step: float | None) -> None:
         """Set this rank's fragments from `read(name, key, start, numel)` (and the Adam moments
         and step when `step` is given); the module's weights follow from the masters.
         Collective over the DP group (stages 1/2 all-gather the 16-bit weights)."""
@@ -412,8 +454,9 @@ class ZeroEngine:
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds: fp32 master partitions + Adam moments."""
         opt = self.optimizer
-        tensors = self._master_partitions() + [t for s in opt.optimizer.state.values() for t in s.values()
-                                   if torch.is_tensor(t) and t.numel() > 1]
+        tensors = self._master_partitions() + [
+            t for s in opt.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1
+        ]
         return _unique_bytes(tensors)
 
     def gradient_bytes(self) -> int:
@@ -434,8 +477,7 @@ class ZeroEngine:
         total = 0
         for param in self.engine.module.parameters():
             shard = getattr(param, "ds_tensor", None)
-            total += (shard.numel() * shard.element_size() if shard is not None
-                      else param.numel() * param.element_size())
+            total += shard.numel() * shard.element_size() if shard is not None else param.numel() * param.element_size()
         return total
 
 

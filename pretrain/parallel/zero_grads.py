@@ -44,15 +44,13 @@ class _HeldBucket:
 class ZeroGradientRouter:
     """Owns the gradient hooks of one rank's ZeRO optimizer (see the module docstring)."""
 
-    def __init__(self, optimizer, *, stage: int, chunks: list[nn.Module], topo: Topology,
-                 bucket_elements: int) -> None:
+    def __init__(self, optimizer, *, stage: int, chunks: list[nn.Module], topo: Topology, bucket_elements: int) -> None:
         self.opt, self.stage, self.topo = optimizer, stage, topo
         for hook in optimizer._grad_acc_hooks:  # DeepSpeed's: ours decide when (module docstring)
             hook.remove()
         optimizer._grad_acc_hooks.clear()
         # Stages 1/2 name a parameter by its DeepSpeed parameter group; stage 3 by itself.
-        self._group_index = {id(p): i for i, group in enumerate(getattr(optimizer, "bit16_groups", []))
-                             for p in group}
+        self._group_index = {id(p): i for i, group in enumerate(getattr(optimizer, "bit16_groups", [])) for p in group}
         self.params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
         self._chunk_of: dict[int, int] = {}
         self._held_of: dict[int, _HeldBucket] = {}
@@ -68,8 +66,11 @@ class ZeroGradientRouter:
                 self._bucket_held(sp, bucket_elements)
             for p in params:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
-        self.tied = ({id(p) for p in self.params if getattr(p, "tied_embedding", False)}
-                     if topo.pp > 1 and group_size(topo.embedding_group) > 1 else set())
+        self.tied = (
+            {id(p) for p in self.params if getattr(p, "tied_embedding", False)}
+            if topo.pp > 1 and group_size(topo.embedding_group) > 1
+            else set()
+        )
         self._reducing = [stage >= 2] * len(chunks)  # per chunk: hand gradients on as they complete
         self._handed: set[int] = set()  # stage 1: parameters handed on this step
 

@@ -21,8 +21,8 @@ them) as they are, loading copies into them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 # read(name, key, start, numel) -> 1-D tensor: elements [start, start + numel) of the flattened
 # TP shard of parameter `name` (key None) or of its optimizer state `key`.
-Reader = Callable[[str, Optional[str], int, int], torch.Tensor]
+Reader = Callable[[str, str | None, int, int], torch.Tensor]
 
 
 @dataclass
@@ -58,8 +58,9 @@ def local_fragments(optimizer, stage: int, chunk: nn.Module, *, with_state: bool
                 continue  # wholly in another rank's partition
             address = mapping.lp_fragment_address
             state = {k: mapping.get_optim_state_fragment(k) for k in ADAM_KEYS} if with_state else {}
-            fragments.append(Fragment(name, param, list(param.shape), address.start, address.numel,
-                                      mapping.get_hp_fragment(), state))
+            fragments.append(
+                Fragment(name, param, list(param.shape), address.start, address.numel, mapping.get_hp_fragment(), state)
+            )
         else:
             size = param.partition_numel()
             start = optimizer._get_param_partition_rank(param) * size
@@ -67,11 +68,12 @@ def local_fragments(optimizer, stage: int, chunk: nn.Module, *, with_state: bool
             if numel <= 0:
                 continue  # this rank's partition is padding only
 
-            def part(key=None):
+            def part(key=None, param=param, numel=numel):
                 # DeepSpeed's own accessor of a parameter's fp32 partition (its public
                 # get_local_fp32_param would copy an offloaded partition to the GPU).
-                flat, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
-                                                                  optim_state_key=key)
+                flat, _ = optimizer._get_fp32_opt_state_partition(
+                    param, release_swap_buffers=False, optim_state_key=key
+                )
                 return flat.narrow(0, 0, numel)
 
             state = {k: part(k) for k in ADAM_KEYS} if with_state else {}
@@ -112,8 +114,7 @@ def set_adam_step(optimizer, step: float) -> None:
             s["step"] = torch.tensor(step) if torch.is_tensor(s["step"]) else step
 
 
-def load_local_state(optimizer, stage: int, chunks: list[nn.Module], *, read: Reader,
-                     step: Optional[float]) -> None:
+def load_local_state(optimizer, stage: int, chunks: list[nn.Module], *, read: Reader, step: float | None) -> None:
     """Set this rank's fp32 masters (and, when `step` is given, its Adam moments and step) from
     `read`, then derive the module's weights from the masters the way an optimizer step does:
     stages 1/2 copy each rank's partition into the 16-bit flat buffer and all-gather it over

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from typing import Optional
 
 import torch
 
@@ -32,11 +31,19 @@ from pretrain.models.kernels import reference
 # Norm rows wider than this run the reference: the Triton norms hold a row in registers.
 MAX_NORM_WIDTH = 8192
 
-__all__ = ["apply_rope", "apply_rope_", "cross_entropy", "layer_norm", "rms_norm", "swiglu",
-           "triton_available", "use_triton"]
+__all__ = [
+    "apply_rope",
+    "apply_rope_",
+    "cross_entropy",
+    "layer_norm",
+    "rms_norm",
+    "swiglu",
+    "triton_available",
+    "use_triton",
+]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     try:
         importlib.import_module("triton")
@@ -51,8 +58,9 @@ def use_triton(x: torch.Tensor) -> bool:
         return False
     if mode == "triton":
         if not triton_available():
-            raise RuntimeError("PRETRAIN_KERNELS=triton but triton is not importable: "
-                               "pip install -c constraints.txt -e '.[kernels]'")
+            raise RuntimeError(
+                "PRETRAIN_KERNELS=triton but triton is not importable: pip install -c constraints.txt -e '.[kernels]'"
+            )
         return True
     if mode != "auto":
         raise ValueError(f"PRETRAIN_KERNELS={mode!r}: expected 'auto', 'torch' or 'triton'")
@@ -66,7 +74,7 @@ def _triton(module: str):
     return importlib.import_module(f"pretrain.models.kernels.{module}")
 
 
-def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: Optional[float] = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None = None) -> torch.Tensor:
     """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight (eps=None: finfo(x.dtype).eps,
     as F.rms_norm). weight [N] (or None) gets its gradient summed over all rows."""
     if not use_triton(x) or x.shape[-1] > MAX_NORM_WIDTH:
@@ -74,8 +82,9 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: Optional[floa
     return _triton("triton_norms").rms_norm(x, weight, torch.finfo(x.dtype).eps if eps is None else eps)
 
 
-def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               eps: float = 1e-5) -> torch.Tensor:
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
+) -> torch.Tensor:
     """LayerNorm over the last dim (biased variance, as F.layer_norm)."""
     if not use_triton(x) or x.shape[-1] > MAX_NORM_WIDTH:
         return reference.layer_norm(x, weight, bias, eps)
@@ -90,8 +99,9 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return _triton("triton_swiglu").swiglu(h)
 
 
-def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope_(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half RoPE (as gpt.apply_rope) applied in place to q [b, heads, s, d] and
     k [b, kv_heads, s, d]; cos/sin [>= s, d] from gpt.rope_tables. Returns (q, k).
 
@@ -106,8 +116,9 @@ def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return _triton("triton_rope").apply_rope_(q, k, cos, sin)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE as apply_rope_, into new tensors: no autograd restrictions on q and k, same bytes
     moved (one read, one write of q and k)."""
     if not use_triton(q):
@@ -115,8 +126,15 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return _triton("triton_rope").apply_rope(q, k, cos, sin)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int = 0,
-                  vocab_size: Optional[int] = None, group=None, inplace_backward: bool = False) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    group=None,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
     """Per-token cross-entropy [*labels.shape] fp32 of logits [..., V_local] (labels [...]).
 
     The logits are this rank's vocabulary slice, columns vocab_start .. vocab_start + V_local of
@@ -132,8 +150,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: in
     `inplace_backward`.
     """
     if not use_triton(logits):
-        return reference.cross_entropy(logits, labels, vocab_start=vocab_start, vocab_size=vocab_size,
-                                       group=group)
+        return reference.cross_entropy(logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, group=group)
     return _triton("triton_cross_entropy").cross_entropy(
-        logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, group=group,
-        inplace_backward=inplace_backward)
+        logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, group=group, inplace_backward=inplace_backward
+    )

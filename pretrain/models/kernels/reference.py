@@ -7,8 +7,6 @@ swapping one for the other changes results only by rounding.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +15,7 @@ from pretrain.parallel.comm import all_reduce
 IGNORE_INDEX = -100
 
 
-def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: Optional[float] = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None = None) -> torch.Tensor:
     """F.rms_norm over the last dim, computed in fp32; eps=None means finfo(x.dtype).eps."""
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     xf = x.float()
@@ -27,8 +25,9 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: Optional[floa
     return y.to(x.dtype)
 
 
-def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               eps: float = 1e-5) -> torch.Tensor:
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5
+) -> torch.Tensor:
     """F.layer_norm over the last dim, computed in fp32."""
     w = None if weight is None else weight.float()
     b = None if bias is None else bias.float()
@@ -50,14 +49,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-def apply_rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope_(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """In-place RoPE on q and k (see kernels.apply_rope_ for the autograd rules)."""
     return _RopeInPlace.apply(q, cos, sin), _RopeInPlace.apply(k, cos, sin)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return rope(q, cos, sin), rope(k, cos, sin)
 
 
@@ -88,8 +89,9 @@ class _RopeInPlace(torch.autograd.Function):
         return rope_backward(grad, cos, sin), None, None
 
 
-def padding_mask(local_vocab: int, *, vocab_start: int, vocab_size: Optional[int],
-                 device: torch.device) -> Optional[torch.Tensor]:
+def padding_mask(
+    local_vocab: int, *, vocab_start: int, vocab_size: int | None, device: torch.device
+) -> torch.Tensor | None:
     """[V_local] bool, True on the columns that are real vocabulary (None when all are)."""
     if vocab_size is None or vocab_start + local_vocab <= vocab_size:
         return None
@@ -134,8 +136,9 @@ class _CrossEntropy(torch.autograd.Function):
         return (grad * scale[:, None]).to(logits.dtype), None, None, None, None
 
 
-def _local_targets(labels: torch.Tensor, vocab_start: int, local_vocab: int,
-                   vocab_size: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_targets(
+    labels: torch.Tensor, vocab_start: int, local_vocab: int, vocab_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(local column of each label, clamped to 0 where not this rank's; whether it is)."""
     local = labels - vocab_start
     mine = (local >= 0) & (local < local_vocab)
@@ -144,8 +147,15 @@ def _local_targets(labels: torch.Tensor, vocab_start: int, local_vocab: int,
     return local.masked_fill(~mine, 0), mine
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int = 0,
-                  vocab_size: Optional[int] = None, group=None, inplace_backward: bool = False) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    group=None,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
     """Per-token loss [*labels.shape] fp32 of logits [..., V_local] (see kernels.cross_entropy);
     `inplace_backward` is accepted for the same signature and has no effect here."""
     flat = logits.reshape(-1, logits.shape[-1])

@@ -23,8 +23,10 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 def row_block(n_cols: int) -> int:
     block = triton.next_power_of_2(n_cols)
     if block > MAX_ROW_BLOCK:
-        raise ValueError(f"rows of {n_cols} elements are wider than the fused kernels take "
-                         f"({MAX_ROW_BLOCK}); set PRETRAIN_KERNELS=torch")
+        raise ValueError(
+            f"rows of {n_cols} elements are wider than the fused kernels take "
+            f"({MAX_ROW_BLOCK}); set PRETRAIN_KERNELS=torch"
+        )
     return block
 
 
@@ -34,7 +36,7 @@ def row_warps(block: int) -> int:
     return max(1, min(32, block // 256))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

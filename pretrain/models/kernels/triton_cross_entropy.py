@@ -10,8 +10,6 @@ the logits' dtype, optionally over the logits themselves.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import triton
@@ -26,8 +24,7 @@ BLOCK_BWD = 4096
 
 
 @triton.jit
-def _ce_fwd(logits_ptr, labels_ptr, max_ptr, sums_ptr, stride, n_rows, n_valid, vocab_start,
-            BLOCK: tl.constexpr):
+def _ce_fwd(logits_ptr, labels_ptr, max_ptr, sums_ptr, stride, n_rows, n_valid, vocab_start, BLOCK: tl.constexpr):
     # n_valid: this rank's real (non-padding) columns, a prefix of its slice.
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
@@ -48,8 +45,19 @@ def _ce_fwd(logits_ptr, labels_ptr, max_ptr, sums_ptr, stride, n_rows, n_valid, 
 
 
 @triton.jit
-def _ce_bwd(logits_ptr, grad_ptr, labels_ptr, lse_ptr, scale_ptr, stride, grad_stride, n_cols, n_valid, vocab_start,
-            BLOCK: tl.constexpr):
+def _ce_bwd(
+    logits_ptr,
+    grad_ptr,
+    labels_ptr,
+    lse_ptr,
+    scale_ptr,
+    stride,
+    grad_stride,
+    n_cols,
+    n_valid,
+    vocab_start,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_row = cols < n_cols
@@ -62,7 +70,7 @@ def _ce_bwd(logits_ptr, grad_ptr, labels_ptr, lse_ptr, scale_ptr, stride, grad_s
     tl.store(grad_ptr + row * grad_stride + cols, (p * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def _n_valid(local_vocab: int, vocab_start: int, vocab_size: Optional[int]) -> int:
+def _n_valid(local_vocab: int, vocab_start: int, vocab_size: int | None) -> int:
     if vocab_size is None:
         return local_vocab
     return max(0, min(local_vocab, vocab_size - vocab_start))
@@ -81,8 +89,18 @@ class _CrossEntropy(torch.autograd.Function):
         sums = torch.empty((2, n_rows), dtype=torch.float32, device=x.device)  # [sum-exp; target]
         if n_rows:
             block = min(BLOCK_FWD, triton.next_power_of_2(max(n_valid, 1)))
-            _ce_fwd[(n_rows,)](x, flat_labels, row_max, sums, x.stride(0), n_rows, n_valid, vocab_start,
-                               BLOCK=block, num_warps=8 if block >= 2048 else 4)
+            _ce_fwd[(n_rows,)](
+                x,
+                flat_labels,
+                row_max,
+                sums,
+                x.stride(0),
+                n_rows,
+                n_valid,
+                vocab_start,
+                BLOCK=block,
+                num_warps=8 if block >= 2048 else 4,
+            )
         if group_size(group) > 1:
             global_max = all_reduce(row_max.clone(), group, op=dist.ReduceOp.MAX)
             sums[0].mul_(torch.exp(row_max - global_max))  # a padding-only rank: exp(-inf) * 0 = 0
@@ -99,8 +117,10 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.inplace and ctx.used:
-            raise RuntimeError("cross_entropy(inplace_backward=True) runs backward once (its first backward "
-                               "overwrote the logits); pass inplace_backward=False for retain_graph")
+            raise RuntimeError(
+                "cross_entropy(inplace_backward=True) runs backward once (its first backward "
+                "overwrote the logits); pass inplace_backward=False for retain_graph"
+            )
         ctx.used = True
         x, labels, lse, valid = ctx.saved_tensors
         n_rows, local_vocab = x.shape
@@ -109,11 +129,29 @@ class _CrossEntropy(torch.autograd.Function):
         if n_rows and local_vocab:
             block = min(BLOCK_BWD, triton.next_power_of_2(local_vocab))
             _ce_bwd[(n_rows, triton.cdiv(local_vocab, block))](
-                x, grad, labels, lse, scale, x.stride(0), grad.stride(0), local_vocab, ctx.n_valid, ctx.vocab_start,
-                BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                x,
+                grad,
+                labels,
+                lse,
+                scale,
+                x.stride(0),
+                grad.stride(0),
+                local_vocab,
+                ctx.n_valid,
+                ctx.vocab_start,
+                BLOCK=block,
+                num_warps=8 if block >= 2048 else 4,
+            )
         return grad.view(ctx.logits_shape), None, None, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, vocab_start: int = 0,
-                  vocab_size: Optional[int] = None, group=None, inplace_backward: bool = False) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
+    group=None,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
     return _CrossEntropy.apply(logits, labels, vocab_start, vocab_size, group, inplace_backward)

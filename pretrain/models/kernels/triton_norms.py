@@ -8,8 +8,6 @@ summed by torch afterwards, which is deterministic (no atomics).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -18,8 +16,22 @@ from pretrain.models.kernels.triton_common import as_rows, grid_programs, row_bl
 
 
 @triton.jit
-def _norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, x_stride, y_stride, n_cols, eps,
-              RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+def _norm_fwd(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    mean_ptr,
+    rstd_ptr,
+    x_stride,
+    y_stride,
+    n_cols,
+    eps,
+    RMS: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -41,8 +53,25 @@ def _norm_fwd(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, x_stride, y_stride
 
 
 @triton.jit
-def _norm_bwd(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, dy_stride, x_stride, dx_stride,
-              n_rows, n_cols, RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+def _norm_bwd(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_ptr,
+    db_ptr,
+    dy_stride,
+    x_stride,
+    dx_stride,
+    n_rows,
+    n_cols,
+    RMS: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
@@ -88,10 +117,23 @@ class _Norm(torch.autograd.Function):
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         mean = rstd if rms else torch.empty(n_rows, dtype=torch.float32, device=x.device)
         if n_rows:
-            _norm_fwd[(n_rows,)](x2, weight if weight is not None else x2, bias if bias is not None else x2,
-                                 y, mean, rstd, x2.stride(0), y.stride(0), n_cols, eps,
-                                 RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=block,
-                                 num_warps=row_warps(block))
+            _norm_fwd[(n_rows,)](
+                x2,
+                weight if weight is not None else x2,
+                bias if bias is not None else x2,
+                y,
+                mean,
+                rstd,
+                x2.stride(0),
+                y.stride(0),
+                n_cols,
+                eps,
+                RMS=rms,
+                HAS_W=weight is not None,
+                HAS_B=bias is not None,
+                BLOCK=block,
+                num_warps=row_warps(block),
+            )
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.shape = rms, bias is not None, shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -109,22 +151,38 @@ class _Norm(torch.autograd.Function):
         dw = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device) if has_w else None
         db = torch.empty((programs, n_cols), dtype=torch.float32, device=x2.device) if ctx.has_bias else None
         if n_rows:
-            _norm_bwd[(programs,)](dy2, x2, weight if has_w else x2, mean, rstd, dx,
-                                   dw if has_w else rstd, db if db is not None else rstd,
-                                   dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols,
-                                   RMS=ctx.rms, HAS_W=has_w, HAS_B=ctx.has_bias, BLOCK=block,
-                                   num_warps=row_warps(block))
-        grad_w = dw.sum(0).to(weight.dtype) if has_w and n_rows else (
-            torch.zeros_like(weight) if has_w else None)
-        grad_b = db.sum(0).to(ctx.bias_dtype) if db is not None and n_rows else (
-            torch.zeros(n_cols, dtype=ctx.bias_dtype, device=x2.device) if ctx.has_bias else None)
+            _norm_bwd[(programs,)](
+                dy2,
+                x2,
+                weight if has_w else x2,
+                mean,
+                rstd,
+                dx,
+                dw if has_w else rstd,
+                db if db is not None else rstd,
+                dy2.stride(0),
+                x2.stride(0),
+                dx.stride(0),
+                n_rows,
+                n_cols,
+                RMS=ctx.rms,
+                HAS_W=has_w,
+                HAS_B=ctx.has_bias,
+                BLOCK=block,
+                num_warps=row_warps(block),
+            )
+        grad_w = dw.sum(0).to(weight.dtype) if has_w and n_rows else (torch.zeros_like(weight) if has_w else None)
+        grad_b = (
+            db.sum(0).to(ctx.bias_dtype)
+            if db is not None and n_rows
+            else (torch.zeros(n_cols, dtype=ctx.bias_dtype, device=x2.device) if ctx.has_bias else None)
+        )
         return dx.view(ctx.shape), grad_w, grad_b, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     return _Norm.apply(x, weight, None, eps, True)
 
 
-def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-               eps: float) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     return _Norm.apply(x, weight, bias, eps, False)

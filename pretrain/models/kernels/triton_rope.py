@@ -16,9 +16,27 @@ BLOCK_S = 16
 
 
 @triton.jit
-def _rope_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, heads, seq, half,
-                 sxb, sxh, sxs, sxd, sob, soh, sos, sod, cs_stride,
-                 BACKWARD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rope_kernel(
+    x_ptr,
+    out_ptr,
+    cos_ptr,
+    sin_ptr,
+    heads,
+    seq,
+    half,
+    sxb,
+    sxh,
+    sxs,
+    sxd,
+    sob,
+    soh,
+    sos,
+    sod,
+    cs_stride,
+    BACKWARD: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     bh = tl.program_id(0)
     b = (bh // heads).to(tl.int64)
     h = (bh % heads).to(tl.int64)
@@ -54,8 +72,9 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor) -> tuple[torc
     return cos, sin
 
 
-def rope_into(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
-              backward: bool = False) -> torch.Tensor:
+def rope_into(
+    x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backward: bool = False
+) -> torch.Tensor:
     """out = rope(x) (or its transpose when backward); x and out [b, heads, s, d], any strides;
     out may be x itself."""
     if x.dim() != 4 or x.shape[-1] % 2:
@@ -64,9 +83,22 @@ def rope_into(x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.
     cos, sin = _tables(cos, sin, x)
     if x.numel():
         grid = (b * heads, triton.cdiv(s, BLOCK_S))
-        _rope_kernel[grid](x, out, cos, sin, heads, s, d // 2, *x.stride(), *out.stride(), cos.stride(0),
-                           BACKWARD=backward, BLOCK_S=BLOCK_S, BLOCK_H=triton.next_power_of_2(d // 2),
-                           num_warps=4)
+        _rope_kernel[grid](
+            x,
+            out,
+            cos,
+            sin,
+            heads,
+            s,
+            d // 2,
+            *x.stride(),
+            *out.stride(),
+            cos.stride(0),
+            BACKWARD=backward,
+            BLOCK_S=BLOCK_S,
+            BLOCK_H=triton.next_power_of_2(d // 2),
+            num_warps=4,
+        )
     return out
 
 
