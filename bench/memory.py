@@ -94,7 +94,7 @@ def _measure(stage: int, dp: int) -> dict:
     from pretrain.models.build import weight_dtype
     from pretrain.parallel.pipeline import build_model_chunks, forward_backward
     from pretrain.parallel.topology import init_distributed
-    from pretrain.train import Trainer
+    from pretrain.trainer import Trainer
 
     config = _config(stage, dp)
     topo = init_distributed(config, device=torch.device("cpu"))

@@ -12,7 +12,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,284 +29,21 @@ from pretrain.checkpoint import (
 )
 from pretrain.checkpoint.fallback import first_readable, step_of
 from pretrain.checkpoint.guard import check_no_overwrite, run_lock
-from pretrain.config import ConfigError, RunConfig, load_config
-from pretrain.data.blend import parse_data_path
-from pretrain.data.builder import build_datasets
-from pretrain.data.loader import SampleDataset, SampleLoader, causal_lm_collate, with_document_segments
-from pretrain.data.masking import MaskedLMCollator
-from pretrain.data.tokenizer import load_tokenizer
+from pretrain.config import RunConfig, load_config
+from pretrain.data.setup import build_data, check_data
 from pretrain.device import pick_device
-from pretrain.faults.divergence import Diverged, DivergenceGuard
+from pretrain.faults.divergence import Diverged
 from pretrain.faults.stragglers import StragglerMeter
 from pretrain.faults.watchdog import Watchdog
 from pretrain.launch import discover
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, peak_memory_bytes, training_flops
 from pretrain.models.attention import check_backend
 from pretrain.models.build import weight_dtype
-from pretrain.optim import (
-    BackwardRootChunk,
-    DynamicLossScaler,
-    build_optimizer,
-    learning_rate,
-    set_learning_rate,
-    unscale_and_check,
-)
-from pretrain.parallel.data import GradientSync, clip_gradients, global_grad_norm, reduce_loss, shared_loss
-from pretrain.parallel.pipeline import build_model_chunks, forward_backward
+from pretrain.parallel.pipeline import build_model_chunks
 from pretrain.parallel.topology import Topology, init_distributed, validate_layout
-from pretrain.parallel.waits import waiting
 from pretrain.parallel.zero import require_deepspeed
 from pretrain.stopping import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_RESUMABLE, StopRequests
-
-
-@dataclass
-class Data:
-    train: SampleLoader
-    valid: SampleDataset | None
-    collate: Callable | None
-
-
-def check_data(config: RunConfig):
-    """Check data.path and the tokenizer against the model; returns the tokenizer (or None)."""
-    d, m = config.data, config.model
-    if not d.path:
-        raise ConfigError(
-            "data.path: no dataset given; run `bash launch/quickstart.sh` to build one, "
-            "or set data.path=PREFIX (for PREFIX.bin/.idx) or 'w1 PREFIX1 w2 PREFIX2 ...'"
-        )
-    for _, prefix in parse_data_path(d.path):
-        for suffix in (".bin", ".idx"):
-            if not Path(prefix + suffix).is_file():
-                raise ConfigError(
-                    f"data.path: {prefix}{suffix} does not exist (data.path names prefixes "
-                    "written by tools/preprocess_data.py, without .bin/.idx)"
-                )
-    tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else None
-    if tokenizer is not None and tokenizer.vocab_size > m.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {m.vocab_size} is smaller than the tokenizer's vocabulary "
-            f"({tokenizer.vocab_size} in {d.tokenizer}); set model.vocab_size={tokenizer.vocab_size}"
-        )
-    if d.objective == "masked" and tokenizer is None:
-        raise ConfigError("data.tokenizer: the masked objective needs the tokenizer (for its mask token)")
-    return tokenizer
-
-
-def build_data(config: RunConfig, topo: Topology, *, consumed_samples: int, tokenizer=None) -> Data:
-    """Megatron-ordered datasets (indices built on rank 0, cached, memory-mapped by the others)
-    and this DP rank's loader."""
-    t, d = config.train, config.data
-    tokenizer = tokenizer or check_data(config)
-    global_batch = t.global_batch_size or t.micro_batch_size * topo.dp
-    datasets = build_datasets(
-        d.path,
-        seq_length=config.model.seq_length,
-        seed=t.seed,
-        split_ratios=d.split_ratios,
-        num_samples={
-            "train": t.steps * global_batch,
-            "valid": t.eval_iters * t.micro_batch_size * topo.dp if t.eval_interval else 0,
-        },
-        cache_dir=d.cache_dir or None,
-        is_builder=topo.rank == 0,
-        barrier=dist.barrier if topo.world_size > 1 else None,
-    )
-    collate = None
-    if d.objective == "masked":
-        collate = MaskedLMCollator(
-            vocab_size=tokenizer.vocab_size,
-            mask_id=tokenizer.mask,
-            seed=t.seed,
-            special_ids=(tokenizer.eod, tokenizer.pad),
-            mask_prob=d.mask_prob,
-            mean_span=d.mean_span,
-        )
-    if d.document_attention_mask:
-        collate = with_document_segments(collate or causal_lm_collate, tokenizer.eod)
-    loader = SampleLoader(
-        datasets["train"],
-        micro_batch_size=t.micro_batch_size,
-        seed=t.seed,
-        dp_rank=topo.dp_rank,
-        dp_size=topo.dp,
-        consumed_samples=consumed_samples,
-        collate=collate,
-        vocab_size=config.model.vocab_size,
-    )
-    return Data(train=loader, valid=datasets["valid"], collate=collate)
-
-
-def accumulation_steps(config: RunConfig, *, data_parallel: int) -> int:
-    t = config.train
-    per_step = t.micro_batch_size * data_parallel
-    global_batch = t.global_batch_size or per_step
-    if global_batch % per_step:
-        raise ConfigError(
-            f"train.global_batch_size: {global_batch} is not divisible by "
-            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x "
-            f"{data_parallel}"
-        )
-    return global_batch // per_step
-
-
-class Trainer:
-    """What one step needs, built once; `step()` and `evaluate()` are the loop's two verbs.
-
-    Without ZeRO: our AdamW, our bucketed DP reduction, our clipping (and, in fp16, our dynamic
-    loss scaler). With parallel.zero_stage > 0 a ZeroEngine owns all four (DeepSpeed's ZeRO
-    optimizer); the schedule, data and loss are the same code either way."""
-
-    def __init__(
-        self,
-        config: RunConfig,
-        topo: Topology,
-        chunks: list,
-        *,
-        train_batches: Iterator[dict],
-        valid: SampleDataset | None = None,
-        collate: Callable | None = None,
-    ) -> None:
-        self.config, self.topo, self.chunks, self.valid, self.collate = config, topo, chunks, valid, collate
-        self.batches = train_batches
-        # Told each operation as it starts (the hang watchdog's beat); run() sets it.
-        self.progress: Callable[[str], None] = lambda operation: None
-        self.params = [p for chunk in chunks for p in chunk.parameters()]
-        self.num_params = sum(p.numel() for p in self.params)  # before ZeRO-3 partitions them
-        self.accum = accumulation_steps(config, data_parallel=topo.dp)
-        self.zero, self.grad_sync, self.scaler = None, None, None
-        precision = config.train.precision
-        if config.parallel.zero_stage:
-            from pretrain.parallel.zero import ZeroEngine  # imports deepspeed
-
-            self.zero = ZeroEngine(config, topo, chunks, accumulation=self.accum)
-            self.optimizer = self.zero.optimizer
-            self.schedule_chunks = self.zero.chunks
-        else:
-            self.optimizer = build_optimizer(self.params, config.optimizer)
-            self.grad_sync = GradientSync(chunks, topo, bucket_mb=config.parallel.bucket_mb)
-            self.schedule_chunks = chunks
-            if precision == "fp16":
-                self.scaler = DynamicLossScaler()
-                self.schedule_chunks = [BackwardRootChunk(c, scale=lambda: self.scaler.scale) for c in chunks]
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        device_type = topo.device.type
-        self.autocast = lambda: torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-        seq = config.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
-        self.hidden_shape = (config.train.micro_batch_size, seq, config.model.hidden_size)
-        self.hidden_dtype = dtype or torch.float32  # what activations travel in between stages
-        self.guard = DivergenceGuard(config.faults)
-
-    def step(self, step: int) -> dict:
-        """One optimizer step, or a skipped one: `bad_step` says why (every rank judges the same
-        loss and gradient norm, so all skip together)."""
-        c = self.config
-        lr = learning_rate(step, optim=c.optimizer, schedule=c.schedule, total_steps=c.train.steps)
-        losses = forward_backward(
-            chunks=self.schedule_chunks,
-            topo=self.topo,
-            batches=self.batches,
-            progress=self.progress,
-            micro_batches=self.accum,
-            autocast=self.autocast,
-            hidden_shape=self.hidden_shape,
-            hidden_dtype=self.hidden_dtype,
-            on_last_backward=self.zero.on_last_backward if self.zero else self.grad_sync.enable,
-        )
-        self.progress("optimizer")
-        loss = shared_loss(losses, self.topo)
-        problem = self.guard.loss_problem(loss)
-        if self.zero:
-            record = self.zero.step(lr, skip=problem is not None)
-            if problem is None and record["skipped"] and c.train.precision != "fp16":
-                problem = self.guard.norm_problem(record["grad_norm"])  # DeepSpeed found non-finite gradients
-        else:
-            record = self._step(lr, problem)
-            problem = record.pop("problem")
-        self.guard.record(loss, problem)
-        if c.train.precision == "fp16":
-            record["loss_scale"] = float(self.zero.optimizer.loss_scale if self.zero else self.scaler.scale)
-        else:
-            record.pop("skipped")
-        return {"loss": loss, "lr": lr, **record, "bad_step": problem, "skipped_steps": self.guard.skipped_total}
-
-    def _step(self, lr: float, problem: str | None) -> dict:
-        """Our own optimizer step; `problem`: the loss already condemned the step."""
-        set_learning_rate(self.optimizer, lr)
-        self.grad_sync.finish()
-        overflow = False
-        if self.scaler is not None:  # every rank agrees on skipping (unscale_and_check reduces)
-            overflow = unscale_and_check(self.params, scale=self.scaler.scale)
-            self.scaler.update(overflow)  # raises Diverged at the minimum scale
-        grad_norm = math.inf
-        if not overflow:
-            grad_norm = global_grad_norm(self.params, topo=self.topo)
-            problem = problem or self.guard.norm_problem(grad_norm)
-            if problem is None:
-                clip_gradients(self.params, norm=grad_norm, max_norm=self.config.optimizer.clip_grad)
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": grad_norm, "skipped": overflow, "problem": problem}
-
-    def weights_finite(self) -> bool:
-        """Whether every rank's weights are finite (collective): checked before each save, so that
-        no checkpoint is ever published with NaN or Inf in it."""
-        local = self.zero.weights_finite() if self.zero else all(bool(p.isfinite().all()) for p in self.params)
-        flag = torch.tensor([float(local)], device=self.topo.device)
-        if self.topo.world_size > 1:
-            with waiting():
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def train_state(self) -> dict:
-        """What the trainer itself must carry across a resume (saved in meta.json): the divergence
-        guard's loss history and counts; the fp16 loss scaler, ours or DeepSpeed's (equal on
-        every rank: overflow decisions are global)."""
-        state = {"guard": self.guard.state_dict()}
-        if self.scaler is not None:
-            state["loss_scaler"] = self.scaler.state_dict()
-        if self.zero is not None and self.config.train.precision == "fp16":
-            state["zero_loss_scaler"] = self.zero.loss_scaler_state()
-        return state
-
-    def load_train_state(self, state: dict, *, rollback: bool = False) -> None:
-        """`rollback`: going back to an older checkpoint keeps the rollbacks already used."""
-        self.guard.load_state_dict(state.get("guard", {}), keep_rollbacks=rollback)
-        if self.scaler is not None and "loss_scaler" in state:
-            self.scaler.load_state_dict(state["loss_scaler"])
-        if self.zero is not None and "zero_loss_scaler" in state:
-            self.zero.load_loss_scaler_state(state["zero_loss_scaler"])
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the first train.eval_iters validation micro-batches of each DP rank
-        (the same ones every time, so evaluations are comparable)."""
-        t = self.config.train
-        for chunk in self.chunks:
-            chunk.eval()
-        loader = SampleLoader(
-            self.valid,
-            micro_batch_size=t.micro_batch_size,
-            seed=t.seed,
-            dp_rank=self.topo.dp_rank,
-            dp_size=self.topo.dp,
-            collate=self.collate,
-            vocab_size=self.config.model.vocab_size,
-        )
-        iters = min(t.eval_iters, max(1, len(self.valid) // (t.micro_batch_size * self.topo.dp)))
-        losses = forward_backward(
-            chunks=self.chunks,
-            topo=self.topo,
-            batches=iter(loader),
-            micro_batches=iters,
-            progress=lambda operation: self.progress(f"evaluation: {operation}"),
-            autocast=self.autocast,
-            hidden_shape=self.hidden_shape,
-            hidden_dtype=self.hidden_dtype,
-            forward_only=True,
-        )
-        for chunk in self.chunks:
-            chunk.train()
-        return reduce_loss(torch.stack(losses).mean(), self.topo) if losses else math.nan
+from pretrain.trainer import Trainer
 
 
 def run(config: RunConfig, *, launch=None) -> dict:

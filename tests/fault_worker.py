@@ -29,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pretrain.train as train
+import pretrain.trainer as trainer
+from pretrain.data.loader import SampleLoader
 
 FAULT = json.loads(os.environ.get("PRETRAIN_TEST_FAULT", "{}"))
 RANK = int(os.environ.get("RANK", "0"))
@@ -40,13 +42,13 @@ def targeted() -> bool:
 
 
 def track_steps() -> None:
-    original = train.Trainer.step
+    original = trainer.Trainer.step
 
     def step(self, step: int) -> dict:
         STEP[0], STEP[1] = step, STEP[1] + 1
         return original(self, step)
 
-    train.Trainer.step = step
+    trainer.Trainer.step = step
 
 
 def scale_logits() -> None:
@@ -66,24 +68,24 @@ def scale_logits() -> None:
 
 
 def stuck_data() -> None:
-    original = train.SampleLoader.__next__
+    original = SampleLoader.__next__
 
     def next_batch(self):
         if STEP[0] >= FAULT["step"] and threading.current_thread() is threading.main_thread():
             threading.Event().wait()  # like a read from a dead file system: never returns
         return original(self)
 
-    train.SampleLoader.__next__ = next_batch
+    SampleLoader.__next__ = next_batch
 
 
 def slow_data() -> None:
-    original = train.SampleLoader.__next__
+    original = SampleLoader.__next__
 
     def next_batch(self):
         time.sleep(FAULT["seconds"])
         return original(self)
 
-    train.SampleLoader.__next__ = next_batch
+    SampleLoader.__next__ = next_batch
 
 
 def failing_save() -> None:
@@ -104,7 +106,7 @@ def fp16_overflow() -> None:
     def always_overflow(params, *, scale, group=None):
         return True
 
-    train.unscale_and_check = always_overflow
+    trainer.unscale_and_check = always_overflow
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def build_trainer(config, steps: int):
     from pretrain.models.build import weight_dtype
     from pretrain.parallel.pipeline import build_model_chunks
     from pretrain.parallel.topology import init_distributed
-    from pretrain.train import Trainer
+    from pretrain.trainer import Trainer
 
     torch.manual_seed(config.train.seed)
     topo = init_distributed(config, device=torch.device("cpu"))
@@ -129,7 +129,7 @@ def train_job(job: dict) -> dict:
     from pretrain.models.build import weight_dtype
     from pretrain.parallel.pipeline import build_model_chunks
     from pretrain.parallel.topology import init_distributed
-    from pretrain.train import Trainer
+    from pretrain.trainer import Trainer
 
     if job.get("fp16_on_cpu"):
         # DeepSpeed refuses fp16 on a CPU without fp16 matmul support (this machine); torch runs

@@ -232,7 +232,7 @@ def test_fp16_without_zero_resumes_exactly(tmp_path):
     from pretrain.models.build import weight_dtype
     from pretrain.parallel.pipeline import build_model_chunks
     from pretrain.parallel.topology import single_process
-    from pretrain.train import Trainer
+    from pretrain.trainer import Trainer
 
     config = make_config(["train.precision=fp16", "train.global_batch_size=4", "train.steps=4"])
     topo = single_process()
