@@ -1,7 +1,7 @@
 """Fused kernels (pretrain/models/kernels) against float64 truth, forward and backward.
 
 - The PyTorch references run here, in the pytest process, against F.rms_norm, F.layer_norm,
-  F.silu, gpt.apply_rope and F.cross_entropy evaluated in float64.
+  F.silu, rotate-half RoPE (`_rope_truth`) and F.cross_entropy evaluated in float64.
 - The Triton kernels run in one subprocess (`python tests/test_kernels.py --worker triton`)
   under TRITON_INTERPRET=1 + PRETRAIN_KERNELS=triton, which must be set before triton is
   imported; there every torch.empty is filled with NaN first (an element a kernel fails to
@@ -149,8 +149,14 @@ def _qkv_views(qkv: torch.Tensor, kv: int, group: int, d: int):
     return q, k, v
 
 
+def _rope_truth(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE written out (GPT-NeoX / HF Llama): x [b, heads, s, d], cos/sin [s, d]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 def case_rope(api, dtype, seed, *, inplace: bool):
-    from pretrain.models.gpt import apply_rope, rope_tables
+    from pretrain.models.gpt import rope_tables
 
     results = {}
     # (b, kv_heads, group, s, d): d/2 = 12 is not a power of 2; s = 33 is not a block multiple.
@@ -174,7 +180,7 @@ def case_rope(api, dtype, seed, *, inplace: bool):
         cd, sd = cos[:s].double(), sin[:s].double()
         leaf_d = qkv.double().requires_grad_()
         qd, kd, _ = _qkv_views(leaf_d, kv, group, d)
-        qr, kr = apply_rope(qd, cd, sd), apply_rope(kd, cd, sd)
+        qr, kr = _rope_truth(qd, cd, sd), _rope_truth(kd, cd, sd)
         (truth,) = torch.autograd.grad([qr, kr], [leaf_d], [dq.double(), dk.double()])
         key = (b, kv, group, s, d)
         results[f"{key} q"] = (q_out, qr)
@@ -404,17 +410,21 @@ def triton_worker() -> int:
             print(f"running {name} {dt}", file=sys.stderr, flush=True)
             reports[f"{name}-{dt}"] = run_tp(dt) if name == "tp" else run_case(name, dt, kernels, ref_api)
     print("running the model", file=sys.stderr, flush=True)
-    reports["model"] = model_with_kernels()
+    reports["model"] = model_with_kernels(ref_api)
     print("RESULTS " + json.dumps(reports))
     return 0
 
 
-def model_with_kernels() -> dict:
+def model_with_kernels(ref_api) -> dict:
     """A tiny GPT of each flavour (llama: GQA, padded vocabulary) through every wired-in kernel
-    (norms, SwiGLU, RoPE, the fused loss) against the model's own torch path: the worst
-    relative error over the loss and every parameter's gradient."""
+    (norms, SwiGLU, RoPE, the fused loss) against the model's torch path (PRETRAIN_KERNELS=torch:
+    the references, `ref_api` put back for that run): the worst relative error over the loss and
+    every parameter's gradient."""
     from pretrain.config import config_from_dict
     from pretrain.models.gpt import GPT
+    from pretrain.models.kernels import reference
+
+    forbidden = {n: getattr(reference, n) for n in vars(ref_api)}
 
     errors = {}
     for flavour, extra in (("llama", {"num_kv_heads": 1}), ("gpt2", {})):
@@ -435,6 +445,8 @@ def model_with_kernels() -> dict:
         results = {}
         for mode in ("torch", "triton"):
             os.environ["PRETRAIN_KERNELS"] = mode
+            for n, fn in (vars(ref_api) if mode == "torch" else forbidden).items():
+                setattr(reference, n, fn)
             model = GPT(config, init_seed=0)
             loss = model(tokens, labels=tokens.roll(-1, 1))
             loss.backward()
@@ -509,7 +521,7 @@ def triton_reports() -> dict:
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("name", list(CASES))
 def test_reference(name, dtype_name):
-    """The PyTorch references equal F.* / gpt.apply_rope in float64."""
+    """The PyTorch references equal F.* / rotate-half RoPE in float64."""
     from pretrain.models.kernels import reference
 
     assert_report(run_case(name, dtype_name, reference), dtype_name, f"reference {name} {dtype_name}")
@@ -525,7 +537,7 @@ def test_triton(triton_reports, name, dtype_name):
 @pytest.mark.parametrize("flavour", ["llama", "gpt2"])
 def test_model_runs_the_kernels_like_its_torch_path(triton_reports, flavour):
     """Wired into the GPT (layers.py norms and losses, gpt.py SwiGLU and RoPE): same loss and
-    gradients, fp32, as the model's own torch ops."""
+    gradients, fp32, as its torch path (the references)."""
     assert triton_reports["model"][flavour] < 1e-5, triton_reports["model"]
 
 

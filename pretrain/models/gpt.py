@@ -39,13 +39,6 @@ def rope_tables(*, positions: int, head_dim: int, theta: float) -> tuple[torch.T
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [b, heads, s, d]; cos/sin: [s, d]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layers) -> None:
         super().__init__()
@@ -87,11 +80,7 @@ class Attention(nn.Module):
         k = k.squeeze(3).transpose(1, 2)  # [b, kv_heads, s, d]
         v = v.squeeze(3).transpose(1, 2)
         if rope is not None:
-            cos, sin = rope
-            if kernels.use_triton(q):
-                q, k = kernels.apply_rope(q, k, cos, sin)  # reads the split's views where they lie
-            else:
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = kernels.apply_rope(q, k, *rope)  # Triton reads the split's views where they lie
         # Dropout on this rank's heads draws from the TP-rank stream; entered outside the
         # checkpoint so that recomputation replays the same mask.
         with self.rng_region() if self.dropout and self.training else contextlib.nullcontext():
@@ -114,11 +103,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        if self.swiglu and kernels.use_triton(h):
+        if self.swiglu:
             h = kernels.swiglu(h)  # [..., 2f/tp] = [gate; up] of this rank -> [..., f/tp]
-        elif self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
         return self.fc2(h)
@@ -147,6 +133,20 @@ class Stage:
     first: bool
     last: bool
 
+    def holds_embedding(self, tied: bool) -> bool:
+        """The input embedding, or (tied) the last stage's copy of it for the output layer."""
+        return self.first or (self.last and tied)
+
+    def holds(self, name: str, *, tied: bool) -> bool:
+        """Whether GPT(stage=self) has parameter `name` (a name of the whole model's)."""
+        if name.startswith("blocks."):
+            return int(name.split(".", 2)[1]) in self.layer_ids
+        if name.startswith("embed."):
+            return self.holds_embedding(tied)
+        if name.startswith("pos_embed."):
+            return self.first
+        return self.last  # final norm, output layer
+
 
 class GPT(nn.Module):
     """`model(tokens)` -> logits [b, s, vocab_size]; `model(tokens, labels=labels)` -> mean loss.
@@ -167,7 +167,7 @@ class GPT(nn.Module):
         self.full_checkpoint = config.activation_checkpointing == "full"
         # The last stage of a pipelined tied model keeps its own copy of the embedding for the
         # output layer; the two copies are kept equal by summing their gradients.
-        needs_embed = first or (last and config.tied)
+        needs_embed = self.stage.holds_embedding(config.tied)
         self.embed = self.layers.embedding(config.vocab_rows, config.hidden_size) if needs_embed else None
         if needs_embed and not (first and last) and config.tied:
             self.embed.weight.tied_embedding = True

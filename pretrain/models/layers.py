@@ -16,24 +16,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models import kernels
-from pretrain.models.loss import IGNORE_INDEX, ScratchBuffer, linear_cross_entropy
 
 
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm (same parameters and state dict), running the fused Triton kernel where
-    kernels.use_triton says so and torch's own op otherwise."""
+    """nn.RMSNorm (same parameters and state dict) computed by kernels.rms_norm (the fused Triton
+    kernel where kernels.use_triton says so, else the PyTorch reference)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.use_triton(x):
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return super().forward(x)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed by kernels.layer_norm."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.use_triton(x):
-            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
-        return super().forward(x)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 def make_norm(config) -> nn.Module:
@@ -127,38 +124,12 @@ class DenseLayers:
         return logits
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
-        """Mean cross-entropy over labels != IGNORE_INDEX, computed in fp32, over the first
-        vocab_size logits: padding rows never enter the softmax, so the loss does not depend
-        on how far the vocabulary was padded (which changes with the TP size)."""
-        if kernels.use_triton(logits):
-            # Fused: fp32 inside, bf16 logits in; the gradient is written over the logits.
-            per_token = kernels.cross_entropy(
-                logits.flatten(0, 1), labels.flatten(), vocab_size=vocab_size, inplace_backward=True
-            )
-            return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
-        # [b, s, V] -> [b*s, V]; fp32 because bf16 log-softmax over a large vocabulary drifts.
-        return F.cross_entropy(
-            logits[..., :vocab_size].float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
-        )
+        """Mean cross-entropy over labels != -100, computed in fp32, over the first vocab_size
+        logits: padding rows never enter the softmax, so the loss does not depend on how far the
+        vocabulary was padded (which changes with the TP size). With Triton the logits' gradient
+        is written over them."""
+        return kernels.cross_entropy(logits, labels, vocab_size=vocab_size, inplace_backward=True, reduction="mean")
 
-    def linear_cross_entropy(
-        self,
-        hidden: torch.Tensor,
-        weight: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        vocab_size: int,
-        scratch: ScratchBuffer | None = None,
-    ) -> torch.Tensor:
-        """cross_entropy(output_logits(hidden, weight), labels), fused so the [tokens, vocab]
-        logits are allocated once (and on CPU kept in `scratch` between steps): hidden [b, s, h],
-        weight [padded vocab, h], labels [b, s]."""
-        if kernels.use_triton(hidden):
-            # The logits stay in the matmul's dtype (bf16 under autocast; _LinearCrossEntropy keeps
-            # an fp32 copy), and their gradient is written over them.
-            logits = F.linear(hidden.flatten(0, 1), weight[:vocab_size])
-            per_token = kernels.cross_entropy(logits, labels.flatten(), inplace_backward=True)
-            return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
-        return linear_cross_entropy(
-            hidden.flatten(0, 1), weight, labels.flatten(), vocab_size=vocab_size, scratch=scratch
-        )
+    # cross_entropy(output_logits(hidden, weight), labels), fused so that the [tokens, vocab] logits
+    # are allocated once (on CPU kept in `scratch` between steps).
+    linear_cross_entropy = staticmethod(kernels.linear_cross_entropy)

@@ -1,9 +1,10 @@
 """The single-device output layer fused with its cross-entropy, and the scratch buffer it reuses.
 
-`linear_cross_entropy(hidden, weight, labels)` is `F.cross_entropy(F.linear(hidden, weight).float(),
-labels)` over the first `vocab_size` rows of `weight`, computed with one [tokens, vocab] fp32 buffer
-instead of four: at GPT vocabularies those buffers (logits, log-softmax output, NLL-backward zeros,
-log-softmax-backward output) and the passes over them cost more than everything but the matmuls.
+`LinearCrossEntropy` (what `kernels.linear_cross_entropy(hidden, weight, labels)` runs without
+Triton) is `F.cross_entropy(F.linear(hidden, weight).float(), labels)` over the first `vocab_size`
+rows of `weight`, computed with one [tokens, vocab] fp32 buffer instead of four: at GPT
+vocabularies those buffers (logits, log-softmax output, NLL-backward zeros, log-softmax-backward
+output) and the passes over them cost more than everything but the matmuls.
 """
 
 from __future__ import annotations
@@ -131,15 +132,3 @@ class LinearCrossEntropy(torch.autograd.Function):
                 grad_weight[:vocab] = grad.t() @ scaled
             grad_weight[vocab:].zero_()
         return grad_hidden, grad_weight, None, None, None, None
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    vocab_size: int,
-    scratch: ScratchBuffer | None = None,
-) -> torch.Tensor:
-    """hidden [N, h], weight [padded vocab, h], labels [N] -> mean loss (see LinearCrossEntropy)."""
-    return LinearCrossEntropy.apply(hidden, weight, labels, IGNORE_INDEX, vocab_size, scratch)

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models import kernels
-from pretrain.models.layers import IGNORE_INDEX, ShardSpec, make_norm
+from pretrain.models.layers import ShardSpec, make_norm
 from pretrain.parallel.comm import (
-    all_reduce,
     copy_to_tp,
     gather_sequence,
     reduce_from_tp,
@@ -98,67 +97,23 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out, self.group)  # [b, s, h], full on every rank
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of logits split along the vocabulary, never gathering them:
-    only the row max, the target logit and the softmax denominator ([tokens] each) cross ranks."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, group, vocab_start):
-        # logits [N, V/tp] fp32 (a buffer owned here), labels [N]
-        local_vocab = logits.shape[1]
-        row_max = logits.amax(dim=1)
-        all_reduce(row_max, group, op=dist.ReduceOp.MAX)
-        logits.sub_(row_max.unsqueeze(1))
-        local = labels - vocab_start
-        mine = (local >= 0) & (local < local_vocab)
-        local = local.masked_fill(~mine, 0)
-        target = logits.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill(~mine, 0.0)
-        all_reduce(target, group)
-        softmax = logits.exp_()
-        sum_exp = softmax.sum(dim=1)
-        all_reduce(sum_exp, group)
-        softmax.div_(sum_exp.unsqueeze(1))
-        ctx.save_for_backward(softmax, local, mine)
-        return sum_exp.log() - target
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, local, mine = ctx.saved_tensors
-        grad = softmax.clone()
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local] -= mine.to(grad.dtype)
-        return grad.mul_(grad_loss.unsqueeze(1)), None, None, None
-
-
 def vocab_parallel_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, *, topo: Topology, vocab_size: int | None = None
 ) -> torch.Tensor:
-    """Mean cross-entropy over labels != IGNORE_INDEX of vocab-split logits [b, s, V/tp].
-    Columns at or past `vocab_size` (padding) are left out of the softmax."""
-    local_vocab = logits.shape[-1]
-    vocab_start = topo.tp_rank * local_vocab
-    flat_labels = labels.flatten()
-    if kernels.use_triton(logits):
-        # No fp32 copy of the logits: per-row max / sum-exp / target cross ranks, and the
-        # gradient is written over the logits (only this loss uses them).
-        per_token = kernels.cross_entropy(
-            logits.flatten(0, 1),
-            flat_labels,
-            vocab_start=vocab_start,
-            vocab_size=vocab_size,
-            group=topo.tp_group,
-            inplace_backward=True,
-        )
-        return per_token.sum() / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
-    buffer = logits.float().flatten(0, 1).clone()
-    if vocab_size is not None and vocab_start + local_vocab > vocab_size:
-        # exp(-inf) = 0: the padding has no share of the softmax and gets no gradient. A rank
-        # holding only padding is fine: the row max is taken over the whole TP group.
-        buffer[:, max(0, vocab_size - vocab_start) :] = float("-inf")
-    per_token = _VocabParallelCrossEntropy.apply(buffer, flat_labels, topo.tp_group, vocab_start)
-    valid = flat_labels != IGNORE_INDEX
-    # clamp: a micro-batch whose labels are all ignored contributes 0, not 0/0.
-    return (per_token * valid).sum() / valid.sum().clamp(min=1)
+    """Mean cross-entropy over labels != -100 of vocab-split logits [b, s, V/tp], never gathering
+    them (kernels.cross_entropy over the TP group: only [tokens]-sized tensors cross ranks).
+    Columns at or past `vocab_size` (padding) are left out of the softmax; a rank holding only
+    padding is fine. With Triton the gradient is written over the logits (only this loss uses
+    them)."""
+    return kernels.cross_entropy(
+        logits,
+        labels,
+        vocab_start=topo.tp_rank * logits.shape[-1],
+        vocab_size=vocab_size,
+        group=topo.tp_group,
+        inplace_backward=True,
+        reduction="mean",
+    )
 
 
 class _GatherVocab(torch.autograd.Function):

@@ -5,8 +5,10 @@
     swiglu(h)                             h [..., 2f] = [gate; up] -> silu(gate) * up [..., f]
     apply_rope_(q, k, cos, sin)           rotate-half RoPE in place on q, k; returns (q, k)
     apply_rope(q, k, cos, sin)            the same into new tensors (q, k untouched)
-    cross_entropy(logits, labels, *, vocab_start, vocab_size, group, inplace_backward)
-                                          per-token loss, vocab-parallel over `group`
+    cross_entropy(logits, labels, *, vocab_start, vocab_size, group, inplace_backward, reduction)
+                                          per-token (or mean) loss, vocab-parallel over `group`
+    linear_cross_entropy(hidden, weight, labels, *, vocab_size, scratch)
+                                          the output layer fused with the mean loss (one device)
 
 Every function takes fp32 or bf16 (fp16 runs the same code, untested), computes in fp32 and returns the input's dtype
 (cross_entropy returns fp32), supports autograd, any leading shape and any last-dim width.
@@ -27,6 +29,7 @@ import os
 import torch
 
 from pretrain.models.kernels import reference
+from pretrain.models.loss import IGNORE_INDEX, LinearCrossEntropy
 
 # Norm rows wider than this run the reference: the Triton norms hold a row in registers.
 MAX_NORM_WIDTH = 8192
@@ -36,6 +39,7 @@ __all__ = [
     "apply_rope_",
     "cross_entropy",
     "layer_norm",
+    "linear_cross_entropy",
     "rms_norm",
     "swiglu",
     "triton_available",
@@ -134,8 +138,10 @@ def cross_entropy(
     vocab_size: int | None = None,
     group=None,
     inplace_backward: bool = False,
+    reduction: str = "none",
 ) -> torch.Tensor:
-    """Per-token cross-entropy [*labels.shape] fp32 of logits [..., V_local] (labels [...]).
+    """Per-token cross-entropy [*labels.shape] fp32 of logits [..., V_local] (labels [...]), or
+    with reduction="mean" its mean over the labels != -100 (0 when there are none).
 
     The logits are this rank's vocabulary slice, columns vocab_start .. vocab_start + V_local of
     the global vocabulary; columns at global id >= vocab_size are padding, left out of the
@@ -149,8 +155,31 @@ def cross_entropy(
     saved them: true of F.linear's output). The reference materialises fp32 logits and ignores
     `inplace_backward`.
     """
-    if not use_triton(logits):
-        return reference.cross_entropy(logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, group=group)
-    return _triton("triton_cross_entropy").cross_entropy(
+    if reduction not in ("none", "mean"):
+        raise ValueError(f"reduction={reduction!r}: expected 'none' or 'mean'")
+    impl = _triton("triton_cross_entropy") if use_triton(logits) else reference
+    per_token = impl.cross_entropy(
         logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, group=group, inplace_backward=inplace_backward
     )
+    if reduction == "none":
+        return per_token
+    # clamp: a micro-batch whose labels are all ignored contributes 0, not 0/0.
+    return per_token.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, vocab_size: int, scratch=None
+) -> torch.Tensor:
+    """Mean cross_entropy(hidden @ weight[:vocab_size].T, labels) over labels != -100, the output
+    layer fused with its loss: hidden [..., h], weight [padded vocab, h], labels [...].
+
+    Triton: the logits stay in the matmul's dtype (bf16 under autocast; the kernel computes in
+    fp32) and their gradient is written over them. Elsewhere pretrain/models/loss.py's
+    LinearCrossEntropy, which allocates the [tokens, vocab] fp32 logits once (on CPU kept in
+    `scratch`, a loss.ScratchBuffer, between steps).
+    """
+    hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    if not use_triton(hidden):
+        return LinearCrossEntropy.apply(hidden, weight, labels, IGNORE_INDEX, vocab_size, scratch)
+    logits = torch.nn.functional.linear(hidden, weight[:vocab_size])
+    return cross_entropy(logits, labels, inplace_backward=True, reduction="mean")

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pretrain.models.loss import IGNORE_INDEX
 from pretrain.parallel.comm import all_reduce
-
-IGNORE_INDEX = -100
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None = None) -> torch.Tensor:
@@ -147,15 +146,7 @@ def _local_targets(
     return local.masked_fill(~mine, 0), mine
 
 
-def cross_entropy(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    group=None,
-    inplace_backward: bool = False,
-) -> torch.Tensor:
+def cross_entropy(logits, labels, *, vocab_start=0, vocab_size=None, group=None, inplace_backward=False):
     """Per-token loss [*labels.shape] fp32 of logits [..., V_local] (see kernels.cross_entropy);
     `inplace_backward` is accepted for the same signature and has no effect here."""
     flat = logits.reshape(-1, logits.shape[-1])

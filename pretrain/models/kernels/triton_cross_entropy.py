@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from pretrain.models.kernels.triton_common import as_rows
+from pretrain.models.loss import IGNORE_INDEX
 from pretrain.parallel.comm import all_reduce, group_size
 
-IGNORE_INDEX = -100
 BLOCK_FWD = 4096
 BLOCK_BWD = 4096
 
@@ -145,13 +145,6 @@ class _CrossEntropy(torch.autograd.Function):
         return grad.view(ctx.logits_shape), None, None, None, None, None
 
 
-def cross_entropy(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-    group=None,
-    inplace_backward: bool = False,
-) -> torch.Tensor:
+def cross_entropy(logits, labels, *, vocab_start=0, vocab_size=None, group=None, inplace_backward=False):
+    """See kernels.cross_entropy."""
     return _CrossEntropy.apply(logits, labels, vocab_start, vocab_size, group, inplace_backward)
