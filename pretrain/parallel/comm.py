@@ -69,75 +69,54 @@ def _reduce_scatter_seq(x: torch.Tensor, group: Group) -> torch.Tensor:
     return out
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce(grad.contiguous(), ctx.group), None
+def _own_chunk(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x.chunk(group_size(group), dim=1)[group_rank(group)].contiguous()
 
 
-class _ReduceFromTP(torch.autograd.Function):
+class _Conjugate(torch.autograd.Function):
+    """`forward(x, group)` forward and `backward(grad, group)` backward: one of the pairs above."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x.clone(), group)
+    def forward(ctx, x, group, forward, backward):
+        ctx.group, ctx.backward_fn = group, backward
+        return forward(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return ctx.backward_fn(grad, ctx.group), None, None, None
 
 
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
+def _conjugate(x: torch.Tensor, group: Group, forward, backward) -> torch.Tensor:
+    return x if group_size(group) == 1 else _Conjugate.apply(x, group, forward, backward)
 
 
-class _ScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
+def _identity(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x
 
 
-class _SplitSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.chunk(group_size(group), dim=1)[group_rank(group)].contiguous()
+def _all_reduce_copy(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return all_reduce(x.clone(), group)  # the forward's input is not ours to overwrite
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_seq(grad, ctx.group), None
+
+def _all_reduce_grad(grad: torch.Tensor, group: Group) -> torch.Tensor:
+    return all_reduce(grad.contiguous(), group)
 
 
 def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+    return _conjugate(x, group, _identity, _all_reduce_grad)
 
 
 def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+    return _conjugate(x, group, _all_reduce_copy, _identity)
 
 
 def gather_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _GatherSequence.apply(x, group)
+    return _conjugate(x, group, _all_gather_seq, _reduce_scatter_seq)
 
 
 def scatter_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ScatterSequence.apply(x, group)
+    return _conjugate(x, group, _reduce_scatter_seq, _all_gather_seq)
 
 
 def split_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _SplitSequence.apply(x, group)
+    return _conjugate(x, group, _own_chunk, _all_gather_seq)
