@@ -50,7 +50,8 @@ READABLE_VERSIONS = (2, 3)
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 
-_DTYPES = {
+# The safetensors header names of the dtypes a checkpoint holds (reader.py reads them back).
+SAFETENSORS_DTYPES = {
     torch.float32: "F32",
     torch.float16: "F16",
     torch.bfloat16: "BF16",
@@ -151,7 +152,11 @@ def _entries(tensors) -> tuple[dict[str, dict], int]:
     entries, offset = {}, 0
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
-        entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        entries[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     return entries, offset
 

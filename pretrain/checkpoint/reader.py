@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from pretrain.checkpoint.files import (
+    SAFETENSORS_DTYPES,
     CheckpointError,
     Checksums,
     CorruptCheckpointError,
@@ -382,18 +383,7 @@ def _covers(pieces: list[_Piece], start: int, end: int) -> bool:
     return at >= end
 
 
-_TORCH_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+_TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 class FileTensors(dict):
