@@ -227,12 +227,60 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, model: ModelConf
     return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
+# The tensors that map one to one, as (ours, Hugging Face's, transposed): the model-level ones,
+# then each block's (under the prefixes blocks.{i}. and _BLOCK_PREFIX.{i}.). HF GPT-2 uses
+# Conv1D, whose weight is [in, out]: the transpose of nn.Linear's.
+_RENAMES = {
+    "llama": (
+        [("embed.weight", "model.embed_tokens.weight", False), ("final_norm.weight", "model.norm.weight", False)],
+        [
+            ("norm1.weight", "input_layernorm.weight", False),
+            ("norm2.weight", "post_attention_layernorm.weight", False),
+            ("attn.proj.weight", "self_attn.o_proj.weight", False),
+            ("mlp.fc2.weight", "mlp.down_proj.weight", False),
+        ],
+    ),
+    "gpt2": (
+        [
+            ("embed.weight", "transformer.wte.weight", False),
+            ("pos_embed.weight", "transformer.wpe.weight", False),
+            ("final_norm.weight", "transformer.ln_f.weight", False),
+            ("final_norm.bias", "transformer.ln_f.bias", False),
+        ],
+        [
+            ("norm1.weight", "ln_1.weight", False),
+            ("norm1.bias", "ln_1.bias", False),
+            ("norm2.weight", "ln_2.weight", False),
+            ("norm2.bias", "ln_2.bias", False),
+            ("attn.proj.weight", "attn.c_proj.weight", True),
+            ("attn.proj.bias", "attn.c_proj.bias", False),
+            ("mlp.fc1.weight", "mlp.c_fc.weight", True),
+            ("mlp.fc1.bias", "mlp.c_fc.bias", False),
+            ("mlp.fc2.weight", "mlp.c_proj.weight", True),
+            ("mlp.fc2.bias", "mlp.c_proj.bias", False),
+        ],
+    ),
+}
+_BLOCK_PREFIX = {"llama": "model.layers", "gpt2": "transformer.h"}
+
+
+def _renamed(src: dict[str, torch.Tensor], model: ModelConfig, *, to_hf: bool) -> dict[str, torch.Tensor]:
+    """The one-to-one tensors of `src` (ours when to_hf, else Hugging Face's) under the other side's names."""
+    top, block = _RENAMES[model.flavour]
+    pairs = top + ([] if model.tied else [("head.weight", "lm_head.weight", False)])
+    for i in range(model.num_layers):
+        pairs += [(f"blocks.{i}.{o}", f"{_BLOCK_PREFIX[model.flavour]}.{i}.{h}", t) for o, h, t in block]
+    out = {}
+    for ours, hf, transposed in pairs:
+        x = src[ours if to_hf else hf]
+        out[hf if to_hf else ours] = x.t() if transposed else x
+    return out
+
+
 def llama_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """Our single-device llama state dict (vocabulary rows already cut to vocab_size) -> the
     LlamaForCausalLM state dict."""
-    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["final_norm.weight"]}
-    if not model.tied:
-        out["lm_head.weight"] = state["head.weight"]
+    out = _renamed(state, model, to_hf=True)
     ffn = model.ffn_size
     for i in range(model.num_layers):
         ours, hf = f"blocks.{i}.", f"model.layers.{i}."
@@ -240,15 +288,11 @@ def llama_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str,
         fc1 = state[ours + "mlp.fc1.weight"]  # [gate; up]
         out.update(
             {
-                hf + "input_layernorm.weight": state[ours + "norm1.weight"],
-                hf + "post_attention_layernorm.weight": state[ours + "norm2.weight"],
                 hf + "self_attn.q_proj.weight": q,
                 hf + "self_attn.k_proj.weight": k,
                 hf + "self_attn.v_proj.weight": v,
-                hf + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
                 hf + "mlp.gate_proj.weight": fc1[:ffn],
                 hf + "mlp.up_proj.weight": fc1[ffn:],
-                hf + "mlp.down_proj.weight": state[ours + "mlp.fc2.weight"],
             }
         )
     return out
@@ -256,96 +300,35 @@ def llama_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str,
 
 def llama_from_hf(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM state dict (prefix `model.`) -> ours (vocabulary rows as in HF)."""
-    out = {"embed.weight": hf["model.embed_tokens.weight"], "final_norm.weight": hf["model.norm.weight"]}
-    if not model.tied:
-        out["head.weight"] = hf["lm_head.weight"]
+    out = _renamed(hf, model, to_hf=False)
     for i in range(model.num_layers):
         ours, p = f"blocks.{i}.", f"model.layers.{i}."
-        out.update(
-            {
-                ours + "norm1.weight": hf[p + "input_layernorm.weight"],
-                ours + "norm2.weight": hf[p + "post_attention_layernorm.weight"],
-                ours + "attn.qkv.weight": fuse_qkv(
-                    hf[p + "self_attn.q_proj.weight"],
-                    hf[p + "self_attn.k_proj.weight"],
-                    hf[p + "self_attn.v_proj.weight"],
-                    model,
-                ),
-                ours + "attn.proj.weight": hf[p + "self_attn.o_proj.weight"],
-                ours + "mlp.fc1.weight": torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]),
-                ours + "mlp.fc2.weight": hf[p + "mlp.down_proj.weight"],
-            }
-        )
+        q, k, v = (hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
+        out[ours + "attn.qkv.weight"] = fuse_qkv(q, k, v, model)
+        out[ours + "mlp.fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
     return out
 
 
 def gpt2_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our gpt2 state dict -> GPT2LMHeadModel's. HF GPT-2 uses Conv1D, whose weight is
-    [in, out]: the transpose of nn.Linear's. Its c_attn is [all Q; all K; all V] on the output
-    side, where ours interleaves per head."""
-    t = lambda w: w.t()
-    out = {
-        "transformer.wte.weight": state["embed.weight"],
-        "transformer.wpe.weight": state["pos_embed.weight"],
-        "transformer.ln_f.weight": state["final_norm.weight"],
-        "transformer.ln_f.bias": state["final_norm.bias"],
-    }
-    if not model.tied:
-        out["lm_head.weight"] = state["head.weight"]
+    """Our gpt2 state dict -> GPT2LMHeadModel's. Its c_attn is [all Q; all K; all V] on the
+    output side, where ours interleaves per head."""
+    out = _renamed(state, model, to_hf=True)
     for i in range(model.num_layers):
         ours, hf = f"blocks.{i}.", f"transformer.h.{i}."
-        qkv_w = torch.cat(split_qkv(state[ours + "attn.qkv.weight"], model))
-        qkv_b = torch.cat(split_qkv(state[ours + "attn.qkv.bias"], model))
-        out.update(
-            {
-                hf + "ln_1.weight": state[ours + "norm1.weight"],
-                hf + "ln_1.bias": state[ours + "norm1.bias"],
-                hf + "ln_2.weight": state[ours + "norm2.weight"],
-                hf + "ln_2.bias": state[ours + "norm2.bias"],
-                hf + "attn.c_attn.weight": t(qkv_w),
-                hf + "attn.c_attn.bias": qkv_b,
-                hf + "attn.c_proj.weight": t(state[ours + "attn.proj.weight"]),
-                hf + "attn.c_proj.bias": state[ours + "attn.proj.bias"],
-                hf + "mlp.c_fc.weight": t(state[ours + "mlp.fc1.weight"]),
-                hf + "mlp.c_fc.bias": state[ours + "mlp.fc1.bias"],
-                hf + "mlp.c_proj.weight": t(state[ours + "mlp.fc2.weight"]),
-                hf + "mlp.c_proj.bias": state[ours + "mlp.fc2.bias"],
-            }
-        )
+        out[hf + "attn.c_attn.weight"] = torch.cat(split_qkv(state[ours + "attn.qkv.weight"], model)).t()
+        out[hf + "attn.c_attn.bias"] = torch.cat(split_qkv(state[ours + "attn.qkv.bias"], model))
     return out
 
 
 def gpt2_from_hf(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel state dict (prefix `transformer.`) -> ours (vocabulary rows as in HF)."""
-    t = lambda w: w.t()
+    out = _renamed(hf, model, to_hf=False)
     d = model.hidden_size
-    out = {
-        "embed.weight": hf["transformer.wte.weight"],
-        "pos_embed.weight": hf["transformer.wpe.weight"],
-        "final_norm.weight": hf["transformer.ln_f.weight"],
-        "final_norm.bias": hf["transformer.ln_f.bias"],
-    }
-    if not model.tied:
-        out["head.weight"] = hf["lm_head.weight"]
     for i in range(model.num_layers):
         ours, p = f"blocks.{i}.", f"transformer.h.{i}."
-        qkv_w, qkv_b = t(hf[p + "attn.c_attn.weight"]), hf[p + "attn.c_attn.bias"]  # [3d, d], [3d]
-        out.update(
-            {
-                ours + "norm1.weight": hf[p + "ln_1.weight"],
-                ours + "norm1.bias": hf[p + "ln_1.bias"],
-                ours + "norm2.weight": hf[p + "ln_2.weight"],
-                ours + "norm2.bias": hf[p + "ln_2.bias"],
-                ours + "attn.qkv.weight": fuse_qkv(*qkv_w.split(d), model),
-                ours + "attn.qkv.bias": fuse_qkv(*qkv_b.split(d), model),
-                ours + "attn.proj.weight": t(hf[p + "attn.c_proj.weight"]),
-                ours + "attn.proj.bias": hf[p + "attn.c_proj.bias"],
-                ours + "mlp.fc1.weight": t(hf[p + "mlp.c_fc.weight"]),
-                ours + "mlp.fc1.bias": hf[p + "mlp.c_fc.bias"],
-                ours + "mlp.fc2.weight": t(hf[p + "mlp.c_proj.weight"]),
-                ours + "mlp.fc2.bias": hf[p + "mlp.c_proj.bias"],
-            }
-        )
+        qkv_w, qkv_b = hf[p + "attn.c_attn.weight"].t(), hf[p + "attn.c_attn.bias"]  # [3d, d], [3d]
+        out[ours + "attn.qkv.weight"] = fuse_qkv(*qkv_w.split(d), model)
+        out[ours + "attn.qkv.bias"] = fuse_qkv(*qkv_b.split(d), model)
     return out
 
 
