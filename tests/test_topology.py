@@ -231,3 +231,25 @@ def test_bubbles_match_the_textbook(pp, micro):
     for vp in (2, 4):
         expected = (pp - 1) / vp / (micro + (pp - 1) / vp)
         assert _bubble(pp, vp, micro) == pytest.approx(expected), vp
+
+
+@pytest.mark.parametrize("flavour", ["gpt2", "llama"])
+@pytest.mark.parametrize("pp, vp", [(1, 1), (2, 1), (2, 2), (4, 1)])
+def test_stage_owners_name_the_stages_whose_model_holds_each_parameter(flavour, pp, vp):
+    """stage_owners (what the offline reshard asks) agrees with the chunks build_model_chunks
+    makes from stage_layout: each parameter's owners are exactly the ranks whose GPT has it."""
+    from pretrain.models.gpt import GPT
+    from pretrain.parallel.model_chunks import stage_layout, stage_owners
+
+    cfg = config(f"model.flavour={flavour}", f"parallel.pipeline={pp}", f"parallel.virtual_stages={vp}")
+    held: dict[str, set[int]] = {}
+    with torch.device("meta"):
+        for rank in range(pp):
+            for chunk in range(vp):
+                stage = stage_layout(num_layers=cfg.model.num_layers, pp=pp, vp=vp, pp_rank=rank, chunk=chunk)
+                for name, _ in GPT(cfg.model, stage=stage).named_parameters():
+                    held.setdefault(name, set()).add(rank)
+        whole = [name for name, _ in GPT(cfg.model).named_parameters()]
+    assert sorted(held) == sorted(whole)
+    for name in whole:
+        assert stage_owners(name, cfg) == sorted(held[name]), name

@@ -1,4 +1,5 @@
-"""Pipeline parallelism: stage layout, point-to-point transfers, and the 1F1B schedules.
+"""Pipeline parallelism: point-to-point transfers and the 1F1B schedules (which stage holds which
+layers, and building this rank's chunks: pretrain/parallel/model_chunks.py).
 
 A schedule is a plain list of operations for this rank, `Op("F"|"B", chunk, micro_batch)`,
 computed up front; `forward_backward` executes it. Transfers follow NCCL's rules, not gloo's
@@ -8,9 +9,8 @@ message carries a tag, because NCCL matches the k-th send between two ranks with
 receive whatever its tag. Every schedule here is checked against those rules on real ranks
 (tests/test_nccl_rules.py).
 
-Virtual stages (interleaving): rank r holds chunks c = 0..V-1; chunk c of rank r is virtual
-stage c * P + r and owns layers [v * L/(P V), (v + 1) * L/(P V)). Activations leave rank P-1's
-chunk c for rank 0's chunk c+1.
+Virtual stages (interleaving): rank r holds chunks c = 0..V-1, chunk c being virtual stage
+c * P + r (model_chunks.stage_layout). Activations leave rank P-1's chunk c for rank 0's chunk c+1.
 
 Without pipeline parallelism, `forward_backward` is a plain gradient-accumulation loop: the
 single-device path pays nothing for the pipeline machinery.
@@ -24,11 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from pretrain.config import ModelConfig
-from pretrain.models.build import build_gpt
-from pretrain.models.gpt import GPT, Stage
-from pretrain.models.layers import DenseLayers
-from pretrain.parallel.tensor import TensorParallelLayers
+# Re-exported for pretrain/train.py and bench/memory.py, which still import it from here.
+from pretrain.parallel.model_chunks import build_model_chunks  # noqa: F401
 from pretrain.parallel.topology import Topology
 from pretrain.parallel.waits import waiting
 
@@ -37,38 +34,6 @@ class Op(NamedTuple):
     kind: str  # "F" forward or "B" backward
     chunk: int
     micro: int
-
-
-def stage_layout(*, num_layers: int, pp: int, vp: int, pp_rank: int, chunk: int) -> Stage:
-    """The layers of chunk `chunk` on pipeline rank `pp_rank` (virtual stage chunk * pp + pp_rank)."""
-    stages = pp * vp
-    per_stage = num_layers // stages
-    v = chunk * pp + pp_rank
-    return Stage(layer_ids=range(v * per_stage, (v + 1) * per_stage), first=v == 0, last=v == stages - 1)
-
-
-def build_model_chunks(
-    config: ModelConfig, topo: Topology, *, init_seed: int, dtype: torch.dtype = torch.float32
-) -> list[GPT]:
-    """This rank's model: the whole GPT without pipelining, else one chunk per virtual stage.
-    Built directly on the training device in the weights' dtype (pretrain/models/build.py: no
-    full fp32 copy first), initialised to the single-device weights' shards."""
-    layers = TensorParallelLayers(topo) if topo.tp > 1 else DenseLayers()
-    if topo.pp == 1:
-        return [build_gpt(config, layers=layers, init_seed=init_seed, device=topo.device, dtype=dtype)]
-    return [
-        build_gpt(
-            config,
-            layers=layers,
-            init_seed=init_seed,
-            device=topo.device,
-            dtype=dtype,
-            stage=stage_layout(
-                num_layers=config.num_layers, pp=topo.pp, vp=topo.virtual_stages, pp_rank=topo.pp_rank, chunk=c
-            ),
-        )
-        for c in range(topo.virtual_stages)
-    ]
 
 
 # A schedule is a list of steps; a step is the operations a rank runs back to back between two
