@@ -18,9 +18,17 @@ from typing import Any, Literal, Union
 
 import yaml
 
+if typing.TYPE_CHECKING:
+    import torch
+
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the message names the key."""
+
+
+def _need(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
 
 
 @dataclass
@@ -99,6 +107,52 @@ class ModelConfig:
         """Padded vocabulary actually allocated (single-device default when not filled at load)."""
         return self.padded_vocab_size or pad_vocab(self.vocab_size, self.make_vocab_size_divisible_by)
 
+    def validate(self) -> None:
+        """The model's own rules; how it splits over parallel.* is checked by finalize."""
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "vocab_size",
+            "seq_length",
+            "make_vocab_size_divisible_by",
+        ):
+            _need(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}")
+        _need(
+            self.hidden_size % self.num_heads == 0,
+            "model.hidden_size",
+            f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}",
+        )
+        _need(
+            self.kv_heads > 0 and self.num_heads % self.kv_heads == 0,
+            "model.num_kv_heads",
+            f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.kv_heads}",
+        )
+        _need(
+            self.flavour == "llama" or self.kv_heads == self.num_heads,
+            "model.num_kv_heads",
+            "grouped-query attention needs model.flavour=llama",
+        )
+        _need(
+            self.flavour == "gpt2" or self.head_dim % 2 == 0,
+            "model.hidden_size",
+            f"RoPE needs an even head dimension, got {self.head_dim}",
+        )
+        _need(self.ffn_size > 0, "model.ffn_hidden_size", f"must be positive, got {self.ffn_hidden_size}")
+        _need(
+            self.positions >= self.seq_length,
+            "model.seq_length",
+            f"{self.seq_length} is longer than model.max_position_embeddings={self.positions}",
+        )
+        _need(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _need(self.norm_eps > 0, "model.norm_eps", f"must be positive, got {self.norm_eps}")
+        # Unset, it is filled (always large enough) once parallel.tensor is known.
+        _need(
+            self.padded_vocab_size is None or self.padded_vocab_size >= self.vocab_size,
+            "model.padded_vocab_size",
+            f"{self.padded_vocab_size} is smaller than model.vocab_size={self.vocab_size}",
+        )
+
 
 @dataclass
 class ParallelConfig:
@@ -129,6 +183,45 @@ class ParallelConfig:
     """How long a rank waits to reach the master at start, and for any collective, before it
     fails with a message instead of hanging."""
 
+    def validate(self) -> None:
+        """Sizes, and the ZeRO combinations we support (the one that depends on the model's tied
+        embeddings is a cross-section check, _check_zero_with_pipeline)."""
+        for key in ("tensor", "pipeline", "virtual_stages"):
+            _need(getattr(self, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _need(
+            self.virtual_stages == 1 or self.pipeline > 1,
+            "parallel.virtual_stages",
+            "interleaving needs parallel.pipeline > 1",
+        )
+        _need(not self.sequence_parallel or self.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+        _need(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {self.zero_stage}")
+        _need(self.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {self.bucket_mb}")
+        _need(self.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
+        _need(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            "parallel.offload_optimizer",
+            "needs parallel.zero_stage >= 1 (the optimizer state is offloaded by DeepSpeed's ZeRO optimizer)",
+        )
+        _need(
+            not self.offload_params or self.zero_stage == 3,
+            "parallel.offload_params",
+            "needs parallel.zero_stage=3 (only ZeRO-3 partitions the weights, which is what gets offloaded)",
+        )
+        _need(
+            self.zero3_persistence_threshold >= 0,
+            "parallel.zero3_persistence_threshold",
+            f"must be >= 0, got {self.zero3_persistence_threshold}",
+        )
+        _need(
+            not (self.zero_stage == 3 and self.pipeline > 1),
+            "parallel.zero_stage",
+            "ZeRO-3 with parallel.pipeline > 1 is not supported: ZeRO-3 gathers each weight around its "
+            "module's forward and backward through hooks on the whole model, while a pipeline stage runs "
+            "slices of the model on activations received from another rank, so every weight would be "
+            "gathered and released once per micro-batch with nothing in flight to hide it (DeepSpeed's own "
+            "pipeline engine refuses it too). Use parallel.zero_stage=1 or 2 with pipelining",
+        )
+
 
 @dataclass
 class DataConfig:
@@ -156,6 +249,32 @@ class DataConfig:
         parts = [float(x) for x in self.split.split(",")]
         return (parts + [0.0, 0.0, 0.0])[:3]  # type: ignore[return-value]
 
+    def validate(self) -> None:
+        """The keys' form only: whether the files exist is checked when a run starts
+        (pretrain.data.setup.check_data), since converting a checkpoint needs no data."""
+        try:
+            ratios = self.split_ratios
+        except ValueError:
+            raise ConfigError(f"data.split: expected three comma-separated numbers, got {self.split!r}") from None
+        _need(
+            all(r >= 0 for r in ratios) and ratios[0] > 0,
+            "data.split",
+            f"needs a positive train share and no negative shares, got {self.split!r}",
+        )
+        if self.path:
+            from pretrain.data.blend import parse_data_path  # numpy only; nothing of torch
+
+            try:
+                parse_data_path(self.path)
+            except ValueError as e:
+                raise ConfigError(f"data.path: {e}") from None
+        _need(
+            not (self.document_attention_mask and not self.tokenizer),
+            "data.document_attention_mask",
+            "needs data.tokenizer (its end-of-document token separates the documents)",
+        )
+        _need(0 < self.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
+
 
 @dataclass
 class OptimizerConfig:
@@ -174,6 +293,18 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
 
+    def validate(self) -> None:
+        _need(self.lr > 0, "optimizer.lr", f"must be positive, got {self.lr}")
+        _need(
+            0 <= self.min_lr <= self.lr,
+            "optimizer.min_lr",
+            f"must be in [0, optimizer.lr={self.lr}], got {self.min_lr}",
+        )
+        _need(self.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _need(0 <= self.beta1 < 1, "optimizer.beta1", f"must be in [0, 1), got {self.beta1}")
+        _need(0 <= self.beta2 < 1, "optimizer.beta2", f"must be in [0, 1), got {self.beta2}")
+        _need(self.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {self.clip_grad}")
+
 
 @dataclass
 class ScheduleConfig:
@@ -183,6 +314,14 @@ class ScheduleConfig:
     """Shape of the decay from lr to min_lr after warmup."""
     decay_steps: int | None = None
     """Steps (counted from step 0) at which min_lr is reached; default train.steps."""
+
+    def validate(self) -> None:
+        _need(self.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _need(
+            self.decay_steps is None or self.decay_steps > self.warmup_steps,
+            "schedule.decay_steps",
+            f"{self.decay_steps} must exceed schedule.warmup_steps={self.warmup_steps}",
+        )
 
 
 @dataclass
@@ -215,6 +354,35 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train; `auto` picks CUDA when present."""
 
+    def validate(self) -> None:
+        """Whether the global batch splits over the data-parallel ranks is validate_layout's job."""
+        # 0 steps would build the data and model only to train nothing (it ended in a traceback).
+        _need(
+            self.steps >= 1,
+            "train.steps",
+            f"must be >= 1 (the number of optimizer steps to train for), got {self.steps}",
+        )
+        _need(self.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        gbs = self.global_batch_size
+        _need(
+            gbs is None or (gbs >= 1 and gbs % self.micro_batch_size == 0),
+            "train.global_batch_size",
+            f"{gbs} is not a positive multiple of train.micro_batch_size={self.micro_batch_size}",
+        )
+        _need(self.log_interval >= 1, "train.log_interval", f"must be >= 1, got {self.log_interval}")
+        _need(self.eval_interval >= 0, "train.eval_interval", f"must be >= 0, got {self.eval_interval}")
+        _need(self.eval_iters >= 1, "train.eval_iters", f"must be >= 1, got {self.eval_iters}")
+        _need(
+            self.exit_after_minutes is None or self.exit_after_minutes > 0,
+            "train.exit_after_minutes",
+            f"must be positive, got {self.exit_after_minutes}",
+        )
+        _need(
+            self.hang_timeout_minutes >= 0,
+            "train.hang_timeout_minutes",
+            f"must be >= 0 (0 disables the watchdog), got {self.hang_timeout_minutes}",
+        )
+
 
 @dataclass
 class CheckpointConfig:
@@ -230,6 +398,10 @@ class CheckpointConfig:
     """Write checkpoints in the background: training waits only while the tensors are copied to
     host memory (and, at the next save, for the previous write to finish)."""
 
+    def validate(self) -> None:
+        _need(self.interval >= 0, "checkpoint.interval", f"must be >= 0, got {self.interval}")
+        _need(self.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {self.keep_last}")
+
 
 @dataclass
 class LoggingConfig:
@@ -239,6 +411,13 @@ class LoggingConfig:
     """Write TensorBoard event files under logging.dir."""
     peak_tflops: float | None = None
     """Peak TFLOP/s per device for MFU; default measured at start with a matmul."""
+
+    def validate(self) -> None:
+        _need(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            "logging.peak_tflops",
+            f"must be positive, got {self.peak_tflops}",
+        )
 
 
 @dataclass
@@ -290,6 +469,30 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+
+    # Derived values, computed here only: read these, not train.global_batch_size/precision.
+    def global_batch(self, dp: int) -> int:
+        """Sequences per optimizer step over `dp` data-parallel ranks (default one micro-batch each)."""
+        return self.train.global_batch_size or self.train.micro_batch_size * dp
+
+    def accumulation_steps(self, dp: int) -> int:
+        """Micro-batches each data-parallel rank runs per optimizer step (out of `dp` ranks)."""
+        t = self.train
+        per_step = t.micro_batch_size * dp
+        global_batch = self.global_batch(dp)
+        if global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch_size: {global_batch} is not divisible by "
+                f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}"
+            )
+        return global_batch // per_step
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The torch dtype train.precision computes in: float32, bfloat16 or float16."""
+        import torch  # lazy: loading and validating a config needs no torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.train.precision]
 
 
 def pad_vocab(vocab_size: int, multiple: int) -> int:
@@ -459,173 +662,137 @@ def _deep_copy(raw: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation of the whole tree (world size is checked again by the topology when it is known).
+# Validation of the whole tree: each section's own rules (its validate()), the derived fields,
+# then the few rules that span sections. The world size is checked by validate_layout once it
+# is known.
 
 
 def finalize(config: RunConfig) -> None:
-    """Fill derived fields and validate; raises ConfigError naming the first bad key."""
-    m, p, t, o, s = config.model, config.parallel, config.train, config.optimizer, config.schedule
+    """Validate each section, fill derived fields, check across sections; raises ConfigError
+    naming the first bad key.
 
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {message}")
+    Sections first: the derived fields are computed from their values (the vocabulary padding
+    divides by model.make_vocab_size_divisible_by x parallel.tensor)."""
+    for section in dataclasses.fields(config):
+        getattr(config, section.name).validate()
+    derive(config)
+    for check in CROSS_SECTION_CHECKS:
+        check(config)
 
-    for key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "seq_length", "make_vocab_size_divisible_by"):
-        need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
-    need(
-        m.hidden_size % m.num_heads == 0,
-        "model.hidden_size",
-        f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}",
-    )
-    need(
-        m.kv_heads > 0 and m.num_heads % m.kv_heads == 0,
-        "model.num_kv_heads",
-        f"model.num_heads={m.num_heads} is not divisible by model.num_kv_heads={m.kv_heads}",
-    )
-    need(
-        m.flavour == "llama" or m.kv_heads == m.num_heads,
-        "model.num_kv_heads",
-        "grouped-query attention needs model.flavour=llama",
-    )
-    need(
-        m.flavour == "gpt2" or m.head_dim % 2 == 0,
-        "model.hidden_size",
-        f"RoPE needs an even head dimension, got {m.head_dim}",
-    )
-    need(m.ffn_size > 0, "model.ffn_hidden_size", f"must be positive, got {m.ffn_hidden_size}")
-    need(
-        m.positions >= m.seq_length,
-        "model.seq_length",
-        f"{m.seq_length} is longer than model.max_position_embeddings={m.positions}",
-    )
-    need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    need(m.norm_eps > 0, "model.norm_eps", f"must be positive, got {m.norm_eps}")
 
-    for key in ("tensor", "pipeline", "virtual_stages"):
-        need(getattr(p, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(p, key)}")
-    need(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {p.zero_stage}")
-    need(p.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {p.bucket_mb}")
-    from pretrain.parallel.zero import validate_zero  # lazy: zero.py imports this module
+def derive(config: RunConfig) -> None:
+    """Fill the fields left unset whose value follows from others (they are saved with every
+    checkpoint, so a later run with another layout keeps them)."""
+    m = config.model
+    if m.padded_vocab_size is None:
+        m.padded_vocab_size = pad_vocab(m.vocab_size, m.make_vocab_size_divisible_by * config.parallel.tensor)
 
-    validate_zero(config)
-    need(
-        m.num_heads % p.tensor == 0,
+
+def _check_tensor_split(config: RunConfig) -> None:
+    """Every tensor-parallel rank gets an equal share of heads, MLP, vocabulary (and sequence)."""
+    m, tp = config.model, config.parallel.tensor
+    _need(
+        m.num_heads % tp == 0,
         "parallel.tensor",
-        f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={p.tensor}",
+        f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={tp}",
     )
-    need(
-        m.kv_heads % p.tensor == 0,
+    _need(
+        m.kv_heads % tp == 0,
         "parallel.tensor",
-        f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tensor={p.tensor}",
+        f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tensor={tp}",
     )
-    need(
-        m.ffn_size % p.tensor == 0,
+    _need(
+        m.ffn_size % tp == 0,
         "parallel.tensor",
-        f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={p.tensor}",
+        f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={tp}",
     )
+    _need(
+        not config.parallel.sequence_parallel or m.seq_length % tp == 0,
+        "parallel.sequence_parallel",
+        f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={tp}",
+    )
+    _need(
+        m.padded_vocab_size % tp == 0,
+        "model.padded_vocab_size",
+        f"{m.padded_vocab_size} is not divisible by parallel.tensor={tp}",
+    )
+
+
+def _check_pipeline_split(config: RunConfig) -> None:
+    """Every (virtual) pipeline stage gets the same number of layers."""
+    m, p = config.model, config.parallel
     stages = p.pipeline * p.virtual_stages
-    need(
+    _need(
         m.num_layers % stages == 0,
         "model.num_layers",
         f"{m.num_layers} layers cannot be split into parallel.pipeline={p.pipeline} x "
         f"parallel.virtual_stages={p.virtual_stages} = {stages} equal stages",
     )
-    need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
-    need(
-        not p.sequence_parallel or m.seq_length % p.tensor == 0,
-        "parallel.sequence_parallel",
-        f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={p.tensor}",
+
+
+def _check_zero_with_pipeline(config: RunConfig) -> None:
+    """ZeRO-2 under pipelining needs untied embeddings (the rest of ZeRO's rules are
+    ParallelConfig.validate's)."""
+    p = config.parallel
+    _need(
+        not (p.zero_stage == 2 and p.pipeline > 1 and config.model.tied),
+        "parallel.zero_stage",
+        "ZeRO-2 with parallel.pipeline > 1 needs untied embeddings: ZeRO-2 reduces and shards each "
+        "gradient during every micro-batch's backward, but the two copies of a tied embedding (first "
+        "and last stage) must first be summed, and the first stage only has its gradient at the very "
+        "end of the pipeline's backward. Set model.tie_embeddings=false, or use parallel.zero_stage=1",
     )
 
-    multiple = m.make_vocab_size_divisible_by * p.tensor
-    if m.padded_vocab_size is None:
-        m.padded_vocab_size = pad_vocab(m.vocab_size, multiple)
-    need(
-        m.padded_vocab_size >= m.vocab_size,
-        "model.padded_vocab_size",
-        f"{m.padded_vocab_size} is smaller than model.vocab_size={m.vocab_size}",
-    )
-    need(
-        m.padded_vocab_size % p.tensor == 0,
-        "model.padded_vocab_size",
-        f"{m.padded_vocab_size} is not divisible by parallel.tensor={p.tensor}",
-    )
 
-    # 0 steps would build the data and model only to train nothing (it ended in a traceback).
-    need(t.steps >= 1, "train.steps", f"must be >= 1 (the number of optimizer steps to train for), got {t.steps}")
-    need(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
-    if t.global_batch_size is not None:
-        need(
-            t.global_batch_size >= 1 and t.global_batch_size % t.micro_batch_size == 0,
-            "train.global_batch_size",
-            f"{t.global_batch_size} is not a positive multiple of train.micro_batch_size={t.micro_batch_size}",
-        )
-    need(t.log_interval >= 1, "train.log_interval", f"must be >= 1, got {t.log_interval}")
-    need(t.eval_interval >= 0, "train.eval_interval", f"must be >= 0, got {t.eval_interval}")
-    need(t.eval_iters >= 1, "train.eval_iters", f"must be >= 1, got {t.eval_iters}")
-    need(
-        t.exit_after_minutes is None or t.exit_after_minutes > 0,
-        "train.exit_after_minutes",
-        f"must be positive, got {t.exit_after_minutes}",
-    )
-
-    need(o.lr > 0, "optimizer.lr", f"must be positive, got {o.lr}")
-    need(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must be in [0, optimizer.lr={o.lr}], got {o.min_lr}")
-    need(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    need(0 <= o.beta1 < 1, "optimizer.beta1", f"must be in [0, 1), got {o.beta1}")
-    need(0 <= o.beta2 < 1, "optimizer.beta2", f"must be in [0, 1), got {o.beta2}")
-    need(o.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {o.clip_grad}")
-    need(s.warmup_steps >= 0, "schedule.warmup_steps", f"must be >= 0, got {s.warmup_steps}")
-    if s.decay_steps is not None:
-        need(
-            s.decay_steps > s.warmup_steps,
-            "schedule.decay_steps",
-            f"{s.decay_steps} must exceed schedule.warmup_steps={s.warmup_steps}",
-        )
-
-    try:
-        ratios = config.data.split_ratios
-    except ValueError:
-        raise ConfigError(f"data.split: expected three comma-separated numbers, got {config.data.split!r}") from None
-    need(
-        all(r >= 0 for r in ratios) and ratios[0] > 0,
-        "data.split",
-        f"needs a positive train share and no negative shares, got {config.data.split!r}",
-    )
-    if config.data.path:
-        from pretrain.data.blend import parse_data_path
-
-        try:
-            parse_data_path(config.data.path)
-        except ValueError as e:
-            raise ConfigError(f"data.path: {e}") from None
-    masked = config.data.objective == "masked"
-    need(
-        masked == m.bidirectional,
+def _check_objective(config: RunConfig) -> None:
+    """The training objective and the attention direction go together."""
+    _need(
+        (config.data.objective == "masked") == config.model.bidirectional,
         "model.bidirectional",
         "must be true exactly when data.objective=masked (a causal model cannot learn masked-LM, "
         "and a bidirectional one sees the next token)",
     )
-    need(
-        not (m.attention_backend == "flash_attn" and config.train.precision == "fp32"),
+
+
+def _check_attention_precision(config: RunConfig) -> None:
+    """flash-attn has no fp32 kernels (whether it is installed is checked when a run starts)."""
+    _need(
+        not (config.model.attention_backend == "flash_attn" and config.train.precision == "fp32"),
         "model.attention_backend",
         "flash_attn runs in bf16 or fp16 only: set train.precision=bf16, or use sdpa",
     )
-    need(
-        not (config.data.document_attention_mask and not config.data.tokenizer),
-        "data.document_attention_mask",
-        "needs data.tokenizer (its end-of-document token separates the documents)",
-    )
-    need(0 < config.data.mask_prob < 1, "data.mask_prob", f"must be in (0, 1), got {config.data.mask_prob}")
-    need(p.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {p.timeout_minutes}")
-    need(
-        config.train.hang_timeout_minutes >= 0,
-        "train.hang_timeout_minutes",
-        f"must be >= 0 (0 disables the watchdog), got {config.train.hang_timeout_minutes}",
-    )
-    config.faults.validate()
-    need(config.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
-    need(config.checkpoint.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
-    need(
-        config.logging.peak_tflops is None or config.logging.peak_tflops > 0, "logging.peak_tflops", "must be positive"
-    )
+
+
+CROSS_SECTION_CHECKS = (
+    _check_tensor_split,
+    _check_pipeline_split,
+    _check_zero_with_pipeline,
+    _check_objective,
+    _check_attention_precision,
+)
+
+
+def validate_layout(config: RunConfig, world_size: int) -> int:
+    """Check that the config's layout fits `world_size` ranks; returns the data-parallel size.
+
+    Called before any process group exists (pretrain.parallel.topology.init_distributed), so a
+    bad layout fails in a second with the numbers."""
+    p = config.parallel
+    model_parallel = p.tensor * p.pipeline
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by parallel.tensor x "
+            f"parallel.pipeline = {p.tensor} x {p.pipeline} = {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    try:
+        micro_batches = config.accumulation_steps(dp)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (world {world_size} / (tensor {p.tensor} x pipeline {p.pipeline}))") from None
+    if p.virtual_stages > 1 and micro_batches % p.pipeline:
+        raise ConfigError(
+            f"parallel.virtual_stages: the interleaved schedule needs the number of "
+            f"micro-batches per step ({micro_batches}) to be a multiple of "
+            f"parallel.pipeline={p.pipeline}; raise train.global_batch_size"
+        )
+    return dp

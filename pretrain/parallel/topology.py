@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from pretrain.config import ConfigError, RunConfig
+# validate_layout lives with the other config rules; imported from here by its older callers.
+from pretrain.config import RunConfig, validate_layout
 
 CPU = torch.device("cpu")
 
@@ -85,39 +86,6 @@ class Topology:
 def single_process(device: torch.device = CPU) -> Topology:
     """The one-rank grid: no process groups, every collective a no-op."""
     return Topology(world_size=1, rank=0, tp=1, pp=1, dp=1, virtual_stages=1, sequence_parallel=False, device=device)
-
-
-def validate_layout(config: RunConfig, world_size: int) -> int:
-    """Check that the config's layout fits `world_size` ranks; returns the data-parallel size.
-
-    Called before any process group exists, so a bad layout fails in a second with the numbers.
-    """
-    p, t = config.parallel, config.train
-    model_parallel = p.tensor * p.pipeline
-    if world_size % model_parallel:
-        raise ConfigError(
-            f"parallel: world size {world_size} is not divisible by parallel.tensor x "
-            f"parallel.pipeline = {p.tensor} x {p.pipeline} = {model_parallel}"
-        )
-    dp = world_size // model_parallel
-    if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(
-            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} "
-            f"(world {world_size} / (tensor {p.tensor} x pipeline {p.pipeline}))"
-        )
-    if p.virtual_stages > 1:
-        if p.pipeline == 1:
-            raise ConfigError("parallel.virtual_stages: interleaving needs parallel.pipeline > 1")
-        global_batch = t.global_batch_size or t.micro_batch_size * dp
-        micro_batches = global_batch // (t.micro_batch_size * dp)
-        if micro_batches % p.pipeline:
-            raise ConfigError(
-                f"parallel.virtual_stages: the interleaved schedule needs the number of "
-                f"micro-batches per step ({micro_batches}) to be a multiple of "
-                f"parallel.pipeline={p.pipeline}; raise train.global_batch_size"
-            )
-    return dp
 
 
 def init_distributed(config: RunConfig, *, device: torch.device, launch=None) -> Topology:
