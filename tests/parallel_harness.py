@@ -9,9 +9,9 @@ run. Used by tests/test_parallel.py; also runnable by hand:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -60,7 +60,7 @@ def rank_batches(data: torch.Tensor, *, micro: int, dp: int, dp_rank: int, segme
 def build_trainer(config, steps: int):
     """This process's Trainer on its part of the grid, fed the shared synthetic batches."""
     from pretrain.models.build import weight_dtype
-    from pretrain.parallel.pipeline import build_model_chunks
+    from pretrain.parallel.model_chunks import build_model_chunks
     from pretrain.parallel.topology import init_distributed
     from pretrain.trainer import Trainer
 
@@ -92,17 +92,27 @@ def train_steps(config, steps: int) -> dict:
     }
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], steps: int, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    result = train_steps(make_config(overrides), steps)
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    result = fn(*args)
+    torch.save(result, Path(out, f"rank{rank}.pt"))
     import torch.distributed as dist
 
-    dist.barrier()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, fn, *args) -> list:
+    """Run `fn(*args)` on `world` spawned processes that form a gloo group through the launcher's
+    environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK; one thread each); returns each
+    rank's result (anything torch.save takes), in rank order. `fn` must be importable (module-level)."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_rank_main, args=(world, free_port(), fn, args, out), nprocs=world, join=True)
+        return [torch.load(Path(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
 def free_port() -> int:
@@ -115,11 +125,13 @@ def run_layout(overrides: list[str], *, world: int, steps: int = 3) -> dict:
     """Spawn `world` ranks; returns the logging rank's losses and grad norms."""
     if world == 1:
         return train_steps(make_config(overrides), steps)
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(world, free_port(), overrides, steps, out), nprocs=world, join=True)
-        results = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    results = run_ranks(world, _train_steps, overrides, steps)
     (logging,) = [r for r in results if r["logging"]]
     return logging
+
+
+def _train_steps(overrides: list[str], steps: int) -> dict:
+    return train_steps(make_config(overrides), steps)
 
 
 def train_job(job: dict) -> dict:
@@ -127,7 +139,7 @@ def train_job(job: dict) -> dict:
     train steps first..last on the shared batches, optionally save at step save_at and train on."""
     from pretrain.checkpoint import Checkpointer, load_checkpoint
     from pretrain.models.build import weight_dtype
-    from pretrain.parallel.pipeline import build_model_chunks
+    from pretrain.parallel.model_chunks import build_model_chunks
     from pretrain.parallel.topology import init_distributed
     from pretrain.trainer import Trainer
 
@@ -214,31 +226,32 @@ def _files_read(names: list[str]):
         reader.safe_open, reader.read_whole = opened, whole
 
 
-def _job_worker(rank: int, world: int, port: int, job: dict, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    result = train_job(job)
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def run_job(overrides: list[str], *, world: int, last: int = 3, **job) -> list[dict]:
     """Spawn `world` ranks; every rank's result, logging rank first."""
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(
-            _job_worker,
-            args=(world, free_port(), {"overrides": overrides, "last": last, **job}, out),
-            nprocs=world,
-            join=True,
-        )
-        results = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+    results = run_ranks(world, train_job, {"overrides": overrides, "last": last, **job})
     return sorted(results, key=lambda r: not r["logging"])
+
+
+def torchrun(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
+    """`python -m pretrain.train configs/llama_tiny.yaml OVERRIDES` under torchrun, `nproc` ranks."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "pretrain.train",
+            "configs/llama_tiny.yaml",
+            *overrides,
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 if __name__ == "__main__":

@@ -2,38 +2,14 @@
 resumes bit-exactly, and its checkpoint loads as the single-device model."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from parallel_harness import torchrun
 
 from pretrain.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def torchrun(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "-m",
-            "pretrain.train",
-            "configs/llama_tiny.yaml",
-            *overrides,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def small(data, run_dir) -> list[str]:

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from parallel_harness import global_batches, make_config, rank_batches
+from parallel_harness import global_batches, make_config, rank_batches, torchrun
 from parallel_harness import run_job as run
 
 from pretrain.config import ConfigError, config_from_dict
@@ -119,29 +116,6 @@ def test_zero2_bf16_resume_is_exact(tmp_path):
     assert resumed["grad_norm"] == straight["grad_norm"][2:]
 
 
-def _torchrun(nproc: int, overrides: list[str]) -> subprocess.CompletedProcess:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "-m",
-            "pretrain.train",
-            "configs/llama_tiny.yaml",
-            *overrides,
-        ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_train_command_with_zero3_resumes_exactly_and_exports(stdlib_data, tmp_path):
     """`python -m pretrain.train` under torchrun with ZeRO-3: prints the DeepSpeed config it
     uses, resumes bit-exactly from its per-DP-rank checkpoint, and load_model() gathers the
@@ -175,13 +149,13 @@ def test_train_command_with_zero3_resumes_exactly_and_exports(stdlib_data, tmp_p
         lines = (Path(run_dir) / "logs/metrics.jsonl").read_text().splitlines()
         return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
-    straight = _torchrun(2, overrides(tmp_path / "a", 6))
+    straight = torchrun(2, overrides(tmp_path / "a", 6))
     assert straight.returncode == 0, straight.stderr[-3000:]
     used = json.loads(straight.stdout.split("DeepSpeed config: ", 1)[1].splitlines()[0])
     assert used["zero_optimization"]["stage"] == 3 and used["train_batch_size"] == 8
-    first = _torchrun(2, overrides(tmp_path / "b", 3))
+    first = torchrun(2, overrides(tmp_path / "b", 3))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _torchrun(2, overrides(tmp_path / "b", 6))
+    second = torchrun(2, overrides(tmp_path / "b", 6))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
@@ -230,7 +204,7 @@ def test_fp16_without_zero_resumes_exactly(tmp_path):
     """One process, our scaler: its state travels in meta.json's train_state."""
     from pretrain.checkpoint import load_checkpoint, read_meta, save_checkpoint
     from pretrain.models.build import weight_dtype
-    from pretrain.parallel.pipeline import build_model_chunks
+    from pretrain.parallel.model_chunks import build_model_chunks
     from pretrain.parallel.topology import single_process
     from pretrain.trainer import Trainer
 
