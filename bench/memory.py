@@ -15,8 +15,11 @@ measured on every rank, from the tensors the trainer and DeepSpeed's ZeRO optimi
   reduction, whichever is larger: whole `.grad`s plus ZeRO's partition buffers;
 - optimizer: fp32 master partitions + Adam moments (stage 0: the moments; its fp32 weights are
   the master copy), read after the step;
-- comm buffers (stage 0 only): our bucketed DP all-reduce's flat buffers, in flight at the end
-  of the backward pass.
+- comm buffers (stage 0 only): flat buffers of our bucketed DP all-reduce that are not the
+  gradients themselves, at the end of the backward pass. The gradients are views into the
+  buckets' buffers and the all-reduce runs on them in place (pretrain/parallel/data.py), so
+  the buffers are counted once, as gradients, and this column is 0 (before that change, the
+  reduction concatenated the gradients into a second copy: 4 bytes/parameter).
 Stages 1-3 run DeepSpeed's bf16 mode (16-bit weights and gradients); stage 0 is pretrain's own
 data parallelism in bf16 autocast, which keeps fp32 weights that double as the master copy
 (4 + 4 + 8 bytes: the same 16 per parameter, split differently).
@@ -115,8 +118,10 @@ def _measure(stage: int, dp: int) -> dict:
     comm = 0
     if zero is None:
         grads = _unique_bytes(p.grad for p in trainer.params)
-        comm = _unique_bytes(b.buffer for b in trainer.grad_sync.buckets)
-        trainer._step(1e-4)
+        held = {p.grad.untyped_storage().data_ptr() for p in trainer.params if p.grad is not None}
+        buffers = [getattr(b, "buffer", None) for b in trainer.grad_sync.buckets]
+        comm = _unique_bytes(b for b in buffers if b is not None and b.untyped_storage().data_ptr() not in held)
+        trainer._step(1e-4, None)
         weights = _unique_bytes(trainer.params)
         optimizer = _unique_bytes(
             t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1

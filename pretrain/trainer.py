@@ -136,7 +136,7 @@ class Trainer:
             if problem is None:
                 clip_gradients(self.params, norm=grad_norm, max_norm=self.config.optimizer.clip_grad)
                 self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_sync.zero_grad()  # in place: gradients are views into its buffers
         return {"grad_norm": grad_norm, "skipped": overflow, "problem": problem}
 
     def weights_finite(self) -> bool:

@@ -8,7 +8,12 @@
 - Tied embeddings under pipeline parallelism: the first and the last stage each hold the
   embedding; their gradients are summed over the embedding group so both copies stay equal.
 
-With a DP group of one, nothing is registered and `finish` only does the other two.
+Gradients live in persistent flat buffers, one per bucket, allocated once (Megatron's contiguous
+grad buffer, torch DDP's gradient_as_bucket_view): each parameter's `.grad` is a view into its
+bucket's buffer, autograd accumulates into it in place (AccumulateGrad adds to an existing
+`.grad` when grad mode is off, as it is during backward), the DP all-reduce runs on the buffer
+itself, and `GradientSync.zero_grad` zeroes it between steps. So there is no second copy of the
+gradients and no allocation of them per step.
 """
 
 from __future__ import annotations
@@ -23,18 +28,41 @@ from pretrain.parallel.waits import waiting
 
 
 class _Bucket:
+    """Parameters of one chunk, in the order their gradients arrive, whose `.grad`s are views
+    into one flat buffer: [sum of numels], in the parameters' dtype, on their device."""
+
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.views: list[torch.Tensor] = []
+        offset = 0
+        for p in params:
+            # AccumulateGrad keeps a `.grad` only while its strides match the parameter's.
+            assert p.is_contiguous(), "gradient buffers need contiguous parameters"
+            view = self.buffer[offset : offset + p.numel()].view_as(p)
+            if p.grad is not None:
+                view.copy_(p.grad)
+            p.grad = view
+            self.views.append(view)
+            offset += p.numel()
         self.pending = len(params)
         self.work = None
-        self.buffer = None
 
-    def reset(self) -> None:
-        self.pending, self.work, self.buffer = len(self.params), None, None
+    def attached(self) -> bool:
+        """Whether every parameter's `.grad` is still its view (nothing replaced or dropped it)."""
+        return all(p.grad is not None and p.grad.data_ptr() == v.data_ptr() for p, v in zip(self.params, self.views))
 
 
 class GradientSync:
-    """Owns all gradient communication of one step for a rank's model chunks."""
+    """Owns all gradient communication of one step for a rank's model chunks, and the buffers
+    the gradients live in.
+
+    Buckets are built for every DP size, DP=1 included: one way gradients are held, no
+    per-step allocation anywhere, and `.grad` is never None, so the optimizer, clipping and
+    the fp16 unscale see the same tensors every step whatever the layout (a parameter that got
+    no gradient in a step has a zero one, as the DP reduction has always given it). With a DP
+    group of one, no hooks are registered and `finish` only does the SP and tied syncs.
+    """
 
     def __init__(self, chunks: list[nn.Module], topo: Topology, *, bucket_mb: float = 25.0) -> None:
         self.topo = topo
@@ -44,28 +72,39 @@ class GradientSync:
         self.buckets: list[_Bucket] = []
         self.overlapped = 0  # buckets whose reduction started during backward (for tests, benches)
         self._bucket_of: dict[int, tuple[int, _Bucket]] = {}
-        if self.dp_group is None:
-            return
         limit = int(bucket_mb * 2**20)
         for index, chunk in enumerate(chunks):
             # A bucket never spans chunks (their last backwards happen at different times), and
             # is filled in reverse order: gradients arrive from the last layer back to the first.
+            # One dtype and device per buffer: a change of either closes the bucket.
             current, size = [], 0
             params = [p for p in chunk.parameters() if p.requires_grad]
-            for p in reversed(params):
+            order = params[::-1]
+            for i, p in enumerate(order):
                 current.append(p)
                 size += p.numel() * p.element_size()
-                if size >= limit or p is params[0]:
+                last = i == len(order) - 1
+                if last or size >= limit or (order[i + 1].dtype, order[i + 1].device) != (p.dtype, p.device):
                     bucket = _Bucket(current)
                     self.buckets.append(bucket)
                     self._bucket_of.update({id(q): (index, bucket) for q in current})
                     current, size = [], 0
-            for p in params:
-                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+            if self.dp_group is not None:
+                for p in params:
+                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     def enable(self, chunk: int) -> None:
         """Called right before chunk's last backward of the step: reduce as gradients complete."""
         self.enabled[chunk] = True
+
+    def zero_grad(self) -> None:
+        """Zero every gradient in place (one fill per bucket), keeping the views; replaces
+        `optimizer.zero_grad(set_to_none=True)`, which would detach `.grad` from the buffers."""
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
+            if not bucket.attached():  # someone set `.grad` (to None, say): attach the views again
+                for p, view in zip(bucket.params, bucket.views):
+                    p.grad = view
 
     def _on_grad_ready(self, param: nn.Parameter) -> None:
         chunk, bucket = self._bucket_of[id(param)]
@@ -77,26 +116,23 @@ class GradientSync:
             self.overlapped += 1
 
     def _launch(self, bucket: _Bucket) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
-        bucket.buffer = torch.cat([g.reshape(-1) for g in grads])
+        # In place on the gradients themselves; a parameter that got no gradient this step
+        # contributes its zeros (zero_grad left them there).
         bucket.buffer.div_(self.topo.dp)  # sum of DP means / dp = mean over the global batch
         bucket.work = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
 
     def finish(self) -> None:
-        """Wait for the DP reductions, write averaged gradients back, then do SP and tied syncs."""
-        for bucket in self.buckets:
-            if bucket.work is None:  # a bucket whose hooks never all fired (unused parameters)
-                self._launch(bucket)
-            with waiting():
-                bucket.work.wait()
-            offset = 0
-            for p in bucket.params:
-                n = p.numel()
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.copy_(bucket.buffer[offset : offset + n].view_as(p))
-                offset += n
-            bucket.reset()
+        """Wait for the DP reductions (the averaged gradients are then in place), then do the SP
+        and tied syncs."""
+        if self.dp_group is not None:
+            for bucket in self.buckets:
+                # A gradient outside its buffer would be silently left out of the reduction.
+                assert bucket.attached(), "a .grad was replaced: call GradientSync.zero_grad, not the optimizer's"
+                if bucket.work is None:  # a bucket whose hooks never all fired (unused parameters)
+                    self._launch(bucket)
+                with waiting():
+                    bucket.work.wait()
+                bucket.pending, bucket.work = len(bucket.params), None
         self.enabled = [False] * len(self.enabled)
         if self.topo.sequence_parallel:
             partial = [p.grad for p in self.params if getattr(p, "sequence_parallel", False) and p.grad is not None]
