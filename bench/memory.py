@@ -95,7 +95,8 @@ def _unique_bytes(tensors) -> int:
 
 def _measure(stage: int, dp: int) -> dict:
     from pretrain.models.build import weight_dtype
-    from pretrain.parallel.pipeline import build_model_chunks, forward_backward
+    from pretrain.parallel.model_chunks import build_model_chunks
+    from pretrain.parallel.pipeline import forward_backward
     from pretrain.parallel.topology import init_distributed
     from pretrain.trainer import Trainer
 

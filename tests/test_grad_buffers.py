@@ -5,15 +5,9 @@ all-reduce on the buffers gives the single-process result."""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
-import torch.multiprocessing as mp
-from parallel_harness import free_port, make_config, run_layout
+from parallel_harness import make_config, run_layout, run_ranks
 from torch import nn
 
 from pretrain.parallel.data import GradientSync, clip_gradients
@@ -129,13 +123,9 @@ def test_bucket_never_spans_chunks_and_keeps_dtype():
 # -- two gloo ranks ----------------------------------------------------------------------------
 
 
-def _dp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
+def _dp_rank() -> dict:
+    """One of two gloo ranks: 2 micro-batches of its half of each global batch, 3 steps; the
+    reduced gradients against the whole batch's, computed alone by this process."""
     topo = init_distributed(make_config([]), device=torch.device("cpu"))
     model, reference = _model(), _model()
     sync = GradientSync([model], topo, bucket_mb=1e-4)
@@ -143,34 +133,26 @@ def _dp_worker(rank: int, world: int, port: int, out: str) -> None:
     errors = []
     for step in range(3):
         x, y = _data(step)
-        share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        share = slice(topo.dp_rank * BATCH // topo.dp, (topo.dp_rank + 1) * BATCH // topo.dp)
         xs, ys = x[share].chunk(2), y[share].chunk(2)  # this rank's 2 micro-batches
         (nn.functional.mse_loss(model(xs[0]), ys[0]) / 2).backward()
         sync.enable(0)
         (nn.functional.mse_loss(model(xs[1]), ys[1]) / 2).backward()
         sync.finish()
         _check_views(sync, pointers)
-        _backward(reference, x, y, parts=world * 2)  # the whole global batch, in one process
+        _backward(reference, x, y, parts=topo.dp * 2)  # the whole global batch, in one process
         for p, q in zip(model.parameters(), reference.parameters()):
             want = q.grad if q.grad is not None else torch.zeros_like(q)
             errors.append(float((p.grad - want).abs().max()))
         sync.zero_grad()
         reference.zero_grad(set_to_none=True)
-    Path(out, f"rank{rank}.json").write_text(
-        json.dumps({"errors": errors, "overlapped": sync.overlapped, "buckets": len(sync.buckets)})
-    )
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"errors": errors, "overlapped": sync.overlapped, "buckets": len(sync.buckets)}
 
 
 def test_two_gloo_ranks_reduce_in_place_to_the_global_gradient():
     """Every bucket but the one holding the unused layer starts its all-reduce inside the last
     backward; the unused layer's zeros are reduced in finish(); the views never move."""
-    world = 2
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_dp_worker, args=(world, free_port(), out), nprocs=world, join=True)
-        results = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
-    for r in results:
+    for r in run_ranks(2, _dp_rank):
         assert max(r["errors"]) < 1e-6
         assert r["buckets"] > 2 and r["overlapped"] == 3 * (r["buckets"] - 1)
 
