@@ -106,26 +106,27 @@ def _measure(stage: int, dp: int) -> dict:
     trainer = Trainer(config, topo, chunks, train_batches=_batches(config, topo.dp_rank))
     trainer.step(1)  # Adam's moments are allocated by the first step
 
-    zero = trainer.zero
+    strategy = trainer.strategy
+    zero = strategy if stage else None  # ZeRO's own measurements; plain DP's are taken here
     forward_backward(
-        chunks=trainer.schedule_chunks,
+        chunks=strategy.chunks,
         topo=topo,
         batches=trainer.batches,
         micro_batches=trainer.accum,
         autocast=trainer.autocast,
         hidden_shape=trainer.hidden_shape,
-        on_last_backward=zero.on_last_backward if zero else trainer.grad_sync.enable,
+        on_last_backward=strategy.on_last_backward,
     )
     comm = 0
     if zero is None:
-        grads = _unique_bytes(p.grad for p in trainer.params)
-        held = {p.grad.untyped_storage().data_ptr() for p in trainer.params if p.grad is not None}
-        buffers = [getattr(b, "buffer", None) for b in trainer.grad_sync.buckets]
+        grads = _unique_bytes(p.grad for p in strategy.params)
+        held = {p.grad.untyped_storage().data_ptr() for p in strategy.params if p.grad is not None}
+        buffers = [getattr(b, "buffer", None) for b in strategy.grad_sync.buckets]
         comm = _unique_bytes(b for b in buffers if b is not None and b.untyped_storage().data_ptr() not in held)
-        trainer._step(1e-4, None)
-        weights = _unique_bytes(trainer.params)
+        strategy.step(1e-4, problem=None, norm_problem=lambda norm: None)
+        weights = _unique_bytes(strategy.params)
         optimizer = _unique_bytes(
-            t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1
+            t for s in strategy.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1
         )
     else:
         grads = zero.gradient_bytes()

@@ -100,7 +100,7 @@ def _rank(rank: int, world: int, port: int, args, root: str, out: str) -> None:
 
     config = make_config(args, root, async_save=False)
     trainer = build_trainer(config, 2)
-    topo, zero = trainer.topo, trainer.zero
+    topo, zero = trainer.topo, trainer.strategy
     trainer.step(1)  # Adam state exists from here
     opt = zero.optimizer
     flats = opt.fp32_partitioned_groups_flat if zero.stage == 3 else opt.single_partition_of_fp32_groups
@@ -112,7 +112,7 @@ def _rank(rank: int, world: int, port: int, args, root: str, out: str) -> None:
         saver = Checkpointer(Path(root) / mode, make_config(args, root, async_save=mode == "async"), topo)
         dist.barrier()
         before = reset_peak()
-        saver.save(step, model=trainer.chunks, optimizer=None, zero=zero, train_state={"consumed_samples": 0})
+        saver.save(step, state=zero.checkpoint_state(), train_state={"consumed_samples": 0})
         saver.wait()
         result[f"{mode}_save_bytes"] = status_kb("VmHWM") * 1024 - before
         result[f"{mode}_written"] = saver.stats.get("written_bytes", 0.0)
@@ -127,7 +127,7 @@ def _rank(rank: int, world: int, port: int, args, root: str, out: str) -> None:
     small = sum((step_dir / name).stat().st_size for name in ("meta.json", "config.yaml", f"rng_rank{rank}.pt"))
     dist.barrier()
     start = rchar()
-    load_checkpoint(step_dir, model=trainer.chunks, optimizer=None, config=config, topo=topo, zero=zero)
+    load_checkpoint(step_dir, state=zero.checkpoint_state(), config=config, topo=topo)
     result.update(
         load_read=rchar() - start,
         own_files=own,

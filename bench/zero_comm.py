@@ -147,7 +147,7 @@ def _rank(rank: int, world: int, port: int, args, overrides: list[str], dp: int,
         "sp_params": sp_params,
         "accumulation": trainer.accum,
         "params": trainer.num_params,
-        "bucket_bytes": trainer.zero.ds_config["zero_optimization"]["reduce_bucket_size"] * 4,
+        "bucket_bytes": trainer.strategy.ds_config["zero_optimization"]["reduce_bucket_size"] * 4,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

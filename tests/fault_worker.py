@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pretrain.strategy as strategy
 import pretrain.train as train
 import pretrain.trainer as trainer
 from pretrain.data.loader import SampleLoader
@@ -89,9 +90,9 @@ def slow_data() -> None:
 
 
 def failing_save() -> None:
-    import pretrain.checkpoint.saver as saver
+    from pretrain.checkpoint.state import Shard
 
-    original = saver.Shard.write
+    original = Shard.write
     steps = set(FAULT["steps"])
 
     def write(self, directory: Path, **kwargs):
@@ -99,14 +100,14 @@ def failing_save() -> None:
             raise OSError(errno.ENOSPC, "No space left on device", str(directory))
         return original(self, directory, **kwargs)
 
-    saver.Shard.write = write
+    Shard.write = write
 
 
 def fp16_overflow() -> None:
     def always_overflow(params, *, scale, group=None):
         return True
 
-    trainer.unscale_and_check = always_overflow
+    strategy.unscale_and_check = always_overflow
 
 
 if __name__ == "__main__":

@@ -85,8 +85,8 @@ def train_steps(config, steps: int) -> dict:
     return {
         "rank": topo.rank,
         "logging": topo.is_logging_rank,
-        "buckets": len(trainer.grad_sync.buckets),
-        "overlapped": trainer.grad_sync.overlapped,
+        "buckets": len(trainer.strategy.grad_sync.buckets),
+        "overlapped": trainer.strategy.grad_sync.overlapped,
         "loss": [r["loss"] for r in records],
         "grad_norm": [r["grad_norm"] for r in records],
     }
@@ -161,12 +161,7 @@ def train_job(job: dict) -> dict:
     if job.get("resume"):
         with _files_read(read_files):
             meta = load_checkpoint(
-                Path(job["resume"]),
-                model=chunks,
-                optimizer=trainer.optimizer,
-                config=config,
-                topo=topo,
-                zero=trainer.zero,
+                Path(job["resume"]), state=trainer.strategy.checkpoint_state(), config=config, topo=topo
             )
         trainer.load_train_state(meta["train_state"])
     # Saved in the background, as training does, while this run trains on.
@@ -177,9 +172,7 @@ def train_job(job: dict) -> dict:
         if step == job.get("save_at"):  # and train on: the same run is the uninterrupted reference
             saver.save(
                 step,
-                model=chunks,
-                optimizer=trainer.optimizer,
-                zero=trainer.zero,
+                state=trainer.strategy.checkpoint_state(),
                 train_state={"consumed_samples": 0, **trainer.train_state()},
             )
             if job.get("dump_weights") and topo.rank == 0:  # the live weights (whole on rank 0 unless ZeRO-3)
@@ -198,9 +191,9 @@ def train_job(job: dict) -> dict:
         "loss_scale": [r.get("loss_scale") for r in records],
         "params": trainer.num_params,
     }
-    if trainer.zero is not None:
-        result["optimizer_bytes"] = trainer.zero.optimizer_state_bytes()
-        result["weight_bytes"] = trainer.zero.weight_bytes()
+    if config.parallel.zero_stage:  # the ZeRO tests measure what each rank holds
+        result["optimizer_bytes"] = trainer.strategy.optimizer_state_bytes()
+        result["weight_bytes"] = trainer.strategy.weight_bytes()
     return result
 
 

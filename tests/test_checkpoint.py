@@ -105,7 +105,7 @@ def test_failed_save_keeps_previous_latest(tmp_path, monkeypatch, async_save):
             raise OSError("disk full")
         return real(path, tensors, metadata)
 
-    monkeypatch.setattr("pretrain.checkpoint.saver.write_safetensors", failing)
+    monkeypatch.setattr("pretrain.checkpoint.state.write_safetensors", failing)
     saver = Checkpointer(tmp_path, config, async_save=async_save)
     # One failed save is reported and counted, not raised (two in a row raise CheckpointSaveError:
     # tests/test_checkpoint_integrity.py).
@@ -116,7 +116,7 @@ def test_failed_save_keeps_previous_latest(tmp_path, monkeypatch, async_save):
     assert not (tmp_path / "step_2").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
     load_model(tmp_path)  # still loadable
-    monkeypatch.setattr("pretrain.checkpoint.saver.write_safetensors", real)
+    monkeypatch.setattr("pretrain.checkpoint.state.write_safetensors", real)
     saver.save(2, model=model, optimizer=optimizer, train_state={})  # and the next save works
     saver.wait()
     assert (tmp_path / "latest").read_text().strip() == "step_2"

@@ -133,6 +133,19 @@ def test_gradient_accumulation_matches_one_big_batch(stdlib_data, tmp_path):
     assert len(a) == 3 and a == pytest.approx(b, rel=1e-5, abs=1e-6)
 
 
+def test_callbacks_see_every_step_and_its_record(stdlib_data, tmp_path):
+    """What a user adds to the loop (a profiler, a logger) is a callback(step, record)."""
+    seen = []
+    overrides = small("llama") + ["train.steps=4", "train.log_interval=2", "checkpoint.interval=2"]
+    last = run(
+        load_config("configs/gpt_tiny.yaml", overrides + data_overrides(stdlib_data, tmp_path)),
+        callbacks=[lambda step, record: seen.append((step, record["loss"], record["lr"]))],
+    )
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4]
+    logged = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "run/logs") if "loss" in r}
+    assert {s: loss for s, loss, _ in seen if s in logged} == logged and last["step"] == 4
+
+
 def test_exit_after_minutes_saves_and_stops(stdlib_data, tmp_path):
     overrides = small("gpt2") + ["train.steps=1000", "train.exit_after_minutes=0.0001"]
     last = run(load_config("configs/gpt_tiny.yaml", overrides + data_overrides(stdlib_data, tmp_path)))

@@ -217,22 +217,21 @@ def test_fp16_without_zero_resumes_exactly(tmp_path):
         return chunks, Trainer(config, topo, chunks, train_batches=data)
 
     _, straight = trainer(1)
-    straight.scaler.scale, straight.scaler.hysteresis = 1024.0, 1  # as after some overflows
+    straight.strategy.scaler.scale, straight.strategy.scaler.hysteresis = 1024.0, 1  # as after some overflows
     expected = [straight.step(s) for s in range(1, 5)]
     chunks, first = trainer(1)
-    first.scaler.scale, first.scaler.hysteresis = 1024.0, 1
+    first.strategy.scaler.scale, first.strategy.scaler.hysteresis = 1024.0, 1
     [first.step(s) for s in (1, 2)]
     save_checkpoint(
         tmp_path,
         step=2,
-        model=chunks,
-        optimizer=first.optimizer,
+        state=first.strategy.checkpoint_state(),
         config=config,
         train_state={"consumed_samples": 0, **first.train_state()},
         topo=topo,
     )
     chunks, resumed = trainer(3)
-    load_checkpoint(tmp_path / "step_2", model=chunks, optimizer=resumed.optimizer, config=config, topo=topo)
+    load_checkpoint(tmp_path / "step_2", state=resumed.strategy.checkpoint_state(), config=config, topo=topo)
     resumed.load_train_state(read_meta(tmp_path / "step_2")["train_state"])
     got = [resumed.step(s) for s in (3, 4)]
     assert [r["loss"] for r in got] == [r["loss"] for r in expected[2:]]

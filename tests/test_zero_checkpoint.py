@@ -139,8 +139,7 @@ def test_tp2_dp2_zero1_checkpoint_resumes_at_tp1_and_at_its_own_layout(tmp_path)
 def test_format_2_checkpoints_still_load(tmp_path):
     """Format 2 (before ZeRO fragments) stored whole TP shards, as format 3 does without ZeRO:
     such a checkpoint still loads, into the single-device model and into a training run."""
-    from pretrain.checkpoint import save_checkpoint
-    from pretrain.checkpoint.reshard import load_checkpoint
+    from pretrain.checkpoint import load_checkpoint, save_checkpoint
     from pretrain.models.gpt import GPT
     from pretrain.optim import build_optimizer
 

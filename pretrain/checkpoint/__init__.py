@@ -3,7 +3,10 @@
 files.py    on-disk layout, safe tensor files, checksums, atomic publish, `latest`, pruning
 saver.py    snapshot to host + (background) parallel write by every rank; failed saves
 reader.py   index a checkpoint; any tensor whole or sliced for another layout; load_model
-reshard.py  load into a live model/optimizer at any layout; write at another layout offline
+state.py    what a rank's checkpoint holds, as its training strategy keeps it (replicated or
+            partitioned), and its snapshot for a save; load_checkpoint
+restore.py  restore a live run at any layout
+reshard.py  write a checkpoint at another layout, offline
 fallback.py load the newest checkpoint no rank finds damaged
 """
 
@@ -20,12 +23,15 @@ from pretrain.checkpoint.files import (
     resolve_checkpoint,
 )
 from pretrain.checkpoint.reader import SavedCheckpoint, load_model, merged_state_dict
-from pretrain.checkpoint.reshard import load_checkpoint, reshard_checkpoint, write_layout
+from pretrain.checkpoint.reshard import reshard_checkpoint, write_layout
 from pretrain.checkpoint.saver import Checkpointer, CheckpointSaveError, save_checkpoint
+from pretrain.checkpoint.state import PartitionedState, ReplicatedState, load_checkpoint
 
 __all__ = [
     "FORMAT_VERSION",
     "LATEST",
+    "PartitionedState",
+    "ReplicatedState",
     "CheckpointError",
     "CheckpointSaveError",
     "Checkpointer",

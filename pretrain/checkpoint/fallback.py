@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint.files import CheckpointError, CorruptCheckpointError, complete_steps, read_meta
-from pretrain.checkpoint.reshard import load_checkpoint
+from pretrain.checkpoint.restore import load_state
+from pretrain.checkpoint.state import ReplicatedState
 from pretrain.config import RunConfig
 from pretrain.device import cuda_rng_state, restore_cuda_rng_state
 from pretrain.parallel.topology import Topology, single_process
@@ -70,17 +71,19 @@ def step_of(step_dir: Path, meta: dict) -> int:
 def load_newest_intact(
     candidates: list[str | Path],
     *,
-    model,
-    optimizer,
     config: RunConfig,
     topo: Topology | None = None,
-    zero=None,
+    state=None,
+    model=None,
+    optimizer=None,
     warn: Callable[[str], None] | None = None,
 ) -> tuple[Path, dict]:
     """Load the first candidate checkpoint no rank finds damaged (collective: every rank calls
-    it with the same list); returns (its directory, its meta). `warn(message)` (pass it on rank 0
+    it with the same list) into `state` (pretrain/checkpoint/state.py; model= and optimizer=
+    stand for a ReplicatedState); returns (its directory, its meta). `warn(message)` (pass it on rank 0
     only) names each damaged file skipped. Raises CheckpointError when none is intact."""
     topo = topo or single_process()
+    state = state or ReplicatedState(model, optimizer)
     if not candidates:
         raise CheckpointError("no checkpoint to load")
     # A failed attempt may have restored a candidate's RNG streams on some ranks: each attempt
@@ -99,7 +102,7 @@ def load_newest_intact(
                     step_dir=step_dir,
                     file=Path(step_dir) / "meta.json",
                 )
-            meta = load_checkpoint(step_dir, model=model, optimizer=optimizer, config=config, topo=topo, zero=zero)
+            meta = load_state(step_dir, state, config=config, topo=topo)
             outcome = OK
         except (CorruptCheckpointError, OSError) as e:
             error, outcome = e, DAMAGED

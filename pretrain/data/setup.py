@@ -57,7 +57,7 @@ def build_data(config: RunConfig, topo: Topology, *, consumed_samples: int, toke
     and this DP rank's loader."""
     t, d = config.train, config.data
     tokenizer = tokenizer or check_data(config)
-    global_batch = t.global_batch_size or t.micro_batch_size * topo.dp
+    global_batch = config.global_batch(topo.dp)
     datasets = build_datasets(
         d.path,
         seq_length=config.model.seq_length,

@@ -25,7 +25,7 @@ def weight_dtype(config: RunConfig) -> torch.dtype:
     (its buffers stay fp32). Without ZeRO our AdamW updates the weights themselves, which stay
     fp32 (autocast runs the matmuls in 16 bits)."""
     if config.parallel.zero_stage:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision, torch.float32)
+        return config.compute_dtype
     return torch.float32
 
 

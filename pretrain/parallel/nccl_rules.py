@@ -97,20 +97,24 @@ class NcclRuleViolation(AssertionError):
 # -- recording ------------------------------------------------------------------------------------
 
 _P2P = ("isend", "irecv", "send", "recv", "batch_isend_irecv")
-_COLLECTIVES = (
-    "all_reduce",
+# Collectives whose arguments are (output(s), input(s)): what a rank contributes comes second.
+_OUTPUT_FIRST = (
     "all_gather",
     "all_gather_into_tensor",
     "_all_gather_base",
     "reduce_scatter",
     "reduce_scatter_tensor",
     "_reduce_scatter_base",
+    "all_to_all",
+    "all_to_all_single",
+)
+_COLLECTIVES = (
+    "all_reduce",
+    *_OUTPUT_FIRST,
     "broadcast",
     "reduce",
     "gather",
     "scatter",
-    "all_to_all",
-    "all_to_all_single",
     "barrier",
     "monitored_barrier",
     "all_reduce_coalesced",
@@ -286,16 +290,7 @@ class CommRecorder:
         # The data each rank contributes: the input tensor(s), after the outputs where a
         # function takes both (all_gather(outputs, input), reduce_scatter(output, inputs)).
         tensors = [t for a in list(args) + list(kwargs.values()) for t in _tensors(a)]
-        if name in (
-            "all_gather",
-            "all_gather_into_tensor",
-            "_all_gather_base",
-            "reduce_scatter",
-            "reduce_scatter_tensor",
-            "_reduce_scatter_base",
-            "all_to_all",
-            "all_to_all_single",
-        ):
+        if name in _OUTPUT_FIRST:
             tensors = tensors[1:] if len(tensors) > 1 else tensors
             if name == "all_gather":
                 tensors = tensors[-1:]

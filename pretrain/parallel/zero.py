@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.util
+import json
 import math
 import os
 import warnings
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain.checkpoint.state import PartitionedState
 from pretrain.config import ConfigError, RunConfig
 from pretrain.faults.divergence import Diverged
 from pretrain.optim import (
@@ -61,45 +63,10 @@ from pretrain.parallel.zero_state import (
 INSTALL_HINT = "pip install -c constraints.txt -e '.[zero]' (with DS_BUILD_OPS=0 in the environment)"
 
 
-def validate_zero(config: RunConfig) -> None:
-    """Refuse ZeRO settings we do not support, before any process group exists."""
-    p, m = config.parallel, config.model
-    if p.offload_optimizer and p.zero_stage == 0:
-        raise ConfigError(
-            "parallel.offload_optimizer: needs parallel.zero_stage >= 1 (the optimizer state "
-            "is offloaded by DeepSpeed's ZeRO optimizer)"
-        )
-    if p.offload_params and p.zero_stage != 3:
-        raise ConfigError(
-            "parallel.offload_params: needs parallel.zero_stage=3 (only ZeRO-3 partitions "
-            "the weights, which is what gets offloaded)"
-        )
-    if p.zero3_persistence_threshold < 0:
-        raise ConfigError(f"parallel.zero3_persistence_threshold: must be >= 0, got {p.zero3_persistence_threshold}")
-    if p.zero_stage == 0:
-        return
-    if p.zero_stage == 3 and p.pipeline > 1:
-        raise ConfigError(
-            "parallel.zero_stage: ZeRO-3 with parallel.pipeline > 1 is not supported: ZeRO-3 gathers each "
-            "weight around its module's forward and backward through hooks on the whole model, while a "
-            "pipeline stage runs slices of the model on activations received from another rank, so every "
-            "weight would be gathered and released once per micro-batch with nothing in flight to hide it "
-            "(DeepSpeed's own pipeline engine refuses it too). Use parallel.zero_stage=1 or 2 with pipelining"
-        )
-    if p.zero_stage == 2 and p.pipeline > 1 and m.tied:
-        raise ConfigError(
-            "parallel.zero_stage: ZeRO-2 with parallel.pipeline > 1 needs untied embeddings: ZeRO-2 reduces "
-            "and shards each gradient during every micro-batch's backward, but the two copies of a tied "
-            "embedding (first and last stage) must first be summed, and the first stage only has its "
-            "gradient at the very end of the pipeline's backward. Set model.tie_embeddings=false, or use "
-            "parallel.zero_stage=1"
-        )
-
-
 def require_deepspeed(config: RunConfig) -> None:
     """Fail before any process group when a ZeRO run lacks DeepSpeed, or DeepSpeed refuses its
-    precision on this device. Not part of validate_zero: reading a ZeRO checkpoint's config
-    (load_model) must not need DeepSpeed."""
+    precision on this device. Not part of the config's validation (ParallelConfig.validate):
+    reading a ZeRO checkpoint's config (load_model) must not need DeepSpeed."""
     if not config.parallel.zero_stage:
         return
     if importlib.util.find_spec("deepspeed") is None:
@@ -136,7 +103,7 @@ def deepspeed_config(config: RunConfig, *, data_parallel: int, accumulation: int
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": t.micro_batch_size * accumulation * data_parallel,
+        "train_batch_size": config.global_batch(data_parallel),
         "gradient_clipping": o.clip_grad,
         "zero_optimization": zero,
         # check_grad_overflow: a non-finite bf16 gradient skips the step as in fp16 and fp32.
@@ -288,6 +255,7 @@ class ZeroEngine:
         warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
         self.config, self.topo, self.stage = config, topo, config.parallel.zero_stage
+        self.model_chunks = chunks
         self.ds_config = deepspeed_config(config, data_parallel=topo.dp, accumulation=accumulation)
         params = [p for chunk in chunks for p in chunk.parameters()]
         _mark_parameters(chunks, topo)
@@ -366,10 +334,23 @@ class ZeroEngine:
             self.optimizer.overlapping_partition_gradients_reduce_epilogue()
         self._finished = True
 
-    def step(self, lr: float, *, skip: bool = False) -> dict:
-        """Finish the gradients, clip and step inside ZeRO; returns grad_norm and whether the step
-        was skipped (an overflow DeepSpeed found: fp16, or non-finite gradients). `skip`: drop
-        this step's gradients without an update (a bad step: pretrain/faults/divergence.py)."""
+    def step(self, lr: float, *, problem: str | None = None, norm_problem=lambda norm: None) -> dict:
+        """Finish the gradients, clip and step inside ZeRO (the TrainingStrategy protocol,
+        pretrain/strategy.py). `problem`: the loss condemned the step: drop its gradients without
+        an update. DeepSpeed decides on the gradients itself: an overflow skips the step (fp16:
+        the loss scaler's business; otherwise non-finite gradients, a problem)."""
+        record = self._step(lr, skip=problem is not None)
+        fp16 = self.config.train.precision == "fp16"
+        if problem is None and record["skipped"] and not fp16:
+            problem = norm_problem(record["grad_norm"])
+        record["problem"] = problem
+        if fp16:
+            record["loss_scale"] = float(self.optimizer.loss_scale)
+        else:
+            del record["skipped"]
+        return record
+
+    def _step(self, lr: float, *, skip: bool) -> dict:
         opt = self.optimizer
         self.finish_gradients()
         for group in opt.param_groups:
@@ -437,6 +418,20 @@ class ZeroEngine:
         and step when `step` is given); the module's weights follow from the masters.
         Collective over the DP group (stages 1/2 all-gather the 16-bit weights)."""
         load_local_state(self.optimizer, self.stage, chunks, read=read, step=step)
+
+    def checkpoint_state(self) -> PartitionedState:
+        return PartitionedState(self.model_chunks, self)
+
+    def state_dict(self) -> dict:
+        """The fp16 loss scaler, under its own key: a run without ZeRO keeps its scaler elsewhere."""
+        return {"zero_loss_scaler": self.loss_scaler_state()} if self.config.train.precision == "fp16" else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "zero_loss_scaler" in state:
+            self.load_loss_scaler_state(state["zero_loss_scaler"])
+
+    def describe(self) -> str:
+        return f"DeepSpeed config: {json.dumps(self.ds_config)}"
 
     def loss_scaler_state(self) -> dict:
         """The fp16 dynamic loss scaler (plain numbers, for meta.json)."""

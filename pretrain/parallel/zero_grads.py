@@ -20,7 +20,7 @@ parallel reduction:
   all-reduce per parameter per micro-batch. Every TP rank runs the same backward graph in the
   same order and holds the same bucket layout, so the all-reduces line up, and every rank of a
   DP group fills DeepSpeed's buckets in the same order.
-- Tied embeddings under pipeline parallelism (stage 1 only: validate_zero refuses ZeRO-2/3
+- Tied embeddings under pipeline parallelism (stage 1 only: the config (ParallelConfig.validate) refuses ZeRO-2/3
   with them): the first and last stage's copies are summed over the embedding group after the
   backward passes, then reduced over DP in the final bucket.
 """
