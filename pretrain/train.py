@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,35 +76,26 @@ def run(config: RunConfig, *, launch=None, callbacks: Sequence[Callback] = ()) -
     # From here on every wait is bounded: collectives by parallel.timeout_minutes, everything
     # else (index building, model building, checkpoint loading, steps) by the watchdog.
     with Watchdog(timeout_s=60 * t.hang_timeout_minutes, rank=topo.rank, log_dir=config.logging.dir) as watchdog:
-        return fit(
-            config,
-            topo,
-            watchdog=watchdog,
-            resume_from=resume_from,
-            consumed=consumed,
-            tokenizer=tokenizer,
-            say=say,
-            callbacks=callbacks,
-        )
+        start = Start(watchdog=watchdog, resume_from=resume_from, consumed=consumed, tokenizer=tokenizer, say=say)
+        return fit(config, topo, start, callbacks=callbacks)
 
 
-def fit(
-    config: RunConfig,
-    topo: Topology,
-    *,
-    watchdog: Watchdog,
-    resume_from: Path | None,
-    consumed: int,
-    tokenizer,
-    say: Callable[[str], None] | None,
-    callbacks: Sequence[Callback] = (),
-) -> dict:
+@dataclass
+class Start:
+    """What run() found before the process groups started, for fit() to build on."""
+
+    watchdog: Watchdog
+    resume_from: Path | None  # the checkpoint chosen (an older one is tried when it is damaged)
+    consumed: int  # its data position
+    tokenizer: object | None
+    say: Callable[[str], None] | None  # rank 0's warnings; None elsewhere
+
+
+def fit(config: RunConfig, topo: Topology, start: Start, *, callbacks: Sequence[Callback] = ()) -> dict:
     """run() once the process groups are up: build, resume, then the loop; each part decides when
     it acts (pretrain/loop.py)."""
-    t = config.train
-    data, trainer, step = build(
-        config, topo, watchdog=watchdog, resume_from=resume_from, consumed=consumed, tokenizer=tokenizer, say=say
-    )
+    t, watchdog, say = config.train, start.watchdog, start.say
+    data, trainer, step = build(config, topo, start)
     # resume_step: steps after it are (re)run here, so their old records in metrics.jsonl go.
     logger = MetricsLogger(
         config.logging.dir, tensorboard=config.logging.tensorboard, enabled=topo.is_logging_rank, resume_step=step
@@ -145,22 +137,13 @@ def fit(
     return {**last, "stopped": stopped} if stopped else last
 
 
-def build(
-    config: RunConfig,
-    topo: Topology,
-    *,
-    watchdog: Watchdog,
-    resume_from: Path | None,
-    consumed: int,
-    tokenizer,
-    say: Callable[[str], None] | None,
-) -> tuple[Data, Trainer, int]:
-    """Data, model and trainer, resumed from resume_from (or the newest intact checkpoint before
-    it); returns them and the step training continues after."""
-    t, ck = config.train, config.checkpoint
+def build(config: RunConfig, topo: Topology, start: Start) -> tuple[Data, Trainer, int]:
+    """Data, model and trainer, resumed from start.resume_from (or the newest intact checkpoint
+    before it); returns them and the step training continues after."""
+    t, ck, watchdog, resume_from = config.train, config.checkpoint, start.watchdog, start.resume_from
     # Data first: a missing or mismatched dataset should fail before a model is built.
     watchdog.beat("building the datasets")
-    data = build_data(config, topo, consumed_samples=consumed, tokenizer=tokenizer)
+    data = build_data(config, topo, consumed_samples=start.consumed, tokenizer=start.tokenizer)
     watchdog.beat("building the model")
     # Dropout streams: equal across TP and DP ranks, different per pipeline stage.
     torch.manual_seed(t.seed + 100 * topo.pp_rank)
@@ -175,10 +158,10 @@ def build(
         watchdog.beat(f"loading {resume_from}")
         candidates = checkpoint_candidates(ck.dir, resume_from)
         state = trainer.strategy.checkpoint_state()
-        resumed, meta = load_newest_intact(candidates, state=state, config=config, topo=topo, warn=say)
+        resumed, meta = load_newest_intact(candidates, state=state, config=config, topo=topo, warn=start.say)
         step = meta["step"]
         trainer.load_train_state(meta["train_state"])
-        data.train.consumed_samples = meta["train_state"].get("consumed_samples", consumed)  # a fallback's
+        data.train.consumed_samples = meta["train_state"].get("consumed_samples", start.consumed)  # a fallback's
         if topo.rank == 0:
             print(f"resumed from {resumed} at step {step}", flush=True)
     return data, trainer, step
