@@ -27,6 +27,7 @@ import importlib
 import os
 
 import torch
+import torch.nn.functional as F
 
 from pretrain.models.kernels import reference
 from pretrain.models.loss import IGNORE_INDEX, LinearCrossEntropy
@@ -82,7 +83,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None = N
     """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight (eps=None: finfo(x.dtype).eps,
     as F.rms_norm). weight [N] (or None) gets its gradient summed over all rows."""
     if not use_triton(x) or x.shape[-1] > MAX_NORM_WIDTH:
-        return reference.rms_norm(x, weight, eps)
+        # torch's own fused op (it saves the input and one statistic per row for backward; the
+        # fp32 reference would keep every intermediate: +4 bytes per token and hidden unit).
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return _triton("triton_norms").rms_norm(x, weight, torch.finfo(x.dtype).eps if eps is None else eps)
 
 
@@ -91,7 +94,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the last dim (biased variance, as F.layer_norm)."""
     if not use_triton(x) or x.shape[-1] > MAX_NORM_WIDTH:
-        return reference.layer_norm(x, weight, bias, eps)
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)  # torch's own fused op
     return _triton("triton_norms").layer_norm(x, weight, bias, eps)
 
 
@@ -99,7 +102,8 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     """h [..., 2f] holding [gate; up] along the last dim (the MLP's fc1 output) ->
     silu(gate) * up [..., f]."""
     if not use_triton(h):
-        return reference.swiglu(h)
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up  # in h's dtype: no fp32 copies kept for backward
     return _triton("triton_swiglu").swiglu(h)
 
 
