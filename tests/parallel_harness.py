@@ -109,10 +109,11 @@ def _rank_main(rank: int, world: int, port: int, fn, args: tuple, out: str) -> N
 def run_ranks(world: int, fn, *args) -> list:
     """Run `fn(*args)` on `world` spawned processes that form a gloo group through the launcher's
     environment (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK; one thread each); returns each
-    rank's result (anything torch.save takes), in rank order. `fn` must be importable (module-level)."""
+    rank's result (plain data: tensors, numbers, strings, lists, dicts), in rank order. `fn` must
+    be importable (module-level)."""
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_rank_main, args=(world, free_port(), fn, args, out), nprocs=world, join=True)
-        return [torch.load(Path(out, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+        return [torch.load(Path(out, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 
 def free_port() -> int:
