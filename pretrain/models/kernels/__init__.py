@@ -130,8 +130,16 @@ def apply_rope(
     """RoPE as apply_rope_, into new tensors: no autograd restrictions on q and k, same bytes
     moved (one read, one write of q and k)."""
     if not use_triton(q):
-        return reference.apply_rope(q, k, cos, sin)
+        return _rope_torch(q, cos, sin), _rope_torch(k, cos, sin)
     return _triton("triton_rope").apply_rope(q, k, cos, sin)
+
+
+def _rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """reference.rope without its fp32 copy of x: the products with the fp32 tables are fp32
+    anyway (type promotion), and the rotated half stays in x's dtype."""
+    s = x.shape[-2]
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos[:s] + torch.cat([-x2, x1], dim=-1) * sin[:s]).to(x.dtype)
 
 
 def cross_entropy(
