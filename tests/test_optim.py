@@ -8,7 +8,7 @@ import torch
 from pretrain.config import OptimizerConfig, ScheduleConfig, config_from_dict
 from pretrain.models.gpt import GPT
 from pretrain.optim import build_optimizer, learning_rate
-from pretrain.parallel.data import grad_norm_and_clip
+from pretrain.parallel.data import clip_gradients, global_grad_norm
 from pretrain.parallel.topology import single_process
 
 OPT = OptimizerConfig(lr=1.0, min_lr=0.1)
@@ -60,6 +60,12 @@ def test_no_weight_decay_on_biases_and_norms():
         "final_norm.bias",
     }
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def grad_norm_and_clip(params, *, max_norm, topo):
+    norm = global_grad_norm(params, topo=topo)
+    clip_gradients(params, norm=norm, max_norm=max_norm)
+    return norm
 
 
 def test_clip_returns_norm_before_clipping():

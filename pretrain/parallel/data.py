@@ -197,10 +197,3 @@ def clip_gradients(params: list[nn.Parameter], *, norm: float, max_norm: float) 
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
-
-
-def grad_norm_and_clip(params: list[nn.Parameter], *, max_norm: float, topo: Topology) -> float:
-    """Global gradient norm, then clip to max_norm; returns the norm before clipping."""
-    norm = global_grad_norm(params, topo=topo)
-    clip_gradients(params, norm=norm, max_norm=max_norm)
-    return norm

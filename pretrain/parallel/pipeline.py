@@ -24,8 +24,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-# Re-exported for pretrain/train.py and bench/memory.py, which still import it from here.
-from pretrain.parallel.model_chunks import build_model_chunks  # noqa: F401
 from pretrain.parallel.topology import Topology
 from pretrain.parallel.waits import waiting
 
