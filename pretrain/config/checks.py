@@ -1,0 +1,142 @@
+"""Validation of the whole tree: each section's own rules (its validate()), the derived fields,
+then the few rules that span sections. The world size is checked by validate_layout once it
+is known."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pretrain.config.errors import ConfigError, _need
+from pretrain.config.model import pad_vocab
+from pretrain.config.run import RunConfig
+
+
+def finalize(config: RunConfig) -> None:
+    """Validate each section, fill derived fields, check across sections; raises ConfigError
+    naming the first bad key.
+
+    Sections first: the derived fields are computed from their values (the vocabulary padding
+    divides by model.make_vocab_size_divisible_by x parallel.tensor)."""
+    for section in dataclasses.fields(config):
+        getattr(config, section.name).validate()
+    derive(config)
+    for check in CROSS_SECTION_CHECKS:
+        check(config)
+
+
+def derive(config: RunConfig) -> None:
+    """Fill the fields left unset whose value follows from others (they are saved with every
+    checkpoint, so a later run with another layout keeps them)."""
+    m = config.model
+    if m.padded_vocab_size is None:
+        m.padded_vocab_size = pad_vocab(m.vocab_size, m.make_vocab_size_divisible_by * config.parallel.tensor)
+
+
+def _check_tensor_split(config: RunConfig) -> None:
+    """Every tensor-parallel rank gets an equal share of heads, MLP, vocabulary (and sequence)."""
+    m, tp = config.model, config.parallel.tensor
+    _need(
+        m.num_heads % tp == 0,
+        "parallel.tensor",
+        f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={tp}",
+    )
+    _need(
+        m.kv_heads % tp == 0,
+        "parallel.tensor",
+        f"model.num_kv_heads={m.kv_heads} is not divisible by parallel.tensor={tp}",
+    )
+    _need(
+        m.ffn_size % tp == 0,
+        "parallel.tensor",
+        f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tensor={tp}",
+    )
+    _need(
+        not config.parallel.sequence_parallel or m.seq_length % tp == 0,
+        "parallel.sequence_parallel",
+        f"model.seq_length={m.seq_length} is not divisible by parallel.tensor={tp}",
+    )
+    _need(
+        m.padded_vocab_size % tp == 0,
+        "model.padded_vocab_size",
+        f"{m.padded_vocab_size} is not divisible by parallel.tensor={tp}",
+    )
+
+
+def _check_pipeline_split(config: RunConfig) -> None:
+    """Every (virtual) pipeline stage gets the same number of layers."""
+    m, p = config.model, config.parallel
+    stages = p.pipeline * p.virtual_stages
+    _need(
+        m.num_layers % stages == 0,
+        "model.num_layers",
+        f"{m.num_layers} layers cannot be split into parallel.pipeline={p.pipeline} x "
+        f"parallel.virtual_stages={p.virtual_stages} = {stages} equal stages",
+    )
+
+
+def _check_zero_with_pipeline(config: RunConfig) -> None:
+    """ZeRO-2 under pipelining needs untied embeddings (the rest of ZeRO's rules are
+    ParallelConfig.validate's)."""
+    p = config.parallel
+    _need(
+        not (p.zero_stage == 2 and p.pipeline > 1 and config.model.tied),
+        "parallel.zero_stage",
+        "ZeRO-2 with parallel.pipeline > 1 needs untied embeddings: ZeRO-2 reduces and shards each "
+        "gradient during every micro-batch's backward, but the two copies of a tied embedding (first "
+        "and last stage) must first be summed, and the first stage only has its gradient at the very "
+        "end of the pipeline's backward. Set model.tie_embeddings=false, or use parallel.zero_stage=1",
+    )
+
+
+def _check_objective(config: RunConfig) -> None:
+    """The training objective and the attention direction go together."""
+    _need(
+        (config.data.objective == "masked") == config.model.bidirectional,
+        "model.bidirectional",
+        "must be true exactly when data.objective=masked (a causal model cannot learn masked-LM, "
+        "and a bidirectional one sees the next token)",
+    )
+
+
+def _check_attention_precision(config: RunConfig) -> None:
+    """flash-attn has no fp32 kernels (whether it is installed is checked when a run starts)."""
+    _need(
+        not (config.model.attention_backend == "flash_attn" and config.train.precision == "fp32"),
+        "model.attention_backend",
+        "flash_attn runs in bf16 or fp16 only: set train.precision=bf16, or use sdpa",
+    )
+
+
+CROSS_SECTION_CHECKS = (
+    _check_tensor_split,
+    _check_pipeline_split,
+    _check_zero_with_pipeline,
+    _check_objective,
+    _check_attention_precision,
+)
+
+
+def validate_layout(config: RunConfig, world_size: int) -> int:
+    """Check that the config's layout fits `world_size` ranks; returns the data-parallel size.
+
+    Called before any process group exists (pretrain.parallel.topology.init_distributed), so a
+    bad layout fails in a second with the numbers."""
+    p = config.parallel
+    model_parallel = p.tensor * p.pipeline
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by parallel.tensor x "
+            f"parallel.pipeline = {p.tensor} x {p.pipeline} = {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    try:
+        micro_batches = config.accumulation_steps(dp)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (world {world_size} / (tensor {p.tensor} x pipeline {p.pipeline}))") from None
+    if p.virtual_stages > 1 and micro_batches % p.pipeline:
+        raise ConfigError(
+            f"parallel.virtual_stages: the interleaved schedule needs the number of "
+            f"micro-batches per step ({micro_batches}) to be a multiple of "
+            f"parallel.pipeline={p.pipeline}; raise train.global_batch_size"
+        )
+    return dp

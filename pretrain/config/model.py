@@ -1,0 +1,137 @@
+"""The `model:` section: the network's shape, and the values that follow from it (kv_heads,
+head_dim, ffn_size, vocab_rows, ...). How it splits over parallel.* is checks.py's job."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pretrain.config.errors import _need
+
+
+@dataclass
+class ModelConfig:
+    flavour: Literal["gpt2", "llama"] = "gpt2"
+    """`gpt2`: learned positions, LayerNorm, GeLU MLP, tied embeddings, biases.
+    `llama`: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied output, no biases."""
+    num_layers: int = 2
+    """Number of transformer blocks."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_heads: int = 4
+    """Attention (query) heads; hidden_size must be divisible by it."""
+    num_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; default num_heads (plain multi-head)."""
+    ffn_hidden_size: int | None = None
+    """MLP width; default 4*hidden (gpt2) or 8/3*hidden rounded up to a multiple of 64 (llama)."""
+    vocab_size: int = 8000
+    """Tokenizer vocabulary size (real ids); the embedding is padded, see padded_vocab_size."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding rows are padded to a multiple of this times parallel.tensor (Megatron)."""
+    padded_vocab_size: int | None = None
+    """Rows of the embedding; filled at load from vocab_size. Set it to pin a checkpoint's size."""
+    seq_length: int = 256
+    """Training sequence length in tokens."""
+    max_position_embeddings: int | None = None
+    """Size of the position table (gpt2) / RoPE cache (llama); default seq_length."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and residual branches."""
+    norm_eps: float = 1e-5
+    """Epsilon of LayerNorm / RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base (llama flavour)."""
+    tie_embeddings: bool | None = None
+    """Share input embedding and output projection; default True for gpt2, False for llama."""
+    init_std: float = 0.02
+    """Std of the normal init; output projections use init_std / sqrt(2 * num_layers)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """`full` recomputes each block in backward; `selective` only the attention core."""
+    bidirectional: bool = False
+    """Attend in both directions (no causal mask), for data.objective=masked."""
+    attention_backend: Literal["sdpa", "flash_attn"] = "sdpa"
+    """`sdpa`: torch's scaled_dot_product_attention (FlashAttention/cuDNN kernels on GPU, a fused
+    kernel on CPU). `flash_attn`: the flash-attn package (GPU, bf16/fp16), when installed."""
+    compile: bool = False
+    """torch.compile each transformer block (fuses norms, activations, RoPE and residual adds;
+    inductor generates C++ on CPU, Triton on GPU). The first steps pay the compile time."""
+
+    # Derived values: read these, not the optional fields above.
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.flavour == "llama":
+            return 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        return 4 * self.hidden_size
+
+    @property
+    def tied(self) -> bool:
+        return self.flavour == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def vocab_rows(self) -> int:
+        """Padded vocabulary actually allocated (single-device default when not filled at load)."""
+        return self.padded_vocab_size or pad_vocab(self.vocab_size, self.make_vocab_size_divisible_by)
+
+    def validate(self) -> None:
+        """The model's own rules; how it splits over parallel.* is checked by finalize."""
+        for key in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "vocab_size",
+            "seq_length",
+            "make_vocab_size_divisible_by",
+        ):
+            _need(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}")
+        _need(
+            self.hidden_size % self.num_heads == 0,
+            "model.hidden_size",
+            f"{self.hidden_size} is not divisible by model.num_heads={self.num_heads}",
+        )
+        _need(
+            self.kv_heads > 0 and self.num_heads % self.kv_heads == 0,
+            "model.num_kv_heads",
+            f"model.num_heads={self.num_heads} is not divisible by model.num_kv_heads={self.kv_heads}",
+        )
+        _need(
+            self.flavour == "llama" or self.kv_heads == self.num_heads,
+            "model.num_kv_heads",
+            "grouped-query attention needs model.flavour=llama",
+        )
+        _need(
+            self.flavour == "gpt2" or self.head_dim % 2 == 0,
+            "model.hidden_size",
+            f"RoPE needs an even head dimension, got {self.head_dim}",
+        )
+        _need(self.ffn_size > 0, "model.ffn_hidden_size", f"must be positive, got {self.ffn_hidden_size}")
+        _need(
+            self.positions >= self.seq_length,
+            "model.seq_length",
+            f"{self.seq_length} is longer than model.max_position_embeddings={self.positions}",
+        )
+        _need(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _need(self.norm_eps > 0, "model.norm_eps", f"must be positive, got {self.norm_eps}")
+        # Unset, it is filled (always large enough) once parallel.tensor is known.
+        _need(
+            self.padded_vocab_size is None or self.padded_vocab_size >= self.vocab_size,
+            "model.padded_vocab_size",
+            f"{self.padded_vocab_size} is smaller than model.vocab_size={self.vocab_size}",
+        )
+
+
+def pad_vocab(vocab_size: int, multiple: int) -> int:
+    return multiple * math.ceil(vocab_size / multiple)

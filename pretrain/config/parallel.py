@@ -1,0 +1,78 @@
+"""The `parallel:` section: tensor, pipeline and data parallelism, ZeRO, and communication
+limits. Describes the layout only; the process groups are pretrain.parallel's, which this
+package never imports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.config.errors import _need
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    """Tensor-parallel size (Megatron column/row split); keep it within a node."""
+    pipeline: int = 1
+    """Pipeline-parallel stages."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
+    sequence_parallel: bool = False
+    """Split activations outside tensor-parallel regions along the sequence."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 (0 = plain data parallelism): 1 shards the optimizer state
+    across the data-parallel ranks, 2 also the gradients, 3 also the weights. Needs the `zero`
+    extra (deepspeed); the DeepSpeed config is generated from this run config."""
+    offload_optimizer: bool = False
+    """ZeRO: keep the optimizer state (fp32 master weights, Adam moments) in CPU memory and run
+    the optimizer step there (DeepSpeed ZeRO-Offload); needs parallel.zero_stage >= 1."""
+    offload_params: bool = False
+    """ZeRO-3: keep the weight shards in CPU memory between uses; needs parallel.zero_stage=3."""
+    zero3_persistence_threshold: int = 100000
+    """ZeRO-3: parameters with fewer elements than this stay whole on every rank (norms, biases),
+    which saves many tiny gathers; 0 partitions every parameter."""
+    bucket_mb: float = 25.0
+    """Data-parallel gradients are all-reduced in buckets of about this many MB, each started
+    as soon as its gradients are ready so communication overlaps the backward pass."""
+    timeout_minutes: float = 10.0
+    """How long a rank waits to reach the master at start, and for any collective, before it
+    fails with a message instead of hanging."""
+
+    def validate(self) -> None:
+        """Sizes, and the ZeRO combinations we support (the one that depends on the model's tied
+        embeddings is a cross-section check, _check_zero_with_pipeline)."""
+        for key in ("tensor", "pipeline", "virtual_stages"):
+            _need(getattr(self, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _need(
+            self.virtual_stages == 1 or self.pipeline > 1,
+            "parallel.virtual_stages",
+            "interleaving needs parallel.pipeline > 1",
+        )
+        _need(not self.sequence_parallel or self.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+        _need(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {self.zero_stage}")
+        _need(self.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {self.bucket_mb}")
+        _need(self.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")
+        _need(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            "parallel.offload_optimizer",
+            "needs parallel.zero_stage >= 1 (the optimizer state is offloaded by DeepSpeed's ZeRO optimizer)",
+        )
+        _need(
+            not self.offload_params or self.zero_stage == 3,
+            "parallel.offload_params",
+            "needs parallel.zero_stage=3 (only ZeRO-3 partitions the weights, which is what gets offloaded)",
+        )
+        _need(
+            self.zero3_persistence_threshold >= 0,
+            "parallel.zero3_persistence_threshold",
+            f"must be >= 0, got {self.zero3_persistence_threshold}",
+        )
+        _need(
+            not (self.zero_stage == 3 and self.pipeline > 1),
+            "parallel.zero_stage",
+            "ZeRO-3 with parallel.pipeline > 1 is not supported: ZeRO-3 gathers each weight around its "
+            "module's forward and backward through hooks on the whole model, while a pipeline stage runs "
+            "slices of the model on activations received from another rank, so every weight would be "
+            "gathered and released once per micro-batch with nothing in flight to hide it (DeepSpeed's own "
+            "pipeline engine refuses it too). Use parallel.zero_stage=1 or 2 with pipelining",
+        )
