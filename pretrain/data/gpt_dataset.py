@@ -201,6 +201,17 @@ def _lengths_fingerprint(lengths: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(lengths[::step], dtype="<i4").tobytes()).hexdigest()[:16]
 
 
+def _check_arguments(split: str, seq_length: int, seed: int, num_samples: int | None) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be at least 1, got {seq_length}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer (it seeds megatron's shuffles), got {seed!r}")
+    if num_samples is not None and num_samples < 0:
+        raise ValueError(f"num_samples must be non-negative or None, got {num_samples}")
+
+
 def default_cache_dir(prefix: str) -> str:
     """Index caches live beside the data they index."""
     return os.path.join(os.path.dirname(os.path.abspath(prefix)), "index-cache")
@@ -229,29 +240,33 @@ class GPTDataset:
         create: bool = True,
         wait_seconds: float = DEFAULT_WAIT_SECONDS,
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if seq_length < 1:
-            raise ValueError(f"seq_length must be at least 1, got {seq_length}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer (it seeds megatron's shuffles), got {seed!r}")
-        if num_samples is not None and num_samples < 0:
-            raise ValueError(f"num_samples must be non-negative or None, got {num_samples}")
+        _check_arguments(split, seq_length, seed, num_samples)
         self.indexed = data if isinstance(data, IndexedDataset) else IndexedDataset(data)
         self.prefix = self.indexed.prefix
         self.seq_length = seq_length
         self.split = split
         self.seed = seed
         self.num_samples = num_samples
+        self.document_range = self._resolve_range(document_range, split_ratios)
+        self.description = self._cache_description()
+        self._load_indices(cache_dir, split_ratios, create=create, wait_seconds=wait_seconds)
+        self._itemsize = self.indexed.dtype.itemsize
+        self._offsets = np.arange(seq_length + 1, dtype=np.int64)
 
+    def _resolve_range(self, document_range: tuple[int, int] | None, split_ratios: Sequence[float]) -> tuple[int, int]:
+        """The split's [begin, end) documents: as given, else from `split_ratios`."""
         if document_range is None:
-            bounds = split_bounds(len(self.indexed), split_ratios)[SPLITS.index(split)]
+            bounds = split_bounds(len(self.indexed), split_ratios)[SPLITS.index(self.split)]
             document_range = bounds if bounds is not None else (0, 0)
         begin, end = document_range
         if not 0 <= begin <= end <= len(self.indexed):
             raise ValueError(f"document_range {document_range} is outside [0, {len(self.indexed)}]")
-        self.document_range = (begin, end)
-        description = {
+        return (begin, end)
+
+    def _cache_description(self) -> dict:
+        """Everything the indices depend on: the cache entry's key, so a change of any misses it."""
+        begin, end = self.document_range
+        return {
             "kind": "gpt_indices",
             # The data, identified by content summary rather than path so a moved copy keeps
             # its cache; a re-tokenized corpus changes these and so misses the cache.
@@ -261,16 +276,21 @@ class GPTDataset:
             "data_idx_bytes": self.indexed.idx_bytes,
             "data_lengths_sample": _lengths_fingerprint(self.indexed.sequence_lengths),
             "documents": [begin, end],
-            "seq_length": seq_length,
-            "seed": seed,
-            "num_samples": num_samples,
+            "seq_length": self.seq_length,
+            "seed": self.seed,
+            "num_samples": self.num_samples,
         }
-        self.description = description
+
+    def _load_indices(
+        self, cache_dir: str | None, split_ratios: Sequence[float], *, create: bool, wait_seconds: float
+    ) -> None:
+        """The three indices from the cache; missing there, built and stored (create=True) or
+        waited for (create=False)."""
         directory = cache_dir if cache_dir is not None else default_cache_dir(self.prefix)
         arrays, self.built_index = cached_arrays(
             directory,
-            f"{os.path.basename(self.prefix)}-{split}",
-            description,
+            f"{os.path.basename(self.prefix)}-{self.split}",
+            self.description,
             lambda: self._build(split_ratios),
             create=create,
             wait_seconds=wait_seconds,
@@ -280,8 +300,6 @@ class GPTDataset:
         self.shuffle_index = arrays["shuffle_index"]
         self._num_samples = len(self.shuffle_index)
         self._check_indices()
-        self._itemsize = self.indexed.dtype.itemsize
-        self._offsets = np.arange(seq_length + 1, dtype=np.int64)
 
     def _build(self, split_ratios: Sequence[float]) -> dict[str, np.ndarray]:
         begin, end = self.document_range

@@ -23,6 +23,7 @@ another dataset (merging) keeps that dataset's grouping of sequences into docume
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import struct
 import tempfile
@@ -246,6 +247,12 @@ class IndexedDatasetWriter:
             self.finalize()
 
 
+def _read_only(attribute: str, doc: str) -> property:
+    """A public, read-only name for one of the reader's own fields: assigning to it could only
+    make the reader disagree with its mapped files."""
+    return property(operator.attrgetter(attribute), doc=doc)
+
+
 class IndexedDataset:
     """Read-only, memory-mapped view of `PREFIX.bin` / `PREFIX.idx`.
 
@@ -415,34 +422,16 @@ class IndexedDataset:
         start = int(self._pointers[i]) // self._dtype.itemsize + offset
         return self._tokens[start : start + length]
 
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
-    def sequence_lengths(self) -> np.ndarray:
-        """int32 [N]: tokens per sequence."""
-        return self._lengths
-
-    @property
-    def sequence_pointers(self) -> np.ndarray:
-        """int64 [N]: byte offset of each sequence in `.bin`."""
-        return self._pointers
-
-    @property
-    def document_indices(self) -> np.ndarray:
-        """int64 [D]: document j is sequences [document_indices[j], document_indices[j+1])."""
-        return self._documents
-
-    @property
-    def tokens(self) -> np.ndarray:
-        """All tokens of `.bin` as one flat read-only view; sequence i starts at pointer // itemsize."""
-        return self._tokens
-
-    @property
-    def idx_bytes(self) -> int:
-        """Size of the `.idx` file: part of what identifies the data for index caches."""
-        return self._idx_size
+    dtype = _read_only("_dtype", "The token dtype of `.bin`.")
+    sequence_lengths = _read_only("_lengths", "int32 [N]: tokens per sequence.")
+    sequence_pointers = _read_only("_pointers", "int64 [N]: byte offset of each sequence in `.bin`.")
+    document_indices = _read_only(
+        "_documents", "int64 [D]: document j is sequences [document_indices[j], document_indices[j+1])."
+    )
+    tokens = _read_only(
+        "_tokens", "All tokens of `.bin` as one flat read-only view; sequence i starts at pointer // itemsize."
+    )
+    idx_bytes = _read_only("_idx_size", "Size of the `.idx` file: part of what identifies the data for index caches.")
 
     @property
     def num_tokens(self) -> int:

@@ -21,6 +21,7 @@ an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,21 +29,35 @@ import torch
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
+# eq=False, repr=False: collators keep hashing, comparing and printing by identity, as before the
+# dataclass (a generated __eq__ would make them unhashable).
+@dataclass(kw_only=True, eq=False, repr=False)
 class MaskedLMCollator:
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        mask_id: int | None,
-        seed: int,
-        special_ids: Iterable[int] = (),
-        mask_prob: float = 0.15,
-        replace_prob: float = 0.8,
-        random_prob: float = 0.1,
-        mean_span: float | None = None,
-        max_span: int = 10,
-    ) -> None:
-        specials = sorted({int(i) for i in special_ids})
+    """The masking settings (see the module doc); called as a SampleLoader's `collate`."""
+
+    vocab_size: int
+    mask_id: int | None
+    seed: int
+    special_ids: Iterable[int] = ()
+    mask_prob: float = 0.15
+    replace_prob: float = 0.8
+    random_prob: float = 0.1
+    mean_span: float | None = None
+    max_span: int = 10
+
+    def __post_init__(self) -> None:
+        specials = sorted({int(i) for i in self.special_ids})
+        self._check(specials)
+        self.special_ids = tuple(specials)
+        self.mask_id = int(self.mask_id)
+        # Random replacements are ordinary tokens: never a special one, never the mask itself.
+        self._excluded = np.array(sorted(set(specials) | {self.mask_id}), dtype=np.int64)
+        self._specials = np.array(specials, dtype=np.int64)
+        if self.vocab_size - len(self._excluded) < 1:
+            raise ValueError("the vocabulary has no ordinary tokens left to draw random replacements from")
+
+    def _check(self, specials: list[int]) -> None:
+        vocab_size, mask_id = self.vocab_size, self.mask_id
         if mask_id is None:
             raise ValueError(
                 "masked-LM training needs a mask token, and this tokenizer has none; retrain it with "
@@ -50,32 +65,20 @@ class MaskedLMCollator:
             )
         if not 0 <= mask_id < vocab_size:
             raise ValueError(f"mask_id {mask_id} is outside the vocabulary [0, {vocab_size})")
-        if not 0 < mask_prob < 1:
-            raise ValueError(f"mask_prob must lie in (0, 1), got {mask_prob}")
+        if not 0 < self.mask_prob < 1:
+            raise ValueError(f"mask_prob must lie in (0, 1), got {self.mask_prob}")
+        replace_prob, random_prob = self.replace_prob, self.random_prob
         if replace_prob < 0 or random_prob < 0 or replace_prob + random_prob > 1:
             raise ValueError(
                 f"replace_prob ({replace_prob}) and random_prob ({random_prob}) must be non-negative "
                 "and sum to at most 1 (the rest keeps the original token)"
             )
-        if mean_span is not None and mean_span < 1:
-            raise ValueError(f"mean_span must be at least 1, got {mean_span}")
-        if max_span < 1:
-            raise ValueError(f"max_span must be at least 1, got {max_span}")
+        if self.mean_span is not None and self.mean_span < 1:
+            raise ValueError(f"mean_span must be at least 1, got {self.mean_span}")
+        if self.max_span < 1:
+            raise ValueError(f"max_span must be at least 1, got {self.max_span}")
         if any(not 0 <= i < vocab_size for i in specials):
             raise ValueError(f"special_ids {specials} must lie in the vocabulary [0, {vocab_size})")
-        self.vocab_size = vocab_size
-        self.mask_id = int(mask_id)
-        self.seed = seed
-        self.mask_prob = mask_prob
-        self.replace_prob = replace_prob
-        self.random_prob = random_prob
-        self.mean_span = mean_span
-        self.max_span = max_span
-        # Random replacements are ordinary tokens: never a special one, never the mask itself.
-        self._excluded = np.array(sorted(set(specials) | {self.mask_id}), dtype=np.int64)
-        self._specials = np.array(specials, dtype=np.int64)
-        if vocab_size - len(self._excluded) < 1:
-            raise ValueError("the vocabulary has no ordinary tokens left to draw random replacements from")
 
     def __call__(self, samples: np.ndarray, positions: np.ndarray) -> dict[str, torch.Tensor]:
         """samples int64 [b, s+1], positions int64 [b] -> tokens, labels LongTensor [b, s]."""

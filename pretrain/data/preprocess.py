@@ -346,47 +346,57 @@ def line_number(paths: Sequence[str], result: ChunkResult, line_index: int, offs
     return count + 1
 
 
-def run_partition(
-    units: Sequence[Unit],
-    paths: Sequence[str],
-    writers: Sequence[IndexedDatasetWriter],
-    encoder: ChunkEncoder,
-    *,
-    workers: int,
-    chunk_bytes: int,
-    on_progress: Callable[[int, int, int, int], None] | None = None,
-) -> Stats:
-    """Tokenize `units` in order into `writers` (one per key). Raises PreprocessError on bad input."""
-    stats = Stats()
-    read_bytes = [0]
+class _Collector:
+    """Takes the encoded chunks in input order: writes their tokens, counts them, and turns
+    their bad lines into an error or a skip (the line numbers need the input paths)."""
 
-    def count_read(n: int) -> None:
-        read_bytes[0] += n
+    def __init__(
+        self,
+        paths: Sequence[str],
+        writers: Sequence[IndexedDatasetWriter],
+        on_progress: Callable[[int, int, int, int], None] | None,
+    ) -> None:
+        self.paths = paths
+        self.writers = writers
+        self.on_progress = on_progress
+        self.stats = Stats()
+        self.read_bytes = 0  # raw input bytes read since the last progress report
 
-    def consume(result: ChunkResult) -> None:
-        for line_index, offset, why in result.bad:
-            where = f"{paths[result.file_index]}:{line_number(paths, result, line_index, offset)}"
-            if result.stopped:
-                raise PreprocessError(f"{where}: {why}")
-            stats.skipped += 1
-            if len(stats.examples) < _EXAMPLES:
-                stats.examples.append(f"{where}: {why}")
+    def count_read(self, n: int) -> None:
+        self.read_bytes += n
+
+    def __call__(self, result: ChunkResult) -> None:
+        self._bad_lines(result)
         tokens = 0
-        for writer, flat, lengths in zip(writers, result.tokens, result.lengths, strict=True):
+        for writer, flat, lengths in zip(self.writers, result.tokens, result.lengths, strict=True):
             writer.add_documents(flat, lengths)
             tokens += len(flat)
-        stats.docs += result.docs
-        stats.bytes += result.nbytes
-        stats.tokens += tokens
-        if on_progress is not None:
-            on_progress(result.docs, result.nbytes, tokens, read_bytes[0])
-            read_bytes[0] = 0
+        self.stats.docs += result.docs
+        self.stats.bytes += result.nbytes
+        self.stats.tokens += tokens
+        if self.on_progress is not None:
+            self.on_progress(result.docs, result.nbytes, tokens, self.read_bytes)
+            self.read_bytes = 0
 
-    chunks = (c for u in units for c in iter_chunks(u, chunk_bytes=chunk_bytes, on_read=count_read))
+    def _bad_lines(self, result: ChunkResult) -> None:
+        for line_index, offset, why in result.bad:
+            where = f"{self.paths[result.file_index]}:{line_number(self.paths, result, line_index, offset)}"
+            if result.stopped:
+                raise PreprocessError(f"{where}: {why}")
+            self.stats.skipped += 1
+            if len(self.stats.examples) < _EXAMPLES:
+                self.stats.examples.append(f"{where}: {why}")
+
+
+def _encode_in_order(
+    chunks: Iterator[Chunk], encoder: ChunkEncoder, workers: int, consume: Callable[[ChunkResult], None]
+) -> None:
+    """Encode `chunks` on `workers` processes (in this one for a single worker) and hand the
+    results to `consume` in input order, which is what makes the output independent of `workers`."""
     if workers <= 1:
         for chunk in chunks:
             consume(encoder(chunk))
-        return stats
+        return
     pool = _context().Pool(workers, initializer=_init_worker, initargs=(encoder,))
     try:
         pending: deque = deque()
@@ -401,7 +411,42 @@ def run_partition(
     finally:
         pool.terminate()
         pool.join()
-    return stats
+
+
+def run_partition(
+    units: Sequence[Unit],
+    paths: Sequence[str],
+    writers: Sequence[IndexedDatasetWriter],
+    encoder: ChunkEncoder,
+    *,
+    workers: int,
+    chunk_bytes: int,
+    on_progress: Callable[[int, int, int, int], None] | None = None,
+) -> Stats:
+    """Tokenize `units` in order into `writers` (one per key). Raises PreprocessError on bad input."""
+    collector = _Collector(paths, writers, on_progress)
+    chunks = (c for u in units for c in iter_chunks(u, chunk_bytes=chunk_bytes, on_read=collector.count_read))
+    _encode_in_order(chunks, encoder, workers, collector)
+    return collector.stats
+
+
+def _tokenize_into(
+    prefixes: Sequence[str],
+    units: Sequence[Unit],
+    paths: Sequence[str],
+    encoder: ChunkEncoder,
+    *,
+    workers: int,
+    chunk_bytes: int,
+    on_progress: Callable[[int, int, int, int], None] | None,
+) -> Stats:
+    """`run_partition` into new datasets at `prefixes` (one per key), which appear only if it succeeds."""
+    with contextlib.ExitStack() as stack:
+        # Each writer deletes its temporary files if anything below raises.
+        writers = [stack.enter_context(IndexedDatasetWriter(p, dtype=encoder.dtype)) for p in prefixes]
+        return run_partition(
+            units, paths, writers, encoder, workers=workers, chunk_bytes=chunk_bytes, on_progress=on_progress
+        )
 
 
 # -- the whole job --------------------------------------------------------------------------------
@@ -457,23 +502,133 @@ def output_prefixes(output_prefix: str, keys: Sequence[str]) -> list[str]:
 def _partition_main(args: tuple) -> None:
     """Entry of a partition process: write its own temporary datasets, report through a queue."""
     index, units, paths, prefixes, encoder, workers, chunk_bytes, counters, queue = args
+
+    def report(docs: int, nbytes: int, tokens: int, read: int) -> None:
+        with counters.get_lock():
+            for j, v in enumerate((docs, nbytes, tokens, read)):
+                counters[4 * index + j] += v
+
     try:
-        with contextlib.ExitStack() as stack:
-            writers = [stack.enter_context(IndexedDatasetWriter(p, dtype=encoder.dtype)) for p in prefixes]
-
-            def report(docs: int, nbytes: int, tokens: int, read: int) -> None:
-                with counters.get_lock():
-                    for j, v in enumerate((docs, nbytes, tokens, read)):
-                        counters[4 * index + j] += v
-
-            stats = run_partition(
-                units, paths, writers, encoder, workers=workers, chunk_bytes=chunk_bytes, on_progress=report
-            )
+        stats = _tokenize_into(
+            prefixes, units, paths, encoder, workers=workers, chunk_bytes=chunk_bytes, on_progress=report
+        )
         queue.put((index, None, stats))
     except PreprocessError as exc:
         queue.put((index, str(exc), None))
     except BaseException as exc:
         queue.put((index, f"partition {index} failed: {type(exc).__name__}: {exc}", None))
+
+
+def _forward_progress(counters, seen: list[int], update: Callable[[int, int, int, int], None]) -> list[int]:
+    """Pass on what the partitions counted since `seen` (the totals last passed on); returns the new totals."""
+    partitions = len(counters) // 4
+    with counters.get_lock():
+        now = [sum(counters[4 * k + j] for k in range(partitions)) for j in range(4)]
+    update(*(a - b for a, b in zip(now, seen, strict=True)))
+    return now
+
+
+def _await_partitions(
+    procs: Sequence[mp.process.BaseProcess],
+    queue,
+    counters,
+    update: Callable[[int, int, int, int], None] | None,
+) -> list[Stats]:
+    """Each partition's Stats, in order, once all have finished; raises the first failure."""
+    outcomes: dict[int, tuple[str | None, Stats | None]] = {}
+    seen = [0] * 4
+    while len(outcomes) < len(procs):
+        try:
+            k, error, stats = queue.get(timeout=0.2)
+            outcomes[k] = (error, stats)
+        except queue_module.Empty:
+            dead = [k for k, p in enumerate(procs) if p.exitcode not in (None, 0) and k not in outcomes]
+            if dead:
+                outcomes[dead[0]] = (f"partition {dead[0]} died (exit code {procs[dead[0]].exitcode})", None)
+        failed = sorted(k for k, (error, _) in outcomes.items() if error)
+        # Report the first error in input order as soon as no earlier partition can fail.
+        if failed and all(j in outcomes for j in range(failed[0])):
+            raise PreprocessError(outcomes[failed[0]][0])
+        if update is not None:
+            seen = _forward_progress(counters, seen, update)
+    parts = [outcomes[k][1] for k in range(len(procs))]
+    assert all(s is not None for s in parts)  # any failure was raised above
+    return parts
+
+
+def _sum_stats(parts: Sequence[Stats]) -> Stats:
+    """The partitions' Stats as one run's: counts added, the first few examples in input order."""
+    total = Stats()
+    for s in parts:
+        total.docs += s.docs
+        total.bytes += s.bytes
+        total.tokens += s.tokens
+        total.skipped += s.skipped
+        total.examples.extend(s.examples)
+    total.examples = total.examples[:_EXAMPLES]
+    return total
+
+
+def _run_partitions(
+    paths: Sequence[str],
+    prefixes: Sequence[str],
+    encoder: ChunkEncoder,
+    scratch: str,
+    *,
+    workers: int,
+    partitions: int,
+    chunk_bytes: int,
+    update: Callable[[int, int, int, int], None] | None,
+) -> Stats:
+    """Tokenize each partition in its own process into datasets under `scratch`, then merge
+    them in order into `prefixes`."""
+    plan = plan_partitions(paths, partitions)
+    share = [workers // partitions + (k < workers % partitions) for k in range(partitions)]
+    ctx = _context()
+    counters = ctx.Array("q", 4 * partitions)
+    queue = ctx.Queue()
+    part_prefixes = [[os.path.join(scratch, f"p{k}_{j}") for j in range(len(prefixes))] for k in range(partitions)]
+    procs = [
+        ctx.Process(
+            target=_partition_main,
+            args=((k, plan[k], paths, part_prefixes[k], encoder, share[k], chunk_bytes, counters, queue),),
+        )
+        for k in range(partitions)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        total_stats = _sum_stats(_await_partitions(procs, queue, counters, update))
+        for j, prefix in enumerate(prefixes):
+            merge_datasets([part_prefixes[k][j] for k in range(partitions)], prefix)
+        return total_stats
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join()
+
+
+def _check_arguments(keys: Sequence[str], workers: int, partitions: int) -> None:
+    if workers < 1 or partitions < 1:
+        raise PreprocessError("workers and partitions must be at least 1")
+    if not keys or len(set(keys)) != len(keys):
+        raise PreprocessError(f"json keys must be distinct and at least one, got {list(keys)}")
+
+
+def _default_chunk_bytes(paths: Sequence[str], workers: int) -> int:
+    """Enough chunks per worker that the last ones finish together."""
+    total = sum(os.path.getsize(p) for p in paths)
+    return int(min(_MAX_CHUNK, max(_MIN_CHUNK, total // max(1, workers * 64))))
+
+
+def _output_directory(output_prefix: str) -> str:
+    """The directory of `output_prefix`; it must exist already, and is checked writable before any work."""
+    directory = os.path.dirname(os.path.abspath(output_prefix))
+    if not os.path.isdir(directory):
+        raise PreprocessError(f"output directory {directory!r} does not exist")
+    check_output_directory(output_prefix)
+    return directory
 
 
 def preprocess(
@@ -490,89 +645,32 @@ def preprocess(
     progress: Progress | None = None,
 ) -> Stats:
     """Tokenize JSONL `inputs` (files or globs) into `{output_prefix}_{key}_document.bin/.idx`."""
-    if workers < 1 or partitions < 1:
-        raise PreprocessError("workers and partitions must be at least 1")
-    if not keys or len(set(keys)) != len(keys):
-        raise PreprocessError(f"json keys must be distinct and at least one, got {list(keys)}")
+    _check_arguments(keys, workers, partitions)
     paths = expand_inputs(inputs)
-    total = sum(os.path.getsize(p) for p in paths)
-    if chunk_bytes is None:  # enough chunks per worker that the last ones finish together
-        chunk_bytes = int(min(_MAX_CHUNK, max(_MIN_CHUNK, total // max(1, workers * 64))))
+    if chunk_bytes is None:
+        chunk_bytes = _default_chunk_bytes(paths, workers)
     encoder = ChunkEncoder(tokenizer, keys=keys, append_eod=append_eod, skip_bad_lines=skip_bad_lines)
     prefixes = output_prefixes(output_prefix, keys)
-    directory = os.path.dirname(os.path.abspath(output_prefix))
-    if not os.path.isdir(directory):
-        raise PreprocessError(f"output directory {directory!r} does not exist")
-    check_output_directory(output_prefix)
+    directory = _output_directory(output_prefix)
     update = progress.update if progress is not None else None
 
     partitions = min(partitions, workers)  # every partition needs a worker
     if partitions == 1:
-        with contextlib.ExitStack() as stack:
-            # Each writer deletes its temporary files if anything below raises.
-            writers = [stack.enter_context(IndexedDatasetWriter(p, dtype=encoder.dtype)) for p in prefixes]
-            return run_partition(
-                [Unit(i, p) for i, p in enumerate(paths)],
-                paths,
-                writers,
-                encoder,
-                workers=workers,
-                chunk_bytes=chunk_bytes,
-                on_progress=update,
-            )
-
-    plan = plan_partitions(paths, partitions)
-    share = [workers // partitions + (k < workers % partitions) for k in range(partitions)]
-    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(output_prefix)}.partitions.", dir=directory)
-    ctx = _context()
-    counters = ctx.Array("q", 4 * partitions)
-    queue = ctx.Queue()
-    part_prefixes = [[os.path.join(scratch, f"p{k}_{j}") for j in range(len(keys))] for k in range(partitions)]
-    procs = [
-        ctx.Process(
-            target=_partition_main,
-            args=((k, plan[k], paths, part_prefixes[k], encoder, share[k], chunk_bytes, counters, queue),),
+        units = [Unit(i, p) for i, p in enumerate(paths)]
+        return _tokenize_into(
+            prefixes, units, paths, encoder, workers=workers, chunk_bytes=chunk_bytes, on_progress=update
         )
-        for k in range(partitions)
-    ]
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(output_prefix)}.partitions.", dir=directory)
     try:
-        for p in procs:
-            p.start()
-        outcomes: dict[int, tuple[str | None, Stats | None]] = {}
-        seen = [0] * 4
-        while len(outcomes) < partitions:
-            try:
-                k, error, stats = queue.get(timeout=0.2)
-                outcomes[k] = (error, stats)
-            except queue_module.Empty:
-                dead = [k for k, p in enumerate(procs) if p.exitcode not in (None, 0) and k not in outcomes]
-                if dead:
-                    outcomes[dead[0]] = (f"partition {dead[0]} died (exit code {procs[dead[0]].exitcode})", None)
-            failed = sorted(k for k, (error, _) in outcomes.items() if error)
-            # Report the first error in input order as soon as no earlier partition can fail.
-            if failed and all(j in outcomes for j in range(failed[0])):
-                raise PreprocessError(outcomes[failed[0]][0])
-            if update is not None:
-                with counters.get_lock():
-                    now = [sum(counters[4 * k + j] for k in range(partitions)) for j in range(4)]
-                update(*(a - b for a, b in zip(now, seen, strict=True)))
-                seen = now
-        total_stats = Stats()
-        for k in range(partitions):
-            s = outcomes[k][1]
-            assert s is not None
-            total_stats.docs += s.docs
-            total_stats.bytes += s.bytes
-            total_stats.tokens += s.tokens
-            total_stats.skipped += s.skipped
-            total_stats.examples.extend(s.examples)
-        total_stats.examples = total_stats.examples[:_EXAMPLES]
-        for j, prefix in enumerate(prefixes):
-            merge_datasets([part_prefixes[k][j] for k in range(partitions)], prefix)
-        return total_stats
+        return _run_partitions(
+            paths,
+            prefixes,
+            encoder,
+            scratch,
+            workers=workers,
+            partitions=partitions,
+            chunk_bytes=chunk_bytes,
+            update=update,
+        )
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join()
         shutil.rmtree(scratch, ignore_errors=True)
