@@ -89,6 +89,7 @@ def meta_sizes(config_path: str, tp: int) -> dict:
     old build's fp32 transient and the new one's (largest parameter, full, fp32)."""
     from pretrain.config import load_config
     from pretrain.models.gpt import GPT
+    from pretrain.models.sharding import sharding
     from pretrain.parallel.tensor import TensorParallelLayers
 
     config = load_config(config_path, [f"parallel.tensor={tp}"]).model
@@ -97,7 +98,7 @@ def meta_sizes(config_path: str, tp: int) -> dict:
         model = GPT(config, layers=layers if tp > 1 else None, init_seed=1)
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    largest_full = max(p.numel() * (tp if getattr(p, "tp_spec", None) else 1) for p in params)
+    largest_full = max(p.numel() * (tp if sharding(p).tp else 1) for p in params)
     return {
         "params_per_rank_b": n / 1e9,
         "fp32_gb": 4 * n / 1e9,

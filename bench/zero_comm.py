@@ -52,6 +52,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from parallel_harness import build_trainer, free_port  # noqa: E402
 
 from pretrain.config import config_from_dict  # noqa: E402
+from pretrain.models.sharding import sharding  # noqa: E402
 from pretrain.parallel.nccl_rules import CommRecorder  # noqa: E402
 
 # name -> (overrides, DP size); world = TP x DP
@@ -140,7 +141,7 @@ def _rank(rank: int, world: int, port: int, args, overrides: list[str], dp: int,
         trainer.step(step)
         if step > 1:  # the first step builds DeepSpeed's buffers
             per_step.append(phased_calls(recorder.events, names, world))
-    sp_params = sum(1 for c in trainer.chunks for p in c.parameters() if getattr(p, "sequence_parallel", False))
+    sp_params = sum(1 for c in trainer.chunks for p in c.parameters() if sharding(p).sequence_parallel)
     result = {
         "rank": topo.rank,
         "steps": per_step,

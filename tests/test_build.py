@@ -44,7 +44,7 @@ def assert_same_model(built: GPT, reference: GPT, dtype: torch.dtype) -> None:
     for name, param in built.named_parameters():
         assert not param.is_meta and param.dtype == dtype and param.requires_grad, name
         assert torch.equal(param, ref[name].detach().to(dtype)), name
-        assert vars(param) == vars(ref[name]), name  # tp_spec, sequence_parallel, tied_embedding
+        assert vars(param) == vars(ref[name]), name  # the sharding facts (pretrain/models/sharding.py)
     buffers = dict(reference.named_buffers())
     for name, buffer in built.named_buffers():
         assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name

@@ -41,7 +41,7 @@ from pretrain.checkpoint.files import (
     resolve_checkpoint,
 )
 from pretrain.config import ModelConfig, RunConfig
-from pretrain.models.layers import ShardSpec, shard_tensor, unshard_tensors
+from pretrain.models.sharding import ShardSpec, shard_tensor, unshard_tensors
 
 # Parameters whose rows are the (padded) vocabulary: the padding grows with the TP size, and
 # padding rows take no part in the loss, so they are cut or zero-filled to fit another layout.

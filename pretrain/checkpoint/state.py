@@ -24,6 +24,7 @@ import torch
 from pretrain.checkpoint.files import FileChecksum, model_file, optimizer_file, write_safetensors
 from pretrain.checkpoint.restore import load_state, restore_partitioned, restore_replicated
 from pretrain.config import RunConfig
+from pretrain.models.sharding import full_shape, sharding
 from pretrain.parallel.topology import Topology
 
 
@@ -101,16 +102,9 @@ class HostBuffers:
 
 
 def _spec(param) -> list[int] | None:
-    spec = getattr(param, "tp_spec", None)
+    """The TP split as meta.json stores it."""
+    spec = sharding(param).tp
     return None if spec is None else [spec.dim, spec.parts]
-
-
-def _full_shape(param, shape: list[int], topo: Topology) -> list[int]:
-    """The unsharded shape of a parameter whose TP shard has `shape`."""
-    spec, shape = _spec(param), list(shape)
-    if spec is not None:
-        shape[spec[0]] *= topo.tp
-    return shape
 
 
 def take_replicated_shard(
@@ -128,7 +122,7 @@ def take_replicated_shard(
             continue
         shard.weights[name] = host.copy(name, param)
         shard.specs[name] = _spec(param)
-        shard.shapes[name] = _full_shape(param, list(param.shape), topo)
+        shard.shapes[name] = list(full_shape(param, topo.tp))
         for key, value in states.get(name, {}).items():
             value = value if torch.is_tensor(value) else torch.tensor(value)
             shard.optimizer[f"{name}/{key}"] = host.copy(f"{name}/{key}", value)
@@ -149,7 +143,7 @@ def take_partitioned_shard(
             shard.weights[name] = host.copy(name, frag.master)
             shard.fragments[name] = [frag.start, frag.numel]
             shard.specs[name] = _spec(frag.param)
-            shard.shapes[name] = _full_shape(frag.param, frag.shape, topo)
+            shard.shapes[name] = list(full_shape(frag.param, topo.tp, frag.shape))
             for key, value in frag.state.items():
                 shard.optimizer[f"{name}/{key}"] = host.copy(f"{name}/{key}", value)
                 shard.fragments[f"{name}/{key}"] = [frag.start, frag.numel]

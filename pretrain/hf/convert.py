@@ -23,7 +23,7 @@ from pretrain.hf.mapping import (
     to_hf_state_dict,
 )
 from pretrain.hf.tokenizer import export_tokenizer, import_tokenizer
-from pretrain.models.layers import shard_tensor
+from pretrain.models.sharding import shard_tensor
 
 # ================================================================================================
 # Files

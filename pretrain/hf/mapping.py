@@ -12,7 +12,7 @@ import torch
 # Hugging Face's.
 from pretrain.checkpoint.reader import VOCAB_PARAMS, fit_rows
 from pretrain.config import ModelConfig
-from pretrain.models.layers import ShardSpec
+from pretrain.models.sharding import ShardSpec, sharding
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
@@ -414,7 +414,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[
 
 def model_params(model: ModelConfig) -> dict[str, tuple[ShardSpec | None, list[int]]]:
     """name -> (TP shard spec, full shape with padded vocabulary rows) of our single-device GPT,
-    read off the model itself (every sharded parameter carries `tp_spec`, at TP=1 too). Built on
+    read off the model itself (every sharded parameter is marked, at TP=1 too). Built on
     the meta device with the random init skipped: nothing is allocated, so this costs the same
     for a 13B model as for a tiny one."""
     from pretrain.models.gpt import GPT
@@ -425,7 +425,7 @@ def model_params(model: ModelConfig) -> dict[str, tuple[ShardSpec | None, list[i
 
     with torch.device("meta"):
         gpt = Uninitialized(model)
-    return {n: (getattr(p, "tp_spec", None), list(p.shape)) for n, p in gpt.named_parameters()}
+    return {n: (sharding(p).tp, list(p.shape)) for n, p in gpt.named_parameters()}
 
 
 def check_shapes(state: dict[str, torch.Tensor], model: ModelConfig) -> None:

@@ -63,8 +63,8 @@ class _SkipDefaultInit(torch.overrides.TorchFunctionMode):
 @torch.no_grad()
 def materialize(model: GPT, *, device: torch.device, dtype: torch.dtype, seed: int) -> None:
     """Replace each meta parameter of `model` by its initial value on `device` in `dtype`,
-    keeping the attributes other code reads off parameters (tp_spec, sequence_parallel,
-    tied_embedding), then derive the buffers on `device`."""
+    keeping what other code reads off parameters (`sharding`, pretrain/models/sharding.py),
+    then derive the buffers on `device`."""
     if device.type == "meta":
         return
     done: dict[int, nn.Parameter] = {}  # a parameter shared by two modules stays one parameter

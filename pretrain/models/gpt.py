@@ -27,8 +27,9 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.config import ModelConfig
 from pretrain.models import kernels
 from pretrain.models.attention import Documents, attention
-from pretrain.models.layers import DenseLayers, full_shape, shard_tensor
+from pretrain.models.layers import DenseLayers
 from pretrain.models.loss import ScratchBuffer
+from pretrain.models.sharding import full_shape, mark, shard_tensor, sharding
 
 
 def rope_tables(*, positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +171,7 @@ class GPT(nn.Module):
         needs_embed = self.stage.holds_embedding(config.tied)
         self.embed = self.layers.embedding(config.vocab_rows, config.hidden_size) if needs_embed else None
         if needs_embed and not (first and last) and config.tied:
-            self.embed.weight.tied_embedding = True
+            mark(self.embed.weight, tied_embedding=True)
         use_positions = first and config.flavour == "gpt2"
         self.pos_embed = nn.Embedding(config.positions, config.hidden_size) if use_positions else None
         self.embed_dropout = nn.Dropout(config.dropout)
@@ -233,7 +234,7 @@ class GPT(nn.Module):
         generator = torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
         full = torch.empty(full_shape(param, self.layers.tp_size), device=device)
         full.normal_(0.0, scale, generator=generator)
-        spec = getattr(param, "tp_spec", None)
+        spec = sharding(param).tp
         return full if spec is None else shard_tensor(full, spec, rank=self.layers.tp_rank, size=self.layers.tp_size)
 
     # The three pieces a pipeline stage runs; forward() chains them on one device.

@@ -9,13 +9,13 @@ same parameter names, so the model code never changes between layouts.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models import kernels
+from pretrain.models.sharding import ShardSpec, mark
 
 
 class RMSNorm(nn.RMSNorm):
@@ -40,43 +40,11 @@ def make_norm(config) -> nn.Module:
     return LayerNorm(config.hidden_size, eps=config.norm_eps)
 
 
-@dataclass(frozen=True)
-class ShardSpec:
-    """How a parameter is split across tensor-parallel ranks: along `dim`, each of `parts`
-    stacked blocks (SwiGLU's [gate; up] has 2) split separately so every rank holds a slice of
-    each. Attached to a parameter as `param.tp_spec`; a parameter without one is replicated."""
-
-    dim: int
-    parts: int = 1
-
-
-def shard_tensor(full: torch.Tensor, spec: ShardSpec, *, rank: int, size: int) -> torch.Tensor:
-    """This rank's slice of a full tensor."""
-    blocks = full.chunk(spec.parts, dim=spec.dim)
-    return torch.cat([b.chunk(size, dim=spec.dim)[rank] for b in blocks], dim=spec.dim)
-
-
-def unshard_tensors(shards: list[torch.Tensor], spec: ShardSpec) -> torch.Tensor:
-    """The full tensor from every rank's slice, in rank order (inverse of shard_tensor)."""
-    per_rank = [s.chunk(spec.parts, dim=spec.dim) for s in shards]
-    return torch.cat([torch.cat([p[i] for p in per_rank], dim=spec.dim) for i in range(spec.parts)], dim=spec.dim)
-
-
-def full_shape(param: torch.Tensor, tp_size: int) -> torch.Size:
-    """The unsharded shape of a (possibly TP-sharded) parameter."""
-    spec = getattr(param, "tp_spec", None)
-    if spec is None:
-        return param.shape
-    shape = list(param.shape)
-    shape[spec.dim] *= tp_size
-    return torch.Size(shape)
-
-
 def _with_specs(module: nn.Module, **specs: ShardSpec) -> nn.Module:
     for name, spec in specs.items():
         param = getattr(module, name)
         if param is not None:
-            param.tp_spec = spec
+            mark(param, tp=spec)
     return module
 
 

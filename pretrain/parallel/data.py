@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain.models.sharding import sharding
 from pretrain.parallel.comm import all_reduce, all_reduce_flat, group_size
 from pretrain.parallel.topology import Topology
 from pretrain.parallel.waits import waiting
@@ -135,10 +136,10 @@ class GradientSync:
                 bucket.pending, bucket.work = len(bucket.params), None
         self.enabled = [False] * len(self.enabled)
         if self.topo.sequence_parallel:
-            partial = [p.grad for p in self.params if getattr(p, "sequence_parallel", False) and p.grad is not None]
+            partial = [p.grad for p in self.params if sharding(p).sequence_parallel and p.grad is not None]
             all_reduce_flat(partial, self.topo.tp_group)
         if self.topo.pp > 1:
-            tied = [p.grad for p in self.params if getattr(p, "tied_embedding", False) and p.grad is not None]
+            tied = [p.grad for p in self.params if sharding(p).tied_embedding and p.grad is not None]
             all_reduce_flat(tied, self.topo.embedding_group)
 
 
@@ -169,10 +170,10 @@ def _counted_grads(params: list[nn.Parameter], topo: Topology) -> list[torch.Ten
     for p in params:
         if p.grad is None:
             continue
-        replicated = getattr(p, "tp_spec", None) is None
+        replicated = sharding(p).tp is None
         if replicated and topo.tp_rank != 0:
             continue  # the same tensor on every TP rank: count it once
-        if getattr(p, "tied_embedding", False) and not topo.is_first_stage:
+        if sharding(p).tied_embedding and not topo.is_first_stage:
             continue  # the last stage's copy of the tied embedding
         grads.append(p.grad)
     return grads

@@ -1,9 +1,10 @@
 """Megatron-style tensor parallelism: column/row-parallel linears, a vocabulary-parallel
 embedding and cross-entropy, and the layer factory that swaps them into the GPT.
 
-Every sharded parameter carries a `tp_spec` (ShardSpec): which dimension is split and into how
-many stacked parts, so that initialisation, checkpoint merging and resharding all slice full
-tensors the same way. A parameter without one is replicated on every TP rank.
+Every sharded parameter is marked with its ShardSpec (pretrain/models/sharding.py): which
+dimension is split and into how many stacked parts, so that initialisation, checkpoint
+merging and resharding all slice full tensors the same way. A parameter without one is
+replicated on every TP rank.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.models import kernels
-from pretrain.models.layers import ShardSpec, make_norm
+from pretrain.models.layers import make_norm
+from pretrain.models.sharding import ShardSpec, mark
 from pretrain.parallel.comm import (
     copy_to_tp,
     gather_sequence,
@@ -30,13 +32,7 @@ from pretrain.parallel.waits import waiting
 
 
 def _param(shape: tuple[int, ...], spec: ShardSpec | None = None, *, sequence_parallel: bool = False) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(shape))
-    if spec is not None:
-        p.tp_spec = spec
-    if sequence_parallel:
-        # Replicated, but applied to a sequence shard: its gradient is partial on each TP rank.
-        p.sequence_parallel = True
-    return p
+    return mark(nn.Parameter(torch.empty(shape)), tp=spec, sequence_parallel=sequence_parallel)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -153,7 +149,7 @@ class TensorParallelLayers:
         norm = make_norm(config)
         if self.sequence_parallel:
             for p in norm.parameters():
-                p.sequence_parallel = True
+                mark(p, sequence_parallel=True)
         return norm
 
     def enter_sequence_parallel(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from torch import nn
 from pretrain.checkpoint.state import PartitionedState
 from pretrain.config import ConfigError, RunConfig
 from pretrain.faults.divergence import Diverged
+from pretrain.models.sharding import sharding
 from pretrain.optim import (
     LOSS_SCALE_HYSTERESIS,
     LOSS_SCALE_INIT_POWER,
@@ -184,9 +185,9 @@ def _mark_parameters(chunks: list[nn.Module], topo: Topology) -> None:
     """Tell DeepSpeed's norm which parameters are TP shards and which are pipeline copies."""
     for chunk in chunks:
         for param in chunk.parameters():
-            if getattr(param, "tp_spec", None) is not None:
+            if sharding(param).tp is not None:
                 param.tensor_model_parallel = True  # a shard: every TP rank's part counts
-            if getattr(param, "tied_embedding", False) and not topo.is_first_stage:
+            if sharding(param).tied_embedding and not topo.is_first_stage:
                 param.ds_pipe_replicated = True  # the last stage's copy: counted on the first
 
 

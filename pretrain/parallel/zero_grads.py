@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from pretrain.models.sharding import sharding
 from pretrain.parallel.comm import all_reduce_flat, group_size
 from pretrain.parallel.topology import Topology
 
@@ -62,12 +63,12 @@ class ZeroGradientRouter:
             if sum_sp:
                 # In the order gradients arrive (last layer first); never across chunks, whose
                 # last backwards happen at different times.
-                sp = [p for p in reversed(params) if getattr(p, "sequence_parallel", False)]
+                sp = [p for p in reversed(params) if sharding(p).sequence_parallel]
                 self._bucket_held(sp, bucket_elements)
             for p in params:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
         self.tied = (
-            {id(p) for p in self.params if getattr(p, "tied_embedding", False)}
+            {id(p) for p in self.params if sharding(p).tied_embedding}
             if topo.pp > 1 and group_size(topo.embedding_group) > 1
             else set()
         )
