@@ -85,9 +85,10 @@ def _config(args, tp: int):
 
 def measure(args, topo) -> dict:
     import pretrain.models.gpt as gpt_module
-    from pretrain.models.build import build_gpt, weight_dtype
+    from pretrain.models.build import build_gpt
     from pretrain.models.layers import DenseLayers
     from pretrain.parallel.tensor import TensorParallelLayers
+    from pretrain.strategy import weight_dtype
 
     config = _config(args, topo.tp)
     m = config.model

@@ -9,7 +9,7 @@ DataParallel   our AdamW, our bucketed DP gradient reduction (pretrain/parallel/
 ZeroEngine     DeepSpeed's ZeRO optimizer driven under our pipeline executor
                (pretrain/parallel/zero.py); checkpoints partitioned.
 
-`build_strategy` is the one place that chooses (parallel.zero_stage). Context and expert
+`strategy_class` is the one place that chooses (parallel.zero_stage). Context and expert
 parallelism plug in the same way: a strategy that wraps the chunks the schedule runs, reduces
 their gradients over its groups and steps.
 """
@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from pretrain.checkpoint.state import ReplicatedState
@@ -27,11 +28,21 @@ from pretrain.config import RunConfig
 from pretrain.optim import BackwardRootChunk, DynamicLossScaler, build_optimizer, set_learning_rate, unscale_and_check
 from pretrain.parallel.data import GradientSync, clip_gradients, global_grad_norm
 from pretrain.parallel.topology import Topology
+from pretrain.parallel.zero import ZeroEngine
 
 NormProblem = Callable[[float], "str | None"]
 
 
 class TrainingStrategy(Protocol):
+    @staticmethod
+    def check_environment(config: RunConfig) -> None:
+        """Raise ConfigError when this machine cannot run the strategy as configured (a missing
+        library, a precision the device lacks): checked before any process group starts."""
+
+    @staticmethod
+    def weight_dtype(config: RunConfig) -> torch.dtype:
+        """The dtype the model's weights are built and kept in during training."""
+
     chunks: list
     """What the pipeline schedule runs: the model chunks, wrapped where the strategy must see
     every backward pass begin (loss scaling, ZeRO's backward prologue)."""
@@ -59,19 +70,25 @@ class TrainingStrategy(Protocol):
         """A line for the start of the run's log, or None."""
 
 
-def build_strategy(config: RunConfig, topo: Topology, chunks: list[nn.Module], *, accumulation: int):
+def strategy_class(config: RunConfig) -> type[TrainingStrategy]:
     """The strategy parallel.zero_stage asks for."""
-    if config.parallel.zero_stage:
-        from pretrain.parallel.zero import ZeroEngine  # imports deepspeed
+    return ZeroEngine if config.parallel.zero_stage else DataParallel
 
-        return ZeroEngine(config, topo, chunks, accumulation=accumulation)
-    return DataParallel(config, topo, chunks)
+
+def build_strategy(config: RunConfig, topo: Topology, chunks: list[nn.Module], *, accumulation: int):
+    return strategy_class(config)(config, topo, chunks, accumulation=accumulation)
+
+
+def weight_dtype(config: RunConfig) -> torch.dtype:
+    """The dtype to build the model in for this run's strategy."""
+    return strategy_class(config).weight_dtype(config)
 
 
 class DataParallel:
     """Every DP replica holds the whole model (its TP/PP shard) and the optimizer state of it."""
 
-    def __init__(self, config: RunConfig, topo: Topology, chunks: list[nn.Module]) -> None:
+    def __init__(self, config: RunConfig, topo: Topology, chunks: list[nn.Module], *, accumulation: int = 1) -> None:
+        # `accumulation` is ZeRO's business (DeepSpeed's config); the schedule runs the micro-batches.
         self.config, self.topo, self.model_chunks = config, topo, chunks
         self.params = [p for chunk in chunks for p in chunk.parameters()]
         self.optimizer = build_optimizer(self.params, config.optimizer)
@@ -80,6 +97,16 @@ class DataParallel:
         self.chunks = chunks
         if self.scaler is not None:
             self.chunks = [BackwardRootChunk(c, scale=lambda: self.scaler.scale) for c in chunks]
+
+    @staticmethod
+    def check_environment(config: RunConfig) -> None:
+        pass  # torch alone
+
+    @staticmethod
+    def weight_dtype(config: RunConfig) -> torch.dtype:
+        # Our AdamW updates the weights themselves, so they stay fp32; autocast runs the matmuls
+        # in 16 bits.
+        return torch.float32
 
     def on_last_backward(self, chunk: int) -> None:
         self.grad_sync.enable(chunk)

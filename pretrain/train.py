@@ -34,11 +34,10 @@ from pretrain.launch import discover
 from pretrain.loop import Callback, Checkpoints, Evaluator, StepLog, Throughput
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, training_flops
 from pretrain.models.attention import check_backend
-from pretrain.models.build import weight_dtype
 from pretrain.parallel.model_chunks import build_model_chunks
 from pretrain.parallel.topology import Topology, init_distributed
-from pretrain.parallel.zero import require_deepspeed
 from pretrain.stopping import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_RESUMABLE, StopRequests
+from pretrain.strategy import strategy_class, weight_dtype
 from pretrain.trainer import Trainer
 
 
@@ -54,7 +53,7 @@ def run(config: RunConfig, *, launch=None, callbacks: Sequence[Callback] = ()) -
     tokenizer = check_data(config)
     device = pick_device(t.device, local_rank=launch.local_rank, local_world_size=launch.local_world_size)
     check_backend(config.model.attention_backend, device)
-    require_deepspeed(config)
+    strategy_class(config).check_environment(config)
     say = (lambda message: print(message, file=sys.stderr, flush=True)) if launch.rank == 0 else None
     resume_from = find_resume_checkpoint(ck.dir, ck.resume, warn=say)
     resume_meta = None

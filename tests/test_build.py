@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from pretrain.config import config_from_dict
-from pretrain.models.build import build_gpt, weight_dtype
+from pretrain.models.build import build_gpt
 from pretrain.models.gpt import GPT, Stage
 from pretrain.parallel.tensor import TensorParallelLayers
+from pretrain.strategy import weight_dtype
 
 MODELS = {
     "llama": {

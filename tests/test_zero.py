@@ -203,9 +203,9 @@ def test_fp16_trains_alike_with_and_without_zero():
 def test_fp16_without_zero_resumes_exactly(tmp_path):
     """One process, our scaler: its state travels in meta.json's train_state."""
     from pretrain.checkpoint import load_checkpoint, read_meta, save_checkpoint
-    from pretrain.models.build import weight_dtype
     from pretrain.parallel.model_chunks import build_model_chunks
     from pretrain.parallel.topology import single_process
+    from pretrain.strategy import weight_dtype
     from pretrain.trainer import Trainer
 
     config = make_config(["train.precision=fp16", "train.global_batch_size=4", "train.steps=4"])

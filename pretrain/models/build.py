@@ -15,18 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.config import ModelConfig, RunConfig
+from pretrain.config import ModelConfig
 from pretrain.models.gpt import GPT, Stage
-
-
-def weight_dtype(config: RunConfig) -> torch.dtype:
-    """The dtype the model's weights are kept in during training. 16 bits only under ZeRO with
-    bf16/fp16: DeepSpeed holds the fp32 masters itself and casts the module to 16 bits anyway
-    (its buffers stay fp32). Without ZeRO our AdamW updates the weights themselves, which stay
-    fp32 (autocast runs the matmuls in 16 bits)."""
-    if config.parallel.zero_stage:
-        return config.compute_dtype
-    return torch.float32
 
 
 def build_gpt(

@@ -293,6 +293,16 @@ class ZeroEngine:
 
     # -- the per-backward protocol (what engine.backward does around autograd) ------------------
 
+    @staticmethod
+    def check_environment(config: RunConfig) -> None:
+        require_deepspeed(config)
+
+    @staticmethod
+    def weight_dtype(config: RunConfig) -> torch.dtype:
+        # DeepSpeed holds the fp32 masters itself and casts the module to 16 bits anyway (its
+        # buffers stay fp32): building in 16 bits saves the fp32 copy.
+        return config.compute_dtype
+
     def _loss_scale(self) -> float:
         return float(self.optimizer.loss_scale) if self.config.train.precision == "fp16" else 1.0
 
