@@ -138,7 +138,7 @@ def measure(args, topo) -> dict:
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     import torch.distributed as dist
 
-    from pretrain.parallel.topology import build_topology
+    from pretrain.parallel.bootstrap import build_topology
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)

@@ -94,9 +94,9 @@ def _unique_bytes(tensors) -> int:
 
 
 def _measure(stage: int, dp: int) -> dict:
+    from pretrain.parallel.bootstrap import init_distributed
     from pretrain.parallel.model_chunks import build_model_chunks
     from pretrain.parallel.pipeline import forward_backward
-    from pretrain.parallel.topology import init_distributed
     from pretrain.strategy import weight_dtype
     from pretrain.trainer import Trainer
 

@@ -56,7 +56,7 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # fp16: dynamic loss scaling. The constants are DeepSpeed's defaults and are also written into
-# the DeepSpeed config of ZeRO runs (pretrain/parallel/zero.py), so fp16 behaves the same with
+# the DeepSpeed config of ZeRO runs (pretrain/parallel/zero_config.py), so fp16 behaves the same with
 # and without ZeRO.
 
 LOSS_SCALE_INIT_POWER = 16

@@ -34,8 +34,9 @@ from pretrain.launch import discover
 from pretrain.loop import Callback, Checkpoints, Evaluator, StepLog, Throughput
 from pretrain.metrics import MetricsLogger, measure_peak_tflops, training_flops
 from pretrain.models.attention import check_backend
+from pretrain.parallel.bootstrap import init_distributed
 from pretrain.parallel.model_chunks import build_model_chunks
-from pretrain.parallel.topology import Topology, init_distributed
+from pretrain.parallel.topology import Topology
 from pretrain.stopping import EXIT_CHECKPOINT_FAILED, EXIT_DIVERGED, EXIT_RESUMABLE, StopRequests
 from pretrain.strategy import strategy_class, weight_dtype
 from pretrain.trainer import Trainer

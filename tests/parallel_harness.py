@@ -59,8 +59,8 @@ def rank_batches(data: torch.Tensor, *, micro: int, dp: int, dp_rank: int, segme
 
 def build_trainer(config, steps: int):
     """This process's Trainer on its part of the grid, fed the shared synthetic batches."""
+    from pretrain.parallel.bootstrap import init_distributed
     from pretrain.parallel.model_chunks import build_model_chunks
-    from pretrain.parallel.topology import init_distributed
     from pretrain.strategy import weight_dtype
     from pretrain.trainer import Trainer
 
@@ -139,8 +139,8 @@ def train_job(job: dict) -> dict:
     """This rank's part of one run: build, optionally resume (from a checkpoint of any layout),
     train steps first..last on the shared batches, optionally save at step save_at and train on."""
     from pretrain.checkpoint import Checkpointer, load_checkpoint
+    from pretrain.parallel.bootstrap import init_distributed
     from pretrain.parallel.model_chunks import build_model_chunks
-    from pretrain.parallel.topology import init_distributed
     from pretrain.strategy import weight_dtype
     from pretrain.trainer import Trainer
 

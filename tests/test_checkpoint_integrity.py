@@ -316,8 +316,8 @@ def _two_ranks(rank: int, port: int, root: str, out: str) -> None:
     import torch.distributed as dist
 
     import pretrain.checkpoint.files as files
+    from pretrain.parallel.bootstrap import init_distributed
     from pretrain.parallel.model_chunks import build_model_chunks
-    from pretrain.parallel.topology import init_distributed
 
     config = config_from_dict({"model": MODEL, "parallel": {"tensor": 2, "timeout_minutes": 1}})
     topo = init_distributed(config, device=torch.device("cpu"))

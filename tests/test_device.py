@@ -80,7 +80,7 @@ def test_deepspeed_binds_the_same_gpu(gpus, monkeypatch, visible, expected):
     consistency assert included) ends up on that index."""
     deepspeed_engine = pytest.importorskip("deepspeed.runtime.engine")
     from pretrain.parallel.topology import single_process
-    from pretrain.parallel.zero import _ensure_process_group
+    from pretrain.parallel.zero_mpu import ensure_process_group
 
     gpus(visible)
     device = pick_device("cuda", local_rank=5, local_world_size=8)
@@ -88,7 +88,7 @@ def test_deepspeed_binds_the_same_gpu(gpus, monkeypatch, visible, expected):
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "5")
     topo = single_process(device)
     topo = types.SimpleNamespace(**{**vars(topo), "world_size": 2})  # a process group exists already
-    _ensure_process_group(topo, timeout_minutes=10)
+    ensure_process_group(topo, timeout_minutes=10)
     engine = types.SimpleNamespace()
     deepspeed_engine.DeepSpeedEngine._configure_with_arguments(engine, None, None)
     assert engine.local_rank == expected == device.index

@@ -10,8 +10,9 @@ import torch
 from parallel_harness import make_config, run_layout, run_ranks
 from torch import nn
 
+from pretrain.parallel.bootstrap import init_distributed
 from pretrain.parallel.data import GradientSync, clip_gradients
-from pretrain.parallel.topology import init_distributed, single_process
+from pretrain.parallel.topology import single_process
 
 BATCH, WIDTH, MICRO = 8, 16, 4  # global batch, features, micro-batches per step (single process)
 

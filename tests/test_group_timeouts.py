@@ -21,8 +21,8 @@ MARGIN_S = 15.0
 
 def _worker(rank: int, port: int, out: str) -> None:
     from pretrain.checkpoint.saver import Checkpointer
-    from pretrain.parallel.topology import build_topology
-    from pretrain.parallel.zero import groups_time_out_after
+    from pretrain.parallel.bootstrap import build_topology
+    from pretrain.parallel.zero_mpu import groups_time_out_after
 
     # The default group's own timeout is long, so only the groups' timeouts can end the waits.
     dist.init_process_group(

@@ -89,7 +89,7 @@ def _compare(rank: int) -> dict[str, dict]:
     from megatron.core import tensor_parallel as mtp
 
     from pretrain.parallel import tensor as ours
-    from pretrain.parallel.topology import build_topology
+    from pretrain.parallel.bootstrap import build_topology
 
     topo = build_topology(tp=TP, pp=1, dp=1)
     assert topo.tp_rank == rank

@@ -170,9 +170,9 @@ def _lone_send_executor(ops, topo, shape):
 
 def _schedule_worker(rank: int, pp: int, port: int, which: str, out: str) -> None:
     """Run every case's step (and its forward-only evaluation) and write the traces."""
+    from pretrain.parallel.bootstrap import build_topology
     from pretrain.parallel.model_chunks import build_model_chunks
     from pretrain.parallel.pipeline import flatten, forward_backward, make_schedule
-    from pretrain.parallel.topology import build_topology
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=pp)

@@ -8,9 +8,9 @@ from parallel_harness import make_config, run_ranks
 
 
 def _worker() -> dict:
+    from pretrain.parallel.bootstrap import init_distributed
     from pretrain.parallel.model_chunks import build_model_chunks
     from pretrain.parallel.random import tensor_parallel_rng
-    from pretrain.parallel.topology import init_distributed
 
     rank = int(os.environ["RANK"])
     result = {}

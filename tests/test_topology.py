@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.config import ConfigError, config_from_dict, load_config
+from pretrain.config import ConfigError, config_from_dict, load_config, validate_layout
 from pretrain.parallel.pipeline import Op, flatten, interleaved_one_f_one_b, make_schedule, one_f_one_b
-from pretrain.parallel.topology import Topology, validate_layout
+from pretrain.parallel.topology import Topology
 
 BASE = {
     "model": {"num_layers": 4, "hidden_size": 64, "num_heads": 4, "vocab_size": 250, "seq_length": 32},

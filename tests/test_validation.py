@@ -145,12 +145,6 @@ def test_loading_a_config_imports_nothing_of_pretrain_parallel():
     assert out.strip() == "[] False"
 
 
-def test_topology_validate_layout_is_the_config_one():
-    from pretrain.parallel import topology
-
-    assert topology.validate_layout is validate_layout
-
-
 @pytest.mark.parametrize(
     "train, dp, global_batch, accumulation",
     [

@@ -20,7 +20,7 @@ from parallel_harness import global_batches, make_config, rank_batches, torchrun
 from parallel_harness import run_job as run
 
 from pretrain.config import ConfigError, config_from_dict
-from pretrain.parallel.zero import deepspeed_config
+from pretrain.parallel.zero_config import deepspeed_config
 
 LLAMA = ["model.flavour=llama", "model.num_kv_heads=2"]
 STEPS = 3
@@ -331,7 +331,7 @@ def test_unsupported_combinations_fail_when_the_config_loads(overrides, message)
 def test_precision_deepspeed_refuses_here_fails_before_any_process_group(monkeypatch):
     from deepspeed.accelerator import get_accelerator
 
-    from pretrain.parallel.zero import require_deepspeed
+    from pretrain.parallel.zero_config import require_deepspeed
 
     monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)  # as on this CPU
     with pytest.raises(ConfigError, match="DeepSpeed does not support fp16 on this device"):

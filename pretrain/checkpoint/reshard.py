@@ -86,8 +86,7 @@ def reshard_checkpoint(
 ) -> Path:
     """Write the checkpoint at another layout: `overrides` are `parallel.*=value` keys, checked as
     a training run of tensor x pipeline x data_parallel ranks would check them."""
-    from pretrain.config import config_from_dict, to_dict
-    from pretrain.parallel.topology import validate_layout
+    from pretrain.config import config_from_dict, to_dict, validate_layout
 
     bad = [o for o in overrides if not o.startswith("parallel.")]
     if bad:

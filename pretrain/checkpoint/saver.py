@@ -47,7 +47,8 @@ from pretrain.checkpoint.files import (
 from pretrain.checkpoint.state import HostBuffers, ReplicatedState, Shard
 from pretrain.config import RunConfig
 from pretrain.device import cuda_rng_state
-from pretrain.parallel.topology import Topology, group_timeout, single_process
+from pretrain.parallel.bootstrap import group_timeout
+from pretrain.parallel.topology import Topology, single_process
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -119,7 +119,7 @@ CROSS_SECTION_CHECKS = (
 def validate_layout(config: RunConfig, world_size: int) -> int:
     """Check that the config's layout fits `world_size` ranks; returns the data-parallel size.
 
-    Called before any process group exists (pretrain.parallel.topology.init_distributed), so a
+    Called before any process group exists (pretrain.parallel.bootstrap.init_distributed), so a
     bad layout fails in a second with the numbers."""
     p = config.parallel
     model_parallel = p.tensor * p.pipeline

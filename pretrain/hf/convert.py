@@ -218,7 +218,7 @@ def import_config(hf: dict, overrides: list[str], *, tokenizer: Path | None) -> 
     """Our run config for an HF config.json: model.* from it (padded_vocab_size unset, so it
     pads to 128 x parallel.tensor), data.tokenizer the copied tokenizer, then the overrides
     (layout, training settings). Overrides that would change the weights' shapes are refused."""
-    from pretrain.parallel.topology import validate_layout
+    from pretrain.config import validate_layout
 
     fields = model_fields_from_hf(hf)
     fields["seq_length"] = fields["max_position_embeddings"]

@@ -8,18 +8,17 @@ a node, where its all-reduces are cheapest), then data-parallel, then pipeline:
 There are no process-group globals: every function that communicates takes the Topology (or
 one of its groups). A single process (world size 1) has no groups at all and every
 collective short-circuits, so the single-device code path pays nothing.
+
+This module is the value only; joining the default process group and creating the grid's
+groups is pretrain/parallel/bootstrap.py's job.
 """
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-
-# validate_layout lives with the other config rules; imported from here by its older callers.
-from pretrain.config import RunConfig, validate_layout
 
 CPU = torch.device("cpu")
 
@@ -86,100 +85,3 @@ class Topology:
 def single_process(device: torch.device = CPU) -> Topology:
     """The one-rank grid: no process groups, every collective a no-op."""
     return Topology(world_size=1, rank=0, tp=1, pp=1, dp=1, virtual_stages=1, sequence_parallel=False, device=device)
-
-
-def init_distributed(config: RunConfig, *, device: torch.device, launch=None) -> Topology:
-    """Build the Topology for this process.
-
-    Under torchrun, srun or mpirun (pretrain/launch.py finds the ranks and the master), joins
-    the default process group (NCCL on GPU, gloo on CPU) with parallel.timeout_minutes, prints
-    one line per node, and creates the TP/DP/PP groups. Alone, returns a one-rank Topology
-    without any process group. The layout is validated before any process group starts.
-    """
-    from pretrain.launch import announce_nodes, discover, start_process_group
-
-    launch = launch or discover()
-    dp = validate_layout(config, launch.world_size)
-    p = config.parallel
-    if launch.world_size == 1:
-        return single_process(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        start_process_group(launch, backend=backend, timeout_minutes=p.timeout_minutes)
-        announce_nodes(launch, backend=backend, device=str(device))
-    return build_topology(
-        tp=p.tensor,
-        pp=p.pipeline,
-        dp=dp,
-        virtual_stages=p.virtual_stages,
-        sequence_parallel=p.sequence_parallel,
-        device=device,
-        timeout_minutes=p.timeout_minutes,
-    )
-
-
-def group_timeout(minutes: float | None) -> datetime.timedelta | None:
-    """parallel.timeout_minutes as new_group's `timeout=`. A new group does not inherit the
-    default group's timeout (it gets the backend's default: 30 min on gloo, 10 on NCCL), so every
-    group must be given it explicitly or a lost peer blocks its partners for half an hour."""
-    return None if minutes is None else datetime.timedelta(minutes=minutes)
-
-
-def build_topology(
-    *,
-    tp: int,
-    pp: int,
-    dp: int,
-    virtual_stages: int = 1,
-    sequence_parallel: bool = False,
-    device: torch.device = CPU,
-    timeout_minutes: float | None = None,
-) -> Topology:
-    """Create all groups of the grid over an initialised default process group; each waits at
-    most `timeout_minutes` (parallel.timeout_minutes) in a collective.
-
-    Every rank must call new_group for every group, in the same order, even the groups it is
-    not in; that is why all groups are enumerated here, once.
-    """
-    world_size, rank = dist.get_world_size(), dist.get_rank()
-    assert world_size == tp * pp * dp, (world_size, tp, pp, dp)
-    topo = Topology(
-        world_size=world_size,
-        rank=rank,
-        tp=tp,
-        pp=pp,
-        dp=dp,
-        virtual_stages=virtual_stages,
-        sequence_parallel=sequence_parallel,
-        device=device,
-    )
-    g = topo.global_rank
-    mine: dict[str, dist.ProcessGroup | None] = {}
-    timeout = group_timeout(timeout_minutes)
-
-    def make(kind: str, ranks: list[int]) -> None:
-        group = dist.new_group(ranks, timeout=timeout)
-        if rank in ranks:
-            mine[kind] = group
-
-    for pp_rank in range(pp):
-        for dp_rank in range(dp):
-            make("tp_group", [g(tp_rank=t, dp_rank=dp_rank, pp_rank=pp_rank) for t in range(tp)])
-    for pp_rank in range(pp):
-        for tp_rank in range(tp):
-            make("dp_group", [g(tp_rank=tp_rank, dp_rank=d, pp_rank=pp_rank) for d in range(dp)])
-    for dp_rank in range(dp):
-        for tp_rank in range(tp):
-            make("pp_group", [g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=s) for s in range(pp)])
-            make(
-                "embedding_group",
-                sorted(
-                    {
-                        g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=0),
-                        g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp - 1),
-                    }
-                ),
-            )
-    for dp_rank in range(dp):
-        make("model_group", [g(tp_rank=t, dp_rank=dp_rank, pp_rank=s) for s in range(pp) for t in range(tp)])
-    return Topology(**{**topo.__dict__, **mine})

@@ -1,23 +1,17 @@
-"""DeepSpeed ZeRO glue: the DeepSpeed config generated from ours, the `mpu` view of our Topology,
-the combinations we refuse, and the driver that runs DeepSpeed's ZeRO optimizer under our own
-pipeline executor.
+"""DeepSpeed ZeRO driver: runs DeepSpeed's ZeRO optimizer under our own pipeline executor.
 
 DeepSpeed's engine is used as a factory only: `deepspeed.initialize` builds the ZeRO optimizer
 (flat fp32 master partitions, gradient reduce hooks, 16-bit module casting, ZeRO-3 weight
-partitioning) from a config we generate, so a user never writes a second config that could
-disagree with ours. The forward and backward passes stay ours (`pretrain.parallel.pipeline`),
-because the engine's own loop can only call backward on a loss, while a pipeline stage calls
-it on an activation with a received gradient. What `engine.backward` adds around autograd is
-reproduced per backward pass (see `ZeroEngine._backward_start/_backward_end`): loss scaling,
-the ZeRO backward prologue, and the epilogue that flushes the reduce buckets (stages 2 and 3,
-every micro-batch; stage 1 once, after the step's backward passes). When each gradient enters
-the reduce buckets is decided by our own hooks (pretrain/parallel/zero_grads.py): stage 1
-reduces during the last micro-batch's backward, sequence-parallel gradients are summed over TP
-once per bucket.
-
-ZeRO shards over the data-parallel group only: the mpu hands DeepSpeed `topo.dp_group`, and
-the model-parallel group (TP x PP) is where it sums the squared gradient norm, counting a
-tensor-parallel shard on every TP rank and a replicated weight on TP rank 0 only.
+partitioning) from a config we generate (pretrain/parallel/zero_config.py), handed our topology
+as its `mpu` (pretrain/parallel/zero_mpu.py). The forward and backward passes stay ours
+(`pretrain.parallel.pipeline`), because the engine's own loop can only call backward on a loss,
+while a pipeline stage calls it on an activation with a received gradient. What
+`engine.backward` adds around autograd is reproduced per backward pass (see
+`ZeroEngine._backward_start/_backward_end`): loss scaling, the ZeRO backward prologue, and the
+epilogue that flushes the reduce buckets (stages 2 and 3, every micro-batch; stage 1 once,
+after the step's backward passes). When each gradient enters the reduce buckets is decided by
+our own hooks (pretrain/parallel/zero_grads.py): stage 1 reduces during the last micro-batch's
+backward, sequence-parallel gradients are summed over TP once per bucket.
 
 `import deepspeed` happens only when a ZeroEngine is built, so the rest of the framework runs
 without it.
@@ -26,219 +20,32 @@ without it.
 from __future__ import annotations
 
 import contextlib
-import datetime
-import importlib.util
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pretrain.checkpoint.state import PartitionedState
-from pretrain.config import ConfigError, RunConfig
+from pretrain.config import RunConfig
 from pretrain.faults.divergence import Diverged
-from pretrain.models.sharding import sharding
-from pretrain.optim import (
-    LOSS_SCALE_HYSTERESIS,
-    LOSS_SCALE_INIT_POWER,
-    LOSS_SCALE_MIN,
-    LOSS_SCALE_WINDOW,
-    BackwardRootChunk,
-    build_optimizer,
-)
-from pretrain.parallel.topology import Topology, group_timeout
+from pretrain.optim import LOSS_SCALE_MIN, BackwardRootChunk, build_optimizer
+from pretrain.parallel import zero_memory
+from pretrain.parallel.topology import Topology
+from pretrain.parallel.zero_config import check_precision_supported, deepspeed_config, require_deepspeed
 from pretrain.parallel.zero_grads import ZeroGradientRouter
+from pretrain.parallel.zero_mpu import TopologyMPU, ensure_process_group, groups_time_out_after, mark_parameters
 from pretrain.parallel.zero_state import (
     Fragment,
     Reader,
     adam_step,
     ensure_adam_state,
+    fp32_partitions,
     load_local_state,
     local_fragments,
 )
-
-INSTALL_HINT = "pip install -c constraints.txt -e '.[zero]' (with DS_BUILD_OPS=0 in the environment)"
-
-
-def require_deepspeed(config: RunConfig) -> None:
-    """Fail before any process group when a ZeRO run lacks DeepSpeed, or DeepSpeed refuses its
-    precision on this device. Not part of the config's validation (ParallelConfig.validate):
-    reading a ZeRO checkpoint's config (load_model) must not need DeepSpeed."""
-    if not config.parallel.zero_stage:
-        return
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(
-            f"parallel.zero_stage={config.parallel.zero_stage} needs DeepSpeed, which is not installed: {INSTALL_HINT}"
-        )
-    _check_precision_supported(config.train.precision)
-
-
-def deepspeed_config(config: RunConfig, *, data_parallel: int, accumulation: int) -> dict:
-    """The DeepSpeed config equivalent to our run config (printed at start, saved nowhere else)."""
-    p, t, o = config.parallel, config.train, config.optimizer
-    element_bytes = 4 if t.precision == "fp32" else 2
-    # DeepSpeed counts elements, and wants a multiple of its (2-element) all-gather alignment.
-    bucket = 64 * max(1, math.ceil(p.bucket_mb * 2**20 / element_bytes / 64))
-    zero: dict = {
-        "stage": p.zero_stage,
-        "reduce_bucket_size": bucket,
-        "allgather_bucket_size": bucket,
-        "contiguous_gradients": True,
-        "reduce_scatter": True,
-        # Our gradient hooks (ZeroGradientRouter) decide when each gradient enters DeepSpeed's
-        # reduce buckets; with overlap_comm a full bucket is reduced on DeepSpeed's reduction
-        # stream while the backward pass goes on (on a CPU, a synchronized device, inline).
-        "overlap_comm": True,
-    }
-    if p.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if p.zero_stage == 3:
-        zero["stage3_prefetch_bucket_size"] = bucket
-        zero["stage3_param_persistence_threshold"] = p.zero3_persistence_threshold
-        if p.offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": config.global_batch(data_parallel),
-        "gradient_clipping": o.clip_grad,
-        "zero_optimization": zero,
-        # check_grad_overflow: a non-finite bf16 gradient skips the step as in fp16 and fp32.
-        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
-        # loss_scale 0 = dynamic; the same constants as our own scaler (pretrain/optim.py).
-        "fp16": {
-            "enabled": t.precision == "fp16",
-            "loss_scale": 0,
-            "initial_scale_power": LOSS_SCALE_INIT_POWER,
-            "loss_scale_window": LOSS_SCALE_WINDOW,
-            "hysteresis": LOSS_SCALE_HYSTERESIS,
-            "min_loss_scale": LOSS_SCALE_MIN,
-        },
-        # Our torch AdamW steps the offloaded state on the CPU; DeepSpeed's CPU Adam would first
-        # compile a C++ op, and would make the update differ from a run without ZeRO.
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 2**31 - 1,  # we log; DeepSpeed's own progress lines would interleave
-        "wall_clock_breakdown": False,
-    }
-
-
-class TopologyMPU:
-    """DeepSpeed's `mpu` interface (Megatron's names) answered from our Topology.
-
-    Data parallel: the group ZeRO shards over. Model parallel: all TP x PP ranks of one replica,
-    where DeepSpeed sums gradient norms and overflow flags. Tensor parallel: its rank decides which
-    replicated weights count towards the norm (TP rank 0's)."""
-
-    def __init__(self, topo: Topology) -> None:
-        self.topo = topo
-
-    def get_data_parallel_group(self):
-        return self.topo.dp_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.topo.dp_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.topo.dp
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        t = self.topo
-        return [t.global_rank(tp_rank=t.tp_rank, dp_rank=d, pp_rank=t.pp_rank) for d in range(t.dp)]
-
-    def get_model_parallel_group(self):
-        return self.topo.model_group
-
-    def get_model_parallel_rank(self) -> int:
-        return self.topo.pp_rank * self.topo.tp + self.topo.tp_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.topo.tp * self.topo.pp
-
-    def get_tensor_model_parallel_group(self):
-        return self.topo.tp_group
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.topo.tp_rank
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.topo.tp
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        t = self.topo
-        return t.global_rank(tp_rank=0, dp_rank=t.dp_rank, pp_rank=t.pp_rank)
-
-    def get_pipeline_model_parallel_group(self):
-        return self.topo.pp_group
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.topo.pp_rank
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.topo.pp
-
-
-def _mark_parameters(chunks: list[nn.Module], topo: Topology) -> None:
-    """Tell DeepSpeed's norm which parameters are TP shards and which are pipeline copies."""
-    for chunk in chunks:
-        for param in chunk.parameters():
-            if sharding(param).tp is not None:
-                param.tensor_model_parallel = True  # a shard: every TP rank's part counts
-            if sharding(param).tied_embedding and not topo.is_first_stage:
-                param.ds_pipe_replicated = True  # the last stage's copy: counted on the first
-
-
-def _check_precision_supported(precision: str) -> None:
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if precision == "fp16" and not accelerator.is_fp16_supported():
-        raise ConfigError(
-            f"train.precision: DeepSpeed does not support fp16 on this device "
-            f"({accelerator.device_name()}; on a CPU it needs fp16 matmul support, e.g. "
-            "AVX512-FP16 or AMX-FP16); use train.precision=bf16, or fp16 without ZeRO "
-            "(parallel.zero_stage=0)"
-        )
-    if precision == "bf16" and not accelerator.is_bf16_supported():
-        raise ConfigError(
-            f"train.precision: DeepSpeed does not support bf16 on this device "
-            f"({accelerator.device_name()}); use train.precision=fp16 or fp32"
-        )
-
-
-def _ensure_process_group(topo: Topology, *, timeout_minutes: float) -> None:
-    """DeepSpeed needs torch.distributed even on one process (ZeRO-Offload on one GPU), and
-    binds the GPU LOCAL_RANK names: make that our device (pretrain/device.py)."""
-    from pretrain.device import bind_deepspeed
-
-    bind_deepspeed(topo.device, os.environ)
-    if topo.world_size == 1 and not dist.is_initialized():
-        backend = "nccl" if topo.device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(minutes=timeout_minutes)
-        )
-
-
-@contextlib.contextmanager
-def groups_time_out_after(minutes: float) -> Iterator[None]:
-    """Give any group created inside (DeepSpeed's own, e.g. its world clone, MoE or hpZ groups:
-    `deepspeed.comm` calls `torch.distributed.new_group(ranks)` without a timeout) the run's
-    timeout instead of the backend's 30-minute default. DeepSpeed offers no setting for it."""
-    original = dist.new_group
-
-    def new_group(*args, **kwargs):
-        if kwargs.get("timeout") is None:
-            kwargs["timeout"] = group_timeout(minutes)
-        return original(*args, **kwargs)
-
-    dist.new_group = new_group
-    try:
-        yield
-    finally:
-        dist.new_group = original
 
 
 class ZeroEngine:
@@ -259,9 +66,9 @@ class ZeroEngine:
         self.model_chunks = chunks
         self.ds_config = deepspeed_config(config, data_parallel=topo.dp, accumulation=accumulation)
         params = [p for chunk in chunks for p in chunk.parameters()]
-        _mark_parameters(chunks, topo)
-        _ensure_process_group(topo, timeout_minutes=config.parallel.timeout_minutes)
-        _check_precision_supported(config.train.precision)
+        mark_parameters(chunks, topo)
+        ensure_process_group(topo, timeout_minutes=config.parallel.timeout_minutes)
+        check_precision_supported(config.train.precision)
         # One module holding all of this rank's chunks: the engine flattens their parameters into
         # one ZeRO partition per parameter group.
         module = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
@@ -406,11 +213,7 @@ class ZeroEngine:
 
     def weights_finite(self) -> bool:
         """Whether this rank's fp32 master weights are all finite (no communication)."""
-        return all(bool(flat.isfinite().all()) for flat in self._master_partitions())
-
-    def _master_partitions(self) -> list[torch.Tensor]:
-        opt = self.optimizer
-        return list(opt.fp32_partitioned_groups_flat if self.stage == 3 else opt.single_partition_of_fp32_groups)
+        return all(bool(flat.isfinite().all()) for flat in fp32_partitions(self.optimizer, self.stage))
 
     # -- checkpoints: this rank's own share, nothing gathered (pretrain/parallel/zero_state.py) --
 
@@ -455,43 +258,13 @@ class ZeroEngine:
             if scaler is not None and hasattr(scaler, key):
                 setattr(scaler, key, value)
 
-    # -- measurement (tests and bench/memory.py) ----------------------------------------------
+    # -- measurement (tests and bench/memory.py; pretrain/parallel/zero_memory.py) ----------------
 
     def optimizer_state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds: fp32 master partitions + Adam moments."""
-        opt = self.optimizer
-        tensors = self._master_partitions() + [
-            t for s in opt.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1
-        ]
-        return _unique_bytes(tensors)
+        return zero_memory.optimizer_state_bytes(self.optimizer, self.stage)
 
     def gradient_bytes(self) -> int:
-        """Bytes of gradients this rank holds now: whole ones on the parameters (stage 1 until
-        finish_gradients) and ZeRO's partitioned accumulation buffers (stages 2, 3; stage 1
-        after the reduction). Reduce buckets (parallel.bucket_mb) are not counted."""
-        opt = self.optimizer
-        tensors = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        for holder in (getattr(opt, "averaged_gradients", None) or {}).values():
-            tensors += [t for t in holder or [] if torch.is_tensor(t)]
-        for name in ("grads_in_partition", "grad_partitions_flat_buffer"):
-            if torch.is_tensor(getattr(opt, name, None)):
-                tensors.append(getattr(opt, name))
-        return _unique_bytes(tensors)
+        return zero_memory.gradient_bytes(self.optimizer, self.engine.module)
 
     def weight_bytes(self) -> int:
-        """Bytes of model weights this rank holds at rest (ZeRO-3: its shards)."""
-        total = 0
-        for param in self.engine.module.parameters():
-            shard = getattr(param, "ds_tensor", None)
-            total += shard.numel() * shard.element_size() if shard is not None else param.numel() * param.element_size()
-        return total
-
-
-def _unique_bytes(tensors: list[torch.Tensor]) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+        return zero_memory.weight_bytes(self.engine.module)

@@ -81,7 +81,8 @@ def local_fragments(optimizer, stage: int, chunk: nn.Module, *, with_state: bool
     return fragments
 
 
-def _fp32_partitions(optimizer, stage: int) -> list[torch.Tensor]:
+def fp32_partitions(optimizer, stage: int) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partitions, one per parameter group."""
     return optimizer.fp32_partitioned_groups_flat if stage == 3 else optimizer.single_partition_of_fp32_groups
 
 
@@ -91,7 +92,7 @@ def ensure_adam_state(optimizer, stage: int) -> None:
     before one), and DeepSpeed 0.19.8 links each parameter to its slice of the state once,
     right after stepping the first parameter group only, so the parameters of the other
     groups (ours: those without weight decay) are left unlinked: link them all again."""
-    for flat in _fp32_partitions(optimizer, stage):
+    for flat in fp32_partitions(optimizer, stage):
         state = optimizer.optimizer.state[flat]
         if not state:  # what AdamW's first step would create
             state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))

@@ -1,0 +1,108 @@
+"""Process-group bootstrap: join the default process group and create the grid's groups, once,
+at start (pretrain/parallel/topology.py holds the resulting value).
+
+Every group waits at most parallel.timeout_minutes in a collective: a new group does not inherit
+the default group's timeout, so each is given it explicitly (`group_timeout`).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import RunConfig, validate_layout
+from pretrain.parallel.topology import CPU, Topology, single_process
+
+
+def init_distributed(config: RunConfig, *, device: torch.device, launch=None) -> Topology:
+    """Build the Topology for this process.
+
+    Under torchrun, srun or mpirun (pretrain/launch.py finds the ranks and the master), joins
+    the default process group (NCCL on GPU, gloo on CPU) with parallel.timeout_minutes, prints
+    one line per node, and creates the TP/DP/PP groups. Alone, returns a one-rank Topology
+    without any process group. The layout is validated before any process group starts.
+    """
+    from pretrain.launch import announce_nodes, discover, start_process_group
+
+    launch = launch or discover()
+    dp = validate_layout(config, launch.world_size)
+    p = config.parallel
+    if launch.world_size == 1:
+        return single_process(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        start_process_group(launch, backend=backend, timeout_minutes=p.timeout_minutes)
+        announce_nodes(launch, backend=backend, device=str(device))
+    return build_topology(
+        tp=p.tensor,
+        pp=p.pipeline,
+        dp=dp,
+        virtual_stages=p.virtual_stages,
+        sequence_parallel=p.sequence_parallel,
+        device=device,
+        timeout_minutes=p.timeout_minutes,
+    )
+
+
+def group_timeout(minutes: float | None) -> datetime.timedelta | None:
+    """parallel.timeout_minutes as new_group's `timeout=`. A new group does not inherit the
+    default group's timeout (it gets the backend's default: 30 min on gloo, 10 on NCCL), so every
+    group must be given it explicitly or a lost peer blocks its partners for half an hour."""
+    return None if minutes is None else datetime.timedelta(minutes=minutes)
+
+
+def build_topology(
+    *,
+    tp: int,
+    pp: int,
+    dp: int,
+    virtual_stages: int = 1,
+    sequence_parallel: bool = False,
+    device: torch.device = CPU,
+    timeout_minutes: float | None = None,
+) -> Topology:
+    """Create all groups of the grid over an initialised default process group; each waits at
+    most `timeout_minutes` (parallel.timeout_minutes) in a collective."""
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    assert world_size == tp * pp * dp, (world_size, tp, pp, dp)
+    topo = Topology(
+        world_size=world_size,
+        rank=rank,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        virtual_stages=virtual_stages,
+        sequence_parallel=sequence_parallel,
+        device=device,
+    )
+    timeout = group_timeout(timeout_minutes)
+    mine: dict[str, dist.ProcessGroup | None] = {}
+    for kind, ranks in grid_groups(topo):
+        # Every rank creates every group, even those it is not in: new_group is collective.
+        group = dist.new_group(ranks, timeout=timeout)
+        if rank in ranks:
+            mine[kind] = group
+    return Topology(**{**topo.__dict__, **mine})
+
+
+def grid_groups(topo: Topology) -> Iterator[tuple[str, list[int]]]:
+    """(Topology field, its ranks) for every group of the grid, in the one order every rank must
+    create them in (new_group matches calls by order, so any rank-dependent order would pair
+    different groups on different ranks): TP, DP, PP with the embedding group, model."""
+    g, tp, dp, pp = topo.global_rank, topo.tp, topo.dp, topo.pp
+    for pp_rank in range(pp):
+        for dp_rank in range(dp):
+            yield "tp_group", [g(tp_rank=t, dp_rank=dp_rank, pp_rank=pp_rank) for t in range(tp)]
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            yield "dp_group", [g(tp_rank=tp_rank, dp_rank=d, pp_rank=pp_rank) for d in range(dp)]
+    for dp_rank in range(dp):
+        for tp_rank in range(tp):
+            yield "pp_group", [g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=s) for s in range(pp)]
+            ends = {g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=0), g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp - 1)}
+            yield "embedding_group", sorted(ends)
+    for dp_rank in range(dp):
+        yield "model_group", [g(tp_rank=t, dp_rank=dp_rank, pp_rank=s) for s in range(pp) for t in range(tp)]
