@@ -94,20 +94,7 @@ def load_newest_intact(
         if index:
             torch.set_rng_state(rng[0])
             restore_cuda_rng_state(rng[1], topo.device)
-        error: BaseException | None = None
-        try:
-            if Path(step_dir).is_dir() and not (Path(step_dir) / "meta.json").is_file():
-                raise CorruptCheckpointError(
-                    f"{step_dir}/meta.json is missing: the checkpoint is incomplete",
-                    step_dir=step_dir,
-                    file=Path(step_dir) / "meta.json",
-                )
-            meta = load_state(step_dir, state, config=config, topo=topo)
-            outcome = OK
-        except (CorruptCheckpointError, OSError) as e:
-            error, outcome = e, DAMAGED
-        except Exception as e:
-            error, outcome = e, FAILED
+        meta, outcome, error = _try_load(step_dir, state, config=config, topo=topo)
         worst, message = _agree(outcome, error, topo)
         if worst == OK:
             return Path(step_dir), meta
@@ -129,6 +116,24 @@ def load_newest_intact(
         + "). Restore one from a backup, or start without "
         "(checkpoint.resume=none and another checkpoint.dir)"
     )
+
+
+def _try_load(step_dir, state, *, config: RunConfig, topo: Topology) -> tuple[dict | None, int, BaseException | None]:
+    """This rank's attempt at one candidate: (meta, OK, None), or (None, DAMAGED, error) for a
+    damaged or unreadable file (the next candidate may do), or (None, FAILED, error) for
+    anything else (a bug or a wrong config: no older checkpoint would fare better)."""
+    try:
+        if Path(step_dir).is_dir() and not (Path(step_dir) / "meta.json").is_file():
+            raise CorruptCheckpointError(
+                f"{step_dir}/meta.json is missing: the checkpoint is incomplete",
+                step_dir=step_dir,
+                file=Path(step_dir) / "meta.json",
+            )
+        return load_state(step_dir, state, config=config, topo=topo), OK, None
+    except (CorruptCheckpointError, OSError) as e:
+        return None, DAMAGED, e
+    except Exception as e:
+        return None, FAILED, e
 
 
 def _agree(outcome: int, error: BaseException | None, topo: Topology) -> tuple[int, str]:

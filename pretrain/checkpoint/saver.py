@@ -237,64 +237,82 @@ class Checkpointer:
     def _write(self, step: int, shard: Shard, rng: dict, train_state: dict, has_optimizer: bool) -> str | None:
         """Write, agree, publish. Returns None once step_N is published, or the failure every
         rank agreed on ("rank R: error"), its temporary directory removed and `latest` untouched."""
-        topo, rank = self.topo, self.topo.rank
         start = time.perf_counter()
-        final = self.root / f"step_{step}"
-        tmp = self.root / f"{TMP_PREFIX}step_{step}"
-        error: BaseException | None = None
-        written = 0
-        if rank == 0:
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                remove_leftovers(self.root)  # of saves that crashed; none is in flight now
-                tmp.mkdir()
-            except BaseException as e:
-                error = e
-        failure, _ = self._exchange(error)
-        if failure is None:
-            sums: dict[str, FileChecksum] = {}
-            try:
-                sums = shard.write(tmp, tp=topo.tp_rank, pp=topo.pp_rank, part=topo.dp_rank)
-                sums[rng_file(rank)] = write_file(tmp / rng_file(rank), _pt_bytes(rng))
-            except BaseException as e:
-                error = e
-            written = sum(c.size for c in sums.values())
-            failure, every = self._exchange(error, sums)
-            if failure is None and rank == 0:
-                checksums = {name: c for rank_sums in every for name, c in rank_sums.items()}
-                try:
-                    write_meta_and_config(
-                        tmp,
-                        self.config,
-                        step=step,
-                        data_parallel=topo.dp,
-                        has_optimizer=has_optimizer,
-                        has_rng=True,
-                        train_state=train_state,
-                        checksums=checksums,
-                    )
-                    publish(tmp, final)
-                except BaseException as e:
-                    error = e
-            if failure is None:
-                failure, _ = self._exchange(error)
+        failure, error, written = self._write_agreed(step, shard, rng, train_state, has_optimizer)
         self.stats.update(
             write_s=time.perf_counter() - start,
             written_bytes=float(written if failure is None else 0),
             failed=float(failure is not None),
         )
         if failure is not None:
-            if rank == 0:
+            if self.topo.rank == 0:
                 remove_leftovers(self.root)  # the partial save; published checkpoints are never touched
             if error is not None and not isinstance(error, Exception):
                 raise error  # KeyboardInterrupt and the like: after the agreement, so no peer waits
             return failure
-        if rank == 0:
+        if self.topo.rank == 0:
             try:  # the save itself succeeded: a checkpoint left over is not a failed save
                 prune_checkpoints(self.root, keep_last=self.config.checkpoint.keep_last)
             except Exception as e:
                 self.report(f"warning: could not delete old checkpoints in {self.root}: {_describe(e)}")
         return None
+
+    def _write_agreed(
+        self, step: int, shard: Shard, rng: dict, train_state: dict, has_optimizer: bool
+    ) -> tuple[str | None, BaseException | None, int]:
+        """The three phases of a save, each ended by an agreement of all ranks so that none goes
+        on after another failed: rank 0 makes the temporary directory; every rank writes its
+        files; rank 0 writes meta.json (with every rank's checksums) and publishes. Returns
+        (the agreed failure or None, this rank's own error, bytes this rank wrote)."""
+        topo, rank = self.topo, self.topo.rank
+        tmp = self.root / f"{TMP_PREFIX}step_{step}"
+        error = _attempt(lambda: self._make_temporary(tmp)) if rank == 0 else None
+        failure, _ = self._exchange(error)
+        if failure is not None:
+            return failure, error, 0
+        sums: dict[str, FileChecksum] = {}
+
+        def write_files() -> None:
+            sums.update(shard.write(tmp, tp=topo.tp_rank, pp=topo.pp_rank, part=topo.dp_rank))
+            sums[rng_file(rank)] = write_file(tmp / rng_file(rank), _pt_bytes(rng))
+
+        error = _attempt(write_files)
+        written = sum(c.size for c in sums.values())
+        failure, every = self._exchange(error, sums)
+        if failure is not None:
+            return failure, error, written
+        checksums = {name: c for rank_sums in every for name, c in rank_sums.items()}
+        publish_it = lambda: self._publish(tmp, step, checksums, train_state=train_state, has_optimizer=has_optimizer)
+        error = _attempt(publish_it) if rank == 0 else None
+        failure, _ = self._exchange(error)
+        return failure, error, written
+
+    def _make_temporary(self, tmp: Path) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(self.root)  # of saves that crashed; none is in flight now
+        tmp.mkdir()
+
+    def _publish(self, tmp: Path, step: int, checksums: dict, *, train_state: dict, has_optimizer: bool) -> None:
+        write_meta_and_config(
+            tmp,
+            self.config,
+            step=step,
+            data_parallel=self.topo.dp,
+            has_optimizer=has_optimizer,
+            has_rng=True,
+            train_state=train_state,
+            checksums=checksums,
+        )
+        publish(tmp, self.root / f"step_{step}")
+
+
+def _attempt(action: Callable[[], None]) -> BaseException | None:
+    """Run action; what it raised (anything: a peer must hear of a KeyboardInterrupt too)."""
+    try:
+        action()
+    except BaseException as e:
+        return e
+    return None
 
 
 def _lower_priority() -> None:

@@ -34,11 +34,33 @@ def _warn(message: str) -> None:
 # Configs
 
 
+# The sizes both flavours carry, under their own config.json names:
+# our ModelConfig attribute -> (Llama's key, GPT-2's key), in the order of ARCHITECTURES.
+_SIZE_KEYS = {
+    "hidden_size": ("hidden_size", "n_embd"),
+    "num_layers": ("num_hidden_layers", "n_layer"),
+    "num_heads": ("num_attention_heads", "n_head"),
+    "ffn_size": ("intermediate_size", "n_inner"),
+    "positions": ("max_position_embeddings", "n_positions"),
+    "norm_eps": ("rms_norm_eps", "layer_norm_epsilon"),
+}
+
+
 def hf_config(model: ModelConfig, *, bos: int | None, eos: int | None, pad: int | None) -> dict:
     """config.json for our model. Written as a plain dict, not through transformers' config
     classes, so the file carries the keys both transformers 4.x (`rope_theta`) and 5.x
     (`rope_parameters`) read, whatever version runs the export."""
-    common = {
+    if model.flavour not in ARCHITECTURES:
+        raise HFConversionError(
+            f"model.flavour={model.flavour!r}: no Hugging Face export for this flavour "
+            f"(supported: {', '.join(ARCHITECTURES)})"
+        )
+    column = list(ARCHITECTURES).index(model.flavour)
+    return {
+        "architectures": [ARCHITECTURES[model.flavour]],
+        "model_type": model.flavour,
+        **{keys[column]: getattr(model, attribute) for attribute, keys in _SIZE_KEYS.items()},
+        **(_llama_settings(model) if model.flavour == "llama" else _gpt2_settings(model)),
         "vocab_size": model.vocab_size,
         "tie_word_embeddings": model.tied,
         "initializer_range": model.init_std,
@@ -48,58 +70,38 @@ def hf_config(model: ModelConfig, *, bos: int | None, eos: int | None, pad: int 
         "use_cache": True,
         "torch_dtype": "float32",
         "dtype": "float32",
+        **_writer_version(),
     }
+
+
+def _llama_settings(model: ModelConfig) -> dict:
+    """What our Llama fixes that transformers' LlamaConfig leaves open."""
+    rope = {"rope_theta": model.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta}}
+    fixed = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+    return {
+        "num_key_value_heads": model.kv_heads,
+        "head_dim": model.head_dim,
+        "attention_dropout": model.dropout,
+        **rope,
+        **fixed,
+    }
+
+
+def _gpt2_settings(model: ModelConfig) -> dict:
+    """What our GPT-2 fixes that transformers' GPT2Config leaves open: one dropout rate, the
+    tanh GeLU, attention scaled by 1/sqrt(head_dim) only."""
+    dropouts = dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), model.dropout)
+    fixed = {"activation_function": "gelu_new", "scale_attn_weights": True}
+    fixed |= dict.fromkeys(("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"), False)
+    return {"n_ctx": model.positions, **dropouts, **fixed}
+
+
+def _writer_version() -> dict:
     try:
         import transformers
-
-        common["transformers_version"] = transformers.__version__
     except ImportError:
-        pass
-    if model.flavour == "llama":
-        return {
-            "architectures": [ARCHITECTURES["llama"]],
-            "model_type": "llama",
-            "hidden_size": model.hidden_size,
-            "intermediate_size": model.ffn_size,
-            "num_hidden_layers": model.num_layers,
-            "num_attention_heads": model.num_heads,
-            "num_key_value_heads": model.kv_heads,
-            "head_dim": model.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": model.positions,
-            "rms_norm_eps": model.norm_eps,
-            "rope_theta": model.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta},
-            "attention_bias": False,
-            "mlp_bias": False,
-            "attention_dropout": model.dropout,
-            "pretraining_tp": 1,
-            **common,
-        }
-    if model.flavour == "gpt2":
-        return {
-            "architectures": [ARCHITECTURES["gpt2"]],
-            "model_type": "gpt2",
-            "n_embd": model.hidden_size,
-            "n_layer": model.num_layers,
-            "n_head": model.num_heads,
-            "n_positions": model.positions,
-            "n_ctx": model.positions,
-            "n_inner": model.ffn_size,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": model.norm_eps,
-            "resid_pdrop": model.dropout,
-            "embd_pdrop": model.dropout,
-            "attn_pdrop": model.dropout,
-            "scale_attn_weights": True,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            **common,
-        }
-    raise HFConversionError(
-        f"model.flavour={model.flavour!r}: no Hugging Face export for this flavour "
-        f"(supported: {', '.join(ARCHITECTURES)})"
-    )
+        return {}
+    return {"transformers_version": transformers.__version__}
 
 
 def _require(config: dict, key: str, ok: Callable[[object], bool], why: str) -> None:

@@ -108,8 +108,9 @@ class PipeLink:
     send_forward_recv_backward family does, the sends that one step of the schedule produced go
     out in one `batch_isend_irecv` group with the receives the next step needs, and the group is
     waited for before that step starts (tests/test_nccl_rules.py checks every schedule against
-    these rules with pretrain/parallel/nccl_rules.py). Activations and gradients travel in the compute dtype
-    (bf16 halves the bytes of fp32), and are turned back into the stage's own dtype on arrival.
+    these rules with pretrain/parallel/nccl_rules.py). Activations and gradients travel in the
+    compute dtype (bf16 halves the bytes of fp32), and are turned back into the stage's own dtype
+    on arrival.
     """
 
     def __init__(self, topo: Topology, *, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
@@ -170,43 +171,62 @@ def forward_backward(
     `progress(operation)` is called as each operation starts ("data", "F chunk 0 micro 3"), so a
     hang watchdog can tell that the rank advances and where it stopped.
     """
-    device = topo.device
     if topo.pp == 1:
-        losses = []
-        for m in range(micro_batches):
-            progress(f"data micro {m}")
-            batch = next(batches)
-            if m == micro_batches - 1:
-                on_last_backward(0)
-            progress(f"F micro {m}" if forward_only else f"F+B micro {m}")
-            with autocast():
-                loss = chunks[0](
-                    _to_device(batch["tokens"], device),
-                    labels=_to_device(batch["labels"], device),
-                    segments=_segments(batch, device),
-                )
-            if not forward_only:
-                (loss / micro_batches).backward()
-            losses.append(loss.detach())
-        return losses
-
+        return _single_stage(
+            chunks[0],
+            topo.device,
+            batches,
+            micro_batches,
+            autocast=autocast,
+            on_last_backward=on_last_backward,
+            forward_only=forward_only,
+            progress=progress,
+        )
     # Only the first and the last virtual stages read data; every rank advances the loader
     # the same way so that data positions stay equal across the pipeline.
     progress("data")
     micro_data = [next(batches) for _ in range(micro_batches)]
-    steps = make_schedule(topo, micro_batches, forward_only=forward_only)
-    final = {op.chunk: op for op in flatten(steps) if op.kind == "B"}  # each chunk's last backward
     run = _StageRunner(
         chunks,
         micro_data,
         link=PipeLink(topo, shape=hidden_shape, dtype=hidden_dtype),
         autocast=autocast,
-        device=device,
+        device=topo.device,
         forward_only=forward_only,
     )
+    _execute(make_schedule(topo, micro_batches, forward_only=forward_only), run, on_last_backward, progress)
+    return run.losses
+
+
+def _single_stage(
+    chunk, device, batches, micro_batches, *, autocast, on_last_backward, forward_only, progress
+) -> list[torch.Tensor]:
+    """No pipeline: each micro-batch's forward and backward back to back, nothing to exchange."""
+    losses = []
+    for m in range(micro_batches):
+        progress(f"data micro {m}")
+        batch = next(batches)
+        if m == micro_batches - 1:
+            on_last_backward(0)
+        progress(f"F micro {m}" if forward_only else f"F+B micro {m}")
+        with autocast():
+            loss = chunk(
+                _to_device(batch["tokens"], device),
+                labels=_to_device(batch["labels"], device),
+                segments=_segments(batch, device),
+            )
+        if not forward_only:
+            (loss / micro_batches).backward()
+        losses.append(loss.detach())
+    return losses
+
+
+def _execute(steps: list[list[Op]], run: _StageRunner, on_last_backward, progress) -> None:
+    """Run a schedule's steps in order, each after the exchange that brings what it needs."""
+    final = {op.chunk: op for op in flatten(steps) if op.kind == "B"}  # each chunk's last backward
     for step in steps:
         progress("exchange before " + ", ".join(f"{op.kind} chunk {op.chunk} micro {op.micro}" for op in step))
-        received = run.link.exchange([_receives(op, chunks[op.chunk]) for op in step])
+        received = run.link.exchange([_receives(op, run.chunks[op.chunk]) for op in step])
         for op, data in zip(step, received):
             progress(f"{op.kind} chunk {op.chunk} micro {op.micro}")
             if op.kind == "F":
@@ -217,7 +237,6 @@ def forward_backward(
                 run.backward(op, data)
     progress("exchange of the last sends")
     run.link.exchange()  # the last step's sends
-    return run.losses
 
 
 class _StageRunner:
