@@ -66,7 +66,9 @@ def materialize(model: GPT, *, device: torch.device, dtype: torch.dtype, seed: i
                 name = f"{module_name}.{key}" if module_name else key
                 value = model.initial_value(name, param, seed=seed, device=device).to(dtype)
                 fresh = nn.Parameter(value, requires_grad=param.requires_grad)
-                fresh.__dict__.update(param.__dict__)
+                # Only what we marked: a fake tensor's own attributes (the dry run's) must not travel.
+                if "sharding" in vars(param):
+                    fresh.sharding = param.sharding
                 done[id(param)] = fresh
             module._parameters[key] = done[id(param)]
     with torch.device(device):
