@@ -6,15 +6,12 @@ or a failed last save, raise CheckpointSaveError. Real saves of a tiny model; 2 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from parallel_harness import free_port
+from parallel_harness import run_ranks
 
 from pretrain.checkpoint import (
     Checkpointer,
@@ -306,13 +303,9 @@ def test_a_failed_last_save_raises_at_finish(tmp_path, monkeypatch, async_save):
 # -- two ranks ----------------------------------------------------------------------------------
 
 
-def _two_ranks(rank: int, port: int, root: str, out: str) -> None:
+def _two_ranks(root: str) -> dict:
     """TP 2: each rank reads its own tensor files. Only rank 1's file of step 2 is damaged:
     both ranks must fall back to step 1. Then a save fails on rank 1 only."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
     import pretrain.checkpoint.files as files
@@ -321,6 +314,7 @@ def _two_ranks(rank: int, port: int, root: str, out: str) -> None:
 
     config = config_from_dict({"model": MODEL, "parallel": {"tensor": 2, "timeout_minutes": 1}})
     topo = init_distributed(config, device=torch.device("cpu"))
+    rank = topo.rank
     chunks = build_model_chunks(config.model, topo, init_seed=0)
     params = [p for c in chunks for p in c.parameters()]
     optimizer = build_optimizer(params, config.optimizer)
@@ -393,7 +387,7 @@ def _two_ranks(rank: int, port: int, root: str, out: str) -> None:
     except CheckpointSaveError as e:
         second = str(e)
     state_module.write_safetensors = real
-    result = {
+    return {
         "chosen": str(chosen),
         "step": meta["step"],
         "said": said,
@@ -402,16 +396,11 @@ def _two_ranks(rank: int, port: int, root: str, out: str) -> None:
         "first": first,
         "second": second,
     }
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def test_two_ranks_fall_back_together_and_agree_on_failed_saves(tmp_path):
     root = tmp_path / "ckpt"
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_two_ranks, args=(free_port(), str(root), out), nprocs=2, join=True)
-        r0, r1 = (json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2))
+    r0, r1 = run_ranks(2, _two_ranks, str(root))
     for r in (r0, r1):
         assert r["chosen"] == str(root / "step_1") and r["step"] == 1 and r["loaded"]
     bad = str(root / "step_2" / "model_tp1_pp0_part0.safetensors")

@@ -136,24 +136,13 @@ def test_token_ids_beyond_the_vocabulary_name_file_and_document(tmp_path, seq_le
 
 
 @pytest.mark.parametrize("keep", [4, 200])  # a header cut short, and tensors cut short
-def test_truncated_safetensors_is_named(tmp_path, keep):
+def test_truncated_safetensors_is_named(tmp_path, keep, gpt2_hf_config):
     import torch
     from safetensors.torch import save_file
 
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["GPT2LMHeadModel"],
-                "model_type": "gpt2",
-                "n_embd": 64,
-                "n_layer": 2,
-                "n_head": 4,
-                "vocab_size": 100,
-            }
-        )
-    )
+    (hf / "config.json").write_text(json.dumps(gpt2_hf_config))
     save_file({"transformer.wte.weight": torch.zeros(100, 64)}, str(hf / "model.safetensors"))
     data = (hf / "model.safetensors").read_bytes()
     (hf / "model.safetensors").write_bytes(data[:keep])

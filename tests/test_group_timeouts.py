@@ -4,30 +4,29 @@ Two real gloo ranks; one skips a collective and the other must raise within the 
 after torch's 30-minute default for new groups."""
 
 import datetime
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.parallel_harness import free_port, make_config
+from tests.parallel_harness import make_config, run_ranks
 
 TIMEOUT_MIN = 0.05  # 3 s
 MARGIN_S = 15.0
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(out: str) -> dict:
+    """rank 0: group name -> [seconds waited, exception type, message], or None where the
+    collective completed; rank 1 ({}) only stays connected meanwhile."""
     from pretrain.checkpoint.saver import Checkpointer
     from pretrain.parallel.bootstrap import build_topology
     from pretrain.parallel.zero_mpu import groups_time_out_after
 
     # The default group's own timeout is long, so only the groups' timeouts can end the waits.
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(minutes=30)
-    )
+    dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    rank = dist.get_rank()
     # Each layout puts both ranks in different groups of the grid.
     topo = build_topology(tp=1, pp=1, dp=2, timeout_minutes=TIMEOUT_MIN)
     tp2 = build_topology(tp=2, pp=1, dp=1, timeout_minutes=TIMEOUT_MIN)
@@ -57,19 +56,19 @@ def _worker(rank: int, port: int, out: str) -> None:
     if rank == 1:
         # Stay alive (connections open) until rank 0 is done: a peer that exits would end the
         # waits by a closed connection rather than by the timeout under test.
-        while not Path(out, "rank0.json").exists():
+        while not Path(out, "rank0.done").exists():
             time.sleep(0.2)
     else:
-        Path(out, "rank0.json").write_text(json.dumps(waited))
-    # Tear down without a collective: the groups saw failures.
+        Path(out, "rank0.done").touch()
+    # Tear down without a collective (run_ranks adds none once the group is gone): the groups saw failures.
     dist.destroy_process_group()
+    return waited
 
 
 def test_every_group_times_out_after_parallel_timeout_minutes():
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
-        waited = json.loads(Path(out, "rank0.json").read_text())
+        waited, _ = run_ranks(2, _worker, out)
     for name, result in waited.items():
         assert result is not None, f"{name}: the collective completed without its peer"
         seconds, kind, message = result

@@ -377,21 +377,10 @@ def test_export_without_tokenizer_warns(tmp_path, capsys):
     hf_model(tmp_path / "hf")
 
 
-def test_import_refuses_pickles(tmp_path, capsys):
+def test_import_refuses_pickles(tmp_path, capsys, gpt2_hf_config):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["GPT2LMHeadModel"],
-                "model_type": "gpt2",
-                "n_embd": 64,
-                "n_layer": 2,
-                "n_head": 4,
-                "vocab_size": 100,
-            }
-        )
-    )
+    (hf / "config.json").write_text(json.dumps(gpt2_hf_config))
     (hf / "pytorch_model.bin").write_bytes(b"not unpickled")
     assert load_tool("convert_from_hf").main(["--input", str(hf), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -426,19 +415,11 @@ def test_unsupported_llama_features_name_the_key(change, key):
         model_fields_from_hf({**config, **change})
 
 
-def test_unsupported_gpt2_features_and_weight_overrides(exported, tmp_path):
-    gpt2 = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "n_embd": 64,
-        "n_layer": 2,
-        "n_head": 4,
-        "vocab_size": 100,
-    }
+def test_unsupported_gpt2_features_and_weight_overrides(exported, tmp_path, gpt2_hf_config):
     with pytest.raises(HFConversionError, match="activation_function"):
-        model_fields_from_hf({**gpt2, "activation_function": "gelu"})
+        model_fields_from_hf({**gpt2_hf_config, "activation_function": "gelu"})
     with pytest.raises(HFConversionError, match="scale_attn_by_inverse_layer_idx"):
-        model_fields_from_hf({**gpt2, "scale_attn_by_inverse_layer_idx": True})
+        model_fields_from_hf({**gpt2_hf_config, "scale_attn_by_inverse_layer_idx": True})
     _, hf_dir = exported["gpt2"]
     with pytest.raises(HFConversionError, match="model.hidden_size"):
         import_checkpoint(hf_dir, tmp_path / "a", ["model.hidden_size=128"], **QUIET)

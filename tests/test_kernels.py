@@ -22,10 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +36,6 @@ import torch.nn.functional as F  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 DEVICE = "cpu"  # the --worker cuda mode runs the cases on a GPU, compiled
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-WORKER_TIMEOUT = 300
 
 
 def rel_err(out: torch.Tensor, truth: torch.Tensor) -> float:
@@ -282,13 +278,9 @@ TP_CASES = [  # (N, V_local per rank, vocab_size): padding on rank 1; rank 1 all
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tp_rank(rank: int, world: int, port: int, seed: int, out_dir: str, dtype_name: str) -> None:
+def _tp_rank(seed: int, dtype_name: str) -> dict:
+    """One rank of run_tp (parallel_harness.run_ranks has set up the gloo group's environment):
+    {case: (loss, gradient of this rank's logits shard)}."""
     import torch.distributed as dist
 
     from pretrain.models import kernels
@@ -296,20 +288,18 @@ def _tp_rank(rank: int, world: int, port: int, seed: int, out_dir: str, dtype_na
     if os.environ.get("PRETRAIN_KERNELS") == "triton":
         _forbid_reference()
         _poison_empty()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        out = {}
-        for i, (n, local_vocab, vocab_size) in enumerate(TP_CASES):
-            full, labels, grad = _tp_inputs(i, n, local_vocab * world, vocab_size, seed, DTYPES[dtype_name])
-            shard = full[:, rank * local_vocab : (rank + 1) * local_vocab].clone().requires_grad_()
-            loss = kernels.cross_entropy(
-                shard * 1, labels, vocab_start=rank * local_vocab, vocab_size=vocab_size, group=dist.group.WORLD
-            )
-            (dshard,) = torch.autograd.grad(loss, [shard], grad)
-            out[i] = (loss, dshard)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for i, (n, local_vocab, vocab_size) in enumerate(TP_CASES):
+        full, labels, grad = _tp_inputs(i, n, local_vocab * world, vocab_size, seed, DTYPES[dtype_name])
+        shard = full[:, rank * local_vocab : (rank + 1) * local_vocab].clone().requires_grad_()
+        loss = kernels.cross_entropy(
+            shard * 1, labels, vocab_start=rank * local_vocab, vocab_size=vocab_size, group=dist.group.WORLD
+        )
+        (dshard,) = torch.autograd.grad(loss, [shard], grad)
+        out[i] = (loss, dshard)
+    return out
 
 
 def _tp_inputs(i, n, padded_vocab, vocab_size, seed, dtype):
@@ -323,14 +313,12 @@ def _tp_inputs(i, n, padded_vocab, vocab_size, seed, dtype):
 def run_tp(dtype_name: str, seed=None) -> dict:
     """Both ranks' losses must equal the single-rank float64 truth, and the concatenated
     gradient shards its gradient (zero on padding)."""
-    import torch.multiprocessing as mp
+    from tests.parallel_harness import run_ranks
 
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
     world = 2
     try:
-        with tempfile.TemporaryDirectory() as out_dir:
-            mp.spawn(_tp_rank, args=(world, _free_port(), seed, out_dir, dtype_name), nprocs=world)
-            ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+        ranks = run_ranks(world, _tp_rank, seed, dtype_name)
         errors = {}
         for i, (n, local_vocab, vocab_size) in enumerate(TP_CASES):
             full, labels, grad = _tp_inputs(i, n, local_vocab * world, vocab_size, seed, DTYPES[dtype_name])
@@ -493,26 +481,9 @@ def cuda_worker() -> int:
 
 
 @pytest.fixture(scope="module")
-def triton_reports() -> dict:
+def triton_reports(worker_results) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PRETRAIN_KERNELS="triton")
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", "triton"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=WORKER_TIMEOUT,
-    )
-    if proc.returncode == 3:
-        pytest.fail(
-            "triton is not importable: the Triton kernels are tested under TRITON_INTERPRET=1; "
-            "run tests/run.sh (it installs triton)\n" + proc.stderr[-2000:],
-            pytrace=False,
-        )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    signal = " (killed by a signal: an out-of-bounds access segfaults the interpreter)" if proc.returncode < 0 else ""
-    assert proc.returncode == 0 and lines, f"Triton worker failed ({proc.returncode}){signal}:\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULTS ") :])
+    return worker_results(__file__, "triton", env, "Triton worker")
 
 
 # ---------------------------------------------------------------- tests
@@ -546,20 +517,11 @@ def test_triton_vocab_parallel_cross_entropy(triton_reports, dtype_name):
     assert_report(triton_reports[f"tp-{dtype_name}"], dtype_name, f"triton 2-rank cross-entropy {dtype_name}")
 
 
-def test_reference_vocab_parallel_cross_entropy():
+def test_reference_vocab_parallel_cross_entropy(worker_results):
     """2 gloo ranks, reference version (fp32; bf16 runs in the Triton worker's pair)."""
     env = dict(os.environ, PRETRAIN_KERNELS="torch")
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", "tp-torch"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=WORKER_TIMEOUT,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    assert_report(json.loads(lines[-1][len("RESULTS ") :]), "fp32", "reference 2-rank cross-entropy")
+    report = worker_results(__file__, "tp-torch", env, "worker")
+    assert_report(report, "fp32", "reference 2-rank cross-entropy")
 
 
 def test_dispatch(monkeypatch):

@@ -17,11 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pytest  # noqa: E402
-
-WORKER_TIMEOUT = 300
-
-
 # ------------------------------------------------ compiling for real GPUs (no GPU needed)
 
 # The interpreter checks what the kernels compute, not that they compile: Triton's compiler and
@@ -113,25 +108,11 @@ def compile_worker() -> int:
     return 0
 
 
-def test_triton_compiles_for_gpus():
+def test_triton_compiles_for_gpus(worker_results):
     """Every kernel compiles for sm_90 and sm_80 at the wrappers' GPU launch configurations,
     without register spills."""
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PRETRAIN_KERNELS")}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", "compile"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=WORKER_TIMEOUT,
-    )
-    if proc.returncode == 3:
-        pytest.fail(
-            "triton is not importable: run tests/run.sh (it installs triton)\n" + proc.stderr[-2000:], pytrace=False
-        )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"compile worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    reports = json.loads(lines[-1][len("RESULTS ") :])
+    reports = worker_results(__file__, "compile", env, "compile worker")
     failed = {k: r["error"] for k, r in reports.items() if "error" in r}
     assert not failed, f"kernels that do not compile: {failed}"
     spills = {k: r for k, r in reports.items() if r["LOCAL"] or r["STACK"]}

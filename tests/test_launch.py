@@ -9,10 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+from parallel_harness import free_port
 
 from pretrain.launch import LaunchError, discover, tasks_per_node
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def assert_fields(launch, **expected) -> None:
+    """The named fields of what discover() found have the expected values."""
+    assert {name: getattr(launch, name) for name in expected} == expected
 
 
 def test_torchrun_environment():
@@ -25,16 +31,16 @@ def test_torchrun_environment():
         "MASTER_PORT": "1234",
         "TORCHELASTIC_RUN_ID": "x",
     }
-    launch = discover(env)
-    assert (
-        launch.launcher,
-        launch.rank,
-        launch.world_size,
-        launch.local_rank,
-        launch.local_world_size,
-        launch.master_addr,
-        launch.master_port,
-    ) == ("torchrun", 3, 8, 1, 2, "node7", 1234)
+    assert_fields(
+        discover(env),
+        launcher="torchrun",
+        rank=3,
+        world_size=8,
+        local_rank=1,
+        local_world_size=2,
+        master_addr="node7",
+        master_port=1234,
+    )
 
 
 def test_srun_environment_takes_master_from_the_node_list(monkeypatch):
@@ -57,15 +63,16 @@ def test_srun_environment_takes_master_from_the_node_list(monkeypatch):
     }
     launch = discover(env)
     assert expanded == ["gpu[001-003]"]
-    assert (
-        launch.launcher,
-        launch.rank,
-        launch.world_size,
-        launch.local_rank,
-        launch.local_world_size,
-        launch.master_addr,
-        launch.node,
-    ) == ("srun", 5, 12, 1, 4, "gpu001.cluster", "gpu003")
+    assert_fields(
+        launch,
+        launcher="srun",
+        rank=5,
+        world_size=12,
+        local_rank=1,
+        local_world_size=4,
+        master_addr="gpu001.cluster",
+        node="gpu003",
+    )
     assert launch.master_port == 20000 + 123456 % 20000  # the same on every task, and after a requeue
     assert discover({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "999"}).master_addr == "10.0.0.1"
     # The batch shell (no step) is not a training task: it runs as a single process.
@@ -89,14 +96,7 @@ def test_mpirun_environments():
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": "4000",
     }
-    launch = discover(ompi)
-    assert (launch.launcher, launch.rank, launch.world_size, launch.local_rank, launch.master_port) == (
-        "mpirun",
-        1,
-        2,
-        1,
-        4000,
-    )
+    assert_fields(discover(ompi), launcher="mpirun", rank=1, world_size=2, local_rank=1, master_port=4000)
     mpich = {
         "PMI_RANK": "0",
         "PMI_SIZE": "4",
@@ -117,9 +117,7 @@ def test_single_process_and_bad_values():
 def test_unreachable_master_fails_within_the_timeout_naming_the_address(stdlib_data, tmp_path):
     """Rank 1 of 2 with no master listening: exits 2 after parallel.timeout_minutes (6 s) with
     the address in the message, instead of hanging."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nobody listens there
+    port = free_port()  # closed again: nobody listens there
     env = {
         **os.environ,
         "RANK": "1",

@@ -15,24 +15,20 @@ differs by at most 1 ulp (~1e-6 at a loss of 7.5, summation order). We allow, el
 |ours - megatron| <= 1e-6 + 1e-5 * |megatron| and report the observed maximum on failure.
 
 One spawn of 2 ranks runs every comparison (megatron's import costs ~5 s per process); the
-ranks write their max differences to JSON and the tests below assert on them.
+ranks return their max differences and the tests below assert on them.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parallel_harness import free_port
+from parallel_harness import run_ranks
 
 TP = 2
 ATOL, RTOL = 1e-6, 1e-5
@@ -190,30 +186,22 @@ def _compare(rank: int) -> dict[str, dict]:
     return out
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
+def _worker() -> dict[str, dict]:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     dist.init_process_group("gloo")
     try:
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
-        result = _compare(rank)
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        return _compare(dist.get_rank())
     finally:
         parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def parity() -> list[dict[str, dict]]:
     pytest.importorskip("megatron.core")
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(free_port(), out), nprocs=TP, join=True)
-        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(TP)]
+    return run_ranks(TP, _worker)
 
 
 GROUPS = {

@@ -9,16 +9,10 @@ these runs, so only the model can tell a schedule that would hang on GPUs.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from parallel_harness import build_trainer, free_port, make_config
+from parallel_harness import build_trainer, make_config, run_ranks
 
 from pretrain.parallel.nccl_rules import (
     CommRecorder,
@@ -168,14 +162,13 @@ def _lone_send_executor(ops, topo, shape):
         work.wait()
 
 
-def _schedule_worker(rank: int, pp: int, port: int, which: str, out: str) -> None:
-    """Run every case's step (and its forward-only evaluation) and write the traces."""
+def _schedule_worker(pp: int, which: str) -> dict[str, str]:
+    """Run every case's step (and its forward-only evaluation); case -> this rank's trace."""
     from pretrain.parallel.bootstrap import build_topology
     from pretrain.parallel.model_chunks import build_model_chunks
     from pretrain.parallel.pipeline import flatten, forward_backward, make_schedule
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=pp)
+    dist.init_process_group("gloo")
     traces = {}
     for vp in (1, 2, 3, 4):
         topo = build_topology(tp=1, pp=pp, dp=1, virtual_stages=vp)
@@ -201,16 +194,12 @@ def _schedule_worker(rank: int, pp: int, port: int, which: str, out: str) -> Non
                                 forward_only=forward_only,
                             )
                 traces[f"{vp}/{micro}/{int(forward_only)}"] = dump_trace(rec.events)
-    Path(out, f"rank{rank}.json").write_text(json.dumps(traces))
-    dist.barrier()
-    dist.destroy_process_group()
+    return traces
 
 
 def run_schedules(pp: int, which: str = "executor") -> dict[str, dict[int, list[Event]]]:
     """case -> rank -> trace, from `pp` gloo ranks."""
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_schedule_worker, args=(pp, free_port(), which, out), nprocs=pp, join=True)
-        per_rank = {r: json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(pp)}
+    per_rank = run_ranks(pp, _schedule_worker, pp, which)
     return {case: {r: load_trace(per_rank[r][case]) for r in range(pp)} for case in per_rank[0]}
 
 
@@ -253,19 +242,14 @@ def test_the_model_catches_the_old_lone_send_executor():
 # -- a whole training step: collectives of TP, SP, DP buckets, tied embeddings and ZeRO ------------------
 
 
-def _step_worker(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
+def _step_worker(overrides: list[str]) -> str:
+    """Two training steps on this rank's part of the grid; the trace of what it issued."""
     config = make_config(overrides)
     with CommRecorder() as rec:
         trainer = build_trainer(config, 2)
         for step in (1, 2):
             trainer.step(step)
-    Path(out, f"rank{rank}.json").write_text(dump_trace(rec.events))
-    dist.barrier()
-    dist.destroy_process_group()
+    return dump_trace(rec.events)
 
 
 # Small buckets (parallel.bucket_mb=0.01): many DP reductions start inside the backward passes of
@@ -312,9 +296,7 @@ def _step_worker(rank: int, world: int, port: int, overrides: list[str], out: st
     ids=["tp2_pp2_dp2_sp_interleaved", "zero1_tp2_pp2_dp2_sp_tied", "zero2_pp2_dp2", "pp2_bf16"],
 )
 def test_a_training_step_follows_nccl_rules(overrides, world):
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_step_worker, args=(world, free_port(), overrides, out), nprocs=world, join=True)
-        traces = {r: load_trace(Path(out, f"rank{r}.json").read_text()) for r in range(world)}
+    traces = dict(enumerate(map(load_trace, run_ranks(world, _step_worker, overrides))))
     summary = check_nccl_rules(traces)
     assert summary["p2p"] > 0 and summary["collectives"] > 0
     wire = {op.dtype for events in traces.values() for e in events for op in e.ops if op.kind != "collective"}

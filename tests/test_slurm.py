@@ -73,6 +73,34 @@ def job_state(cluster, job: str) -> dict:
     return dict(re.findall(r"(\w+)=(\S+)", out))
 
 
+def job_id(sbatch: subprocess.CompletedProcess) -> str:
+    """The job id `sbatch --parsable` printed ("ID" or "ID;CLUSTER")."""
+    return sbatch.stdout.strip().split(";")[0]
+
+
+def submit(command: list[str], env: dict, cwd=ROOT) -> str:
+    """`sbatch --parsable ...` without waiting: the id of the accepted job."""
+    submitted = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    return job_id(submitted)
+
+
+def wait_for(condition, log: Path, deadline: float) -> None:
+    """Poll `condition()` until it holds; past `deadline`, fail with the end of the job's log."""
+    while not condition():
+        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "job never started"
+        time.sleep(0.2)
+
+
+def wait_for_end(cluster, job: str, log: Path, deadline: float) -> dict:
+    while True:
+        state = job_state(cluster, job)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            return state
+        assert time.time() < deadline, f"job {job} still {state.get('JobState')}: {log.read_text()[-3000:]}"
+        time.sleep(1)
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_scripts_pass_bash_n_and_shellcheck(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
@@ -119,28 +147,16 @@ def test_preempted_job_saves_requeues_resumes_and_matches(cluster, stdlib_data, 
     resume equal the uninterrupted job's."""
     _, straight_dir, _ = straight_13b
     log = tmp_path / "job.out"
-    submitted = subprocess.run(
+    job = submit(
         [*SBATCH, "--parsable", f"--output={log}", "slurm/pretrain_gpt_13b.sh"],
-        cwd=ROOT,
-        env=job_env(cluster, stdlib_data, tmp_path, LAYOUT),
-        capture_output=True,
-        text=True,
-        timeout=60,
+        job_env(cluster, stdlib_data, tmp_path, LAYOUT),
     )
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().split(";")[0]
     metrics = tmp_path / "logs/metrics.jsonl"
     deadline = time.time() + 600
-    while not (metrics.exists() and len(losses(tmp_path)) >= 4):  # a few steps in, well before step 30
-        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "job never started"
-        time.sleep(0.2)
+    # A few steps in, well before step 30.
+    wait_for(lambda: metrics.exists() and len(losses(tmp_path)) >= 4, log, deadline)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
-    while True:
-        state = job_state(cluster, job)
-        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            break
-        assert time.time() < deadline, f"job {job} still {state.get('JobState')}: {log.read_text()[-3000:]}"
-        time.sleep(1)
+    state = wait_for_end(cluster, job, log, deadline)
     text = log.read_text()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", text[-4000:]
     assert "batch shell: SIGUSR1, passing it to the training tasks" in text
@@ -174,15 +190,6 @@ def training_processes(run_dir) -> dict[int, int]:
     return {rank: pid for pid, (rank, ppid) in found.items() if ppid not in found}
 
 
-def wait_for_end(cluster, job: str, log: Path, deadline: float) -> dict:
-    while True:
-        state = job_state(cluster, job)
-        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            return state
-        assert time.time() < deadline, f"job {job} still {state.get('JobState')}: {log.read_text()[-3000:]}"
-        time.sleep(1)
-
-
 def test_killed_task_restarts_in_the_same_allocation_and_matches(cluster, stdlib_data, straight_13b, tmp_path):
     """SIGKILL of one training task after the first checkpoint (a node or process dying): the
     other ranks notice within the small timeouts, srun ends, slurm/lib.sh runs srun again in the
@@ -192,22 +199,14 @@ def test_killed_task_restarts_in_the_same_allocation_and_matches(cluster, stdlib
     log = tmp_path / "job.out"
     overrides = [*LAYOUT, "parallel.timeout_minutes=0.5", "train.hang_timeout_minutes=1"]
     began = time.time()
-    submitted = subprocess.run(
+    job = submit(
         [*SBATCH, "--parsable", f"--output={log}", "slurm/pretrain_gpt_13b.sh"],
-        cwd=ROOT,
-        env=job_env(cluster, stdlib_data, tmp_path, overrides),
-        capture_output=True,
-        text=True,
-        timeout=60,
+        job_env(cluster, stdlib_data, tmp_path, overrides),
     )
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().split(";")[0]
     metrics, latest = tmp_path / "logs/metrics.jsonl", tmp_path / "checkpoints/latest"
     deadline = time.time() + 300
     # Past the first checkpoint (checkpoint.interval=10), well before step 20.
-    while not (metrics.exists() and latest.exists() and max(losses(tmp_path), default=0) >= 12):
-        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "job never started"
-        time.sleep(0.2)
+    wait_for(lambda: metrics.exists() and latest.exists() and max(losses(tmp_path), default=0) >= 12, log, deadline)
     tasks = training_processes(tmp_path)
     assert sorted(tasks) == [0, 1, 2, 3], tasks
     killed_after = max(losses(tmp_path))
@@ -249,7 +248,7 @@ def test_configuration_error_is_not_retried(cluster, stdlib_data, tmp_path):
     )
     took = time.time() - began
     text = log.read_text()
-    job = result.stdout.strip().split(";")[0]
+    job = job_id(result)
     assert result.returncode != 0, text[-3000:]
     state = job_state(cluster, job)
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0" and state["Restarts"] == "0", text[-3000:]
@@ -304,15 +303,10 @@ def test_restart_after_each_fault_with_new_port_and_signals_still_passed_on(clus
     """A killed task (137), then a hang exit (76): two restarts in the allocation, each on its own
     rendezvous port; SIGUSR1 during the third attempt still reaches the tasks, which exit 75,
     and the job requeues (a stop, not a restart) and completes."""
-    command, env = stub_job(cluster, tmp_path, "kill 76 usr1")
-    submitted = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().split(";")[0]
+    job = submit(*stub_job(cluster, tmp_path, "kill 76 usr1"), cwd=tmp_path)
     log = tmp_path / "job.out"
     deadline = time.time() + 120
-    while len(list(tmp_path.glob("ready.*"))) < 4:
-        assert time.time() < deadline, log.read_text()[-3000:] if log.exists() else "job never started"
-        time.sleep(0.2)
+    wait_for(lambda: len(list(tmp_path.glob("ready.*"))) >= 4, log, deadline)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
     state = wait_for_end(cluster, job, log, deadline)
     text = log.read_text()
@@ -340,7 +334,7 @@ def test_exit_code_not_retried_or_restarts_used_up(cluster, tmp_path, plan, env,
         [*command[:1], "--wait", *command[1:]], cwd=tmp_path, env=job_env_, capture_output=True, text=True, timeout=120
     )
     text = (tmp_path / "job.out").read_text()
-    job = result.stdout.strip().split(";")[0]
+    job = job_id(result)
     state = job_state(cluster, job)
     assert state["JobState"] == "FAILED" and state["ExitCode"] == f"{code}:0" and state["Restarts"] == "0", text
     if code == 1:
