@@ -26,7 +26,7 @@ from pretrain.checkpoint import Checkpointer, checkpoint_candidates, find_resume
 from pretrain.config import RunConfig
 from pretrain.faults.divergence import Diverged
 from pretrain.faults.stragglers import StragglerMeter
-from pretrain.metrics import MetricsLogger, peak_memory_bytes
+from pretrain.metrics import MetricsLogger, Peak, peak_memory_bytes
 from pretrain.parallel.topology import Topology
 from pretrain.trainer import Trainer
 
@@ -35,11 +35,11 @@ Callback = Callable[[int, dict], None]
 
 @dataclass
 class Throughput:
-    """Speed figures of a step time: tokens/s, TFLOP/s per rank and MFU against `peak_tflops`."""
+    """Speed figures of a step time: tokens/s, TFLOP/s per rank and MFU against `peak`."""
 
     tokens_per_step: int
     flops_per_step: float
-    peak_tflops: float
+    peak: Peak
     world_size: int
 
     def of(self, seconds: float) -> dict:
@@ -47,8 +47,9 @@ class Throughput:
         return {
             "tokens_per_s": self.tokens_per_step / seconds,
             "tflops": tflops,
-            "mfu": tflops / self.peak_tflops,
+            "mfu": self.peak.mfu(tflops),
             "step_time_s": seconds,
+            **self.peak.record(),
         }
 
 

@@ -7,12 +7,22 @@ import math
 import os
 import resource
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from pretrain.config import ModelConfig
+from pretrain.hardware import (
+    DTYPES,
+    cpu_cache_path,
+    cpu_hardware,
+    detect_hardware,
+    measure_matmul_tflops,
+    raise_cpu_peak,
+)
 
 
 def training_flops(config: ModelConfig, *, batch: int, seq: int) -> float:
@@ -42,21 +52,65 @@ def megatron_flops(config: ModelConfig, *, batch: int, seq: int) -> float:
 
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
-    """A measured matmul rate, used as the MFU denominator when the config gives none."""
-    # Large enough to reach the device's sustained rate, small enough to take well under a second.
-    size = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b  # warm-up (thread pool, cuBLAS handles)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e12
+    """A measured matmul rate (best of several runs): a second figure next to the datasheet's."""
+    return measure_matmul_tflops(device, dtype)
+
+
+@dataclass
+class Peak:
+    """The MFU denominator per rank, and where it came from (logged, and written to metrics.jsonl).
+
+    A step's achieved model TFLOP/s is a measured lower bound of the true peak: when it is higher
+    than the peak in use (a CPU measured while the machine was busy, a wrong logging.peak_tflops),
+    the peak is raised to it, so MFU never exceeds 1."""
+
+    tflops: float
+    source: str
+    say: Callable[[str], None] | None = None  # the logging rank's console; None elsewhere
+    keep: Callable[[float], None] | None = None  # where a raised figure is saved (the CPU cache)
+    raised: bool = False
+    reported: bool = False  # whether metrics.jsonl has this source yet
+
+    def mfu(self, achieved_tflops: float) -> float:
+        if achieved_tflops > self.tflops:
+            if not self.raised:  # said once; later raises only move the figure in the records
+                if self.say:
+                    self.say(
+                        f"MFU peak raised from {self.tflops:.4g} to {achieved_tflops:.4g} TFLOP/s, the rate a "
+                        f"step achieved: the peak in use ({self.source}) was too low"
+                    )
+                self.source = f"raised to the rate a step achieved, from {self.tflops:.4g} TFLOP/s: {self.source}"
+                self.raised, self.reported = True, False
+            self.tflops = achieved_tflops
+            if self.keep:
+                self.keep(achieved_tflops)
+        return achieved_tflops / self.tflops
+
+    def record(self) -> dict:
+        """The fields a metrics record carries: the peak always, its source when it is new."""
+        fields: dict = {"peak_tflops": self.tflops}
+        if not self.reported:
+            fields["peak_source"], self.reported = self.source, True
+        return fields
+
+
+def select_peak(
+    *, configured: float | None, device: torch.device, precision: str, say: Callable[[str], None] | None = None
+) -> Peak:
+    """logging.peak_tflops if set; else the datasheet dense peak of the detected GPU (comparable
+    across runs and with Megatron-LM and torchtitan); else this CPU's cached measurement, or, on
+    a GPU not in the table, a matmul measured now."""
+    if configured:
+        return Peak(configured, "logging.peak_tflops", say)
+    hardware = detect_hardware(device)
+    if hardware is not None:
+        return Peak(hardware.peak(precision), f"{hardware.description} datasheet", say)
+    if device.type == "cpu":
+        cpu, keep = cpu_hardware(), partial(raise_cpu_peak, precision)
+        source = f"measured on this CPU, {cpu.description} (cached in {cpu_cache_path()})"
+        return Peak(cpu.peak(precision), source, say, keep)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return Peak(measure_matmul_tflops(device, DTYPES[precision]), f"matmul measured now on {name} (no datasheet)", say)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

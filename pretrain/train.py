@@ -32,7 +32,7 @@ from pretrain.faults.divergence import Diverged
 from pretrain.faults.watchdog import Watchdog
 from pretrain.launch import discover
 from pretrain.loop import Callback, Checkpoints, Evaluator, StepLog, Throughput
-from pretrain.metrics import MetricsLogger, measure_peak_tflops, training_flops
+from pretrain.metrics import MetricsLogger, select_peak, training_flops
 from pretrain.models.attention import check_backend
 from pretrain.parallel.bootstrap import init_distributed
 from pretrain.parallel.model_chunks import build_model_chunks
@@ -169,20 +169,21 @@ def build(config: RunConfig, topo: Topology, start: Start) -> tuple[Data, Traine
 
 def throughput(config: RunConfig, topo: Topology, trainer: Trainer) -> Throughput:
     """What a step's time is turned into (and the run's one-line summary, on the logging rank)."""
-    peak = config.logging.peak_tflops or measure_peak_tflops(topo.device, config.compute_dtype)
+    say = (lambda line: print(line, flush=True)) if topo.is_logging_rank else None
+    precision = config.train.precision
+    peak = select_peak(configured=config.logging.peak_tflops, device=topo.device, precision=precision, say=say)
     global_batch, seq = config.global_batch(topo.dp), config.model.seq_length
-    if topo.is_logging_rank:
+    if say:
         m = config.model
-        print(
+        say(
             f"model: {m.flavour}, {m.num_layers} layers, hidden {m.hidden_size}, {trainer.num_params / 1e6:.2f}M "
             f"parameters on this rank; {topo.describe()}; global batch {global_batch} x {seq} tokens "
-            f"({trainer.accum} micro-batches per rank); {topo.device.type}, {config.train.precision}, peak "
-            f"{peak:.2f} TFLOP/s per rank for MFU",
-            flush=True,
+            f"({trainer.accum} micro-batches per rank); {topo.device.type}, {precision}"
         )
+        say(f"MFU against peak {peak.tflops:.4g} TFLOP/s {precision} per rank: {peak.source}")
     return Throughput(
         tokens_per_step=global_batch * seq,
-        peak_tflops=peak,
+        peak=peak,
         world_size=topo.world_size,
         flops_per_step=training_flops(config.model, batch=global_batch, seq=seq),
     )

@@ -54,7 +54,8 @@ def test_tiny_config_trains_and_loss_falls(config_name, stdlib_data, tmp_path):
     assert [r["step"] for r in train] == [10, 20, 30, 40]
     for r in train:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= r.keys()
-        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] <= 1.0
+    assert train[0]["peak_source"]  # which peak MFU used, so runs can be compared
     assert train[-1]["loss"] < train[0]["loss"] - 1.0
     assert [r["step"] for r in val] == [0, 20, 40]
     assert val[-1]["val_loss"] < val[0]["val_loss"] - 1.5

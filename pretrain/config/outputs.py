@@ -33,7 +33,9 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard event files under logging.dir."""
     peak_tflops: float | None = None
-    """Peak TFLOP/s per device for MFU; default measured at start with a matmul."""
+    """Peak TFLOP/s per device for MFU. Default: the detected GPU's datasheet dense peak
+    (pretrain/hardware.py), else this CPU's matmul rate measured once and cached; a step that
+    achieves more raises the peak to its rate, so MFU never exceeds 1."""
 
     def validate(self) -> None:
         _need(
