@@ -115,10 +115,16 @@ def detect_hardware(device: torch.device) -> Hardware | None:
     """The profile of the GPU torch sees at `device`, or None on a CPU or a GPU not in the table."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
+    memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return hardware_of_gpu(torch.cuda.get_device_name(device), memory_gib)
+
+
+def hardware_of_gpu(name: str, memory_gib: float) -> Hardware | None:
+    """The profile of a GPU by the name its driver reports ("NVIDIA H100 80GB HBM3", as torch
+    and nvidia-smi print it) and its memory, or None for a GPU not in the table."""
     for fragment, key in _NAME_FRAGMENTS.items():
         if re.search(rf"\b{re.escape(fragment)}\b", name):
-            if key == "a100-80gb" and torch.cuda.get_device_properties(device).total_memory < 60 * 2**30:
+            if key == "a100-80gb" and memory_gib < 60:
                 key = "a100-40gb"
             return PROFILES[key]
     return None
@@ -133,13 +139,17 @@ def datasheet_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | N
 
 
 def get_hardware(name: str) -> Hardware:
-    """A profile by name (case-insensitive), or "cpu": this machine, measured once and cached."""
+    """A profile by name (case-insensitive) or by a GPU's own name as nvidia-smi reports it
+    (the SLURM preflight passes that), or "cpu": this machine, measured once and cached."""
     key = name.lower()
     if key == "cpu":
         return cpu_hardware()
-    if key not in PROFILES:
-        raise ValueError(f"unknown hardware {name!r}: one of {', '.join([*PROFILES, 'cpu'])}")
-    return PROFILES[key]
+    if key in PROFILES:
+        return PROFILES[key]
+    by_name = hardware_of_gpu(name, memory_gib=80)  # A100: the caller states the memory it has
+    if by_name is None:
+        raise ValueError(f"unknown hardware {name!r}: one of {', '.join([*PROFILES, 'cpu'])} or a GPU name they cover")
+    return by_name
 
 
 def measure_matmul_tflops(

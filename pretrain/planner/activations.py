@@ -1,0 +1,154 @@
+"""What autograd keeps between a forward and its backward, counted on the real model code.
+
+A formula for activation memory (Korthikanti et al.'s 34 s b h per layer) describes one
+implementation; ours keeps different tensors (bench/RESULTS.md, "Activation bytes per layer":
+28 + 4t, not 34). So the planner asks the model itself: it runs one forward of a 1- and a
+2-block GPT at the real hidden size, sequence length, micro-batch, tensor-parallel width,
+sequence parallelism, recompute mode and dtype on fake tensors (no memory, no FLOPs) and counts
+the storages autograd saves, each once, parameters excluded. The difference of the two is one
+block; what is left is the embedding's (first stage) or the output layer and loss's (last
+stage, its [tokens, vocab / t] fp32 logits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import RunConfig
+
+
+@dataclass(frozen=True)
+class ActivationProbe:
+    """Bytes one micro-batch keeps for its backward."""
+
+    per_block: int
+    embedding: int
+    """The first stage's own share (token ids, embedding output)."""
+    head: int
+    """The last stage's own share (final norm, output layer and loss: the logits buffer)."""
+
+
+class _Saved:
+    """Storages saved for backward, each counted once by identity (fake tensors have no address)."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude, self.storages = exclude, {}
+
+    def add(self, t) -> None:
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            if storage._cdata not in self.exclude:
+                self.storages[storage._cdata] = storage.nbytes()
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.add(t)
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def probe_activations(config: RunConfig) -> ActivationProbe:
+    """Per-micro-batch saved bytes of the config's model at its tensor-parallel layout."""
+    p = config.parallel
+    key = (
+        repr(config.model),
+        p.tensor,
+        p.sequence_parallel and p.tensor > 1,
+        config.train.micro_batch_size,
+        config.compute_dtype,
+        _weight_dtype(config),
+    )
+    if key not in _PROBES:  # --suggest asks again for every pipeline and ZeRO variant
+        _PROBES[key] = _probe(config.model, *key[1:])
+    return _PROBES[key]
+
+
+_PROBES: dict[tuple, ActivationProbe] = {}
+
+
+def _weight_dtype(config: RunConfig) -> torch.dtype:
+    from pretrain.strategy import weight_dtype
+
+    return weight_dtype(config)
+
+
+def _probe(model, tp: int, sequence_parallel: bool, micro_batch: int, compute_dtype, weight_dtype) -> ActivationProbe:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with _fake_tensor_parallel_group(tp) as group, FakeTensorMode(allow_non_fake_inputs=True):
+        one = _saved_bytes(model, 1, tp, group, sequence_parallel, micro_batch, compute_dtype, weight_dtype)
+        two = _saved_bytes(model, 2, tp, group, sequence_parallel, micro_batch, compute_dtype, weight_dtype)
+    per_block = two["blocks"] - one["blocks"]
+    return ActivationProbe(
+        per_block=per_block,
+        embedding=one["embedding"],
+        head=one["total"] - one["blocks"] - one["embedding"],
+    )
+
+
+def _saved_bytes(model, blocks, tp, group, sequence_parallel, micro_batch, compute_dtype, weight_dtype) -> dict:
+    """Saved bytes after the embedding, after the blocks and in all, of one forward."""
+    import pretrain.models.gpt as gpt_module
+    from pretrain.models.build import build_gpt
+    from pretrain.models.gpt import Stage
+    from pretrain.models.layers import DenseLayers
+    from pretrain.parallel.tensor import TensorParallelLayers
+    from pretrain.parallel.topology import CPU, Topology
+
+    topo = Topology(
+        world_size=tp, rank=0, tp=tp, pp=1, dp=1, virtual_stages=1, sequence_parallel=sequence_parallel, device=CPU
+    )
+    topo = dataclasses.replace(topo, tp_group=group)
+    layers = TensorParallelLayers(topo) if tp > 1 else DenseLayers()
+    config = dataclasses.replace(model, num_layers=blocks)
+    gpt = build_gpt(config, init_seed=1, dtype=weight_dtype, layers=layers, stage=Stage(range(blocks), True, True))
+    saved = _Saved({p.untyped_storage()._cdata for p in gpt.parameters()})
+    real_checkpoint = gpt_module.checkpoint
+
+    def checkpoint(fn, *inputs, **kwargs):  # non-reentrant checkpointing keeps its inputs for the recompute
+        for t in inputs:
+            saved.add(t)
+        return real_checkpoint(fn, *inputs, **kwargs)
+
+    tokens = torch.zeros((micro_batch, model.seq_length), dtype=torch.long)
+    mixed = compute_dtype != torch.float32
+    gpt_module.checkpoint = checkpoint
+    try:
+        with (
+            torch.autocast("cpu", dtype=compute_dtype if mixed else torch.bfloat16, enabled=mixed),
+            torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t),
+        ):
+            saved.add(tokens)  # the micro-batch the first stage keeps until its backward
+            x = gpt.embed_tokens(tokens)
+            embedding = saved.bytes
+            y = gpt.run_blocks(x)
+            after_blocks = saved.bytes
+            gpt.head_loss(y, tokens)
+    finally:
+        gpt_module.checkpoint = real_checkpoint
+    return {"embedding": embedding, "blocks": after_blocks - embedding, "total": saved.bytes}
+
+
+@contextlib.contextmanager
+def _fake_tensor_parallel_group(tp: int):
+    """A tensor-parallel group for the probe's collectives: torch's fake backend (every
+    collective returns at once), unless this process already runs a process group."""
+    if tp == 1:
+        yield None
+        return
+    if dist.is_initialized():
+        raise RuntimeError("the activation probe needs its own process group: run the planner in its own process")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=tp)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()

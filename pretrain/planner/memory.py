@@ -1,0 +1,207 @@
+"""Per-GPU memory of a layout, by category, for every pipeline rank.
+
+What is exact: the parameters each rank holds (the real model built on the meta device at the
+layout, so padding, tied copies and uneven stages are counted as the code builds them), the
+bytes each training strategy keeps per parameter (bench/RESULTS.md "memory": measured equal to
+this accounting), the activations one micro-batch keeps (activations.py: counted on the model
+code itself) and how many micro-batches each pipeline rank holds at once (the real schedule,
+replayed). What is estimated, and labelled so: communication buffers and the framework's
+overhead (CUDA context, NCCL, allocator slack), which depend on the GPU stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from pretrain.config import RunConfig, validate_layout
+from pretrain.planner.activations import probe_activations
+
+MIB, GIB = 2**20, 2**30
+# A CUDA context with cuBLAS/cuDNN workspaces and NCCL's per-communicator buffers (~0.5 GiB
+# each on H100 with default NCCL_BUFFSIZE and channels, for the TP, DP and PP groups), and the
+# caching allocator's fragmentation: an estimate, not a measurement on this CPU-only machine.
+CONTEXT_BYTES = 2 * GIB
+FRAGMENTATION = 0.05
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes one GPU holds at its peak, by what holds them."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    """Saved for backward by the micro-batches in flight at the peak, logits included."""
+    logits: int
+    """Of activations: the output layer and loss's share (last stage)."""
+    step_transient: int
+    """Held only during the optimizer step, when the activations are gone: DeepSpeed's fp32
+    copy of the rank's gradient partition (4 bytes per parameter it updates)."""
+    comm_buffers: int
+    overhead: int
+
+    @property
+    def owned(self) -> int:
+        """What the framework's own tensors take at their peak (backward or optimizer step): the
+        part checked against measurements."""
+        return self.weights + self.gradients + self.optimizer + max(self.activations, self.step_transient)
+
+    @property
+    def total(self) -> int:
+        return self.owned + self.comm_buffers + self.overhead
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    pp_rank: int
+    parameters: int
+    in_flight: int
+    """Micro-batch chunks (forwards without their backward yet) at this rank's peak."""
+    memory: MemoryBreakdown
+
+
+def plan_memory(config: RunConfig, world_size: int, *, overhead: bool = True) -> list[RankMemory]:
+    """Memory of every pipeline rank of the config's layout on `world_size` GPUs (ranks of one
+    stage hold the same, up to DeepSpeed's alignment padding). `overhead=False` leaves out what
+    this CPU cannot check. Raises ConfigError for a layout that cannot run at that size."""
+    dp = validate_layout(config, world_size)
+    probe = probe_activations(config)
+    ranks = []
+    for pp_rank in range(config.parallel.pipeline):
+        params = rank_parameters(config, pp_rank)
+        weights, grads, optimizer = _model_states(config, params, dp)
+        transient = 4 * params // dp if config.parallel.zero_stage else 0
+        activations, in_flight = _peak_activations(config, pp_rank, probe, dp)
+        comm = _comm_buffers(config) if overhead else 0
+        owned = weights + grads + optimizer + max(activations, transient) + comm
+        extra = int(CONTEXT_BYTES + FRAGMENTATION * owned) if overhead else 0
+        last = pp_rank == config.parallel.pipeline - 1
+        logits = probe.head if last else 0
+        memory = MemoryBreakdown(weights, grads, optimizer, activations, logits, transient, comm, extra)
+        ranks.append(RankMemory(pp_rank, params, in_flight, memory))
+    return ranks
+
+
+def peak_rank(ranks: list[RankMemory]) -> RankMemory:
+    return max(ranks, key=lambda r: r.memory.total)
+
+
+def _model_states(config: RunConfig, params: int, dp: int) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes for `params` parameters on one rank.
+
+    Our data parallelism keeps fp32 weights (autocast runs the matmuls in 16 bits) that double
+    as the master copy, fp32 gradients in the flat DP buckets and AdamW's two fp32 moments.
+    DeepSpeed ZeRO keeps the weights and gradients in the compute dtype and shards its fp32
+    master copy and moments (12 bytes) over the DP ranks; stage 2 also the gradients, stage 3
+    also the weights (Rajbhandari et al. 2020)."""
+    stage = config.parallel.zero_stage
+    if stage == 0:
+        return 4 * params, 4 * params, 8 * params
+    width = torch.tensor([], dtype=config.compute_dtype).element_size()
+    weights = width * params // (dp if stage == 3 else 1)
+    grads = width * params // (dp if stage >= 2 else 1)
+    return weights, grads, 12 * params // dp
+
+
+def _comm_buffers(config: RunConfig) -> int:
+    """DeepSpeed's reduce and all-gather buckets (parallel.bucket_mb each; ZeRO-3 also its
+    prefetch bucket). Our own DP reduction runs in place on the gradients' buffers: nothing."""
+    stage = config.parallel.zero_stage
+    if stage == 0:
+        return 0
+    return int((3 if stage == 3 else 2) * config.parallel.bucket_mb * MIB)
+
+
+def _peak_activations(config: RunConfig, pp_rank: int, probe, dp: int) -> tuple[int, int]:
+    """The most bytes the schedule keeps at once on pipeline rank `pp_rank`, and how many chunk
+    forwards are then waiting for their backward."""
+    p = config.parallel
+    layers_per_chunk = config.model.num_layers // (p.pipeline * p.virtual_stages)
+
+    def cost(chunk: int) -> int:
+        virtual = chunk * p.pipeline + pp_rank
+        first, last = virtual == 0, virtual == p.pipeline * p.virtual_stages - 1
+        return layers_per_chunk * probe.per_block + (probe.embedding if first else 0) + (probe.head if last else 0)
+
+    live: list[int] = []
+    peak, at_peak = 0, 0
+    for kind, chunk in _schedule_ops(config, pp_rank, dp):
+        if kind == "F":
+            live.append(chunk)
+            held = sum(cost(c) for c in live)
+            if held > peak:
+                peak, at_peak = held, len(live)
+        else:
+            live.remove(chunk)
+    return peak, at_peak
+
+
+def _schedule_ops(config: RunConfig, pp_rank: int, dp: int) -> list[tuple[str, int]]:
+    """The (kind, chunk) operations of the real schedule on this pipeline rank, in order."""
+    from pretrain.parallel.pipeline import flatten, make_schedule
+    from pretrain.parallel.topology import Topology
+
+    p = config.parallel
+    micro = config.accumulation_steps(dp)
+    if p.pipeline == 1:  # one micro-batch's forward and backward back to back
+        return [(k, 0) for _ in range(micro) for k in "FB"]
+    topo = Topology(
+        world_size=p.tensor * p.pipeline,
+        rank=pp_rank * p.tensor,
+        tp=p.tensor,
+        pp=p.pipeline,
+        dp=1,
+        virtual_stages=p.virtual_stages,
+        sequence_parallel=p.sequence_parallel,
+        device=torch.device("meta"),
+    )
+    return [(op.kind, op.chunk) for op in flatten(make_schedule(topo, micro))]
+
+
+def rank_parameters(config: RunConfig, pp_rank: int) -> int:
+    """Parameters pipeline rank `pp_rank` holds (one tensor-parallel shard), counted on the model
+    built on the meta device: nothing is allocated, a 70B model counts in a second."""
+    from pretrain.parallel.model_chunks import stage_layout
+
+    p, m = config.parallel, config.model
+    total = 0
+    for chunk in range(p.virtual_stages):
+        stage = stage_layout(num_layers=m.num_layers, pp=p.pipeline, vp=p.virtual_stages, pp_rank=pp_rank, chunk=chunk)
+        total += _stage_parameters(m, p.tensor, len(stage.layer_ids), stage.first, stage.last)
+    return total
+
+
+def _stage_parameters(model, tp: int, blocks: int, first: bool, last: bool) -> int:
+    key = (repr(model), tp, blocks, first, last)
+    if key not in _COUNTS:
+        _COUNTS[key] = _count_on_meta(model, tp, blocks, first, last)
+    return _COUNTS[key]
+
+
+_COUNTS: dict[tuple, int] = {}
+
+
+def _count_on_meta(model, tp: int, blocks: int, first: bool, last: bool) -> int:
+    """One block's parameters times `blocks`, plus what the stage's ends add (the model with one
+    block is built, not all of them)."""
+    from pretrain.models.build import build_gpt
+    from pretrain.models.gpt import Stage
+    from pretrain.models.layers import DenseLayers
+    from pretrain.parallel.tensor import TensorParallelLayers
+    from pretrain.parallel.topology import Topology
+
+    meta = torch.device("meta")
+    topo = Topology(world_size=tp, rank=0, tp=tp, pp=1, dp=1, virtual_stages=1, sequence_parallel=False, device=meta)
+    layers = TensorParallelLayers(topo) if tp > 1 else DenseLayers()
+
+    def count(n: int) -> int:
+        one = dataclasses.replace(model, num_layers=max(n, 1))
+        gpt = build_gpt(one, init_seed=1, device=meta, layers=layers, stage=Stage(range(n), first, last))
+        return sum(p.numel() for p in gpt.parameters())
+
+    ends = count(0)
+    return ends + blocks * (count(1) - ends)
