@@ -20,6 +20,8 @@
 #   PYTHON              the Python to run (default python3)
 #   PRETRAIN_SRUN_ARGS  extra srun options
 #   PRETRAIN_MAX_RESTARTS  in-job restarts after a fault (default 3; 0: none)
+#   PRETRAIN_PREFLIGHT  0: skip the memory check before srun (default 1: tools/plan.py on the
+#                       job's GPUs; a layout that cannot fit fails the job with exit code 2)
 # Nodes and GPUs per node are sbatch's own options: `sbatch --nodes=2 --ntasks-per-node=2
 # --gpus-per-node=0 slurm/pretrain_gpt_13b.sh` (or SBATCH_NODES, SBATCH_GPUS_PER_NODE, ...).
 
@@ -43,6 +45,40 @@ _pretrain_describe_exit() {
                echo "a failed task or srun"
            fi ;;
     esac
+}
+
+# Before any task starts: will the layout fit the job's GPUs? tools/plan.py on the job's GPU
+# count (one task per GPU) and the memory nvidia-smi reports. A layout that cannot fit ends the
+# job with exit code 2 and the planner's breakdown and its fastest layout that fits, instead of
+# an out-of-memory error minutes into the run on every node. Without GPUs there is nothing to
+# check.
+_pretrain_preflight() {
+    if [ "${PRETRAIN_PREFLIGHT:-1}" = 0 ]; then
+        echo "preflight: skipped (PRETRAIN_PREFLIGHT=0)"
+        return 0
+    fi
+    local gpu
+    if ! command -v nvidia-smi >/dev/null 2>&1 || ! gpu=$(nvidia-smi --query-gpu=name,memory.total \
+            --format=csv,noheader,nounits 2>/dev/null | head -n 1) || [ -z "$gpu" ]; then
+        echo "preflight: no GPU on this node (nvidia-smi), memory check skipped"
+        return 0
+    fi
+    local name=${gpu%,*} memory_mib=${gpu##*, }
+    if ! PYTHONPATH="$PRETRAIN_ROOT${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python3}" -c \
+            'import sys; from pretrain.hardware import hardware_of_gpu; sys.exit(hardware_of_gpu(sys.argv[1], 80) is None)' \
+            "$name" 2>/dev/null; then
+        echo "preflight: no profile for ${name} in pretrain/hardware.py, memory check skipped"
+        return 0
+    fi
+    local rc=0
+    echo "preflight: ${SLURM_NTASKS} x ${name} (${memory_mib} MiB)"
+    "${PYTHON:-python3}" "$PRETRAIN_ROOT/tools/plan.py" "$@" --gpus "${SLURM_NTASKS}" --hardware "$name" \
+        --memory-gib "$((memory_mib / 1024))" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "error: preflight: the layout does not fit ${SLURM_NTASKS} x ${name} (or cannot run there)," \
+             "see above; not starting training (PRETRAIN_PREFLIGHT=0 skips this check)" >&2
+        exit 2
+    fi
 }
 
 # A signal to the batch shell goes to the current srun; afterwards the job does not restart (a
@@ -91,6 +127,7 @@ pretrain_job() {
     echo "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME}), start $((${SLURM_RESTART_COUNT:-0} + 1)): ${SLURM_JOB_NUM_NODES} nodes" \
          "(${SLURM_JOB_NODELIST}), ${SLURM_NTASKS} tasks; run dir $run_dir"
     echo "train: ${args[*]}"
+    _pretrain_preflight "${args[@]}"
 
     # In the background so that this shell can take signals: bash runs a trap only between
     # commands, and a foreground srun would hold it until training ends. srun relays SIGUSR1

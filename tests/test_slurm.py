@@ -440,3 +440,47 @@ def test_mpirun_and_torchrun_start_the_same_training(stdlib_data, tmp_path):
     assert "ranks 0-1 of 2 (torchrun, gloo, cpu" in by_torchrun.stdout
     assert losses(tmp_path / "mpi") == losses(tmp_path / "torchrun")
     assert sorted(losses(tmp_path / "mpi")) == [1, 2, 3, 4]
+
+
+FAKE_NVIDIA_SMI = """#!/bin/bash
+echo "NVIDIA H100 80GB HBM3, 81559"
+"""
+
+
+TP1 = ["parallel.tensor=1", "parallel.sequence_parallel=false"]
+
+
+@pytest.mark.parametrize("layout, fits", [([], True), (TP1, False)], ids=["tp4-fits", "tp1-too-big"])
+def test_preflight_refuses_a_layout_that_cannot_fit_before_any_task_starts(cluster, tmp_path, layout, fits):
+    """On GPU nodes (an nvidia-smi that reports H100s stands in) slurm/lib.sh runs the planner on
+    the job's GPU count first: the 13B model on the job's 4 GPUs fits at TP 4 (ZeRO-1 over one
+    replica), and at TP 1 it does not, so that job ends with exit code 2, the breakdown and a
+    layout that fits, and no training task ever starts."""
+    command, env = stub_job(
+        cluster,
+        tmp_path,
+        "0",
+        PYTHON=sys.executable,
+        PRETRAIN_CONFIG=str(ROOT / "configs/gpt_13b.yaml"),
+        PRETRAIN_OVERRIDES=" ".join(layout),
+    )
+    for shared in ("tools", "pretrain", "configs"):  # the planner, from this checkout
+        (tmp_path / "root" / shared).symlink_to(ROOT / shared)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    result = subprocess.run(
+        [*command[:1], "--wait", *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    text = (tmp_path / "job.out").read_text()
+    state = job_state(cluster, job_id(result))
+    assert "preflight: 4 x NVIDIA H100 80GB HBM3 (81559 MiB)" in text, text
+    if fits:
+        assert state["JobState"] == "COMPLETED" and "fits" in text and "stub attempt 0" in text, text
+    else:
+        assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", text
+        assert "DOES NOT FIT" in text and "error: preflight: the layout does not fit 4 x NVIDIA H100" in text
+        assert "parallel.tensor=" in text.split("fastest layouts that fit")[1]
+        assert "stub attempt" not in text and not list(tmp_path.glob("ready.*"))
