@@ -72,3 +72,12 @@ def test_zero_comm_bench_small():
     fields = dict(f.split("=") for f in out.split("RESULT zero_comm ", 1)[1].split())
     assert float(fields["tp2_sp_dp2_after_share"]) < 0.5
     assert fields["tp2_sp_dp2_tp_allreduce_backward"] == "1"
+
+
+def test_planner_calibration_prints_every_published_row():
+    out = bench("bench/planner_calibration.py")
+    rows = [line for line in out.splitlines() if line.startswith("RESULT planner_calibration_")]
+    assert len(rows) == 4
+    for row in rows:
+        ratio = float(row.rsplit("ratio=", 1)[1])
+        assert 0.5 < ratio < 2, row  # the model is calibrated; a regression shows as a far-off ratio
