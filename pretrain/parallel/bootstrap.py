@@ -7,6 +7,7 @@ the default group's timeout, so each is given it explicitly (`group_timeout`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import RunConfig, validate_layout
-from pretrain.parallel.topology import CPU, Topology, single_process
+from pretrain.parallel.topology import CPU, Topology, grid_position, single_process
 
 
 def init_distributed(config: RunConfig, *, device: torch.device, launch=None) -> Topology:
@@ -68,16 +69,8 @@ def build_topology(
     most `timeout_minutes` (parallel.timeout_minutes) in a collective."""
     world_size, rank = dist.get_world_size(), dist.get_rank()
     assert world_size == tp * pp * dp, (world_size, tp, pp, dp)
-    topo = Topology(
-        world_size=world_size,
-        rank=rank,
-        tp=tp,
-        pp=pp,
-        dp=dp,
-        virtual_stages=virtual_stages,
-        sequence_parallel=sequence_parallel,
-        device=device,
-    )
+    topo = grid_position(rank=rank, tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages, device=device)
+    topo = dataclasses.replace(topo, sequence_parallel=sequence_parallel)
     timeout = group_timeout(timeout_minutes)
     mine: dict[str, dist.ProcessGroup | None] = {}
     for kind, ranks in grid_groups(topo):

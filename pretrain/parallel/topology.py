@@ -82,6 +82,30 @@ class Topology:
         )
 
 
+def grid_position(
+    *,
+    rank: int = 0,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    virtual_stages: int = 1,
+    sequence_parallel: bool = False,
+    device: torch.device = CPU,
+) -> Topology:
+    """Rank `rank` of the tp x dp x pp grid, without process groups yet: what bootstrap.py fills
+    in, and what the planner asks about a position (its schedule, its shards) without any."""
+    return Topology(
+        world_size=tp * pp * dp,
+        rank=rank,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        virtual_stages=virtual_stages,
+        sequence_parallel=sequence_parallel,
+        device=device,
+    )
+
+
 def single_process(device: torch.device = CPU) -> Topology:
     """The one-rank grid: no process groups, every collective a no-op."""
-    return Topology(world_size=1, rank=0, tp=1, pp=1, dp=1, virtual_stages=1, sequence_parallel=False, device=device)
+    return grid_position(device=device)

@@ -100,12 +100,9 @@ def _saved_bytes(model, blocks, tp, group, sequence_parallel, micro_batch, compu
     from pretrain.models.gpt import Stage
     from pretrain.models.layers import DenseLayers
     from pretrain.parallel.tensor import TensorParallelLayers
-    from pretrain.parallel.topology import CPU, Topology
+    from pretrain.parallel.topology import grid_position
 
-    topo = Topology(
-        world_size=tp, rank=0, tp=tp, pp=1, dp=1, virtual_stages=1, sequence_parallel=sequence_parallel, device=CPU
-    )
-    topo = dataclasses.replace(topo, tp_group=group)
+    topo = dataclasses.replace(grid_position(tp=tp, sequence_parallel=sequence_parallel), tp_group=group)
     layers = TensorParallelLayers(topo) if tp > 1 else DenseLayers()
     config = dataclasses.replace(model, num_layers=blocks)
     gpt = build_gpt(config, init_seed=1, dtype=weight_dtype, layers=layers, stage=Stage(range(blocks), True, True))

@@ -143,22 +143,13 @@ def _peak_activations(config: RunConfig, pp_rank: int, probe, dp: int) -> tuple[
 def _schedule_ops(config: RunConfig, pp_rank: int, dp: int) -> list[tuple[str, int]]:
     """The (kind, chunk) operations of the real schedule on this pipeline rank, in order."""
     from pretrain.parallel.pipeline import flatten, make_schedule
-    from pretrain.parallel.topology import Topology
+    from pretrain.parallel.topology import grid_position
 
     p = config.parallel
     micro = config.accumulation_steps(dp)
     if p.pipeline == 1:  # one micro-batch's forward and backward back to back
         return [(k, 0) for _ in range(micro) for k in "FB"]
-    topo = Topology(
-        world_size=p.tensor * p.pipeline,
-        rank=pp_rank * p.tensor,
-        tp=p.tensor,
-        pp=p.pipeline,
-        dp=1,
-        virtual_stages=p.virtual_stages,
-        sequence_parallel=p.sequence_parallel,
-        device=torch.device("meta"),
-    )
+    topo = grid_position(rank=pp_rank * p.tensor, tp=p.tensor, pp=p.pipeline, virtual_stages=p.virtual_stages)
     return [(op.kind, op.chunk) for op in flatten(make_schedule(topo, micro))]
 
 
@@ -192,10 +183,10 @@ def _count_on_meta(model, tp: int, blocks: int, first: bool, last: bool) -> int:
     from pretrain.models.gpt import Stage
     from pretrain.models.layers import DenseLayers
     from pretrain.parallel.tensor import TensorParallelLayers
-    from pretrain.parallel.topology import Topology
+    from pretrain.parallel.topology import grid_position
 
     meta = torch.device("meta")
-    topo = Topology(world_size=tp, rank=0, tp=tp, pp=1, dp=1, virtual_stages=1, sequence_parallel=False, device=meta)
+    topo = grid_position(tp=tp, device=meta)
     layers = TensorParallelLayers(topo) if tp > 1 else DenseLayers()
 
     def count(n: int) -> int:

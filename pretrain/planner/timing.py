@@ -49,24 +49,18 @@ def estimate_step(config: RunConfig, world_size: int, hardware: Hardware, params
     per_micro = (
         model_flops * _recompute_factor(config) / world_size / micro / (peak * SUSTAINED.get(hardware.name, 1.0))
     )
-    compute = micro * per_micro
-    bubble = (p.pipeline - 1) / p.virtual_stages * per_micro
-    tp = micro * _tensor_parallel_seconds(config, hardware) * (1 + (p.pipeline - 1) / (p.virtual_stages * micro))
-    pp = micro * _pipeline_transfer_seconds(config, hardware)
-    exposed = _data_parallel_seconds(config, hardware, dp, params_per_rank, micro, per_micro)
-    optimizer = _optimizer_seconds(config, hardware, dp, params_per_rank)
-    seconds = compute + bubble + tp + pp + exposed + optimizer
-    return StepTime(
-        seconds=seconds,
-        compute=compute,
-        bubble=bubble,
-        tensor_parallel=tp,
-        pipeline_transfers=pp,
-        data_parallel=exposed,
-        optimizer=optimizer,
-        tokens_per_s_per_gpu=tokens / seconds / world_size,
-        mfu=model_flops / (seconds * world_size * peak),
-    )
+    bubble_share = (p.pipeline - 1) / (p.virtual_stages * micro)  # of the step, the pipeline idles
+    parts = {
+        "compute": micro * per_micro,
+        "bubble": bubble_share * micro * per_micro,
+        "tensor_parallel": micro * _tensor_parallel_seconds(config, hardware) * (1 + bubble_share),
+        "pipeline_transfers": micro * _pipeline_transfer_seconds(config, hardware),
+        "data_parallel": _data_parallel_seconds(config, hardware, dp, params_per_rank, micro, per_micro),
+        "optimizer": _optimizer_seconds(config, hardware, dp, params_per_rank),
+    }
+    seconds = sum(parts.values())
+    mfu = model_flops / (seconds * world_size * peak)
+    return StepTime(seconds=seconds, tokens_per_s_per_gpu=tokens / seconds / world_size, mfu=mfu, **parts)
 
 
 def _recompute_factor(config: RunConfig) -> float:
