@@ -21,6 +21,8 @@ MASK_PIECE = "<mask>"
 _HF_EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "[SEP]", "<|im_end|>")
 _HF_PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
 _HF_MASK_NAMES = ("<mask>", "[MASK]", "<|mask|>")
+_HF_BOS_NAMES = ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "[CLS]")
+_HF_UNK_NAMES = ("<unk>", "[UNK]", "<|unk|>")
 
 
 @runtime_checkable
@@ -106,9 +108,13 @@ class HFTokenizer:
     """A Hugging Face `tokenizer.json` (fast tokenizer), read with the `tokenizers` library.
 
     Documents are encoded without special tokens (no BOS/EOS from the post-processor):
-    preprocessing marks document ends itself with `--append-eod`. The end-of-document token is
-    `eos_token` from a `tokenizer_config.json` beside the file when there is one, else the
-    first of the usual names (<|endoftext|>, </s>, ...) present in the vocabulary.
+    preprocessing marks document ends itself with `--append-eod`. A special token spelled in a
+    document ("</s>" in an HTML test file) is encoded as the text it is, as sentencepiece does:
+    otherwise a document could end itself early, or cut itself in two under
+    `data.document_attention_mask`. Truncation and padding settings in the file are ignored: a
+    document is never cut or padded. The end-of-document token is `eos_token` from a
+    `tokenizer_config.json` beside the file when there is one, else the first of the usual
+    names (<|endoftext|>, </s>, ...) present in the vocabulary; bos, pad, unk and mask likewise.
     """
 
     def __init__(self, path: str) -> None:
@@ -128,10 +134,22 @@ class HFTokenizer:
         except Exception as exc:  # the Rust side raises a bare Exception with its message
             raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json: {exc}") from None
         self._json = open(path, encoding="utf-8").read()
+        self._encode_as_documents()
         self._init_ids()
 
+    def _encode_as_documents(self) -> None:
+        """Special tokens in the text stay text; no truncation or padding (see the class doc)."""
+        self._tok.encode_special_tokens = True
+        self._tok.no_truncation()
+        self._tok.no_padding()
+
     def _init_ids(self) -> None:
-        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        ids = self._tok.get_vocab(with_added_tokens=True).values()
+        if not ids:
+            raise ValueError(f"{self.path!r} has an empty vocabulary; train one with tools/train_tokenizer.py")
+        # One past the largest id, not the count of pieces: a file whose ids leave gaps would
+        # otherwise encode ids at or above model.vocab_size.
+        self.vocab_size: int = max(ids) + 1
         config = self._config()
         eod = self._find(config.get("eos_token"), _HF_EOD_NAMES)
         if eod is None:
@@ -143,6 +161,23 @@ class HFTokenizer:
         pad = self._find(config.get("pad_token"), _HF_PAD_NAMES)
         self.pad: int = pad if pad is not None else self.eod
         self.mask: int | None = self._find(config.get("mask_token"), _HF_MASK_NAMES)
+        self.bos: int | None = self._find(config.get("bos_token"), _HF_BOS_NAMES)
+        self.unk: int | None = self._find(config.get("unk_token"), _HF_UNK_NAMES)
+
+    def tokenizer_config(self) -> dict:
+        """The tokenizer_config.json under which transformers' AutoTokenizer, reading this
+        tokenizer.json, encodes a text to the ids `encode` gives: our special tokens by name,
+        special tokens in the text split as text, nothing added around it."""
+        names = {"bos_token": self.bos, "eos_token": self.eod, "unk_token": self.unk, "pad_token": self.pad}
+        names["mask_token"] = self.mask
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **{key: self._tok.id_to_token(i) for key, i in names.items() if i is not None},
+            "split_special_tokens": True,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        }
 
     def _config(self) -> dict:
         path = os.path.join(os.path.dirname(self.path), "tokenizer_config.json")
@@ -175,7 +210,7 @@ class HFTokenizer:
 
     # Pickles as its JSON text and resolved ids, so worker processes need no file access.
     def __getstate__(self) -> dict:
-        ids = {k: getattr(self, k) for k in ("vocab_size", "eod", "pad", "mask")}
+        ids = {k: getattr(self, k) for k in ("vocab_size", "eod", "pad", "mask", "bos", "unk")}
         return {"path": self.path, "json": self._json, "ids": ids}
 
     def __setstate__(self, state: dict) -> None:
@@ -184,6 +219,7 @@ class HFTokenizer:
         self.path = state["path"]
         self._json = state["json"]
         self._tok = _HF.from_str(self._json)
+        self._encode_as_documents()
         for key, value in state["ids"].items():
             setattr(self, key, value)
 

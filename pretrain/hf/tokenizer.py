@@ -109,27 +109,27 @@ def _unreachable_special_pieces(tokenizer_json: dict, sp) -> None:
 
 
 def _export_tokenizer_json(ours, output: Path, *, max_length: int) -> None:
-    """A tokenizer.json we trained with is copied with its post-processor removed: we encode
-    with add_special_tokens=False (preprocessing appends the end-of-document token itself), so
-    the model never saw the BOS a post-processor would add, and transformers' default
-    encode(text) must not add it either."""
+    """A tokenizer.json we trained with is copied with what `HFTokenizer` ignores taken out, so
+    that transformers' default encode(text) gives our ids: the post-processor (we encode with
+    add_special_tokens=False and preprocessing appends the end-of-document token itself, so the
+    model never saw the BOS it would add), and truncation and padding settings. The
+    tokenizer_config.json names our special tokens and makes typed ones ("</s>") text, as ours
+    does."""
     tok = json.loads(Path(ours.path).read_text(encoding="utf-8"))
     tok["post_processor"] = None
+    tok["truncation"] = None
+    tok["padding"] = None
     (output / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
-    settings = {
-        "eos_token": ours._tok.id_to_token(ours.eod),
-        "pad_token": ours._tok.id_to_token(ours.pad),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_length,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
-    if ours.mask is not None:
-        settings["mask_token"] = ours._tok.id_to_token(ours.mask)
+    settings = {**ours.tokenizer_config(), "model_max_length": max_length}
     _write_tokenizer_config(output, settings)
 
 
 def _write_tokenizer_config(output: Path, settings: dict) -> None:
+    """tokenizer_config.json, and special_tokens_map.json with the special tokens' names for
+    tools that read only that file (transformers itself reads the names from the first)."""
     (output / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    specials = {k: v for k, v in settings.items() if k.endswith("_token") and isinstance(v, str)}
+    (output / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
 
 
 # Code-like probes with the cases that tell tokenizers apart: indentation runs, digits, a
