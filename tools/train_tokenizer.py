@@ -8,7 +8,8 @@
 The first writes tokenizer.model and tokenizer.vocab; the second the directory tokenizer_dir
 with tokenizer.json and tokenizer_config.json, which `data.tokenizer` names (the directory or its
 tokenizer.json) and transformers' AutoTokenizer loads as it is. Byte-level BPE training is
-deterministic: the same input gives the same file on any machine and thread count.
+deterministic: the same input gives the same file whatever the thread count (for one version of
+the `tokenizers` library).
 
 Both kinds give the same special ids: unk=0, bos=1, eos=2, pad=3, <mask>=4; eos is the
 end-of-document token that `preprocess_data.py --append-eod` appends, <mask> the masked-LM mask
