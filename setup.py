@@ -16,6 +16,7 @@ setup(
         "matplotlib",
         "tqdm",
         "zstandard",  # .zst corpora in tools/preprocess_data.py
+        "pyarrow>=16",  # Parquet and Arrow (datasets.save_to_disk) corpora in tools/preprocess_data.py
         "tokenizers",  # Hugging Face tokenizer.json files (no transformers needed)
         "safetensors",  # checkpoint tensor files: read lazily, never unpickled
     ],

@@ -1,32 +1,40 @@
-"""JSONL -> tokenized `.bin/.idx`: the engine behind `tools/preprocess_data.py`.
+"""Documents -> tokenized `.bin/.idx`: the engine behind `tools/preprocess_data.py`.
 
-Pipeline: the input (plain, `.gz` or `.zst` JSONL) is read in chunks of whole lines; worker
-processes each decode, parse, check and tokenize whole chunks (one tokenizer thread each, so
-JSON parsing and the building of id lists run in parallel too, not under one process's GIL)
-and send back flat token arrays; the main process writes them in input order. The output is
-byte-identical whatever the number of workers or partitions.
+Pipeline: the inputs (JSONL, plain, `.gz` or `.zst`; Parquet; Arrow, see `sources.py`) are read
+in chunks (whole lines, or rows of the key columns); worker processes each decode, parse, check
+and tokenize whole chunks (one tokenizer thread each, so JSON parsing and the building of id
+lists run in parallel too, not under one process's GIL) and send back flat token arrays; the
+main process writes them in input order. The output is byte-identical whatever the number of
+workers or partitions, and whatever the format the same documents came in.
 
-`partitions` > 1 splits the input byte space into that many contiguous ranges (plain files at
-line boundaries, compressed files whole), each processed by its own process with its own
-workers into a temporary dataset; the results are concatenated in order at the end, as
-megatron's `--partitions` does. It helps when one reading/writing process is the bottleneck
-(many dozens of cores).
+`partitions` > 1 splits the inputs into that many contiguous ranges (plain JSONL at line
+boundaries, Parquet at row groups, Arrow at record batches, compressed JSONL files whole), each
+processed by its own process with its own workers into a temporary dataset; the results are
+concatenated in order at the end, as megatron's `--partitions` does.
 
-Bad input (a line that is not valid UTF-8 or JSON, not an object, missing a key, a non-string
-value, or a document that is empty or only whitespace) stops the run with `path:line: reason`,
-unless `skip_bad_lines` is set: then such lines are counted and left out of every key's
-dataset. Blank lines are skipped silently. Outputs are written under temporary names and
+What is left out, and counted in the summary:
+- empty documents (the text under a key is "" or only whitespace; the whole record is left out,
+  so that the datasets of several keys stay aligned), unless `empty="error"`;
+- blank lines of JSONL files;
+- with `dedup=True`, records whose normalised text was seen before (`dedup.py`), across files,
+  workers and partitions: the first occurrence in input order is kept;
+- with `skip_bad_lines`, malformed records: a line that is not valid UTF-8 or JSON, not an
+  object, missing a key, a non-string or null value, text that is not valid Unicode. Without it
+  (the default) the first one stops the run with `path:line: reason` (`path: row N: reason` for
+  columnar files, rows counted from 0).
+An input with no document left is an error. Outputs are written under temporary names and
 renamed at the end, so a failed run leaves nothing under the output names.
+
+Memory: a chunk of ordinary documents is at most 8 MB; one document longer than 1 MiB is
+tokenized a piece at a time (`long_documents.py`), and a JSONL line or row over 16 MiB is parsed
+in the main process, so that it is never copied to a worker. Such a document costs about twice
+its size while it is parsed (the line's bytes, then its text), then its text plus 2 or 4 bytes
+per token; see README ("Data") for the bound.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
-import gzip
-import io
-import itertools
-import json
 import multiprocessing as mp
 import os
 import queue as queue_module
@@ -34,25 +42,41 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from pretrain.data.indexed import IndexedDatasetWriter, dtype_for_vocab, merge_datasets
+from pretrain.data.chunk_encoder import EXAMPLES, ChunkEncoder, ChunkResult
+from pretrain.data.dedup import HASH_DTYPE, SeenSet
+from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter
+from pretrain.data.sources import (
+    Chunk,
+    PreprocessError,
+    Source,
+    Unit,
+    check_columns,
+    expand_inputs,
+    iter_chunks,
+    iter_row_chunks,
+    plan_partitions,
+)
 from pretrain.data.tokenizer import Tokenizer
 
-_COMPRESSED = (".gz", ".zst", ".zstd")
+__all__ = ["NoDocumentsError", "PreprocessError", "Progress", "Stats", "expand_inputs", "preprocess"]
+
 _MIN_CHUNK, _MAX_CHUNK = 64 << 10, 8 << 20
-_EXAMPLES = 5  # bad lines quoted in the summary of a --skip-bad-lines run
+_HUGE_CHUNK = 16 << 20  # encoded in the main process: pickling it to a worker would copy it twice
+# Kinds of skipped input, in the order the summary lists them.
+SKIP_KINDS = ("empty", "duplicate", "bad", "blank")
 
 
-class PreprocessError(ValueError):
-    """Bad input or arguments; the message names the file and line where there is one."""
+class NoDocumentsError(PreprocessError):
+    """The input held no document to write (nothing, or only skipped records)."""
 
 
-# -- input ----------------------------------------------------------------------------------------
+# -- output ----------------------------------------------------------------------------------------
 
 
 def check_output_directory(output_prefix: str) -> str:
@@ -73,228 +97,6 @@ def check_output_directory(output_prefix: str) -> str:
             f"{what} ({exc.strerror or exc}); choose a writable location, or fix the directory's permissions"
         ) from None
     return directory
-
-
-def expand_inputs(patterns: Sequence[str]) -> list[str]:
-    """Files and glob patterns -> files, in the order given (each pattern's matches sorted)."""
-    paths: list[str] = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise PreprocessError(f"no input file matches {pattern!r}")
-            paths.extend(matches)
-        elif os.path.isfile(pattern):
-            paths.append(pattern)
-        else:
-            raise PreprocessError(f"input file not found: {pattern}")
-    return paths
-
-
-def is_compressed(path: str) -> bool:
-    return path.endswith(_COMPRESSED)
-
-
-def open_input(path: str) -> tuple[io.BufferedIOBase, io.BufferedIOBase]:
-    """(decompressed stream, raw file): the raw file's position measures progress."""
-    raw = open(path, "rb")
-    if path.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
-    if path.endswith((".zst", ".zstd")):
-        try:
-            import zstandard
-        except ImportError:
-            raw.close()
-            raise PreprocessError(f"{path}: reading .zst input needs the zstandard package") from None
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20), raw
-    return raw, raw
-
-
-@dataclass
-class Unit:
-    """A piece of one input file: lines starting at decompressed offsets [start, end)."""
-
-    file_index: int
-    path: str
-    start: int = 0
-    end: int | None = None  # None: to the end of the file
-
-
-@dataclass
-class Chunk:
-    """Whole lines of one file. `line` is the number of the first one, when known."""
-
-    file_index: int
-    offset: int
-    line: int | None
-    data: bytes
-
-
-def iter_chunks(unit: Unit, *, chunk_bytes: int, on_read: Callable[[int], None] | None = None) -> Iterator[Chunk]:
-    stream, raw = open_input(unit.path)
-    with contextlib.closing(stream), contextlib.closing(raw):
-        pos, line = unit.start, 1 if unit.start == 0 else None
-        if unit.start > 0:  # plain files only: skip the line that began in the previous unit
-            raw.seek(unit.start - 1)
-            if raw.read(1) != b"\n":
-                raw.readline()
-            pos = raw.tell()
-        carry = b""
-        last_raw = raw.tell()
-        while unit.end is None or pos < unit.end:
-            block = stream.read(chunk_bytes)
-            if on_read is not None:
-                now = raw.tell()
-                on_read(now - last_raw)
-                last_raw = now
-            if not block:
-                if carry:  # a last line without a newline
-                    yield Chunk(unit.file_index, pos, line, carry)
-                return
-            data = carry + block if carry else block
-            cut = data.rfind(b"\n") + 1
-            if cut == 0:  # a line longer than the block: keep reading
-                carry = data
-                continue
-            if unit.end is not None and pos + cut > unit.end:
-                # Lines that start at or after `end` belong to the next unit.
-                cut = data.find(b"\n", unit.end - pos - 1) + 1
-                yield Chunk(unit.file_index, pos, line, data[:cut])
-                return
-            piece = data[:cut]
-            yield Chunk(unit.file_index, pos, line, piece)
-            if line is not None:
-                line += piece.count(b"\n")
-            carry = data[cut:]
-            pos += cut
-
-
-def plan_partitions(paths: Sequence[str], partitions: int) -> list[list[Unit]]:
-    """Split the inputs into `partitions` contiguous runs of about equal (on-disk) bytes."""
-    sizes = [os.path.getsize(p) for p in paths]
-    total = sum(sizes)
-    plan: list[list[Unit]] = [[] for _ in range(partitions)]
-    if total == 0:
-        plan[0] = [Unit(i, p) for i, p in enumerate(paths)]
-        return plan
-    edges = [round(k * total / partitions) for k in range(partitions + 1)]
-    offset = 0
-    for i, (path, size) in enumerate(zip(paths, sizes, strict=True)):
-        lo, hi = offset, offset + size
-        offset = hi
-        if is_compressed(path) or size == 0:  # cannot seek into it: the partition of its start
-            k = max(j for j in range(partitions) if edges[j] <= lo) if lo < total else partitions - 1
-            plan[k].append(Unit(i, path))
-            continue
-        for k in range(partitions):
-            a, b = max(lo, edges[k]), min(hi, edges[k + 1])
-            if a < b:
-                plan[k].append(Unit(i, path, a - lo, None if b == hi else b - lo))
-    return plan
-
-
-# -- encoding (runs in worker processes) ---------------------------------------------------------
-
-
-@dataclass
-class ChunkResult:
-    file_index: int
-    offset: int
-    line: int | None
-    docs: int
-    nbytes: int
-    tokens: list[np.ndarray]  # per key, flat
-    lengths: list[np.ndarray]  # per key, one per document
-    bad: list[tuple[int, int, str]] = field(default_factory=list)  # (line index, byte offset, reason)
-    stopped: bool = False
-
-
-class ChunkEncoder:
-    """Decode, parse, check and tokenize one chunk (picklable; one per worker process)."""
-
-    def __init__(self, tokenizer: Tokenizer, *, keys: Sequence[str], append_eod: bool, skip_bad_lines: bool) -> None:
-        self.tokenizer = tokenizer
-        self.keys = list(keys)
-        self.append_eod = append_eod
-        self.skip_bad_lines = skip_bad_lines
-        self.dtype = dtype_for_vocab(tokenizer.vocab_size)
-
-    def __call__(self, chunk: Chunk) -> ChunkResult:
-        data = chunk.data
-        try:
-            lines: list = data.decode("utf-8").split("\n")
-            raw_lines = None
-        except UnicodeDecodeError:
-            raw_lines = data.split(b"\n")
-            lines = raw_lines
-        texts: list[list[str]] = [[] for _ in self.keys]
-        bad: list[tuple[int, int, str]] = []
-        stopped = False
-        for i, line in enumerate(lines):
-            if raw_lines is not None:
-                try:
-                    line = line.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    bad.append((i, -1, f"not valid UTF-8 ({exc.reason} at byte {exc.start} of the line)"))
-                    if not self.skip_bad_lines:
-                        stopped = True
-                        break
-                    continue
-            if not line or line.isspace():
-                continue
-            values, reason = self._values(line)
-            if reason is not None:
-                bad.append((i, -1, reason))
-                if not self.skip_bad_lines:
-                    stopped = True
-                    break
-                continue
-            for k, value in enumerate(values):
-                texts[k].append(value)
-        tokens, lengths = [], []
-        if not stopped:
-            for batch in texts:
-                ids = self.tokenizer.encode_batch(batch, num_threads=1)
-                if self.append_eod:
-                    eod = self.tokenizer.eod
-                    for doc in ids:
-                        doc.append(eod)
-                n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-                tokens.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=self.dtype, count=int(n.sum())))
-                lengths.append(n)
-        if bad:  # byte offsets of the bad lines, for line numbers in split files
-            starts = np.cumsum([0] + [len(x) + 1 for x in (raw_lines or data.split(b"\n"))])
-            bad = [(i, chunk.offset + int(starts[i]), why) for i, _, why in bad]
-        return ChunkResult(
-            chunk.file_index, chunk.offset, chunk.line, len(texts[0]), len(data), tokens, lengths, bad, stopped
-        )
-
-    def _values(self, line: str) -> tuple[list[str], str | None]:
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            msg = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
-            return [], f"invalid JSON ({msg})"
-        if not isinstance(record, dict):
-            return [], f"expected a JSON object, got {type(record).__name__}"
-        values = []
-        for key in self.keys:
-            if key not in record:
-                present = ", ".join(repr(k) for k in list(record)[:10])
-                return [], f"no key {key!r} (keys present: {present}); choose the field with --json-keys"
-            value = record[key]
-            if not isinstance(value, str):
-                return [], f"{key!r} holds {type(value).__name__}, not a string"
-            if not value or value.isspace():
-                return [], f"empty document: {key!r} holds no text"
-            if not value.isascii():
-                try:  # JSON escapes can spell lone surrogates, which no tokenizer accepts
-                    value.encode("utf-8")
-                except UnicodeEncodeError as exc:
-                    return [], f"{key!r} is not valid Unicode text ({exc.reason} at character {exc.start})"
-            values.append(value)
-        return values, None
 
 
 _worker_encoder: ChunkEncoder | None = None
@@ -321,8 +123,17 @@ class Stats:
     docs: int = 0
     bytes: int = 0
     tokens: int = 0
-    skipped: int = 0
-    examples: list[str] = field(default_factory=list)  # "path:line: reason" of the first skips
+    skips: Counter = field(default_factory=Counter)  # kind (SKIP_KINDS) -> records left out
+    examples: dict[str, list[str]] = field(default_factory=dict)  # kind -> "path:line: reason" of the first
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skips.values())
+
+    def note(self, kind: str, example: str) -> None:
+        shown = self.examples.setdefault(kind, [])
+        if len(shown) < EXAMPLES:
+            shown.append(example)
 
 
 def _context() -> mp.context.BaseContext:
@@ -330,12 +141,12 @@ def _context() -> mp.context.BaseContext:
     return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
 
 
-def line_number(paths: Sequence[str], result: ChunkResult, line_index: int, offset: int) -> int:
+def line_number(path: str, result: ChunkResult, line_index: int, offset: int) -> int:
     """1-based line number of a bad line; counted from the file start when the chunk's is unknown."""
     if result.line is not None:
         return result.line + line_index
     count = 0
-    with open(paths[result.file_index], "rb") as f:
+    with open(path, "rb") as f:
         remaining = offset
         while remaining > 0:
             block = f.read(min(remaining, 16 << 20))
@@ -346,46 +157,66 @@ def line_number(paths: Sequence[str], result: ChunkResult, line_index: int, offs
     return count + 1
 
 
+def _where(path: str, result: ChunkResult, index: int, offset: int) -> str:
+    if result.rows:
+        return f"{path}: row {result.line + index}"
+    return f"{path}:{line_number(path, result, index, offset)}"
+
+
 class _Collector:
-    """Takes the encoded chunks in input order: writes their tokens, counts them, and turns
-    their bad lines into an error or a skip (the line numbers need the input paths)."""
+    """Takes the encoded chunks in input order: drops duplicates (with dedup), writes their
+    tokens, counts them, and turns their problems into an error or a counted skip."""
 
     def __init__(
         self,
-        paths: Sequence[str],
+        sources: Sequence[Source],
         writers: Sequence[IndexedDatasetWriter],
         on_progress: Callable[[int, int, int, int], None] | None,
+        *,
+        hash_file=None,
     ) -> None:
-        self.paths = paths
+        self.sources = sources
         self.writers = writers
         self.on_progress = on_progress
         self.stats = Stats()
         self.read_bytes = 0  # raw input bytes read since the last progress report
+        self.seen = SeenSet()
+        self.hash_file = hash_file  # partitions: the kept documents' hashes, for the final merge
 
     def count_read(self, n: int) -> None:
         self.read_bytes += n
 
     def __call__(self, result: ChunkResult) -> None:
-        self._bad_lines(result)
+        self._problems(result)
+        self.stats.skips.update(result.skips)
+        tokens_per_key, lengths_per_key, docs = result.tokens, result.lengths, result.docs
+        if result.hashes is not None:
+            keep = self.seen.add_new(result.hashes)
+            if self.hash_file is not None:
+                self.hash_file.write(result.hashes[keep].tobytes())
+            if not keep.all():
+                docs = int(keep.sum())
+                self.stats.skips["duplicate"] += result.docs - docs
+                tokens_per_key = [t[np.repeat(keep, n)] for t, n in zip(tokens_per_key, lengths_per_key)]
+                lengths_per_key = [n[keep] for n in lengths_per_key]
         tokens = 0
-        for writer, flat, lengths in zip(self.writers, result.tokens, result.lengths, strict=True):
+        for writer, flat, lengths in zip(self.writers, tokens_per_key, lengths_per_key, strict=True):
             writer.add_documents(flat, lengths)
             tokens += len(flat)
-        self.stats.docs += result.docs
+        self.stats.docs += docs
         self.stats.bytes += result.nbytes
         self.stats.tokens += tokens
         if self.on_progress is not None:
-            self.on_progress(result.docs, result.nbytes, tokens, self.read_bytes)
+            self.on_progress(docs, result.nbytes, tokens, self.read_bytes)
             self.read_bytes = 0
 
-    def _bad_lines(self, result: ChunkResult) -> None:
-        for line_index, offset, why in result.bad:
-            where = f"{self.paths[result.file_index]}:{line_number(self.paths, result, line_index, offset)}"
-            if result.stopped:
+    def _problems(self, result: ChunkResult) -> None:
+        path = self.sources[result.file_index].path
+        for kind, index, offset, why in result.problems:
+            where = _where(path, result, index, offset)
+            if kind == "error":
                 raise PreprocessError(f"{where}: {why}")
-            self.stats.skipped += 1
-            if len(self.stats.examples) < _EXAMPLES:
-                self.stats.examples.append(f"{where}: {why}")
+            self.stats.note(kind, f"{where}: {why}")
 
 
 def _encode_in_order(
@@ -401,6 +232,11 @@ def _encode_in_order(
     try:
         pending: deque = deque()
         for chunk in chunks:
+            if len(chunk.data) > _HUGE_CHUNK:  # here, after the chunks before it: no copy to a worker
+                while pending:
+                    consume(pending.popleft().get())
+                consume(encoder(chunk))
+                continue
             pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
             # A bounded window: memory stays flat however large the input.
             while len(pending) >= 3 * workers:
@@ -413,40 +249,78 @@ def _encode_in_order(
         pool.join()
 
 
+def _unit_chunks(
+    units: Sequence[Unit], keys: Sequence[str], chunk_bytes: int, on_read: Callable[[int], None]
+) -> Iterator[Chunk]:
+    for unit in units:
+        if unit.kind == "jsonl":
+            yield from iter_chunks(unit, chunk_bytes=chunk_bytes, on_read=on_read)
+        else:
+            yield from iter_row_chunks(unit, keys, chunk_bytes=chunk_bytes, on_read=on_read)
+
+
 def run_partition(
     units: Sequence[Unit],
-    paths: Sequence[str],
+    sources: Sequence[Source],
     writers: Sequence[IndexedDatasetWriter],
     encoder: ChunkEncoder,
     *,
     workers: int,
     chunk_bytes: int,
     on_progress: Callable[[int, int, int, int], None] | None = None,
+    hash_file=None,
 ) -> Stats:
     """Tokenize `units` in order into `writers` (one per key). Raises PreprocessError on bad input."""
-    collector = _Collector(paths, writers, on_progress)
-    chunks = (c for u in units for c in iter_chunks(u, chunk_bytes=chunk_bytes, on_read=collector.count_read))
+    collector = _Collector(sources, writers, on_progress, hash_file=hash_file)
+    chunks = _unit_chunks(units, encoder.keys, chunk_bytes, collector.count_read)
     _encode_in_order(chunks, encoder, workers, collector)
     return collector.stats
+
+
+def skip_summary(stats: Stats) -> str:
+    """ "3 empty documents, 1 blank line" (or "nothing")."""
+    names = {"empty": "empty document", "duplicate": "duplicate", "bad": "bad record", "blank": "blank line"}
+    parts = [f"{stats.skips[k]} {names[k]}{'s' if stats.skips[k] != 1 else ''}" for k in SKIP_KINDS if stats.skips[k]]
+    return ", ".join(parts) if parts else "nothing"
+
+
+def _require_documents(stats: Stats) -> None:
+    if stats.docs == 0:
+        raise NoDocumentsError(
+            f"the input holds no document to write (skipped: {skip_summary(stats)}); check --input and --json-keys"
+        )
 
 
 def _tokenize_into(
     prefixes: Sequence[str],
     units: Sequence[Unit],
-    paths: Sequence[str],
+    sources: Sequence[Source],
     encoder: ChunkEncoder,
     *,
     workers: int,
     chunk_bytes: int,
     on_progress: Callable[[int, int, int, int], None] | None,
+    hash_path: str | None = None,
 ) -> Stats:
-    """`run_partition` into new datasets at `prefixes` (one per key), which appear only if it succeeds."""
+    """`run_partition` into new datasets at `prefixes` (one per key), which appear only if it
+    succeeds. Without `hash_path` (a single partition) an empty result is an error."""
     with contextlib.ExitStack() as stack:
         # Each writer deletes its temporary files if anything below raises.
         writers = [stack.enter_context(IndexedDatasetWriter(p, dtype=encoder.dtype)) for p in prefixes]
-        return run_partition(
-            units, paths, writers, encoder, workers=workers, chunk_bytes=chunk_bytes, on_progress=on_progress
+        hash_file = stack.enter_context(open(hash_path, "wb")) if hash_path is not None else None
+        stats = run_partition(
+            units,
+            sources,
+            writers,
+            encoder,
+            workers=workers,
+            chunk_bytes=chunk_bytes,
+            on_progress=on_progress,
+            hash_file=hash_file,
         )
+        if hash_path is None:
+            _require_documents(stats)
+        return stats
 
 
 # -- the whole job --------------------------------------------------------------------------------
@@ -501,7 +375,7 @@ def output_prefixes(output_prefix: str, keys: Sequence[str]) -> list[str]:
 
 def _partition_main(args: tuple) -> None:
     """Entry of a partition process: write its own temporary datasets, report through a queue."""
-    index, units, paths, prefixes, encoder, workers, chunk_bytes, counters, queue = args
+    index, units, sources, prefixes, encoder, workers, chunk_bytes, hash_path, counters, queue = args
 
     def report(docs: int, nbytes: int, tokens: int, read: int) -> None:
         with counters.get_lock():
@@ -510,7 +384,14 @@ def _partition_main(args: tuple) -> None:
 
     try:
         stats = _tokenize_into(
-            prefixes, units, paths, encoder, workers=workers, chunk_bytes=chunk_bytes, on_progress=report
+            prefixes,
+            units,
+            sources,
+            encoder,
+            workers=workers,
+            chunk_bytes=chunk_bytes,
+            on_progress=report,
+            hash_path=hash_path,
         )
         queue.put((index, None, stats))
     except PreprocessError as exc:
@@ -563,14 +444,58 @@ def _sum_stats(parts: Sequence[Stats]) -> Stats:
         total.docs += s.docs
         total.bytes += s.bytes
         total.tokens += s.tokens
-        total.skipped += s.skipped
-        total.examples.extend(s.examples)
-    total.examples = total.examples[:_EXAMPLES]
+        total.skips.update(s.skips)
+        for kind, examples in s.examples.items():
+            for example in examples:
+                total.note(kind, example)
     return total
 
 
+def _append_kept(writer: IndexedDatasetWriter, part: IndexedDataset, keep: np.ndarray, block: int = 1 << 24) -> None:
+    """Append the documents of `part` where `keep`, about `block` tokens at a time."""
+    if keep.all():
+        writer.add_dataset(part)
+        return
+    lengths = part.sequence_lengths.astype(np.int64)
+    ends = np.cumsum(lengths)
+    start = 0
+    while start < len(lengths):
+        base = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + block, side="right")))
+        tokens = part.tokens[base : int(ends[stop - 1])]
+        mask = keep[start:stop]
+        writer.add_documents(np.asarray(tokens[np.repeat(mask, lengths[start:stop])]), lengths[start:stop][mask])
+        start = stop
+
+
+def _merge_partitions(
+    part_prefixes: Sequence[Sequence[str]], prefixes: Sequence[str], hash_paths: Sequence[str] | None, total: Stats
+) -> None:
+    """Concatenate the partitions' datasets into `prefixes`, in order. With dedup, a document is
+    left out when an earlier partition kept the same text (each partition has dropped its own
+    repeats already), which gives what one partition reading everything would have kept."""
+    keeps = []
+    seen = SeenSet()
+    for k in range(len(part_prefixes)):
+        hashes = np.fromfile(hash_paths[k], dtype=HASH_DTYPE) if hash_paths else None
+        keeps.append(seen.add_new(hashes) if hashes is not None else None)
+    for j, prefix in enumerate(prefixes):
+        parts = [IndexedDataset(p[j]) for p in part_prefixes]
+        with IndexedDatasetWriter(prefix, dtype=parts[0].dtype) as writer:
+            for part, keep in zip(parts, keeps):
+                if keep is None:
+                    writer.add_dataset(part)
+                    continue
+                _append_kept(writer, part, keep)
+                total.tokens -= int(part.sequence_lengths[~keep].astype(np.int64).sum())
+    if hash_paths:
+        dropped = sum(int((~keep).sum()) for keep in keeps)
+        total.docs -= dropped
+        total.skips["duplicate"] += dropped
+
+
 def _run_partitions(
-    paths: Sequence[str],
+    sources: Sequence[Source],
     prefixes: Sequence[str],
     encoder: ChunkEncoder,
     scratch: str,
@@ -582,26 +507,40 @@ def _run_partitions(
 ) -> Stats:
     """Tokenize each partition in its own process into datasets under `scratch`, then merge
     them in order into `prefixes`."""
-    plan = plan_partitions(paths, partitions)
+    plan = plan_partitions(sources, partitions)
     share = [workers // partitions + (k < workers % partitions) for k in range(partitions)]
     ctx = _context()
     counters = ctx.Array("q", 4 * partitions)
     queue = ctx.Queue()
     part_prefixes = [[os.path.join(scratch, f"p{k}_{j}") for j in range(len(prefixes))] for k in range(partitions)]
+    hash_paths = [os.path.join(scratch, f"p{k}.hashes") for k in range(partitions)] if encoder.dedup else None
     procs = [
         ctx.Process(
             target=_partition_main,
-            args=((k, plan[k], paths, part_prefixes[k], encoder, share[k], chunk_bytes, counters, queue),),
+            args=(
+                (
+                    k,
+                    plan[k],
+                    sources,
+                    part_prefixes[k],
+                    encoder,
+                    share[k],
+                    chunk_bytes,
+                    hash_paths[k] if hash_paths else None,
+                    counters,
+                    queue,
+                ),
+            ),
         )
         for k in range(partitions)
     ]
     try:
         for p in procs:
             p.start()
-        total_stats = _sum_stats(_await_partitions(procs, queue, counters, update))
-        for j, prefix in enumerate(prefixes):
-            merge_datasets([part_prefixes[k][j] for k in range(partitions)], prefix)
-        return total_stats
+        total = _sum_stats(_await_partitions(procs, queue, counters, update))
+        _require_documents(total)
+        _merge_partitions(part_prefixes, prefixes, hash_paths, total)
+        return total
     finally:
         for p in procs:
             if p.is_alive():
@@ -616,9 +555,9 @@ def _check_arguments(keys: Sequence[str], workers: int, partitions: int) -> None
         raise PreprocessError(f"json keys must be distinct and at least one, got {list(keys)}")
 
 
-def _default_chunk_bytes(paths: Sequence[str], workers: int) -> int:
+def _default_chunk_bytes(sources: Sequence[Source], workers: int) -> int:
     """Enough chunks per worker that the last ones finish together."""
-    total = sum(os.path.getsize(p) for p in paths)
+    total = sum(os.path.getsize(s.path) for s in sources)
     return int(min(_MAX_CHUNK, max(_MIN_CHUNK, total // max(1, workers * 64))))
 
 
@@ -641,29 +580,37 @@ def preprocess(
     workers: int = 1,
     partitions: int = 1,
     skip_bad_lines: bool = False,
+    empty: str = "skip",
+    dedup: bool = False,
     chunk_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> Stats:
-    """Tokenize JSONL `inputs` (files or globs) into `{output_prefix}_{key}_document.bin/.idx`."""
+    """Tokenize `inputs` (files, globs, directories; JSONL, Parquet or Arrow) into
+    `{output_prefix}_{key}_document.bin/.idx`."""
     _check_arguments(keys, workers, partitions)
-    paths = expand_inputs(inputs)
+    sources = expand_inputs(inputs)
+    for source in sources:
+        if source.columnar:
+            check_columns(source, keys)
     if chunk_bytes is None:
-        chunk_bytes = _default_chunk_bytes(paths, workers)
-    encoder = ChunkEncoder(tokenizer, keys=keys, append_eod=append_eod, skip_bad_lines=skip_bad_lines)
+        chunk_bytes = _default_chunk_bytes(sources, workers)
+    encoder = ChunkEncoder(
+        tokenizer, keys=keys, append_eod=append_eod, skip_bad_lines=skip_bad_lines, empty=empty, dedup=dedup
+    )
     prefixes = output_prefixes(output_prefix, keys)
     directory = _output_directory(output_prefix)
     update = progress.update if progress is not None else None
 
     partitions = min(partitions, workers)  # every partition needs a worker
     if partitions == 1:
-        units = [Unit(i, p) for i, p in enumerate(paths)]
+        units = [Unit(i, s.path, kind=s.kind) for i, s in enumerate(sources)]
         return _tokenize_into(
-            prefixes, units, paths, encoder, workers=workers, chunk_bytes=chunk_bytes, on_progress=update
+            prefixes, units, sources, encoder, workers=workers, chunk_bytes=chunk_bytes, on_progress=update
         )
     scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(output_prefix)}.partitions.", dir=directory)
     try:
         return _run_partitions(
-            paths,
+            sources,
             prefixes,
             encoder,
             scratch,
