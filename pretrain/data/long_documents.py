@@ -16,6 +16,10 @@ Whether a tokenizer keeps that property is probed once, on a few texts cut at su
 - "drop-space": sentencepiece models with `add_dummy_prefix` prepend a space to every text,
   so each later piece is encoded without its first space, which the prefix stands in for;
 - "whole": neither holds; long documents are encoded whole (memory grows with them).
+Sentencepiece unigram models are the exception: Viterbi breaks exact ties between
+segmentations (a run of digits as 00|000|000 or 000|000|00) by floating-point sums counted from
+the start of the text, so a tied stretch in a later piece may be cut the other way (same text,
+rarely a different token count); BPE models, sentencepiece's and Hugging Face's, are exact.
 A stretch of more than `MAX_PIECE_CHARS` without such a place (a text without spaces, CJK) is
 cut at `MAX_PIECE_CHARS`: the tokens around that cut can differ from whole-document ones. Cuts
 depend only on the text, so the output stays the same whatever the worker count.

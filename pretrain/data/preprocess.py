@@ -301,9 +301,10 @@ def _tokenize_into(
     chunk_bytes: int,
     on_progress: Callable[[int, int, int, int], None] | None,
     hash_path: str | None = None,
+    require_documents: bool = True,
 ) -> Stats:
     """`run_partition` into new datasets at `prefixes` (one per key), which appear only if it
-    succeeds. Without `hash_path` (a single partition) an empty result is an error."""
+    succeeds. An empty result is an error with `require_documents` (a partition may be empty)."""
     with contextlib.ExitStack() as stack:
         # Each writer deletes its temporary files if anything below raises.
         writers = [stack.enter_context(IndexedDatasetWriter(p, dtype=encoder.dtype)) for p in prefixes]
@@ -318,7 +319,7 @@ def _tokenize_into(
             on_progress=on_progress,
             hash_file=hash_file,
         )
-        if hash_path is None:
+        if require_documents:
             _require_documents(stats)
         return stats
 
@@ -392,6 +393,7 @@ def _partition_main(args: tuple) -> None:
             chunk_bytes=chunk_bytes,
             on_progress=report,
             hash_path=hash_path,
+            require_documents=False,
         )
         queue.put((index, None, stats))
     except PreprocessError as exc:
