@@ -321,3 +321,57 @@ def test_a_long_document_through_preprocessing(corpus, long_text, tmp_path):
         assert result.returncode == 0, result.stderr
         ds = IndexedDataset(prefix + "_text_document")
         assert [ds[i].tolist() for i in range(3)] == expected
+
+
+def test_huge_json_lines_are_read_a_window_at_a_time(monkeypatch):
+    """Small windows stand in for 1 MiB ones: escapes, surrogate pairs, UTF-8 and long stretches
+    without a space are never cut through, and the windows join to json.loads's text."""
+    from pretrain.data import huge_records
+
+    monkeypatch.setattr(huge_records, "WINDOW", 64)
+    monkeypatch.setattr(huge_records, "MAX_WINDOW", 150)
+    rng = random.Random(3)
+    alphabet = ["a", "é", "字", "🙂", "\\", '"', "\n", "\t", " ", "  ", "\u2028", "x" * 40, "\\u"]
+    for trial in range(40):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(200, 900)))
+        record = {"id": [1, {"k": "v, }"}], "text": text, "title": "t"}
+        line = json.dumps(record, ensure_ascii=trial % 2 == 0).encode() + b"\n"
+        values = huge_records.parse_huge_line(bytearray(line), ["text", "title"])
+        assert values is not None and values[1] == "t"
+        windows = list(values[0].windows())
+        assert "".join(windows) == text and len(windows) > 2
+        assert record_hash([values[0]]) == record_hash([text])
+    with pytest.raises(KeyError, match="'id', 'text'"):
+        huge_records.parse_huge_line(bytearray(b'{"id": 1, "text": "' + b"a" * 100 + b'"}'), ["body"])
+    assert huge_records.parse_huge_line(bytearray(b'{"text": "a"} trailing'), ["text"]) is None
+
+
+def test_huge_documents_take_the_bounded_path_and_give_the_same_bytes(corpus, long_text, tmp_path, monkeypatch):
+    """With the 16 MiB threshold lowered, JSONL lines and Parquet values over it are parsed in the
+    main process as LongTexts: same bytes as the ordinary path, same errors and skips."""
+    from pretrain.data import chunk_encoder, huge_records, sources
+    from pretrain.data import preprocess as engine
+
+    tok = load_tokenizer(corpus["tokenizer"])
+    docs = ["short", long_text[:400_000], " \t\n" * 50_000, "tail", long_text[-300_000:]]
+    path = write_jsonl(tmp_path / "docs.jsonl", docs)
+    pq.write_table(pa.table({"text": docs}), tmp_path / "docs.parquet")
+
+    def run_api(inputs, prefix, **kw):
+        return engine.preprocess(inputs, output_prefix=str(tmp_path / prefix), tokenizer=tok, append_eod=True, **kw)
+
+    reference = run_api([path], "ref", workers=1)
+    assert reference.skips["empty"] == 1
+    for module, name in ((chunk_encoder, "HUGE_BYTES"), (sources, "HUGE_BYTES"), (engine, "_HUGE_CHUNK")):
+        monkeypatch.setattr(module, name, 100_000)
+    monkeypatch.setattr(huge_records, "WINDOW", 30_000)
+    for inputs, workers in (([path], 2), ([str(tmp_path / "docs.parquet")], 2), ([path], 1)):
+        stats = run_api(inputs, f"huge{workers}", workers=workers, chunk_bytes=50_000, dedup=True)
+        assert stats.skips["empty"] == 1 and stats.docs == 4
+        assert read_pair(str(tmp_path / f"huge{workers}_text_document")) == read_pair(
+            str(tmp_path / "ref_text_document")
+        )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"body": long_text[:200_000]}) + "\n")
+    with pytest.raises(engine.PreprocessError, match=r"bad.jsonl:1: no key \(keys present: 'body'\)"):
+        run_api([str(bad)], "bad")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pretrain.data.dedup import as_hashes, record_hash
+from pretrain.data.huge_records import HUGE_BYTES, LongText, parse_huge_line
 from pretrain.data.indexed import dtype_for_vocab
 from pretrain.data.long_documents import PIECE_CHARS, encode_long, split_mode
 from pretrain.data.sources import INVALID_UTF8, Chunk, PreprocessError, read_row_chunk
@@ -87,12 +88,29 @@ def _newline_offsets(data: bytes | bytearray, block: int = 16 << 20) -> np.ndarr
     return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
+def _check_long(key: str, value: LongText) -> tuple[str, str] | None:
+    """`_check_text` for a huge value, a window at a time (every window: each is decoded here)."""
+    blank = True
+    try:
+        for window in value.windows():
+            blank = blank and window.isspace()
+            if not window.isascii() and (found := _SURROGATE.search(window)) is not None:
+                return "bad", f"{key!r} is not valid Unicode text (a lone surrogate: {found.group()!r})"
+    except UnicodeDecodeError as exc:
+        return "bad", f"{key!r} is not valid UTF-8 ({exc.reason})"
+    except ValueError as exc:  # a bad escape in a huge JSON string
+        return "bad", f"invalid JSON ({exc})"
+    return ("empty", f"empty document: {key!r} holds no text") if blank else None
+
+
 def _check_text(key: str, value: object) -> tuple[str, str] | None:
     """(kind, reason) when `value` cannot be a document, else None."""
     if value is None:
         return "bad", f"{key!r} is null"
     if value is INVALID_UTF8:
         return "bad", f"{key!r} is not valid UTF-8"
+    if isinstance(value, LongText):
+        return _check_long(key, value)
     if not isinstance(value, str):
         return "bad", f"{key!r} holds {type(value).__name__}, not a string"
     if not value or value.isspace():
@@ -156,6 +174,10 @@ class ChunkEncoder:
         data = chunk.data
         chunk.data = b""  # a long line's bytes are freed once decoded (the caller holds no copy)
         newlines = _newline_offsets(data) if chunk.line is None else None
+        if len(data) > HUGE_BYTES:
+            self._parse_huge_chunk(data, records)
+            self._number_problems(chunk, records, newlines)
+            return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -167,15 +189,47 @@ class ChunkEncoder:
         last = len(lines) - 1
         for i in range(len(lines)):
             self._parse_line(lines, i, records, final=i == last)
+        self._number_problems(chunk, records, newlines)
+
+    def _number_problems(self, chunk: Chunk, records: _Records, newlines: np.ndarray | None) -> None:
         if newlines is not None:  # byte offsets of the bad lines, for line numbers in split files
             records.problems = [
                 (kind, i, chunk.offset + (0 if i == 0 else int(newlines[i - 1]) + 1), why)
                 for kind, i, _, why in records.problems
             ]
 
-    def _parse_line(self, lines: list, i: int, records: _Records, *, final: bool) -> None:
+    def _parse_huge_chunk(self, data: bytes | bytearray, records: _Records) -> None:
+        """A chunk over HUGE_BYTES (usually one line: sources.iter_chunks makes a long line a
+        chunk of its own), line by line; a huge line is scanned, not decoded whole."""
+        start, i = 0, 0
+        while start < len(data) and not records.stopped:
+            end = data.find(b"\n", start)
+            end = len(data) if end < 0 else end
+            line = data if start == 0 and end >= len(data) - 1 else bytes(data[start:end])
+            values = None
+            if len(line) > HUGE_BYTES:
+                try:
+                    values = parse_huge_line(line, self.keys)
+                except KeyError as exc:
+                    why = f"no key (keys present: {exc.args[0]}); choose the field with --json-keys"
+                    records.skip("bad", i, why)
+                    start, i = end + 1, i + 1
+                    continue
+            if values is None:  # an ordinary line, or one the scanner does not follow
+                self._parse_line([line], 0, records, final=False, index=i)
+            else:
+                problem = next(filter(None, (_check_text(k, v) for k, v in zip(self.keys, values))), None)
+                if problem is not None:
+                    records.skip(problem[0], i, problem[1])
+                else:
+                    records.add(values)
+            del line, values
+            start, i = end + 1, i + 1
+
+    def _parse_line(self, lines: list, i: int, records: _Records, *, final: bool, index: int | None = None) -> None:
         line = lines[i]
         lines[i] = ""  # so that a long line is freed as soon as it is parsed
+        i = i if index is None else index
         if isinstance(line, (bytes, bytearray)):
             try:
                 line = line.decode("utf-8")
@@ -231,10 +285,11 @@ class ChunkEncoder:
 
     # -- tokenizing ---------------------------------------------------------------------------
 
-    def _tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(flat tokens, tokens per document) of `texts`, documents over PIECE_CHARS a piece at a time."""
-        long = [j for j, t in enumerate(texts) if len(t) > PIECE_CHARS]
-        short = texts if not long else [t for t in texts if len(t) <= PIECE_CHARS]
+    def _tokenize(self, texts: list) -> tuple[np.ndarray, np.ndarray]:
+        """(flat tokens, tokens per document) of `texts`, documents over PIECE_CHARS (and every
+        LongText) a piece at a time."""
+        long = [j for j, t in enumerate(texts) if not isinstance(t, str) or len(t) > PIECE_CHARS]
+        short = texts if not long else [t for t in texts if isinstance(t, str) and len(t) <= PIECE_CHARS]
         ids = self.tokenizer.encode_batch(short, num_threads=1)
         if self.append_eod:
             for doc in ids:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -39,12 +39,20 @@ def _windows(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _update_normalised(h, text: str) -> None:
+def text_windows(text) -> Iterator[str]:
+    """`text` (a str, or a LongText from huge_records.py) a window at a time, cut at whitespace."""
+    if not isinstance(text, str):
+        yield from text.windows()
+        return
+    for start, end in _windows(text):
+        yield text[start:end]
+
+
+def _update_normalised(h, text) -> None:
     """Feed the normalised form of `text` (module doc) to the hash `h`."""
     pending_space = False  # whitespace seen since the last word fed
     fed = False
-    for start, end in _windows(text):
-        window = text[start:end]
+    for window in text_windows(text):
         if not window.isascii() and not unicodedata.is_normalized("NFC", window):
             window = unicodedata.normalize("NFC", window)
         words = window.split()
@@ -58,7 +66,7 @@ def _update_normalised(h, text: str) -> None:
         pending_space = window[-1].isspace()
 
 
-def record_hash(values: Sequence[str]) -> bytes:
+def record_hash(values: Sequence) -> bytes:
     """The 16-byte hash of a record's normalised texts (one per key, kept apart)."""
     h = hashlib.blake2b(digest_size=HASH_BYTES)
     for k, value in enumerate(values):

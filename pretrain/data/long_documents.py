@@ -59,6 +59,25 @@ def cuts(text: str, *, piece_chars: int = PIECE_CHARS, max_chars: int = MAX_PIEC
     yield start, len(text)
 
 
+def iter_pieces(windows, *, piece_chars: int = PIECE_CHARS, max_chars: int = MAX_PIECE_CHARS) -> Iterator[str]:
+    """The pieces `cuts` gives, for a text that comes as consecutive windows (never whole)."""
+    buf = ""
+    for window in windows:
+        buf += window
+        while len(buf) > piece_chars:
+            found = _CUT.search(buf, piece_chars, max_chars)
+            if found is not None:
+                end = found.start()
+            elif len(buf) >= max_chars:
+                end = max_chars
+            else:
+                break  # the cut may lie in text not yet seen
+            yield buf[:end]
+            buf = buf[end:]
+    if buf:
+        yield buf
+
+
 def _probe_cuts(text: str) -> list[int]:
     return [m.start() for m in _CUT.finditer(text)]
 
@@ -75,22 +94,29 @@ def split_mode(tokenizer: Tokenizer) -> str:
 
 def encode_long(
     tokenizer: Tokenizer,
-    text: str,
+    text,
     *,
     mode: str,
     dtype: np.dtype,
     suffix: Sequence[int] = (),
     piece_chars: int = PIECE_CHARS,
 ) -> np.ndarray:
-    """The ids of `text` and then `suffix`, encoded a piece at a time (each piece's ids kept
-    compact as `dtype`)."""
-    if mode == "whole":
-        return np.asarray(tokenizer.encode(text) + list(suffix), dtype=dtype)
-    parts = []
-    for start, end in cuts(text, piece_chars=piece_chars):
+    """The ids of `text` (a str, or a LongText from huge_records.py) and then `suffix`, encoded a
+    piece at a time. The ids are gathered as bytes in one growing buffer (extended in place), not
+    as a list of arrays joined at the end, which would hold them twice."""
+    if isinstance(text, str):
+        if mode == "whole":
+            return np.asarray(tokenizer.encode(text) + list(suffix), dtype=dtype)
+        pieces = (text[a:b] for a, b in cuts(text, piece_chars=piece_chars))
+    else:
+        windows = text.windows()
+        pieces = iter_pieces(windows, piece_chars=piece_chars) if mode != "whole" else iter(["".join(windows)])
+    out = bytearray()
+    for k, piece in enumerate(pieces):
         # A piece after a cut at a space begins with that space; "drop-space" leaves it to the
         # tokenizer's own dummy prefix.
-        skip = 1 if mode == "drop-space" and start > 0 and text[start] == " " else 0
-        parts.append(np.asarray(tokenizer.encode(text[start + skip : end]), dtype=dtype))
-    parts.append(np.asarray(suffix, dtype=dtype))
-    return np.concatenate(parts)
+        if mode == "drop-space" and k > 0 and piece[:1] == " ":
+            piece = piece[1:]
+        out += np.asarray(tokenizer.encode(piece), dtype=dtype).tobytes()
+    out += np.asarray(suffix, dtype=dtype).tobytes()
+    return np.frombuffer(out, dtype=dtype)

@@ -50,6 +50,7 @@ import numpy as np
 
 from pretrain.data.chunk_encoder import EXAMPLES, ChunkEncoder, ChunkResult
 from pretrain.data.dedup import HASH_DTYPE, SeenSet
+from pretrain.data.huge_records import HUGE_BYTES
 from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter
 from pretrain.data.sources import (
     Chunk,
@@ -67,7 +68,7 @@ from pretrain.data.tokenizer import Tokenizer
 __all__ = ["NoDocumentsError", "PreprocessError", "Progress", "Stats", "expand_inputs", "preprocess"]
 
 _MIN_CHUNK, _MAX_CHUNK = 64 << 10, 8 << 20
-_HUGE_CHUNK = 16 << 20  # encoded in the main process: pickling it to a worker would copy it twice
+_HUGE_CHUNK = HUGE_BYTES  # encoded in the main process: pickling it to a worker would copy it twice
 # Kinds of skipped input, in the order the summary lists them.
 SKIP_KINDS = ("empty", "duplicate", "bad", "blank")
 
@@ -232,7 +233,7 @@ def _encode_in_order(
     try:
         pending: deque = deque()
         for chunk in chunks:
-            if len(chunk.data) > _HUGE_CHUNK:  # here, after the chunks before it: no copy to a worker
+            if chunk.nbytes > _HUGE_CHUNK:  # here, after the chunks before it: no copy to a worker
                 while pending:
                     consume(pending.popleft().get())
                 consume(encoder(chunk))

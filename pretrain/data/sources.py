@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pretrain.data.huge_records import HUGE_BYTES, LongText
+
 _COMPRESSED = (".gz", ".zst", ".zstd")
 _JSONL = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".json.gz", ".json.zst")
 _MAX_BATCH_ROWS = 65536
@@ -255,7 +257,9 @@ def iter_chunks(unit: Unit, *, chunk_bytes: int, on_read: Callable[[int], None] 
                 return
             searched = len(carry)
             carry += block
-            cut = carry.rfind(b"\n", searched) + 1
+            # After a line longer than a chunk, cut at its end: it is a chunk of its own, so
+            # that the encoder can take it without copying it out of a larger chunk.
+            cut = (carry.find(b"\n", searched) if searched >= chunk_bytes else carry.rfind(b"\n", searched)) + 1
             if cut == 0:  # a line longer than the block: keep reading
                 continue
             if unit.end is not None and pos + cut > unit.end:
@@ -340,28 +344,51 @@ def _plain_strings(column):
     return column
 
 
-def _row_bytes(batch, keys: Sequence[str]) -> np.ndarray:
-    """Text bytes of each row, over the key columns (nulls count 0)."""
-    import pyarrow.compute as pc
+def _string_buffers(column) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(offsets [n + 1] into data, data bytes, validity [n] or None) of a string column, as
+    zero-copy numpy views of Arrow's buffers (pyarrow.compute, 0.2 s to import, is not needed)."""
+    column = _plain_strings(column)
+    validity, offsets_buffer, data_buffer = column.buffers()
+    wide = str(column.type) == "large_string"
+    offsets = np.frombuffer(offsets_buffer, dtype=np.int64 if wide else np.int32)
+    offsets = offsets[column.offset : column.offset + len(column) + 1]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    valid = None
+    if column.null_count:
+        bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+        valid = bits[column.offset : column.offset + len(column)].astype(bool)
+    return offsets, data, valid
 
+
+def _row_bytes(batch, keys: Sequence[str]) -> np.ndarray:
+    """Text bytes of each row, over the key columns."""
     total = np.zeros(batch.num_rows, dtype=np.int64)
     for key in keys:
-        lengths = pc.binary_length(_plain_strings(batch.column(key)))
-        total += lengths.fill_null(0).to_numpy(zero_copy_only=False)
+        total += np.diff(_string_buffers(batch.column(key))[0])
     return total
 
 
-def _serialize(batches: list, keys: Sequence[str]) -> bytes:
-    """Batches as one IPC stream: unlike pickling, only a slice's own rows are copied."""
-    import pyarrow as pa
-
-    columns = [[_plain_strings(b.column(k)) for k in keys] for b in batches]
-    schema = pa.schema([(k, c.type) for k, c in zip(keys, columns[0])])
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema) as writer:
-        for cols in columns:
-            writer.write_batch(pa.record_batch([c.cast(f.type) for c, f in zip(cols, schema)], schema=schema))
-    return sink.getvalue().to_pybytes()
+def _pack(batches: list, keys: Sequence[str], *, copy: bool) -> list[tuple]:
+    """Per key: (offsets from 0, the text bytes, validity or None) of the rows of `batches`.
+    Copied into one bytes object each to go to a worker (a slice of Arrow's buffer would pickle
+    the whole buffer); left as views for a huge chunk, which stays in this process."""
+    packed = []
+    for key in keys:
+        parts = [_string_buffers(b.column(key)) for b in batches]
+        offsets, base = [np.zeros(1, dtype=np.int64)], 0
+        for o, _, _ in parts:
+            offsets.append(o[1:].astype(np.int64) - int(o[0]) + base)
+            base += int(o[-1]) - int(o[0])
+        spans = [d[int(o[0]) : int(o[-1])] for o, d, _ in parts]
+        if copy or len(spans) != 1:
+            data = b"".join(x.tobytes() for x in spans)
+        else:
+            data = spans[0]
+        valid = None
+        if any(v is not None for _, _, v in parts):
+            valid = np.concatenate([v if v is not None else np.ones(len(o) - 1, bool) for o, _, v in parts])
+        packed.append((np.concatenate(offsets), data, valid))
+    return packed
 
 
 def _unit_batches(unit: Unit, keys: Sequence[str], chunk_bytes: int) -> Iterator:
@@ -426,30 +453,38 @@ def iter_row_chunks(
 
 
 def _row_chunk(unit: Unit, row: int, batches: list, keys: Sequence[str], nbytes: int) -> Chunk:
-    return Chunk(unit.file_index, row, row, _serialize(batches, keys), rows=True, nbytes=nbytes)
+    # A huge chunk is encoded in this process (preprocess._HUGE_CHUNK): no copy of its text.
+    data = _pack(batches, keys, copy=nbytes <= HUGE_BYTES)
+    return Chunk(unit.file_index, row, row, data, rows=True, nbytes=nbytes)
 
 
 INVALID_UTF8 = object()  # stands for a value that is not valid UTF-8 in read_row_chunk's lists
 
 
-def read_row_chunk(data: bytes | bytearray, keys: Sequence[str]) -> list[list]:
-    """The key columns of a row chunk as Python strings: None for a null, INVALID_UTF8 for bytes
-    that are not UTF-8 (Arrow does not check them on read)."""
-    import pyarrow as pa
-
-    table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-    try:
-        return [table.column(k).to_pylist() for k in keys]
-    except UnicodeDecodeError:
-        columns = []
-        for key in keys:
-            values = table.column(key).cast(pa.large_binary()).to_pylist()
-            columns.append([_decode_or_mark(v) for v in values])
-        return columns
+def read_row_chunk(data: list[tuple], keys: Sequence[str]) -> list[list]:
+    """The key columns of a row chunk (`_pack`) as Python strings: None for a null, INVALID_UTF8
+    for bytes that are not UTF-8 (Arrow does not check them on read), a LongText (a view, no
+    copy) for a value over HUGE_BYTES."""
+    return [_decode_column(*packed) for packed in data]
 
 
-def _decode_or_mark(value: bytes | None):
-    try:
-        return None if value is None else value.decode("utf-8")
-    except UnicodeDecodeError:
-        return INVALID_UTF8
+def _decode_column(offsets: np.ndarray, data, valid: np.ndarray | None) -> list:
+    bounds = offsets.tolist()
+    is_view = isinstance(data, np.ndarray)
+    view = data if is_view else None
+    out: list = []
+    for i in range(len(bounds) - 1):
+        start, end = bounds[i], bounds[i + 1]
+        if valid is not None and not valid[i]:
+            out.append(None)
+        elif end - start > HUGE_BYTES:
+            if view is None:
+                view = np.frombuffer(data, dtype=np.uint8)
+            out.append(LongText(view[start:end], json_escaped=False))
+        else:
+            raw = data[start:end]
+            try:
+                out.append((raw.tobytes() if is_view else raw).decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(INVALID_UTF8)
+    return out
