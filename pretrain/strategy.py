@@ -69,6 +69,10 @@ class TrainingStrategy(Protocol):
     def describe(self) -> str | None:
         """A line for the start of the run's log, or None."""
 
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """What this rank holds now, by category: "weights", "gradients" (with the buffers they
+        live in) and "optimizer" state; for measuring memory (pretrain/planner/live_memory.py)."""
+
 
 def strategy_class(config: RunConfig) -> type[TrainingStrategy]:
     """The strategy parallel.zero_stage asks for."""
@@ -146,3 +150,11 @@ class DataParallel:
 
     def describe(self) -> str | None:
         return None
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return {
+            "weights": self.params,
+            "gradients": [p.grad for p in self.params] + [b.buffer for b in self.grad_sync.buckets],
+            "optimizer": state,
+        }

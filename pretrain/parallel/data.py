@@ -51,7 +51,14 @@ class _Bucket:
 
     def attached(self) -> bool:
         """Whether every parameter's `.grad` is still its view (nothing replaced or dropped it)."""
-        return all(p.grad is not None and p.grad.data_ptr() == v.data_ptr() for p, v in zip(self.params, self.views))
+        return all(p.grad is not None and _same_memory(p.grad, v) for p, v in zip(self.params, self.views))
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b start at the same element of the same storage: what equal data pointers
+    say, asked of the storage instead, because fake tensors (the planner's dry run) have no data
+    pointers (all 0, and reading them warns)."""
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata and a.storage_offset() == b.storage_offset()
 
 
 class GradientSync:

@@ -81,6 +81,7 @@ class ZeroEngine:
                 dist_init_required=False,
             )
         self.engine, self.optimizer = engine, optimizer
+        self._params = list(engine.module.parameters())  # the same objects from here on (ZeRO-3 too)
         # The engine would run its backward epilogue from the optimizer's gradient hooks; ours
         # runs instead (once per backward pass, with the boundary we decide), and our own hooks
         # decide when each gradient is reduced (pretrain/parallel/zero_grads.py).
@@ -268,3 +269,6 @@ class ZeroEngine:
 
     def weight_bytes(self) -> int:
         return zero_memory.weight_bytes(self.engine.module)
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        return zero_memory.held_tensors(self.optimizer, self.stage, self._params)
