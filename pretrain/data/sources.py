@@ -280,7 +280,12 @@ def iter_chunks(unit: Unit, *, chunk_bytes: int, on_read: Callable[[int], None] 
 
 
 def _parquet(path: str):
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    # Arrow's own allocator keeps memory it freed (a huge document's decompressed page) for
+    # itself; the system allocator hands large blocks back, to the OS or to numpy's arrays.
+    pa.set_memory_pool(pa.system_memory_pool())
 
     try:
         return pq.ParquetFile(path, memory_map=True)
@@ -404,7 +409,16 @@ def _unit_batches(unit: Unit, keys: Sequence[str], chunk_bytes: int) -> Iterator
         size = sum(metadata.row_group(g).column(names[k]).total_uncompressed_size for g in groups for k in keys)
         # Rows per batch from the average row: a file of huge documents is read a few rows at a time.
         batch_rows = int(min(_MAX_BATCH_ROWS, max(1, chunk_bytes * max(1, rows) // max(1, size))))
-        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=list(keys), use_threads=False)
+        for g in groups:
+            group = metadata.row_group(g)
+            if sum(group.column(names[k]).total_uncompressed_size for k in keys) > HUGE_BYTES * group.num_rows:
+                # Rows of huge documents: read whole, so that the reader lets go of the page it
+                # decompressed (iter_batches holds it until the next batch: one more copy).
+                yield from parquet.read_row_group(g, columns=list(keys), use_threads=False).to_batches()
+            else:
+                yield from parquet.iter_batches(
+                    batch_size=batch_rows, row_groups=[g], columns=list(keys), use_threads=False
+                )
         return
     with _arrow_batches(unit.path) as batches:
         for j, batch in enumerate(batches):
