@@ -117,6 +117,14 @@ def test_save_to_disk_arrow_directory_gives_the_jsonl_bytes(corpus, tmp_path):
         result = run(corpus["tokenizer"], [str(dataset)], prefix, "--append-eod", *extra)
         assert result.returncode == 0, result.stderr
         assert read_pair(prefix + "_text_document") == reference, extra
+    # One Arrow file in the IPC file format (random access, "ARROW1"), as pyarrow writes it.
+    table = pa.table({"text": corpus["texts"]})
+    with pa.OSFile(str(tmp_path / "one.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=64)
+    prefix = str(tmp_path / "ipcfile")
+    result = run(corpus["tokenizer"], [str(tmp_path / "one.arrow")], prefix, "--append-eod", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert read_pair(prefix + "_text_document") == reference
     # A DatasetDict directory asks for one split.
     (tmp_path / "dict").mkdir()
     (tmp_path / "dict" / "dataset_dict.json").write_text('{"splits": ["train"]}')
