@@ -145,3 +145,22 @@ def test_plan_tool_exit_codes():
     assert bad_world.returncode == 2 and "not divisible" in bad_world.stderr
     bad_hardware = _plan_tool("configs/gpt_13b.yaml", "--gpus", "128", "--hardware", "v100")
     assert bad_hardware.returncode == 2 and "h100" in bad_hardware.stderr
+
+
+def test_plan_tool_dry_run_reports_next_to_the_planner():
+    """--dry-run simulates the first and the last rank at world size 8 (TP 2 x PP 2 x DP 2): the
+    weights and gradients it measures are the planner's to the byte, the optimizer state but for
+    AdamW's step counters (4 bytes per tensor, which the planner leaves to the host), the
+    activations within 10%."""
+    layout = ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2", "train.precision=bf16"]
+    out = _plan_tool("configs/gpt_tiny.yaml", *layout, "--gpus", "8", "--hardware", "h100", "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    planned = {r["pp_rank"]: r for r in result["plan"]["ranks"]}
+    assert [r["rank"] for r in result["dry_run"]] == [0, 7]
+    for simulated in result["dry_run"]:
+        plan_rank, peak = planned[simulated["coordinates"]["pp"]], simulated["peak"]
+        for key in ("weights", "gradients"):
+            assert peak[key] == plan_rank[key], key
+        assert 0 <= peak["optimizer"] - plan_rank["optimizer"] <= 4 * 64  # step counters of < 64 tensors
+        assert peak["activations"] == pytest.approx(max(plan_rank["activations"], plan_rank["step_transient"]), rel=0.1)

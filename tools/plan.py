@@ -5,7 +5,8 @@
     python tools/plan.py configs/gpt_13b.yaml --gpus 128 --hardware h100 --dry-run
 
 Exit code 0: the layout fits; 1: it does not (the breakdown and the fastest layout that fits
-are printed); 2: a bad request (unknown hardware, a layout that cannot run on that many GPUs).
+are printed), or a simulated rank failed in the dry run; 2: a bad request (unknown hardware,
+a layout that cannot run on that many GPUs).
 `--suggest` ranks the layouts the code supports that fit; `--dry-run` also builds the real
 model, optimizer and schedule of the first and last pipeline rank at full size on fake tensors
 over a fake process group of the requested world size and runs one training step.
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.config import ConfigError, load_config
 from pretrain.hardware import get_hardware
-from pretrain.planner.report import json_report, suggestions_report, text_report
+from pretrain.planner.dry_run import DryRunError, dry_run
+from pretrain.planner.report import dry_run_json, dry_run_report, json_report, suggestions_report, text_report
 from pretrain.planner.suggest import plan, suggest
 
 
@@ -50,15 +52,24 @@ def main(argv: list[str] | None = None) -> int:
     alternatives = []
     if args.suggest or not mine.fits:
         alternatives = suggest(lambda extra: load_config(args.config, args.overrides + extra), args.gpus, hardware)
+    try:
+        # The fewest micro-batches that show every phase of the schedule: the same peak, sooner
+        # (pretrain/planner/dry_run.py, fewer_micro_batches).
+        simulated = dry_run(config, world_size=args.gpus, micro_batches=1) if args.dry_run else []
+    except DryRunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     result = {"plan": json_report(mine, args.gpus), "suggestions": [json_report(p, args.gpus) for p in alternatives]}
+    if args.dry_run:
+        result["dry_run"] = [dry_run_json(r) for r in simulated]
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(text_report(mine, args.gpus, hardware))
         if alternatives or not mine.fits:
             print(suggestions_report(alternatives[: args.top if args.suggest else 1], args.gpus))
-    if args.dry_run:
-        _dry_run(config, args.gpus, as_json=args.json)
+        if args.dry_run:
+            print(dry_run_report(simulated, mine, args.gpus))
     return 0 if mine.fits else 1
 
 
@@ -71,14 +82,6 @@ def _hardware(name: str, memory_gib: float | None):
     import dataclasses
 
     return dataclasses.replace(hardware, memory_gib=memory_gib)
-
-
-def _dry_run(config, world_size: int, *, as_json: bool) -> None:
-    from pretrain.planner.dry_run import dry_run
-
-    reports = dry_run(config, world_size=world_size)
-    for report in reports:
-        print(json.dumps(report.to_json()) if as_json else report.describe())
 
 
 if __name__ == "__main__":

@@ -31,6 +31,11 @@ class ActivationProbe:
     """The first stage's own share (token ids, embedding output)."""
     head: int
     """The last stage's own share (final norm, output layer and loss: the logits buffer)."""
+    backward_last: int
+    """What a backward through the output layer and loss adds, at its highest, on top of what
+    the micro-batch saved (the logits' gradient, the blocks' input gradients)."""
+    backward_middle: int
+    """The same through blocks alone (a stage without the output layer)."""
 
 
 class _Saved:
@@ -82,20 +87,60 @@ def _weight_dtype(config: RunConfig) -> torch.dtype:
 def _probe(model, tp: int, sequence_parallel: bool, micro_batch: int, compute_dtype, weight_dtype) -> ActivationProbe:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    shape = (tp, sequence_parallel, micro_batch, compute_dtype, weight_dtype)
     with _fake_tensor_parallel_group(tp) as group, FakeTensorMode(allow_non_fake_inputs=True):
-        one = _saved_bytes(model, 1, tp, group, sequence_parallel, micro_batch, compute_dtype, weight_dtype)
-        two = _saved_bytes(model, 2, tp, group, sequence_parallel, micro_batch, compute_dtype, weight_dtype)
+        one = _one_pass(model, 1, group, *shape)
+        two = _one_pass(model, 2, group, *shape)
+        middle = _one_pass(model, 1, group, *shape, ends=False)
     per_block = two["blocks"] - one["blocks"]
     return ActivationProbe(
         per_block=per_block,
         embedding=one["embedding"],
         head=one["total"] - one["blocks"] - one["embedding"],
+        backward_last=max(0, one["peak"] - one["total"]),
+        backward_middle=max(0, middle["peak"] - middle["total"]),
     )
 
 
-def _saved_bytes(model, blocks, tp, group, sequence_parallel, micro_batch, compute_dtype, weight_dtype) -> dict:
-    """Saved bytes after the embedding, after the blocks and in all, of one forward."""
+def _one_pass(model, blocks, group, tp, sequence_parallel, micro_batch, compute_dtype, weight_dtype, ends=True) -> dict:
+    """One micro-batch's forward and backward through `blocks` blocks (with the embedding and the
+    output layer and loss when `ends`): the bytes autograd saved after the embedding, after the
+    blocks and in all, and the highest live memory besides weights and gradients."""
     import pretrain.models.gpt as gpt_module
+    from pretrain.planner.live_memory import LiveMemory, categories_of
+
+    gpt = _build(model, blocks, group, tp, sequence_parallel, weight_dtype, ends)
+    params = list(gpt.parameters())
+    saved = _Saved({p.untyped_storage()._cdata for p in params})
+    real_checkpoint = gpt_module.checkpoint
+
+    def checkpoint(fn, *inputs, **kwargs):  # non-reentrant checkpointing keeps its inputs for the recompute
+        for t in inputs:
+            saved.add(t)
+        return real_checkpoint(fn, *inputs, **kwargs)
+
+    held = lambda: categories_of({"weights": params, "gradients": [p.grad for p in params]})
+    mixed = compute_dtype != torch.float32
+    gpt_module.checkpoint = checkpoint
+    try:
+        with LiveMemory(categorize=held) as tracker:
+            with (
+                torch.autocast("cpu", dtype=compute_dtype if mixed else torch.bfloat16, enabled=mixed),
+                torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t),
+            ):
+                out, embedding, after_blocks = _forward(gpt, model, micro_batch, tp, sequence_parallel, ends, saved)
+            out.backward(None if ends else torch.ones_like(out))
+    finally:
+        gpt_module.checkpoint = real_checkpoint
+    return {
+        "embedding": embedding,
+        "blocks": after_blocks - embedding,
+        "total": saved.bytes,
+        "peak": tracker.peak.activations,
+    }
+
+
+def _build(model, blocks, group, tp, sequence_parallel, weight_dtype, ends):
     from pretrain.models.build import build_gpt
     from pretrain.models.gpt import Stage
     from pretrain.models.layers import DenseLayers
@@ -105,32 +150,23 @@ def _saved_bytes(model, blocks, tp, group, sequence_parallel, micro_batch, compu
     topo = dataclasses.replace(grid_position(tp=tp, sequence_parallel=sequence_parallel), tp_group=group)
     layers = TensorParallelLayers(topo) if tp > 1 else DenseLayers()
     config = dataclasses.replace(model, num_layers=blocks)
-    gpt = build_gpt(config, init_seed=1, dtype=weight_dtype, layers=layers, stage=Stage(range(blocks), True, True))
-    saved = _Saved({p.untyped_storage()._cdata for p in gpt.parameters()})
-    real_checkpoint = gpt_module.checkpoint
+    return build_gpt(config, init_seed=1, dtype=weight_dtype, layers=layers, stage=Stage(range(blocks), ends, ends))
 
-    def checkpoint(fn, *inputs, **kwargs):  # non-reentrant checkpointing keeps its inputs for the recompute
-        for t in inputs:
-            saved.add(t)
-        return real_checkpoint(fn, *inputs, **kwargs)
 
+def _forward(gpt, model, micro_batch, tp, sequence_parallel, ends, saved):
+    """(output, saved bytes after the embedding, after the blocks): a whole model's loss, or a
+    middle stage's output from the hidden state it receives."""
+    if not ends:
+        seq = model.seq_length // (tp if sequence_parallel else 1)
+        x = torch.zeros((micro_batch, seq, model.hidden_size), requires_grad=True)
+        return gpt.run_blocks(x), 0, saved.bytes
     tokens = torch.zeros((micro_batch, model.seq_length), dtype=torch.long)
-    mixed = compute_dtype != torch.float32
-    gpt_module.checkpoint = checkpoint
-    try:
-        with (
-            torch.autocast("cpu", dtype=compute_dtype if mixed else torch.bfloat16, enabled=mixed),
-            torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t),
-        ):
-            saved.add(tokens)  # the micro-batch the first stage keeps until its backward
-            x = gpt.embed_tokens(tokens)
-            embedding = saved.bytes
-            y = gpt.run_blocks(x)
-            after_blocks = saved.bytes
-            gpt.head_loss(y, tokens)
-    finally:
-        gpt_module.checkpoint = real_checkpoint
-    return {"embedding": embedding, "blocks": after_blocks - embedding, "total": saved.bytes}
+    saved.add(tokens)  # the micro-batch the first stage keeps until its backward
+    x = gpt.embed_tokens(tokens)
+    embedding = saved.bytes
+    y = gpt.run_blocks(x)
+    after_blocks = saved.bytes
+    return gpt.head_loss(y, tokens), embedding, after_blocks
 
 
 @contextlib.contextmanager

@@ -46,13 +46,19 @@ class MemoryBreakdown:
 
     @property
     def owned(self) -> int:
-        """What the framework's own tensors take at their peak (backward or optimizer step): the
-        part checked against measurements."""
-        return self.weights + self.gradients + self.optimizer + max(self.activations, self.step_transient)
+        """What the framework's own tensors take at their peak (backward or optimizer step),
+        communication buckets included: the part checked against measurements."""
+        return (
+            self.weights
+            + self.gradients
+            + self.optimizer
+            + max(self.activations, self.step_transient)
+            + self.comm_buffers
+        )
 
     @property
     def total(self) -> int:
-        return self.owned + self.comm_buffers + self.overhead
+        return self.owned + self.overhead
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,8 @@ class RankMemory:
 def plan_memory(config: RunConfig, world_size: int, *, overhead: bool = True) -> list[RankMemory]:
     """Memory of every pipeline rank of the config's layout on `world_size` GPUs (ranks of one
     stage hold the same, up to DeepSpeed's alignment padding). `overhead=False` leaves out what
-    this CPU cannot check. Raises ConfigError for a layout that cannot run at that size."""
+    is not a tensor (CUDA context, NCCL, allocator slack), which this CPU cannot check. Raises
+    ConfigError for a layout that cannot run at that size."""
     dp = validate_layout(config, world_size)
     probe = probe_activations(config)
     ranks = []
@@ -76,7 +83,7 @@ def plan_memory(config: RunConfig, world_size: int, *, overhead: bool = True) ->
         weights, grads, optimizer = _model_states(config, params, dp)
         transient = 4 * params // dp if config.parallel.zero_stage else 0
         activations, in_flight = _peak_activations(config, pp_rank, probe, dp)
-        comm = _comm_buffers(config) if overhead else 0
+        comm = _comm_buffers(config)
         owned = weights + grads + optimizer + max(activations, transient) + comm
         extra = int(CONTEXT_BYTES + FRAGMENTATION * owned) if overhead else 0
         last = pp_rank == config.parallel.pipeline - 1
@@ -127,15 +134,19 @@ def _peak_activations(config: RunConfig, pp_rank: int, probe, dp: int) -> tuple[
         first, last = virtual == 0, virtual == p.pipeline * p.virtual_stages - 1
         return layers_per_chunk * probe.per_block + (probe.embedding if first else 0) + (probe.head if last else 0)
 
+    def backward(chunk: int) -> int:  # what a backward through the chunk adds at its highest
+        last = chunk * p.pipeline + pp_rank == p.pipeline * p.virtual_stages - 1
+        return probe.backward_last if last else probe.backward_middle
+
     live: list[int] = []
     peak, at_peak = 0, 0
     for kind, chunk in _schedule_ops(config, pp_rank, dp):
         if kind == "F":
             live.append(chunk)
-            held = sum(cost(c) for c in live)
-            if held > peak:
-                peak, at_peak = held, len(live)
-        else:
+        held = sum(cost(c) for c in live) + (backward(chunk) if kind == "B" else 0)
+        if held > peak:
+            peak, at_peak = held, len(live)
+        if kind == "B":
             live.remove(chunk)
     return peak, at_peak
 

@@ -13,7 +13,7 @@ ROWS = (
     ("optimizer", "optimizer state", ""),
     ("activations", "activations", "saved for backward by the micro-batches in flight, logits included"),
     ("step_transient", "optimizer step", "ZeRO's fp32 gradient partition, while no activations are held"),
-    ("comm_buffers", "comm buffers", "estimate: ZeRO's reduce/gather buckets"),
+    ("comm_buffers", "comm buffers", "ZeRO's reduce/gather buckets (parallel.bucket_mb each)"),
     ("overhead", "overhead", "estimate: CUDA context, NCCL buffers, 5% allocator slack"),
 )
 
@@ -92,3 +92,38 @@ def _shown_ranks(ranks: list[RankMemory]) -> list[RankMemory]:
         return ranks
     fullest = max(ranks, key=lambda r: r.memory.total)
     return sorted({id(r): r for r in (ranks[0], fullest, ranks[-1])}.values(), key=lambda r: r.pp_rank)
+
+
+OWNED = ("weights", "gradients", "optimizer", "activations")
+
+
+def dry_run_report(reports, plan: Plan, world_size: int) -> str:
+    """Each simulated rank's peak by category next to the planner's figure for its pipeline rank
+    (the parts the framework owns: no CUDA context, NCCL or allocator slack on fake tensors)."""
+    lines = [f"dry run: the real training step at full size on fake tensors, world size {world_size}"]
+    for report in reports:
+        planned = plan.ranks[report.pp_rank].memory
+        lines.append(f"  {report.describe()}: {report.parameters / 1e9:.2f}B parameters, {report.seconds:.0f} s")
+        lines.append(f"    {'GiB':<16}{'planner':>10}{'dry run':>10}")
+        for key in OWNED:
+            ours = getattr(planned, key) if key != "activations" else max(planned.activations, planned.step_transient)
+            lines.append(f"    {key:<16}{ours / GIB:10.2f}{getattr(report.peak, key) / GIB:10.2f}")
+        lines.append(f"    {'total':<16}{planned.owned / GIB:10.2f}{report.peak.total / GIB:10.2f}")
+        save = report.save
+        lines.append(
+            f"    checkpoint save: {save.host_bytes / GIB:.2f} GiB of host memory (this rank's share "
+            f"{save.share_bytes / GIB:.2f} GiB, {save.tensors} tensors)"
+        )
+    return "\n".join(lines)
+
+
+def dry_run_json(report) -> dict:
+    return {
+        "rank": report.rank,
+        "coordinates": {"tp": report.tp_rank, "pp": report.pp_rank, "dp": report.dp_rank},
+        "parameters": report.parameters,
+        "peak": dataclasses.asdict(report.peak),
+        "steady": dataclasses.asdict(report.steady),
+        "save": dataclasses.asdict(report.save),
+        "seconds": report.seconds,
+    }
