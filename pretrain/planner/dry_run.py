@@ -33,7 +33,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from pretrain.config import RunConfig, validate_layout
-from pretrain.parallel.topology import CPU, Topology
+from pretrain.parallel.topology import CPU, Topology, grid_position
 from pretrain.planner.live_memory import MemoryBreakdown
 from pretrain.planner.measure import SaveReport
 
@@ -130,16 +130,8 @@ def default_ranks(config: RunConfig, world_size: int) -> list[int]:
 def coordinates(config: RunConfig, world_size: int, rank: int) -> Topology:
     """The grid position of `rank` (no process group)."""
     p = config.parallel
-    return Topology(
-        world_size=world_size,
-        rank=rank,
-        tp=p.tensor,
-        pp=p.pipeline,
-        dp=world_size // (p.tensor * p.pipeline),
-        virtual_stages=p.virtual_stages,
-        sequence_parallel=p.sequence_parallel,
-        device=CPU,
-    )
+    dp = world_size // (p.tensor * p.pipeline)
+    return grid_position(rank=rank, tp=p.tensor, pp=p.pipeline, dp=dp, virtual_stages=p.virtual_stages)
 
 
 def _run_all(config: RunConfig, *, world_size: int, ranks: list[int], steps: int, jobs: int) -> list:

@@ -28,7 +28,7 @@ FRAGMENTATION = 0.05
 
 
 @dataclass(frozen=True)
-class MemoryBreakdown:
+class PlannedMemory:
     """Bytes one GPU holds at its peak, by what holds them."""
 
     weights: int
@@ -67,7 +67,7 @@ class RankMemory:
     parameters: int
     in_flight: int
     """Micro-batch chunks (forwards without their backward yet) at this rank's peak."""
-    memory: MemoryBreakdown
+    memory: PlannedMemory
 
 
 def plan_memory(config: RunConfig, world_size: int, *, overhead: bool = True) -> list[RankMemory]:
@@ -88,7 +88,7 @@ def plan_memory(config: RunConfig, world_size: int, *, overhead: bool = True) ->
         extra = int(CONTEXT_BYTES + FRAGMENTATION * owned) if overhead else 0
         last = pp_rank == config.parallel.pipeline - 1
         logits = probe.head if last else 0
-        memory = MemoryBreakdown(weights, grads, optimizer, activations, logits, transient, comm, extra)
+        memory = PlannedMemory(weights, grads, optimizer, activations, logits, transient, comm, extra)
         ranks.append(RankMemory(pp_rank, params, in_flight, memory))
     return ranks
 
