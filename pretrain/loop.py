@@ -142,7 +142,8 @@ class Evaluator:
 
 
 class Checkpoints:
-    """`saved_at`: the step of the newest checkpoint this run wrote or resumed from."""
+    """`saved_at`: the step of the newest checkpoint this run wrote or resumed from.
+    `data_position()`: the loader's state for train_state (consumed_samples, data stages)."""
 
     def __init__(
         self,
@@ -151,7 +152,7 @@ class Checkpoints:
         trainer: Trainer,
         logger: MetricsLogger,
         *,
-        data_position: Callable[[], int],
+        data_position: Callable[[], dict],
         say: Callable[[str], None] | None,
         step: int,
     ) -> None:
@@ -178,7 +179,7 @@ class Checkpoints:
         self.trainer.progress(f"checkpoint save of step {step}")
         if not self.trainer.weights_finite():
             return False
-        train_state = {"consumed_samples": self.position(), **self.trainer.train_state()}
+        train_state = {**self.position(), **self.trainer.train_state()}
         path = self.saver.save(step, state=self.trainer.strategy.checkpoint_state(), train_state=train_state)
         self.saved_at = step
         if self.topo.rank == 0:
@@ -206,7 +207,7 @@ class Checkpoints:
         state = self.trainer.strategy.checkpoint_state()
         path, meta = load_newest_intact(candidates, state=state, config=self.config, topo=self.topo, warn=self.say)
         self.trainer.load_train_state(meta["train_state"], rollback=True)
-        skipped = self.position() - meta["train_state"]["consumed_samples"]
+        skipped = self.position()["consumed_samples"] - meta["train_state"]["consumed_samples"]
         self.saved_at = meta["step"]
         self.logger.rewind(meta["step"])
         rollback = {

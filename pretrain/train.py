@@ -76,7 +76,7 @@ def run(config: RunConfig, *, launch=None, callbacks: Sequence[Callback] = ()) -
     # From here on every wait is bounded: collectives by parallel.timeout_minutes, everything
     # else (index building, model building, checkpoint loading, steps) by the watchdog.
     with Watchdog(timeout_s=60 * t.hang_timeout_minutes, rank=topo.rank, log_dir=config.logging.dir) as watchdog:
-        start = Start(watchdog=watchdog, resume_from=resume_from, consumed=consumed, tokenizer=tokenizer, say=say)
+        start = Start(watchdog=watchdog, resume_from=resume_from, tokenizer=tokenizer, say=say)
         return fit(config, topo, start, callbacks=callbacks)
 
 
@@ -86,7 +86,6 @@ class Start:
 
     watchdog: Watchdog
     resume_from: Path | None  # the checkpoint chosen (an older one is tried when it is damaged)
-    consumed: int  # its data position
     tokenizer: object | None
     say: Callable[[str], None] | None  # rank 0's warnings; None elsewhere
 
@@ -102,15 +101,14 @@ def fit(config: RunConfig, topo: Topology, start: Start, *, callbacks: Sequence[
     )
     steps = StepLog(config, topo, logger, throughput(config, topo, trainer))
     evaluator = Evaluator(config, trainer, logger, enabled=data.valid is not None)
-    checkpoints = Checkpoints(
-        config, topo, trainer, logger, data_position=lambda: data.train.consumed_samples, say=say, step=step
-    )
+    checkpoints = Checkpoints(config, topo, trainer, logger, data_position=data.train.state_dict, say=say, step=step)
     last, stopped = {}, None
     evaluator.start(step)
     with StopRequests(minutes=t.exit_after_minutes, world_size=topo.world_size, device=topo.device) as stop:
         while step < t.steps:
             step += 1
             watchdog.beat("step start", step=step)
+            data.train.begin_step(step)  # the data stage this step reads, the same on every rank
             with steps.timed():
                 record = trainer.step(step)
             consumed, bad_in_a_row = data.train.consumed_samples, trainer.guard.consecutive_bad
@@ -143,7 +141,8 @@ def build(config: RunConfig, topo: Topology, start: Start) -> tuple[Data, Traine
     t, ck, watchdog, resume_from = config.train, config.checkpoint, start.watchdog, start.resume_from
     # Data first: a missing or mismatched dataset should fail before a model is built.
     watchdog.beat("building the datasets")
-    data = build_data(config, topo, consumed_samples=start.consumed, tokenizer=start.tokenizer)
+    announce = (lambda line: print(line, flush=True)) if topo.rank == 0 else None
+    data = build_data(config, topo, tokenizer=start.tokenizer, announce=announce)
     watchdog.beat("building the model")
     # Dropout streams: equal across TP and DP ranks, different per pipeline stage.
     torch.manual_seed(t.seed + 100 * topo.pp_rank)
@@ -161,7 +160,7 @@ def build(config: RunConfig, topo: Topology, start: Start) -> tuple[Data, Traine
         resumed, meta = load_newest_intact(candidates, state=state, config=config, topo=topo, warn=start.say)
         step = meta["step"]
         trainer.load_train_state(meta["train_state"])
-        data.train.consumed_samples = meta["train_state"].get("consumed_samples", start.consumed)  # a fallback's
+        data.train.load_state_dict(meta["train_state"], warn=start.say)  # the data position of the one loaded
         if topo.rank == 0:
             print(f"resumed from {resumed} at step {step}", flush=True)
     return data, trainer, step

@@ -10,7 +10,7 @@ One job per module; import from the package, not from them:
     errors.py     ConfigError, the one error a config raises
     model.py      model:                  ModelConfig (and pad_vocab)
     parallel.py   parallel:               ParallelConfig
-    data.py       data:                   DataConfig
+    data.py       data:                   DataConfig, DataStage (data.stages)
     optimizer.py  optimizer:, schedule:   OptimizerConfig, ScheduleConfig
     training.py   train:                  TrainConfig
     outputs.py    checkpoint:, logging:   CheckpointConfig, LoggingConfig
@@ -24,7 +24,7 @@ pretrain.parallel.
 """
 
 from pretrain.config.checks import CROSS_SECTION_CHECKS, derive, finalize, validate_layout
-from pretrain.config.data import DataConfig
+from pretrain.config.data import DataConfig, DataStage
 from pretrain.config.errors import ConfigError
 from pretrain.config.errors import _need as _need
 from pretrain.config.faults import FaultsConfig
@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DataStage",
     "FaultsConfig",
     "LoggingConfig",
     "ModelConfig",

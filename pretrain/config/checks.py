@@ -107,12 +107,40 @@ def _check_attention_precision(config: RunConfig) -> None:
     )
 
 
+def _check_data_stages(config: RunConfig) -> None:
+    """Stages start at 0, at increasing steps, each before the end of the run (a stage that
+    starts at or after train.steps would never train: most likely a start in the wrong unit)."""
+    steps, previous = config.train.steps, None
+    for i, stage in enumerate(config.data.stages):
+        key, start = f"data.stages.{i}", stage.start(steps)
+        how = f"step {start}"
+        if stage.start_fraction is not None:
+            how += f" (start_fraction {stage.start_fraction} of train.steps={steps})"
+        if previous is None:
+            _need(start == 0, key, f"the first stage must start at step 0 (start_step: 0), got {how}")
+        else:
+            _need(
+                start > previous,
+                key,
+                f"starts at {how}, not after data.stages.{i - 1}'s step {previous}: stages must start "
+                "at increasing steps",
+            )
+        _need(
+            start < steps,
+            key,
+            f"starts at {how}, but the run ends at train.steps={steps}: the stage would never train; "
+            "lower its start or raise train.steps",
+        )
+        previous = start
+
+
 CROSS_SECTION_CHECKS = (
     _check_tensor_split,
     _check_pipeline_split,
     _check_zero_with_pipeline,
     _check_objective,
     _check_attention_precision,
+    _check_data_stages,
 )
 
 

@@ -55,7 +55,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if origin is list:
+        return _build_list(typing.get_args(tp)[0], value, key)
     raise AssertionError(f"unsupported config type {tp} at {key}")
+
+
+def _build_list(item: type, value: Any, key: str) -> list:
+    """A list field: a YAML list, or its YAML flow text from an override
+    (`data.stages='[{path: A, start_step: 0}]'`); null is the empty list."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: not a YAML list: {e}") from None
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    if dataclasses.is_dataclass(item):
+        return [_build(item, entry, f"{key}.{i}.") for i, entry in enumerate(value)]
+    return [_coerce(entry, item, f"{key}.{i}") for i, entry in enumerate(value)]
 
 
 def _build(cls: type, raw: dict, prefix: str) -> Any:
@@ -106,6 +125,9 @@ def _is_string_field(path: list[str]) -> bool:
     """Whether `path` names a str-typed config field (its override text is then taken verbatim)."""
     cls: Any = RunConfig
     for part in path:
+        if typing.get_origin(cls) is list and part.isdigit():  # data.stages.1.path
+            cls = typing.get_args(cls)[0]
+            continue
         if not dataclasses.is_dataclass(cls):
             return False
         hints = typing.get_type_hints(cls)
@@ -115,6 +137,30 @@ def _is_string_field(path: list[str]) -> bool:
     return cls is str
 
 
+def _child(node: dict | list, part: str, text: str, *, list_below: bool) -> dict | list:
+    """The section or list (or list entry: `data.stages.1`) an override descends into. The entry
+    just past a list's end is added, so `data.stages.2.path=...` can append a stage."""
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) > len(node):
+            raise ConfigError(f"override {text!r}: {part!r} is not an index of a list of {len(node)} entries")
+        if int(part) == len(node):
+            node.append({})
+        child = node[int(part)]
+    else:
+        child = node.get(part)
+        if isinstance(child, str) and list_below:  # an earlier override's YAML text
+            try:
+                child = yaml.safe_load(child)
+            except yaml.YAMLError:
+                raise ConfigError(f"override {text!r}: {part} holds {child!r}, not a YAML list") from None
+        if child is None:
+            child = [] if list_below else {}
+        node[part] = child
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"override {text!r}: {part} is not a section")
+    return child
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b=value` overrides to a nested dict (before typing, so types are checked once)."""
     for text in overrides:
@@ -122,11 +168,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if _is_string_field(path):
             value = text.split("=", 1)[1]  # `data.tokenizer=1e5` stays the path "1e5"
         node = raw
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
-            node = child
+        for part, below in zip(path[:-1], path[1:]):
+            node = _child(node, part, text, list_below=below.isdigit())
+        if isinstance(node, list):
+            raise ConfigError(f"override {text!r}: set a field of a list entry, e.g. data.stages.1.start_step=90")
         node[path[-1]] = value
     return raw
 

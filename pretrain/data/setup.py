@@ -1,5 +1,5 @@
-"""The training run's data: checks of data.path and the tokenizer against the model, the
-Megatron-ordered datasets and this data-parallel rank's loader.
+"""The training run's data: checks of data.path (or data.stages) and the tokenizer against the
+model, the Megatron-ordered datasets of each stage and this data-parallel rank's loader.
 """
 
 from __future__ import annotations
@@ -15,32 +15,36 @@ from pretrain.data.blend import parse_data_path
 from pretrain.data.builder import build_datasets
 from pretrain.data.loader import SampleDataset, SampleLoader, causal_lm_collate, with_document_segments
 from pretrain.data.masking import MaskedLMCollator
+from pretrain.data.stages import Stage, StagedLoader, plan_stages
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.parallel.topology import Topology
 
 
 @dataclass
 class Data:
-    train: SampleLoader
-    valid: SampleDataset | None
+    train: StagedLoader
+    valid: SampleDataset | None  # the first stage's validation split (data.path's with one stage)
     collate: Callable | None
 
 
 def check_data(config: RunConfig):
     """Check data.path and the tokenizer against the model; returns the tokenizer (or None)."""
     d, m = config.data, config.model
-    if not d.path:
+    if not d.path and not d.stages:
         raise ConfigError(
             "data.path: no dataset given; run `bash launch/quickstart.sh` to build one, "
             "or set data.path=PREFIX (for PREFIX.bin/.idx) or 'w1 PREFIX1 w2 PREFIX2 ...'"
         )
-    for _, prefix in parse_data_path(d.path):
-        for suffix in (".bin", ".idx"):
-            if not Path(prefix + suffix).is_file():
-                raise ConfigError(
-                    f"data.path: {prefix}{suffix} does not exist (data.path names prefixes "
-                    "written by tools/preprocess_data.py, without .bin/.idx)"
-                )
+    # Every stage's files now, not when its first step comes (hours later).
+    for i, (_, path) in enumerate(d.stage_plan(config.train.steps)):
+        key = f"data.stages.{i}.path" if d.stages else "data.path"
+        for _, prefix in parse_data_path(path):
+            for suffix in (".bin", ".idx"):
+                if not Path(prefix + suffix).is_file():
+                    raise ConfigError(
+                        f"{key}: {prefix}{suffix} does not exist ({key} names prefixes "
+                        "written by tools/preprocess_data.py, without .bin/.idx)"
+                    )
     tokenizer = load_tokenizer(d.tokenizer) if d.tokenizer else None
     if tokenizer is not None and tokenizer.vocab_size > m.vocab_size:
         raise ConfigError(
@@ -52,45 +56,66 @@ def check_data(config: RunConfig):
     return tokenizer
 
 
-def build_data(config: RunConfig, topo: Topology, *, consumed_samples: int, tokenizer=None) -> Data:
-    """Megatron-ordered datasets (indices built on rank 0, cached, memory-mapped by the others)
-    and this DP rank's loader."""
-    t, d = config.train, config.data
+def build_data(config: RunConfig, topo: Topology, *, tokenizer=None, announce=None) -> Data:
+    """Megatron-ordered datasets of each stage (indices built on rank 0, cached, memory-mapped
+    by the others) and this DP rank's loader over them, at the start of the data (a resumed run
+    then loads its position: Data.train.load_state_dict). `announce`: rank 0's print for stage
+    changes."""
     tokenizer = tokenizer or check_data(config)
-    global_batch = config.global_batch(topo.dp)
-    datasets = build_datasets(
-        d.path,
+    stages = plan_stages(config.data.stage_plan(config.train.steps), config.train.steps)
+    loaders, valid, valid_collate = [], None, None
+    for stage in stages:
+        datasets = _stage_datasets(config, topo, stage)
+        # Masks are seeded by stream position, which each stage counts from 0: a seed per stage.
+        collate = _collate(config, tokenizer, seed=config.train.seed + stage.index)
+        if stage.index == 0:
+            valid, valid_collate = datasets["valid"], collate
+        loaders.append(
+            SampleLoader(
+                datasets["train"],
+                micro_batch_size=config.train.micro_batch_size,
+                seed=config.train.seed + stage.index,
+                dp_rank=topo.dp_rank,
+                dp_size=topo.dp,
+                collate=collate,
+                vocab_size=config.model.vocab_size,
+            )
+        )
+    return Data(train=StagedLoader(stages, loaders, announce=announce), valid=valid, collate=valid_collate)
+
+
+def _stage_datasets(config: RunConfig, topo: Topology, stage: Stage) -> dict:
+    """One stage's train split, sized for its steps; the first stage's valid split too."""
+    t, d = config.train, config.data
+    evaluates = t.eval_interval and stage.index == 0
+    return build_datasets(
+        stage.path,
         seq_length=config.model.seq_length,
-        seed=t.seed,
+        seed=t.seed + stage.index,  # why: pretrain/data/stages.py
         split_ratios=d.split_ratios,
         num_samples={
-            "train": t.steps * global_batch,
-            "valid": t.eval_iters * t.micro_batch_size * topo.dp if t.eval_interval else 0,
+            "train": stage.steps * config.global_batch(topo.dp),
+            "valid": t.eval_iters * t.micro_batch_size * topo.dp if evaluates else 0,
         },
         cache_dir=d.cache_dir or None,
         is_builder=topo.rank == 0,
         barrier=dist.barrier if topo.world_size > 1 else None,
     )
+
+
+def _collate(config: RunConfig, tokenizer, *, seed: int) -> Callable | None:
+    """The objective's batch maker (None: the causal shift)."""
+    d = config.data
     collate = None
     if d.objective == "masked":
         collate = MaskedLMCollator(
             vocab_size=tokenizer.vocab_size,
             mask_id=tokenizer.mask,
-            seed=t.seed,
+            seed=seed,
             special_ids=(tokenizer.eod, tokenizer.pad),
             mask_prob=d.mask_prob,
             mean_span=d.mean_span,
         )
     if d.document_attention_mask:
         collate = with_document_segments(collate or causal_lm_collate, tokenizer.eod)
-    loader = SampleLoader(
-        datasets["train"],
-        micro_batch_size=t.micro_batch_size,
-        seed=t.seed,
-        dp_rank=topo.dp_rank,
-        dp_size=topo.dp,
-        consumed_samples=consumed_samples,
-        collate=collate,
-        vocab_size=config.model.vocab_size,
-    )
-    return Data(train=loader, valid=datasets["valid"], collate=collate)
+    return collate
