@@ -361,36 +361,8 @@ def huge_document(workdir: str, corpus: str, tokenizer: str, mb: int, workers: i
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--max-bytes", type=int, default=None, help="corpus size cap (default: whole stdlib)")
-    parser.add_argument("--workdir", default=os.path.join("/tmp", "pretrain-bench-preprocess"))
-    parser.add_argument("--huge-document", type=int, metavar="MB", help="measure peak memory on one document")
-    parser.add_argument("--run", choices=["bare", "bare_hf", "megatron"], help=argparse.SUPPRESS)
-    parser.add_argument("--corpus", help=argparse.SUPPRESS)
-    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
-    parser.add_argument("--prefix", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.run == "bare":
-        run_bare(args.corpus, args.tokenizer, args.workers)
-        return 0
-    if args.run == "bare_hf":
-        run_bare_hf(args.corpus, args.tokenizer, args.workers)
-        return 0
-    if args.run == "megatron":
-        run_megatron_style(args.corpus, args.tokenizer, args.workers, args.prefix)
-        return 0
-
-    os.makedirs(args.workdir, exist_ok=True)
-    corpora, tokenizer, bpe = prepare(args.workdir, args.max_bytes)
-    if args.huge_document:
-        return huge_document(args.workdir, corpora[0], tokenizer, args.huge_document, args.workers)
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
-        f"tokenizers: sentencepiece BPE 8000, byte-level BPE 8000 (tokenizers); workers: {args.workers}"
-    )
+def side_by_side(corpora: list[str], tokenizer: str, bpe: str, args: argparse.Namespace) -> tuple[list, list]:
+    """Every corpus through every pipeline, printed as it goes."""
     results, bpe_results = [], []
     for corpus in corpora:
         r = measure(corpus, tokenizer, args.workers, args.repeat, args.workdir)
@@ -430,6 +402,40 @@ def main() -> int:
             f"  ours / bare {b['rate']['ours'] / b['rate']['bare']:.2f}, "
             f"Parquet / bare {b['rate']['parquet'] / b['rate']['bare']:.2f}"
         )
+    return results, bpe_results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--max-bytes", type=int, default=None, help="corpus size cap (default: whole stdlib)")
+    parser.add_argument("--workdir", default=os.path.join("/tmp", "pretrain-bench-preprocess"))
+    parser.add_argument("--huge-document", type=int, metavar="MB", help="measure peak memory on one document")
+    parser.add_argument("--run", choices=["bare", "bare_hf", "megatron"], help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run == "bare":
+        run_bare(args.corpus, args.tokenizer, args.workers)
+        return 0
+    if args.run == "bare_hf":
+        run_bare_hf(args.corpus, args.tokenizer, args.workers)
+        return 0
+    if args.run == "megatron":
+        run_megatron_style(args.corpus, args.tokenizer, args.workers, args.prefix)
+        return 0
+
+    os.makedirs(args.workdir, exist_ok=True)
+    corpora, tokenizer, bpe = prepare(args.workdir, args.max_bytes)
+    if args.huge_document:
+        return huge_document(args.workdir, corpora[0], tokenizer, args.huge_document, args.workers)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}; "
+        f"tokenizers: sentencepiece BPE 8000, byte-level BPE 8000 (tokenizers); workers: {args.workers}"
+    )
+    results, bpe_results = side_by_side(corpora, tokenizer, bpe, args)
     files, small = results
     of_bare = min(r["rate"]["ours"] / r["rate"]["bare"] for r in results)
     ratio = min(r["rate"]["ours"] / r["rate"]["megatron"] for r in results)

@@ -58,7 +58,7 @@ def report_skips(stats: Stats) -> None:
             print(f"    {example}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--input",
@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--log-interval", type=float, default=None, help="seconds between progress lines")
     parser.add_argument("--chunk-bytes", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
