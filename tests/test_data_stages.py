@@ -217,3 +217,27 @@ def test_resume_across_the_stage_boundary_is_bit_exact(two_prefixes, tmp_path, c
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in range(1, 13):
         assert a[step] == b[step], f"step {step}: {a[step]} != {b[step]}"  # to the last bit
+
+
+def test_two_data_parallel_ranks_train_the_stages_as_one_process(two_prefixes, tmp_path):
+    """torchrun with DP=2 across the boundary: the losses of one process, to rounding."""
+    from parallel_harness import torchrun
+
+    def overrides(name):
+        return [
+            *small("llama"),
+            *data_overrides(two_prefixes, tmp_path, name),
+            *staged(two_prefixes),
+            "model.dropout=0.0",  # dropout streams follow the micro-batch order, which DP changes
+            "train.micro_batch_size=2",
+            "train.steps=12",
+        ]
+
+    ranks = torchrun(2, overrides("dp2"))
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert "step 7: data stage 2 of 2" in ranks.stdout
+    run(load_config("configs/llama_tiny.yaml", overrides("one")))
+    dp2 = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "dp2/logs") if "loss" in r}
+    one = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "one/logs") if "loss" in r}
+    assert sorted(dp2) == sorted(one) == list(range(1, 13))
+    assert max(abs(dp2[s] - one[s]) for s in one) < 2e-5
