@@ -31,14 +31,14 @@
 #     weights                     6.00
 #     gradients                   6.00
 #     optimizer state             1.13
-#     activations                 4.37   (saved for backward by the micro-batches in flight, logits included)
+#     activations                 4.71   (saved for backward by the micro-batches in flight, logits included)
 #     optimizer step              0.38   (ZeRO's fp32 gradient partition, while no activations are held)
-#     comm buffers                0.05   (estimate: ZeRO's reduce/gather buckets)
-#     overhead                    2.88   (estimate: CUDA context, NCCL buffers, 5% allocator slack)
-#     total                      20.43
+#     comm buffers                0.05   (ZeRO's reduce/gather buckets (parallel.bucket_mb each))
+#     overhead                    2.89   (estimate: CUDA context, NCCL buffers, 5% allocator slack)
+#     total                      20.78
 #     parameters                 3.22B
 #     in flight                      1
-#   peak 20.4 GiB of 80 GiB per GPU: fits
+#   peak 20.8 GiB of 80 GiB per GPU: fits
 #   step 3.78 s (compute 3.08, bubble 0.00, tensor-parallel 0.45, pipeline sends 0.00, data-parallel exposed 0.25, optimizer 0.00):
 #     4,336 tokens/s per GPU, MFU 36.0%
 # On 40 GB GPUs it still fits; for longer sequences add PRETRAIN_OVERRIDES="parallel.pipeline=2"

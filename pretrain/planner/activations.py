@@ -158,7 +158,9 @@ def _forward(gpt, model, micro_batch, tp, sequence_parallel, ends, saved):
     middle stage's output from the hidden state it receives."""
     if not ends:
         seq = model.seq_length // (tp if sequence_parallel else 1)
-        x = torch.zeros((micro_batch, seq, model.hidden_size), requires_grad=True)
+        # As the pipeline hands it over: in the stage's own dtype (pretrain/parallel/pipeline.py).
+        dtype = next(gpt.parameters()).dtype
+        x = torch.zeros((micro_batch, seq, model.hidden_size), dtype=dtype, requires_grad=True)
         return gpt.run_blocks(x), 0, saved.bytes
     tokens = torch.zeros((micro_batch, model.seq_length), dtype=torch.long)
     saved.add(tokens)  # the micro-batch the first stage keeps until its backward
