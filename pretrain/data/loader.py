@@ -132,10 +132,15 @@ class SampleLoader:
     def __iter__(self) -> SampleLoader:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def peek(self) -> tuple[np.ndarray, np.ndarray]:
+        """(global stream positions, dataset indices) of the micro-batch `next()` returns, both
+        int64 [b], without moving (tools/inspect_data.py shows them)."""
         start = self.consumed_samples + self.dp_rank * self.micro_batch_size
         positions = np.arange(start, start + self.micro_batch_size, dtype=np.int64)
-        indices = self.sample_indices(positions)
+        return positions, self.sample_indices(positions)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        positions, indices = self.peek()
         samples = self._read(indices)  # [b, s+1]
         if self.vocab_size is not None:
             self._check_token_range(samples, indices)
