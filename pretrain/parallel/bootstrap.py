@@ -37,6 +37,13 @@ def init_distributed(config: RunConfig, *, device: torch.device, launch=None) ->
     if not dist.is_initialized():
         start_process_group(launch, backend=backend, timeout_minutes=p.timeout_minutes)
         announce_nodes(launch, backend=backend, device=str(device))
+    return layout_topology(config, dp=dp, device=device)
+
+
+def layout_topology(config: RunConfig, *, dp: int, device: torch.device) -> Topology:
+    """build_topology at the config's layout, over the process group already running (a real
+    one, or the dry run's fake one)."""
+    p = config.parallel
     return build_topology(
         tp=p.tensor,
         pp=p.pipeline,

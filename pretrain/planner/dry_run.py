@@ -175,7 +175,7 @@ _PRINTED_TAIL = 4000  # characters of a failed rank's output shown with its erro
 
 def simulate_rank(config: RunConfig, *, rank: int, world_size: int, steps: int = 2) -> RankReport:
     """Simulate one rank in this process (it joins, then leaves, a fake process group)."""
-    from pretrain.parallel.bootstrap import build_topology
+    from pretrain.parallel.bootstrap import layout_topology
     from pretrain.planner.fake_world import fake_process_group, fake_tensors, gpu_allocations
     from pretrain.planner.live_memory import LiveMemory
     from pretrain.planner.measure import measure_training
@@ -186,15 +186,7 @@ def simulate_rank(config: RunConfig, *, rank: int, world_size: int, steps: int =
     p = config.parallel
     strategy_class(config).check_environment(config)
     with fake_process_group(rank=rank, world_size=world_size):
-        topo = build_topology(
-            tp=p.tensor,
-            pp=p.pipeline,
-            dp=dp,
-            virtual_stages=p.virtual_stages,
-            sequence_parallel=p.sequence_parallel,
-            device=CPU,
-            timeout_minutes=p.timeout_minutes,
-        )
+        topo = layout_topology(config, dp=dp, device=CPU)
         with gpu_allocations(), fake_tensors(deepspeed=p.zero_stage > 0), LiveMemory(device_type=CPU.type) as tracker:
             measured = measure_training(config, topo, tracker=tracker, steps=steps)
     return RankReport(
