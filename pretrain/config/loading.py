@@ -57,17 +57,26 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if origin is list:
         return _build_list(typing.get_args(tp)[0], value, key)
+    if dataclasses.is_dataclass(tp):  # an optional sub-section (model.rope_scaling)
+        return _build(tp, _yaml_text(value, key), f"{key}.")
     raise AssertionError(f"unsupported config type {tp} at {key}")
+
+
+def _yaml_text(value: Any, key: str) -> Any:
+    """An override's text for a list or a mapping (`key='{a: 1}'`) parsed as YAML flow text;
+    other values as they are."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: not valid YAML: {e}") from None
 
 
 def _build_list(item: type, value: Any, key: str) -> list:
     """A list field: a YAML list, or its YAML flow text from an override
     (`data.stages='[{path: A, start_step: 0}]'`); null is the empty list."""
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: not a YAML list: {e}") from None
+    value = _yaml_text(value, key)
     if value is None:
         return []
     if not isinstance(value, list):

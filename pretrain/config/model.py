@@ -11,6 +11,41 @@ from pretrain.config.errors import _need
 
 
 @dataclass
+class RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (transformers' rope_type "llama3"): rotations slower
+    than the original context (wavelength > original_max_position_embeddings / low_freq_factor)
+    are slowed down `factor` times, those faster than original / high_freq_factor are kept, and
+    those between are blended smoothly. The defaults are Llama 3.1's published values."""
+
+    rope_type: Literal["llama3"] = "llama3"
+    """The scaling rule; only Llama 3's is implemented."""
+    factor: float = 8.0
+    """How many times the context is stretched (slowest rotations divided by it)."""
+    low_freq_factor: float = 1.0
+    """Wavelengths above original_max_position_embeddings / low_freq_factor are scaled fully."""
+    high_freq_factor: float = 4.0
+    """Wavelengths below original_max_position_embeddings / high_freq_factor are not scaled."""
+    original_max_position_embeddings: int = 8192
+    """The context the model was pretrained at before the extension."""
+
+    def validate(self) -> None:
+        key = "model.rope_scaling"
+        _need(self.factor >= 1.0, f"{key}.factor", f"must be >= 1 (1 = no scaling), got {self.factor}")
+        _need(self.low_freq_factor > 0, f"{key}.low_freq_factor", f"must be positive, got {self.low_freq_factor}")
+        _need(
+            self.high_freq_factor > self.low_freq_factor,
+            f"{key}.high_freq_factor",
+            f"must be greater than {key}.low_freq_factor={self.low_freq_factor} (the band between them is "
+            f"blended), got {self.high_freq_factor}",
+        )
+        _need(
+            self.original_max_position_embeddings > 0,
+            f"{key}.original_max_position_embeddings",
+            f"must be positive, got {self.original_max_position_embeddings}",
+        )
+
+
+@dataclass
 class ModelConfig:
     flavour: Literal["gpt2", "llama"] = "gpt2"
     """`gpt2`: learned positions, LayerNorm, GeLU MLP, tied embeddings, biases.
@@ -41,6 +76,10 @@ class ModelConfig:
     """Epsilon of LayerNorm / RMSNorm."""
     rope_theta: float = 10000.0
     """RoPE base (llama flavour)."""
+    rope_scaling: RopeScaling | None = None
+    """Llama-3-style RoPE frequency scaling for long context (llama flavour); null: none."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projection (Qwen2); llama flavour (gpt2 has all biases)."""
     tie_embeddings: bool | None = None
     """Share input embedding and output projection; default True for gpt2, False for llama."""
     init_std: float = 0.02
@@ -117,6 +156,7 @@ class ModelConfig:
             "model.hidden_size",
             f"RoPE needs an even head dimension, got {self.head_dim}",
         )
+        self._validate_llama_options()
         _need(self.ffn_size > 0, "model.ffn_hidden_size", f"must be positive, got {self.ffn_hidden_size}")
         _need(
             self.positions >= self.seq_length,
@@ -131,6 +171,21 @@ class ModelConfig:
             "model.padded_vocab_size",
             f"{self.padded_vocab_size} is smaller than model.vocab_size={self.vocab_size}",
         )
+
+    def _validate_llama_options(self) -> None:
+        """The options only the llama flavour's RoPE attention has."""
+        _need(
+            self.rope_scaling is None or self.flavour == "llama",
+            "model.rope_scaling",
+            "scales RoPE, which only model.flavour=llama uses (gpt2 learns its positions); set it to null",
+        )
+        _need(
+            not self.qkv_bias or self.flavour == "llama",
+            "model.qkv_bias",
+            "is a llama-flavour option (gpt2 has biases on every projection already); set it to false",
+        )
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate()
 
 
 def pad_vocab(vocab_size: int, multiple: int) -> int:

@@ -25,16 +25,21 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig
+from pretrain.config.model import RopeScaling
 from pretrain.models import kernels
 from pretrain.models.attention import Documents, attention
 from pretrain.models.layers import DenseLayers
 from pretrain.models.loss import ScratchBuffer
+from pretrain.models.rope import rope_inv_freq
 from pretrain.models.sharding import full_shape, mark, shard_tensor, sharding
 
 
-def rope_tables(*, positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [positions, head_dim] in the rotate-half (GPT-NeoX / HF Llama) convention."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+def rope_tables(
+    *, positions: int, head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [positions, head_dim] in the rotate-half (GPT-NeoX / HF Llama) convention;
+    `scaling`: model.rope_scaling (Llama 3's long-context frequencies), None for plain RoPE."""
+    inv_freq = rope_inv_freq(head_dim=head_dim, theta=theta, scaling=scaling)
     angles = torch.outer(torch.arange(positions, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
@@ -53,7 +58,8 @@ class Attention(nn.Module):
         self.backend = config.attention_backend
         bias = config.flavour == "gpt2"
         qkv_out = (config.num_heads + 2 * config.kv_heads) * self.head_dim
-        self.qkv = layers.column(config.hidden_size, qkv_out, bias=bias)
+        # model.qkv_bias (Qwen2): a bias on Q/K/V only, split over TP with the weight's rows.
+        self.qkv = layers.column(config.hidden_size, qkv_out, bias=bias or config.qkv_bias)
         self.proj = layers.row(config.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None) -> torch.Tensor:
@@ -197,7 +203,12 @@ class GPT(nn.Module):
             if torch.get_default_device().type == "meta":  # shapes only: no float64 math on meta
                 cos, sin = torch.empty(shape), torch.empty(shape)
             else:
-                cos, sin = rope_tables(positions=shape[0], head_dim=shape[1], theta=self.config.rope_theta)
+                cos, sin = rope_tables(
+                    positions=shape[0],
+                    head_dim=shape[1],
+                    theta=self.config.rope_theta,
+                    scaling=self.config.rope_scaling,
+                )
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
