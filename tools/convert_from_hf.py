@@ -1,4 +1,6 @@
-"""Import a local Hugging Face LlamaForCausalLM / GPT2LMHeadModel directory as a checkpoint.
+"""Import a local Hugging Face LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel directory as a
+checkpoint. Llama 3.x rope scaling (rope_type llama3) is accepted; other RoPE scaling types,
+sliding-window attention and biases our model lacks are refused naming the config.json key.
 
     python tools/convert_from_hf.py --input hf_model --output checkpoints parallel.tensor=2 parallel.pipeline=2
 

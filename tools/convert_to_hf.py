@@ -4,7 +4,9 @@
 
 CHECKPOINTS is a checkpoint root (its `latest` is used) or a step_N directory, saved at any
 tensor/pipeline-parallel layout. The output loads offline with
-`AutoModelForCausalLM.from_pretrained(hf_model)` (LlamaForCausalLM or GPT2LMHeadModel) and
+`AutoModelForCausalLM.from_pretrained(hf_model)` (LlamaForCausalLM, Qwen2ForCausalLM for a
+llama with model.qkv_bias, or GPT2LMHeadModel; Llama 3 rope_scaling is written in both
+transformers 4.x and 5.x keys) and
 `AutoTokenizer.from_pretrained(hf_model)`, which encodes text to the ids training used.
 """
 

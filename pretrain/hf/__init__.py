@@ -1,4 +1,5 @@
-"""Hugging Face conversion: our checkpoints <-> transformers' LlamaForCausalLM / GPT2LMHeadModel.
+"""Hugging Face conversion: our checkpoints <-> transformers' LlamaForCausalLM / Qwen2ForCausalLM /
+GPT2LMHeadModel (a llama-flavour model with model.qkv_bias is a Qwen2).
 
 Export (`tools/convert_to_hf.py`): read a checkpoint of any layout (pretrain/checkpoint/reader.py
 merges the TP/PP shards), map the single-device state dict to the transformers names, and write
@@ -15,6 +16,9 @@ The weight mapping is a pair of pure functions over state dicts per flavour (`*_
   - the fused QKV rows are grouped per key/value head: for each kv head [its q heads, k, v];
   - SwiGLU's fc1 holds [gate; up];
   - RoPE is the rotate-half convention transformers' Llama uses, so q/k rows are not permuted;
+    its settings (rope_theta, Llama 3's rope_scaling) are read and written in both transformers
+    4.x and 5.x spellings (pretrain/hf/rope.py);
+  - Qwen2's Q/K/V biases are fused into the QKV bias in the same row order as the weight;
   - the GPT-2 MLP is tanh-GeLU ("gelu_new");
   - the vocabulary tensors have `vocab_rows` rows (padded for TP); HF gets the real `vocab_size`.
 """

@@ -211,6 +211,8 @@ _WEIGHT_FIELDS = (
     "positions",
     "norm_eps",
     "rope_theta",
+    "rope_scaling",
+    "qkv_bias",
 )
 
 
@@ -245,7 +247,7 @@ def import_config(hf: dict, overrides: list[str], *, tokenizer: Path | None) -> 
 def import_checkpoint(
     hf_dir: str | Path, output: str | Path, overrides: list[str] = (), *, force: bool = False, log: Log = print
 ) -> Path:
-    """Write a local transformers LlamaForCausalLM / GPT2LMHeadModel directory as step_0 of a
+    """Write a local transformers LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel directory as step_0 of a
     checkpoint under `output`, at the layout the overrides choose; returns the step directory."""
     from pretrain.checkpoint import write_layout
 

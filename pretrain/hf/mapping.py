@@ -12,9 +12,13 @@ import torch
 # Hugging Face's.
 from pretrain.checkpoint.reader import VOCAB_PARAMS, fit_rows
 from pretrain.config import ModelConfig
+from pretrain.hf.rope import rope_fields_from_hf, rope_to_hf
 from pretrain.models.sharding import ShardSpec, sharding
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}
+# Hugging Face model_type -> its causal-LM architecture. Qwen2 is our llama flavour with
+# model.qkv_bias (biases on Q/K/V only): the rest of its decoder is Llama's.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+FLAVOURS = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2"}
 
 # transformers' names for the tanh approximation of GeLU our GPT-2 MLP uses.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -35,7 +39,7 @@ def _warn(message: str) -> None:
 
 
 # The sizes both flavours carry, under their own config.json names:
-# our ModelConfig attribute -> (Llama's key, GPT-2's key), in the order of ARCHITECTURES.
+# our ModelConfig attribute -> (Llama's and Qwen2's key, GPT-2's key).
 _SIZE_KEYS = {
     "hidden_size": ("hidden_size", "n_embd"),
     "num_layers": ("num_hidden_layers", "n_layer"),
@@ -46,21 +50,28 @@ _SIZE_KEYS = {
 }
 
 
-def hf_config(model: ModelConfig, *, bos: int | None, eos: int | None, pad: int | None) -> dict:
-    """config.json for our model. Written as a plain dict, not through transformers' config
-    classes, so the file carries the keys both transformers 4.x (`rope_theta`) and 5.x
-    (`rope_parameters`) read, whatever version runs the export."""
-    if model.flavour not in ARCHITECTURES:
+def hf_model_type(model: ModelConfig) -> str:
+    """The transformers model_type our model exports as: a llama with Q/K/V biases is a Qwen2."""
+    if model.flavour not in set(FLAVOURS.values()):
         raise HFConversionError(
             f"model.flavour={model.flavour!r}: no Hugging Face export for this flavour "
-            f"(supported: {', '.join(ARCHITECTURES)})"
+            f"(supported: {', '.join(sorted(set(FLAVOURS.values())))})"
         )
-    column = list(ARCHITECTURES).index(model.flavour)
+    return "qwen2" if model.flavour == "llama" and model.qkv_bias else model.flavour
+
+
+def hf_config(model: ModelConfig, *, bos: int | None, eos: int | None, pad: int | None) -> dict:
+    """config.json for our model. Written as a plain dict, not through transformers' config
+    classes, so the file carries the keys both transformers 4.x (`rope_theta`, `rope_scaling`)
+    and 5.x (`rope_parameters`) read, whatever version runs the export."""
+    model_type = hf_model_type(model)
+    column = 1 if model.flavour == "gpt2" else 0
+    settings = {"llama": _llama_settings, "qwen2": _qwen2_settings, "gpt2": _gpt2_settings}[model_type]
     return {
-        "architectures": [ARCHITECTURES[model.flavour]],
-        "model_type": model.flavour,
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
         **{keys[column]: getattr(model, attribute) for attribute, keys in _SIZE_KEYS.items()},
-        **(_llama_settings(model) if model.flavour == "llama" else _gpt2_settings(model)),
+        **settings(model),
         "vocab_size": model.vocab_size,
         "tie_word_embeddings": model.tied,
         "initializer_range": model.init_std,
@@ -76,14 +87,29 @@ def hf_config(model: ModelConfig, *, bos: int | None, eos: int | None, pad: int 
 
 def _llama_settings(model: ModelConfig) -> dict:
     """What our Llama fixes that transformers' LlamaConfig leaves open."""
-    rope = {"rope_theta": model.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_theta}}
     fixed = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
     return {
         "num_key_value_heads": model.kv_heads,
         "head_dim": model.head_dim,
         "attention_dropout": model.dropout,
-        **rope,
+        **rope_to_hf(model),
         **fixed,
+    }
+
+
+def _qwen2_settings(model: ModelConfig) -> dict:
+    """What our llama with Q/K/V biases fixes that transformers' Qwen2Config leaves open: full
+    attention in every layer (no sliding window). Qwen2 has no head_dim key: it is always
+    hidden_size / num_attention_heads, as ours is."""
+    return {
+        "num_key_value_heads": model.kv_heads,
+        "attention_dropout": model.dropout,
+        **rope_to_hf(model),
+        "hidden_act": "silu",
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": model.num_layers,
+        "layer_types": ["full_attention"] * model.num_layers,
     }
 
 
@@ -109,17 +135,18 @@ def _require(config: dict, key: str, ok: Callable[[object], bool], why: str) -> 
         raise HFConversionError(f"config.json: {key}={json.dumps(config[key])} is not supported: {why}")
 
 
-def _flavour_of(config: dict) -> str:
+def _model_type_of(config: dict) -> str:
+    """The supported transformers model_type config.json describes (one of ARCHITECTURES)."""
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
-    for flavour, arch in ARCHITECTURES.items():
-        if model_type == flavour or arch in archs:
+    for known, arch in ARCHITECTURES.items():
+        if model_type == known or arch in archs:
             if archs and arch not in archs:
                 raise HFConversionError(
                     f"config.json: architectures={archs}: only {arch} is supported for "
-                    f"model_type {flavour!r} (a causal LM head)"
+                    f"model_type {known!r} (a causal LM head)"
                 )
-            return flavour
+            return known
     raise HFConversionError(
         f"config.json: model_type={model_type!r}, architectures={archs}: supported are "
         f"{', '.join(f'{a} (model_type {f})' for f, a in ARCHITECTURES.items())}"
@@ -129,26 +156,42 @@ def _flavour_of(config: dict) -> str:
 def model_fields_from_hf(config: dict) -> dict:
     """Our model.* settings from a transformers config.json; a feature our GPT lacks fails
     naming its config key (loading it anyway would give a different function)."""
-    flavour = _flavour_of(config)
+    model_type = _model_type_of(config)
+    fields = {"llama": _llama_fields, "qwen2": _qwen2_fields, "gpt2": _gpt2_fields}[model_type]
     try:
-        return _llama_fields(config) if flavour == "llama" else _gpt2_fields(config)
+        return fields(config)
     except KeyError as e:
-        raise HFConversionError(f"config.json lacks {e} (needed for a {ARCHITECTURES[flavour]})") from None
+        raise HFConversionError(f"config.json lacks {e} (needed for a {ARCHITECTURES[model_type]})") from None
 
 
 def _llama_fields(c: dict) -> dict:
-    _require(c, "hidden_act", lambda v: v in ("silu", "swish"), "our Llama MLP is SwiGLU (silu)")
-    _require(c, "attention_bias", lambda v: not v, "our Llama attention has no biases")
-    _require(c, "mlp_bias", lambda v: not v, "our Llama MLP has no biases")
-    _require(c, "rope_scaling", lambda v: v is None, "our RoPE has no scaling (plain rope_theta only)")
-    _require(c, "sliding_window", lambda v: v is None, "our attention is full causal attention")
-    rope = c.get("rope_parameters") or {}
     _require(
-        rope,
-        "rope_type",
-        lambda v: v in (None, "default"),
-        "our RoPE has no scaling (config.json rope_parameters.rope_type must be 'default')",
+        c,
+        "attention_bias",
+        lambda v: not v,
+        "it puts biases on o_proj too; our llama has them on Q/K/V at most (Qwen2's layout)",
     )
+    _require(c, "mlp_bias", lambda v: not v, "our Llama MLP has no biases")
+    _require(c, "sliding_window", lambda v: v is None, "our attention is full causal attention")
+    return _decoder_fields(c, default_positions=2048)
+
+
+def _qwen2_fields(c: dict) -> dict:
+    """Qwen2: Llama's decoder with biases on Q/K/V; sliding-window layers only when
+    use_sliding_window is set (then refused), whatever sliding_window holds."""
+    _require(c, "use_sliding_window", lambda v: not v, "our attention is full causal attention in every layer")
+    _require(
+        c,
+        "layer_types",
+        lambda v: v is None or set(v) <= {"full_attention"},
+        "our attention is full causal attention in every layer",
+    )
+    return {**_decoder_fields(c, default_positions=32768), "qkv_bias": True}
+
+
+def _decoder_fields(c: dict, *, default_positions: int) -> dict:
+    """The model.* settings Llama and Qwen2 spell alike."""
+    _require(c, "hidden_act", lambda v: v in ("silu", "swish"), "our Llama MLP is SwiGLU (silu)")
     heads = c["num_attention_heads"]
     hidden = c["hidden_size"]
     _require(
@@ -157,7 +200,6 @@ def _llama_fields(c: dict) -> dict:
         lambda v: v is None or v * heads == hidden,
         f"our head dimension is hidden_size / num_attention_heads = {hidden}/{heads}",
     )
-    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
     return {
         "flavour": "llama",
         "num_layers": c["num_hidden_layers"],
@@ -166,9 +208,9 @@ def _llama_fields(c: dict) -> dict:
         "num_kv_heads": c.get("num_key_value_heads") or heads,
         "ffn_hidden_size": c["intermediate_size"],
         "vocab_size": c["vocab_size"],
-        "max_position_embeddings": c.get("max_position_embeddings", 2048),
+        "max_position_embeddings": c.get("max_position_embeddings", default_positions),
         "norm_eps": c.get("rms_norm_eps", 1e-6),
-        "rope_theta": float(theta),
+        **rope_fields_from_hf(c, error=HFConversionError),
         "tie_embeddings": bool(c.get("tie_word_embeddings", False)),
         "dropout": float(c.get("attention_dropout", 0.0)),
         "init_std": c.get("initializer_range", 0.02),
@@ -281,7 +323,7 @@ def _renamed(src: dict[str, torch.Tensor], model: ModelConfig, *, to_hf: bool) -
 
 def llama_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
     """Our single-device llama state dict (vocabulary rows already cut to vocab_size) -> the
-    LlamaForCausalLM state dict."""
+    LlamaForCausalLM state dict (Qwen2ForCausalLM's, Q/K/V biases included, with model.qkv_bias)."""
     out = _renamed(state, model, to_hf=True)
     ffn = model.ffn_size
     for i in range(model.num_layers):
@@ -297,16 +339,22 @@ def llama_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str,
                 hf + "mlp.up_proj.weight": fc1[ffn:],
             }
         )
+        if model.qkv_bias:
+            biases = split_qkv(state[ours + "attn.qkv.bias"], model)
+            out.update({hf + f"self_attn.{x}_proj.bias": b for x, b in zip("qkv", biases)})
     return out
 
 
 def llama_from_hf(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM state dict (prefix `model.`) -> ours (vocabulary rows as in HF)."""
+    """LlamaForCausalLM / Qwen2ForCausalLM state dict (prefix `model.`) -> ours (vocabulary
+    rows as in HF)."""
     out = _renamed(hf, model, to_hf=False)
     for i in range(model.num_layers):
         ours, p = f"blocks.{i}.", f"model.layers.{i}."
         q, k, v = (hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
         out[ours + "attn.qkv.weight"] = fuse_qkv(q, k, v, model)
+        if model.qkv_bias:
+            out[ours + "attn.qkv.bias"] = fuse_qkv(*(hf[p + f"self_attn.{x}_proj.bias"] for x in "qkv"), model)
         out[ours + "mlp.fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
     return out
 
