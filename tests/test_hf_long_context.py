@@ -310,3 +310,17 @@ def test_qkv_bias_and_rope_scaling_train_like_one_process(layout, world):
     got = run_layout(LONG + layout, world=world)
     torch.testing.assert_close(got["loss"], reference["loss"], rtol=0, atol=2e-5)
     torch.testing.assert_close(got["grad_norm"], reference["grad_norm"], rtol=0, atol=2e-5)
+
+
+def test_llama_8b_128k_config_loads():
+    from pretrain.config import load_config, validate_layout
+
+    config = load_config(ROOT / "configs/llama_8b_128k.yaml")
+    m = config.model
+    assert (m.num_layers, m.hidden_size, m.num_heads, m.kv_heads, m.ffn_size) == (32, 4096, 32, 8, 14336)
+    assert (m.vocab_size, m.seq_length, m.rope_theta) == (128256, 131072, 500000.0)
+    assert m.rope_scaling == RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    )
+    assert config.parallel.tensor == 8 and config.parallel.sequence_parallel
+    validate_layout(config, 64)
