@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pretrain.data import parquet_pages
 from pretrain.data.huge_records import HUGE_BYTES, LongText
 
 _COMPRESSED = (".gz", ".zst", ".zstd")
@@ -412,9 +413,7 @@ def _unit_batches(unit: Unit, keys: Sequence[str], chunk_bytes: int) -> Iterator
         for g in groups:
             group = metadata.row_group(g)
             if sum(group.column(names[k]).total_uncompressed_size for k in keys) > HUGE_BYTES * group.num_rows:
-                # Rows of huge documents: read whole, so that the reader lets go of the page it
-                # decompressed (iter_batches holds it until the next batch: one more copy).
-                yield from parquet.read_row_group(g, columns=list(keys), use_threads=False).to_batches()
+                yield from _huge_row_group(unit.path, parquet, g, keys)
             else:
                 yield from parquet.iter_batches(
                     batch_size=batch_rows, row_groups=[g], columns=list(keys), use_threads=False
@@ -424,6 +423,33 @@ def _unit_batches(unit: Unit, keys: Sequence[str], chunk_bytes: int) -> Iterator
         for j, batch in enumerate(batches):
             if j >= unit.start and (unit.end is None or j < unit.end):
                 yield batch.select(list(keys))
+
+
+def _huge_row_group(path: str, parquet, group: int, keys: Sequence[str]) -> Iterator:
+    """A row group of huge documents, one row per batch: read page by page where
+    `parquet_pages` follows the column (values are views of the decompressed page), else
+    whole by pyarrow (which peaks at 3.5x the text; iter_batches would hold one more copy)."""
+    import pyarrow as pa
+
+    if not parquet_pages.supported(parquet, group, keys):
+        yield from parquet.read_row_group(group, columns=list(keys), use_threads=False).to_batches()
+        return
+    try:
+        for row in parquet_pages.iter_rows(path, parquet, group, keys):
+            columns = [_one_value(v) for v in row]
+            yield pa.RecordBatch.from_arrays(columns, names=list(keys))
+    except parquet_pages.PageError as exc:
+        raise PreprocessError(f"{path}: row group {group}: {exc}") from None
+
+
+def _one_value(value):
+    """A one-row large_string array over `value`'s bytes (no copy), or a null."""
+    import pyarrow as pa
+
+    if value is None:
+        return pa.array([None], type=pa.large_string())
+    offsets = pa.py_buffer(np.array([0, len(value)], dtype=np.int64))
+    return pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(value)])
 
 
 def _file_rows(unit: Unit) -> int:
