@@ -357,7 +357,7 @@ def test_huge_json_lines_are_read_a_window_at_a_time(monkeypatch):
 def test_huge_documents_take_the_bounded_path_and_give_the_same_bytes(corpus, long_text, tmp_path, monkeypatch):
     """With the 16 MiB threshold lowered, JSONL lines and Parquet values over it are parsed in the
     main process as LongTexts: same bytes as the ordinary path, same errors and skips."""
-    from pretrain.data import chunk_encoder, huge_records, sources
+    from pretrain.data import chunk_encoder, encode_pipeline, huge_records, sources
     from pretrain.data import preprocess as engine
 
     tok = load_tokenizer(corpus["tokenizer"])
@@ -370,7 +370,7 @@ def test_huge_documents_take_the_bounded_path_and_give_the_same_bytes(corpus, lo
 
     reference = run_api([path], "ref", workers=1)
     assert reference.skips["empty"] == 1
-    for module, name in ((chunk_encoder, "HUGE_BYTES"), (sources, "HUGE_BYTES"), (engine, "_HUGE_CHUNK")):
+    for module, name in ((chunk_encoder, "HUGE_BYTES"), (sources, "HUGE_BYTES"), (encode_pipeline, "_HUGE_CHUNK")):
         monkeypatch.setattr(module, name, 100_000)
     monkeypatch.setattr(huge_records, "WINDOW", 30_000)
     for inputs, workers in (([path], 2), ([str(tmp_path / "docs.parquet")], 2), ([path], 1)):

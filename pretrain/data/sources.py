@@ -493,7 +493,7 @@ def iter_row_chunks(
 
 
 def _row_chunk(unit: Unit, row: int, batches: list, keys: Sequence[str], nbytes: int) -> Chunk:
-    # A huge chunk is encoded in this process (preprocess._HUGE_CHUNK): no copy of its text.
+    # A huge chunk is encoded in this process (encode_pipeline._HUGE_CHUNK): no copy of its text.
     data = _pack(batches, keys, copy=nbytes <= HUGE_BYTES)
     return Chunk(unit.file_index, row, row, data, rows=True, nbytes=nbytes)
 
