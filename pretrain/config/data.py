@@ -12,7 +12,7 @@ def _check_blend(text: str, key: str) -> None:
     from pretrain.data.blend import parse_data_path  # numpy only; nothing of torch
 
     try:
-        parse_data_path(text)
+        parse_data_path(text, "the blend")
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None
 

@@ -32,24 +32,24 @@ COMPONENT_SURPLUS = 0.005
 _CHUNK = 1 << 20
 
 
-def parse_data_path(text: str) -> list[tuple[float, str]]:
+def parse_data_path(text: str, key: str = "data.path") -> list[tuple[float, str]]:
     """`"PREFIX"` -> [(1.0, PREFIX)]; `"w1 p1 w2 p2 ..."` -> [(w1, p1), (w2, p2), ...].
 
     Weights come before their prefix, as in megatron's --data-path; they need not sum to 1.
-    Raises ValueError with the reason for a malformed string. Prefixes cannot contain spaces.
+    Raises ValueError with the reason for a malformed string, naming it as `key`. Prefixes cannot contain spaces.
     """
     if not isinstance(text, str):
-        raise ValueError(f"data.path must be a string, got {type(text).__name__}")
+        raise ValueError(f"{key} must be a string, got {type(text).__name__}")
     parts = text.split()
     if not parts:
-        raise ValueError("data.path is empty: give a dataset prefix, or 'w1 prefix1 w2 prefix2 ...' to blend")
+        raise ValueError(f"{key} is empty: give a dataset prefix, or 'w1 prefix1 w2 prefix2 ...' to blend")
     if len(parts) == 1:
         if _is_number(parts[0]):
-            raise ValueError(f"data.path {text!r} is a weight without a dataset prefix after it")
+            raise ValueError(f"{key} {text!r} is a weight without a dataset prefix after it")
         return [(1.0, parts[0])]
     if len(parts) % 2:
         raise ValueError(
-            f"data.path {text!r} has {len(parts)} words; to blend, give pairs 'weight prefix', e.g. "
+            f"{key} {text!r} has {len(parts)} words; to blend, give pairs 'weight prefix', e.g. "
             "'0.7 data/web_text_document 0.3 data/code_text_document'"
         )
     blend: list[tuple[float, str]] = []
@@ -59,21 +59,19 @@ def parse_data_path(text: str) -> list[tuple[float, str]]:
             weight = float(weight_text)
         except ValueError:
             raise ValueError(
-                f"data.path {text!r}: {weight_text!r} (word {i + 1}) should be a weight; blends are "
+                f"{key} {text!r}: {weight_text!r} (word {i + 1}) should be a weight; blends are "
                 "written 'weight prefix weight prefix ...'"
             ) from None
         if not math.isfinite(weight) or weight <= 0:
-            raise ValueError(f"data.path {text!r}: weight {weight_text} of {prefix!r} must be a positive number")
+            raise ValueError(f"{key} {text!r}: weight {weight_text} of {prefix!r} must be a positive number")
         if _is_number(prefix):
-            raise ValueError(
-                f"data.path {text!r}: expected a dataset prefix after weight {weight_text}, got {prefix!r}"
-            )
+            raise ValueError(f"{key} {text!r}: expected a dataset prefix after weight {weight_text}, got {prefix!r}")
         blend.append((weight, prefix))
     prefixes = [p for _, p in blend]
     for p in prefixes:
         if prefixes.count(p) > 1:
             raise ValueError(
-                f"data.path {text!r} names {p!r} twice; give it once with the summed weight "
+                f"{key} {text!r} names {p!r} twice; give it once with the summed weight "
                 "(two entries would draw the same samples twice)"
             )
     return blend
