@@ -216,6 +216,8 @@ class Checkpoints:
             "checkpoint": str(path),
             "skipped_samples": skipped,
             "rollbacks": guard.rollbacks,
+            # Where step meta["step"] + 1 reads from: tools/inspect_data.py --step follows it.
+            "data_position": self.position(),
         }
         self.logger.log(
             {"step": meta["step"], "rollback": rollback},

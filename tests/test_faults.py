@@ -283,6 +283,7 @@ def test_divergence_rolls_back_past_the_bad_data_and_finishes(stdlib_data, tmp_p
     (rollback,) = [r["rollback"] for r in records(tmp_path) if "rollback" in r]
     assert rollback["from_step"] == 9 and rollback["checkpoint"].endswith("step_5")
     assert rollback["skipped_samples"] == 4 * 8  # steps 6-9's batches are not replayed
+    assert rollback["data_position"] == {"consumed_samples": 9 * 8}  # where the new step 6 reads
     logged = steps_logged(tmp_path)
     assert sorted(logged) == list(range(1, 13)) and all(math.isfinite(r["loss"]) for r in logged.values())
     meta = json.loads((tmp_path / "ckpt/step_12/meta.json").read_text())

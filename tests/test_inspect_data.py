@@ -2,6 +2,7 @@
 histogram, a document decoded, --check-vocab naming the first id out of range, clear errors for
 a missing or truncated prefix, and --step giving the micro-batches the run's loader gives."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from pretrain.config import config_from_dict
 from pretrain.data import setup
 from pretrain.data.indexed import IndexedDataset, IndexedDatasetWriter
-from pretrain.data.inspect import micro_batches_at
+from pretrain.data.inspect import last_rollback_before, micro_batches_at
 from pretrain.data.setup import build_data
 from pretrain.data.tokenizer import load_tokenizer
 from pretrain.parallel.topology import CPU, Topology
@@ -141,3 +142,37 @@ def test_step_from_the_command_line(stdlib_data, tmp_path, capsys):
     assert out.count("micro-batch ") == 4 and out.count("--- position ") == 8
     code, _, err = inspect(capsys, "--config", "configs/gpt_tiny.yaml", "data.path=", *overrides, "--step", 7)
     assert code == 2 and "--step 7 is not a step of this run (1..train.steps=6)" in err
+
+
+def test_step_follows_the_runs_rollbacks(stdlib_data, tmp_path, capsys):
+    """A rollback from step 4 back to step 2 keeps the loader's place (steps 1-3 read 24 samples
+    of stage 1, step 4 read 8 of stage 2), so the steps trained after it read on from there, each
+    in its own stage; metrics.jsonl records that position and --step follows it."""
+    overrides, config = run_config(stdlib_data, tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    position = {
+        "consumed_samples": 32,
+        "data_stages": [
+            {"start": 0, "path": stdlib_data["prefix"], "consumed_samples": 24},
+            {"start": 3, "path": f"0.5 {stdlib_data['prefix']} 0.5 {stdlib_data['prefix']}2", "consumed_samples": 8},
+        ],
+    }
+    lines = [{"step": 1, "loss": 5.0}, {"step": 2, "rollback": {"from_step": 4, "data_position": position}}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3, "lo')  # a torn last line
+    assert last_rollback_before(str(metrics), 2) is None
+    assert last_rollback_before(str(metrics), 3) == (2, position)
+    # Step 3 (stage 1) reads on at 24; step 5 (stage 2): 8, plus step 4's batch = 16.
+    for step, before in ((3, 24), (5, 16)):
+        _, views = micro_batches_at(config, step=step, dp_rank=1, world_size=2, rollback=(2, position))
+        assert views[0].positions.tolist() == [before + 2, before + 3]
+    code, out, _ = inspect(
+        capsys, "--config", "configs/gpt_tiny.yaml", "data.path=", *overrides, "--step", 5, "--metrics", metrics
+    )
+    assert code == 0 and f"after the rollback to step 2 in {metrics}" in out
+    assert "micro-batch 0: positions in the stage's stream [16, 17]" in out
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"step": 2, "rollback": {"from_step": 4, "skipped_samples": 16}}) + "\n")
+    code, _, err = inspect(
+        capsys, "--config", "configs/gpt_tiny.yaml", "data.path=", *overrides, "--step", 5, "--metrics", old
+    )
+    assert code == 2 and "does not record its data position" in err

@@ -16,9 +16,11 @@ token: exit 1 naming the first document and position whose id is not below N.
 a path the summary covers its data (data.path, or every stage of data.stages). `--step S` prints
 the micro-batches data-parallel rank `--dp-rank` reads at step S of that run on `--world-size`
 ranks: the stage, each sample's stream position, dataset index and origin (file, document,
-token), and its tokens decoded (end-of-document tokens shown as <eod>). The positions assume no
-divergence rollback skipped data earlier in the run. The index caches are built when missing,
-as the run's rank 0 would build them.
+token), and its tokens decoded (end-of-document tokens shown as <eod>). A divergence rollback
+skips the data that led to it, so the positions follow the run's rollbacks as its metrics.jsonl
+records them (`--metrics`, default: the one in the config's logging.dir; without the file, no
+rollback is assumed, and the output says so). The index caches are built when missing, as the
+run's rank 0 would build them.
 
 Exit codes: 0 done; 1 --check-vocab found an id out of range; 2 a mistake (a missing or
 truncated prefix, a bad blend, a bad config).
@@ -38,6 +40,7 @@ from pretrain.data.inspect import (
     PrefixStats,
     decode_with_boundaries,
     first_out_of_vocab,
+    last_rollback_before,
     length_histogram,
     micro_batches_at,
     open_blend,
@@ -57,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, help="with --config: the step whose micro-batches to print")
     parser.add_argument("--dp-rank", type=int, default=0, help="data-parallel rank for --step (default 0)")
     parser.add_argument("--world-size", type=int, default=1, help="ranks of the run for --step (default 1)")
+    parser.add_argument(
+        "--metrics", help="the run's metrics.jsonl, for its rollbacks (default: LOGGING_DIR/metrics.jsonl)"
+    )
     parser.add_argument("--tokenizer", help="tokenizer to decode with (default: the config's data.tokenizer)")
     args = parser.parse_args(argv)
     if args.config is None and len(args.targets) != 1:
@@ -126,8 +132,30 @@ def check_vocab(datasets: list, vocab_size: int) -> int:
     return code
 
 
+def rollback_for(config, args: argparse.Namespace) -> tuple[int, dict] | None:
+    """The last rollback before --step in the run's metrics (None: none, or no metrics file)."""
+    path = args.metrics or (str(Path(config.logging.dir) / "metrics.jsonl") if config.logging.dir else None)
+    if args.metrics and not Path(args.metrics).is_file():
+        raise ValueError(f"--metrics {args.metrics} does not exist")
+    if path is None or not Path(path).is_file():
+        print(f"(no {path or 'logging.dir'}: positions assume no rollback skipped data before step {args.step})")
+        return None
+    rollback = last_rollback_before(path, args.step)
+    if rollback is None:
+        print(f"(no rollback before step {args.step} in {path})")
+    else:
+        print(f"(after the rollback to step {rollback[0]} in {path}: reading on from where it left the data)")
+    return rollback
+
+
 def print_step(config, args: argparse.Namespace, tokenizer) -> None:
-    stage, views = micro_batches_at(config, step=args.step, dp_rank=args.dp_rank, world_size=args.world_size)
+    stage, views = micro_batches_at(
+        config,
+        step=args.step,
+        dp_rank=args.dp_rank,
+        world_size=args.world_size,
+        rollback=rollback_for(config, args),
+    )
     print(f"step {args.step}, data-parallel rank {args.dp_rank}: {stage}")
     for view in views:
         print(

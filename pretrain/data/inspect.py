@@ -13,6 +13,7 @@ or truncated file is reported as such before anything is read.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,9 +163,37 @@ class MicroBatchView:
     tokens: np.ndarray  # int64 [b, s]: the model's input
 
 
-def micro_batches_at(config, *, step: int, dp_rank: int, world_size: int) -> tuple[str, list[MicroBatchView]]:
+def last_rollback_before(metrics: str, step: int) -> tuple[int, dict] | None:
+    """(the checkpoint step it went back to, the data position it continued from) of the last
+    rollback in a run's metrics.jsonl that `step` trains after; None when there is none.
+
+    A rollback keeps the loader's place (the batches that led to it are skipped), so the steps
+    after it read from there. The file holds the run's final timeline: a rollback or a resume
+    drops the records of the steps it abandons."""
+    found = None
+    with open(metrics, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a crash
+            rollback = record.get("rollback") if isinstance(record, dict) else None
+            if isinstance(rollback, dict) and isinstance(record.get("step"), int) and record["step"] < step:
+                if "data_position" not in rollback:
+                    raise ValueError(
+                        f"{metrics}: the rollback at step {record['step']} does not record its data position "
+                        "(a run from before it was logged); positions after it cannot be told"
+                    )
+                found = (record["step"], rollback["data_position"])
+    return found
+
+
+def micro_batches_at(
+    config, *, step: int, dp_rank: int, world_size: int, rollback: tuple[int, dict] | None = None
+) -> tuple[str, list[MicroBatchView]]:
     """(the stage's description, the micro-batches) data-parallel rank `dp_rank` reads at `step`
-    of `config`'s run on `world_size` ranks, assuming no rollback skipped data before it.
+    of `config`'s run on `world_size` ranks. `rollback` (`last_rollback_before`): the steps after
+    it read on from its data position; None: no rollback skipped data before `step`.
 
     The datasets come from pretrain.data.setup.build_data (the index caches are built here when
     missing, as a run's rank 0 would) and the positions from the stage's own SampleLoader."""
@@ -181,6 +210,12 @@ def micro_batches_at(config, *, step: int, dp_rank: int, world_size: int) -> tup
     # One process stands in for the data-parallel group: it builds what rank 0 would (no barrier).
     view = Topology(world_size=1, rank=0, tp=1, pp=1, dp=dp, virtual_stages=1, sequence_parallel=False, device=CPU)
     staged = build_data(config, view).train
+    start = 0
+    if rollback is not None:
+        start = rollback[0]
+        staged.load_state_dict(rollback[1])
+    for earlier in range(start + 1, step):  # each step reads one global batch of its stage
+        staged.loaders[staged.stage_of(earlier)].consumed_samples += config.global_batch(dp)
     k = staged.stage_of(step)
     stage, base = staged.stages[k], staged.loaders[k]
     loader = SampleLoader(
@@ -189,7 +224,7 @@ def micro_batches_at(config, *, step: int, dp_rank: int, world_size: int) -> tup
         seed=base.seed,
         dp_rank=dp_rank,
         dp_size=dp,
-        consumed_samples=(step - 1 - stage.start) * config.global_batch(dp),
+        consumed_samples=base.consumed_samples,
         collate=base.collate,
     )
     views = []
