@@ -1,5 +1,6 @@
-"""tools/make_stdlib_corpus.py leaves the standard library's data tables out by its documented
-rule (literal lines over 75%, or digits over 20% of the non-whitespace characters)."""
+"""tools/make_stdlib_corpus.py leaves the standard library's test suites and data tables out by
+its documented rules (test directories and test_*.py; literal lines over 75%, or digits over 20%
+of the non-whitespace characters)."""
 
 import json
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from make_stdlib_corpus import measure_table  # noqa: E402
+from make_stdlib_corpus import is_test_file, measure_table  # noqa: E402
 
 CODE = '''"""A module.
 
@@ -70,6 +71,19 @@ def test_the_stdlib_corpus_leaves_out_its_tables(tmp_path):
     # The tables the first sample of the quickstart was made of, when they exist in this Python.
     for table in ("encodings/cp437.py", "html/entities.py", "pydoc_data/topics.py", "stringprep.py"):
         assert table not in kept and (table in left_out) == (table in everything)
-    assert f"left out {len(left_out)} data-table files" in report
+    assert f"and {len(left_out)} data-table files" in report
     assert sum(line.startswith("table: ") for line in report.splitlines()) == len(left_out)
-    assert 0 < len(left_out) < 0.1 * len(everything)
+    assert 0 < len(left_out) < 0.15 * len(everything)
+    assert not any(is_test_file(path) for path in everything)
+
+
+def test_test_suites_are_left_out_by_path(tmp_path):
+    assert is_test_file("test/test_os.py") and is_test_file("idlelib/idle_test/htest.py")
+    assert is_test_file("unittest/test/support.py") and is_test_file("lib2to3/tests/data/fixers/x.py")
+    assert is_test_file("sqlite3/test_foo.py")
+    assert not is_test_file("unittest/case.py") and not is_test_file("contest.py") and not is_test_file("testing.py")
+    kept, report = run_corpus(tmp_path, "--keep-tables")
+    with_tests, _ = run_corpus(tmp_path, "--keep-tests", "--keep-tables")
+    tests = set(with_tests) - set(kept)
+    assert tests and all(is_test_file(p) for p in tests) and "unittest/case.py" in kept
+    assert f"left out {len(tests)} test-suite files" in report
