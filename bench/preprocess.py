@@ -4,8 +4,9 @@
 
 Same corpus, same sentencepiece tokenizer (BPE, 8000 pieces, trained once), same number of
 workers, run side by side, each in its own fresh process, on two corpora built once under
---workdir from the Python standard library: its source files as documents (1.8k documents of
-18 KB on average, the quickstart's corpus), and the same text cut into documents of about
+--workdir from the Python standard library: its source files as documents, test suites kept
+(`--keep-tests`; 1.7k documents of 18 KB on average, the quickstart's corpus before it left
+the tests out), and the same text cut into documents of about
 1 KB on line boundaries (30k documents, closer to web text, where per-document costs show).
 
 - ours: `tools/preprocess_data.py --append-eod --workers N`, timed as the whole command
@@ -181,7 +182,7 @@ def prepare(workdir: str, max_bytes: int | None) -> tuple[list[str], str, str]:
     small = os.path.join(workdir, "corpus_1kb_docs.jsonl")
     bpe = os.path.join(workdir, "bpe", "tokenizer.json")
     if not os.path.exists(corpus):
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "make_stdlib_corpus.py"), "--output", corpus]
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "make_stdlib_corpus.py"), "--output", corpus, "--keep-tests"]
         subprocess.run(cmd + (["--max-bytes", str(max_bytes)] if max_bytes else []), check=True)
     if not os.path.exists(small):
         small_documents(corpus, small, 1000)
