@@ -56,6 +56,21 @@ def gpt2_hf_config() -> dict:
     }
 
 
+@pytest.fixture
+def llama_hf_config() -> dict:
+    """config.json of a tiny Llama as transformers writes it (the fields the importer reads)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 100,
+        "max_position_embeddings": 512,
+    }
+
+
 @pytest.fixture(scope="session")
 def worker_results():
     """`worker_results(script, mode, env, what)`: the JSON that `python SCRIPT --worker MODE`

@@ -400,16 +400,8 @@ def test_import_refuses_pickles(tmp_path, capsys, gpt2_hf_config):
         ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type"),
     ],
 )
-def test_unsupported_llama_features_name_the_key(change, key):
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "vocab_size": 100,
-    }
+def test_unsupported_llama_features_name_the_key(change, key, llama_hf_config):
+    config = llama_hf_config
     model_fields_from_hf(config)
     with pytest.raises(HFConversionError, match=key):
         model_fields_from_hf({**config, **change})

@@ -123,16 +123,10 @@ def test_llama3_rope_scaling_round_trip(tmp_path):
     assert max_logit_diff(ours, reloaded) <= 1e-5
 
 
-def test_legacy_rope_scaling_key_imports():
+def test_legacy_rope_scaling_key_imports(llama_hf_config):
     """A transformers 4.x config.json (Llama 3.1's own): top-level rope_theta, `rope_scaling`."""
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "vocab_size": 100,
+        **llama_hf_config,
         "max_position_embeddings": 131072,
         "rope_theta": 500000.0,
         "rope_scaling": {
@@ -235,18 +229,6 @@ def test_rope_scaling_and_qkv_bias_need_the_llama_flavour():
     assert config_from_dict(base, ["model.rope_scaling=null"]).model.rope_scaling is None
 
 
-LLAMA_HF = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "vocab_size": 100,
-    "max_position_embeddings": 512,
-}
-
-
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -259,17 +241,17 @@ LLAMA_HF = {
         ({"attention_bias": True}, "attention_bias.*o_proj"),
     ],
 )
-def test_unsupported_hf_rope_and_bias_settings_name_the_key(change, message):
+def test_unsupported_hf_rope_and_bias_settings_name_the_key(change, message, llama_hf_config):
     with pytest.raises(HFConversionError, match=message):
-        model_fields_from_hf({**LLAMA_HF, **change})
+        model_fields_from_hf({**llama_hf_config, **change})
 
 
-def test_hf_llama3_scaling_out_of_range_is_refused_by_the_config(tmp_path, capsys):
+def test_hf_llama3_scaling_out_of_range_is_refused_by_the_config(tmp_path, capsys, llama_hf_config):
     """Values transformers only warns about fail at import, naming our key, with exit code 2."""
     hf = tmp_path / "hf"
     hf.mkdir()
     bad = {**LLAMA3, "high_freq_factor": 0.5}
-    (hf / "config.json").write_text(json.dumps({**LLAMA_HF, "rope_parameters": bad}))
+    (hf / "config.json").write_text(json.dumps({**llama_hf_config, "rope_parameters": bad}))
     spec = importlib.util.spec_from_file_location("convert_from_hf", ROOT / "tools/convert_from_hf.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -283,8 +265,8 @@ def test_hf_llama3_scaling_out_of_range_is_refused_by_the_config(tmp_path, capsy
     "change, key",
     [({"use_sliding_window": True}, "use_sliding_window"), ({"hidden_act": "gelu"}, "hidden_act")],
 )
-def test_unsupported_qwen2_settings_name_the_key(change, key):
-    config = {**LLAMA_HF, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 4096}
+def test_unsupported_qwen2_settings_name_the_key(change, key, llama_hf_config):
+    config = {**llama_hf_config, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "sliding_window": 4096}
     assert model_fields_from_hf(config)["qkv_bias"] is True  # a window that is not used is fine
     with pytest.raises(HFConversionError, match=key):
         model_fields_from_hf({**config, **change})
