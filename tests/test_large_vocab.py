@@ -273,22 +273,14 @@ def small_corpus(tmp_path_factory) -> Path:
     return path
 
 
+def train_bpe(corpus, out, *args):
+    return run_tool("tools/train_tokenizer.py", "--kind", "byte-level-bpe", "--input", corpus, "--output", out, *args)
+
+
 def test_byte_level_bpe_is_deterministic(small_corpus, tmp_path):
     outputs = []
     for name, threads in (("a", "1"), ("b", "2")):
-        result = run_tool(
-            "tools/train_tokenizer.py",
-            "--kind",
-            "byte-level-bpe",
-            "--input",
-            small_corpus,
-            "--output",
-            tmp_path / name,
-            "--vocab-size",
-            "600",
-            "--threads",
-            threads,
-        )
+        result = train_bpe(small_corpus, tmp_path / name, "--vocab-size", "600", "--threads", threads)
         assert result.returncode == 0, result.stderr
         outputs.append([(tmp_path / name / f).read_bytes() for f in ("tokenizer.json", "tokenizer_config.json")])
     assert outputs[0] == outputs[1]
@@ -307,25 +299,13 @@ def test_byte_level_bpe_is_deterministic(small_corpus, tmp_path):
 )
 def test_byte_level_bpe_errors(small_corpus, tmp_path, extra, code, message):
     out = tmp_path / "tok"
-    result = run_tool(
-        "tools/train_tokenizer.py", "--kind", "byte-level-bpe", "--input", small_corpus, "--output", out, *extra
-    )
+    result = train_bpe(small_corpus, out, *extra)
     assert result.returncode == code and message in result.stderr, result.stderr
     assert not out.exists()  # nothing written
 
 
 def test_hf_tokenizer_never_truncates_or_pads_a_document(tmp_path, small_corpus):
-    result = run_tool(
-        "tools/train_tokenizer.py",
-        "--kind",
-        "byte-level-bpe",
-        "--input",
-        small_corpus,
-        "--output",
-        tmp_path,
-        "--vocab-size",
-        "400",
-    )
+    result = train_bpe(small_corpus, tmp_path, "--vocab-size", "400")
     assert result.returncode == 0, result.stderr
     path = tmp_path / "tokenizer.json"
     spec = json.loads(path.read_text())
