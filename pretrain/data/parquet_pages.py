@@ -49,7 +49,7 @@ class _Thrift:
         self.pos += 1
         return self.data[self.pos - 1]
 
-    def _varint(self) -> int:
+    def varint(self) -> int:
         shift = result = 0
         while True:
             b = self._byte()
@@ -59,7 +59,7 @@ class _Thrift:
             shift += 7
 
     def _int(self) -> int:
-        n = self._varint()
+        n = self.varint()
         return (n >> 1) ^ -(n & 1)  # zigzag
 
     def _value(self, kind: int):
@@ -73,17 +73,17 @@ class _Thrift:
             self.pos += 8
             return None
         if kind == 8:
-            n = self._varint()
+            n = self.varint()
             self.pos += n
             return self.data[self.pos - n : self.pos]
         if kind in (9, 10):
             head = self._byte()
             size, elem = head >> 4, head & 0x0F
             if size == 15:
-                size = self._varint()
+                size = self.varint()
             return [self._byte() == 1 if elem in (1, 2) else self._value(elem) for _ in range(size)]
         if kind == 11:
-            size = self._varint()
+            size = self.varint()
             types = self._byte() if size else 0
             return {self._value(types >> 4): self._value(types & 0x0F) for _ in range(size)}
         if kind == 12:
@@ -224,7 +224,7 @@ def _hybrid(data: np.ndarray, width: int, count: int) -> np.ndarray:
     out, total, reader = [], 0, _Thrift(data.tobytes())
     weights = 1 << np.arange(width, dtype=np.int64)
     while total < count:
-        head = reader._varint()
+        head = reader.varint()
         at = reader.pos
         if head & 1:  # bit-packed: (head >> 1) groups of 8 values
             nbytes = (head >> 1) * width
