@@ -103,6 +103,13 @@ class StepLog:
             f"grad {record['grad_norm']:.3f} | {speed['tokens_per_s']:,.0f} tok/s | {speed['tflops']:.3f} "
             f"TFLOP/s | MFU {100 * speed['mfu']:.1f}% | mem {last['peak_mem_bytes'] / 2**30:.2f} GiB"
         )
+        if "moe_imbalance" in record:  # pretrain/moe_training.py
+            line += (
+                f" | moe aux {record['moe_aux_loss']:.3f} z {record['moe_z_loss']:.3g} "
+                f"imbalance {record['moe_imbalance']:.2f}"
+            )
+            if "moe_dropped_tokens" in record:
+                line += f" dropped {record['moe_dropped_tokens']}"
         if record["bad_step"] is not None:
             line += (
                 f"\nstep {step} skipped on every rank: {record['bad_step']} ({bad_in_a_row} in a row; "

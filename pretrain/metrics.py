@@ -31,17 +31,21 @@ def training_flops(config: ModelConfig, *, batch: int, seq: int) -> float:
     Counts matmuls only, without recomputation: 6 x tokens x (matmul weights), plus the
     attention score and value products 12 x batch x s^2 x layers x h, plus the logits. For the
     GPT-2 shape (MHA, ffn = 4h) this is exactly Megatron's 72 B s l h^2 (1 + s/6h + V/12lh);
-    for Llama it counts the real GQA and SwiGLU widths instead of assuming that shape.
+    for Llama it counts the real GQA and SwiGLU widths instead of assuming that shape. A
+    mixture-of-experts block counts its active weights: router, top_k routed and the shared
+    experts (model.moe), not all experts.
     """
     h, layers = config.hidden_size, config.num_layers
     attn_weights = (
         h * (config.num_heads + 2 * config.kv_heads) * config.head_dim + config.num_heads * config.head_dim * h
     )
-    mlp_weights = h * config.ffn_size * (3 if config.flavour == "llama" else 2)
+    mlp_weights = layers * h * config.ffn_size * (3 if config.flavour == "llama" else 2)
+    if config.moe is not None:  # a MoE block's token meets its active weights only (router, top-k, shared)
+        moe_blocks = len(config.moe.layer_ids(layers))
+        mlp_weights = mlp_weights * (layers - moe_blocks) // layers + moe_blocks * config.moe.active_mlp_weights(config)
     tokens = batch * seq
     return (
-        6 * tokens * (layers * (attn_weights + mlp_weights) + config.vocab_rows * h)
-        + 12 * batch * seq * seq * layers * h
+        6 * tokens * (layers * attn_weights + mlp_weights + config.vocab_rows * h) + 12 * batch * seq * seq * layers * h
     )
 
 

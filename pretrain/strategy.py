@@ -25,6 +25,7 @@ from torch import nn
 
 from pretrain.checkpoint.state import ReplicatedState
 from pretrain.config import RunConfig
+from pretrain.moe_training import with_experts
 from pretrain.optim import BackwardRootChunk, DynamicLossScaler, build_optimizer, set_learning_rate, unscale_and_check
 from pretrain.parallel.data import GradientSync, clip_gradients, global_grad_norm
 from pretrain.parallel.topology import Topology
@@ -80,7 +81,10 @@ def strategy_class(config: RunConfig) -> type[TrainingStrategy]:
 
 
 def build_strategy(config: RunConfig, topo: Topology, chunks: list[nn.Module], *, accumulation: int):
-    return strategy_class(config)(config, topo, chunks, accumulation=accumulation)
+    """The strategy parallel.zero_stage asks for; with model.moe, wrapped in what a step does for
+    the experts (pretrain/moe_training.py: aux-loss scaling, load metrics, router bias updates)."""
+    strategy = strategy_class(config)(config, topo, chunks, accumulation=accumulation)
+    return with_experts(strategy, config, topo, accumulation=accumulation)
 
 
 def weight_dtype(config: RunConfig) -> torch.dtype:

@@ -8,6 +8,7 @@ import dataclasses
 
 from pretrain.config.errors import ConfigError, _need
 from pretrain.config.model import pad_vocab
+from pretrain.config.moe import check_moe_layout
 from pretrain.config.run import RunConfig
 
 
@@ -138,6 +139,7 @@ CROSS_SECTION_CHECKS = (
     _check_tensor_split,
     _check_pipeline_split,
     _check_zero_with_pipeline,
+    check_moe_layout,
     _check_objective,
     _check_attention_precision,
     _check_data_stages,

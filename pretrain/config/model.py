@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pretrain.config.errors import _need
+from pretrain.config.moe import MoEConfig
 
 
 @dataclass
@@ -94,6 +95,9 @@ class ModelConfig:
     compile: bool = False
     """torch.compile each transformer block (fuses norms, activations, RoPE and residual adds;
     inductor generates C++ on CPU, Triton on GPU). The first steps pay the compile time."""
+    moe: MoEConfig | None = None
+    """Mixture of experts in place of the MLP of every (or every N-th) block (pretrain/config/
+    moe.py: model.moe.num_experts=8 or a YAML mapping); null: dense MLPs everywhere."""
 
     # Derived values: read these, not the optional fields above.
     @property
@@ -157,6 +161,8 @@ class ModelConfig:
             f"RoPE needs an even head dimension, got {self.head_dim}",
         )
         self._validate_llama_options()
+        if self.moe is not None:
+            self.moe.validate(self)
         _need(self.ffn_size > 0, "model.ffn_hidden_size", f"must be positive, got {self.ffn_hidden_size}")
         _need(
             self.positions >= self.seq_length,

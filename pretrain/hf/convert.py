@@ -216,6 +216,24 @@ _WEIGHT_FIELDS = (
 )
 
 
+def _moe_weights(model: ModelConfig) -> tuple | None:
+    """The model.moe settings that decide the weights and what they compute (the rest, such as
+    the loss coefficients or a capacity, are training settings an import may override)."""
+    moe = model.moe
+    if moe is None:
+        return None
+    return (
+        moe.num_experts,
+        moe.top_k,
+        moe.expert_ffn(model),
+        moe.layer_interval,
+        moe.shared_ffn(model),
+        moe.shared_expert_gate,
+        moe.router,
+        moe.normalize_top_k,
+    )
+
+
 def import_config(hf: dict, overrides: list[str], *, tokenizer: Path | None) -> RunConfig:
     """Our run config for an HF config.json: model.* from it (padded_vocab_size unset, so it
     pads to 128 x parallel.tensor), data.tokenizer the copied tokenizer, then the overrides
@@ -235,6 +253,8 @@ def import_config(hf: dict, overrides: list[str], *, tokenizer: Path | None) -> 
     except ConfigError as e:
         raise HFConversionError(str(e)) from None
     changed = [f for f in _WEIGHT_FIELDS if getattr(config.model, f) != getattr(reference, f)]
+    if _moe_weights(config.model) != _moe_weights(reference):
+        changed.append("moe")
     if changed:
         raise HFConversionError(
             f"model.{changed[0]}: the override changes what the Hugging Face weights "
@@ -247,7 +267,8 @@ def import_config(hf: dict, overrides: list[str], *, tokenizer: Path | None) -> 
 def import_checkpoint(
     hf_dir: str | Path, output: str | Path, overrides: list[str] = (), *, force: bool = False, log: Log = print
 ) -> Path:
-    """Write a local transformers LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel directory as step_0 of a
+    """Write a local transformers LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel /
+    MixtralForCausalLM / Qwen2MoeForCausalLM directory as step_0 of a
     checkpoint under `output`, at the layout the overrides choose; returns the step directory."""
     from pretrain.checkpoint import write_layout
 

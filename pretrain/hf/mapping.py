@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 
 import torch
@@ -12,26 +11,26 @@ import torch
 # Hugging Face's.
 from pretrain.checkpoint.reader import VOCAB_PARAMS, fit_rows
 from pretrain.config import ModelConfig
+from pretrain.hf.errors import HFConversionError, _warn
+from pretrain.hf.moe_mapping import MOE_ARCHITECTURES, moe_fields, moe_from_hf, moe_model_type, moe_settings, moe_to_hf
 from pretrain.hf.rope import rope_fields_from_hf, rope_to_hf
 from pretrain.models.sharding import ShardSpec, sharding
 
 # Hugging Face model_type -> its causal-LM architecture. Qwen2 is our llama flavour with
 # model.qkv_bias (biases on Q/K/V only): the rest of its decoder is Llama's.
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
-FLAVOURS = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2"}
+# Mixtral and Qwen2-MoE are our llama with model.moe (pretrain/hf/moe_mapping.py).
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    **MOE_ARCHITECTURES,
+}
+FLAVOURS = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2", "mixtral": "llama", "qwen2_moe": "llama"}
 
 # transformers' names for the tanh approximation of GeLU our GPT-2 MLP uses.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 Log = Callable[[str], None]
-
-
-class HFConversionError(ValueError):
-    """A model, directory or setting the conversion cannot handle; the message says which."""
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # ================================================================================================
@@ -57,6 +56,8 @@ def hf_model_type(model: ModelConfig) -> str:
             f"model.flavour={model.flavour!r}: no Hugging Face export for this flavour "
             f"(supported: {', '.join(sorted(set(FLAVOURS.values())))})"
         )
+    if model.moe is not None:
+        return moe_model_type(model)
     return "qwen2" if model.flavour == "llama" and model.qkv_bias else model.flavour
 
 
@@ -66,7 +67,13 @@ def hf_config(model: ModelConfig, *, bos: int | None, eos: int | None, pad: int 
     and 5.x (`rope_parameters`) read, whatever version runs the export."""
     model_type = hf_model_type(model)
     column = 1 if model.flavour == "gpt2" else 0
-    settings = {"llama": _llama_settings, "qwen2": _qwen2_settings, "gpt2": _gpt2_settings}[model_type]
+    settings = {
+        "llama": _llama_settings,
+        "qwen2": _qwen2_settings,
+        "gpt2": _gpt2_settings,
+        "mixtral": lambda m: {**_mixtral_settings(m), **moe_settings(m, "mixtral")},
+        "qwen2_moe": lambda m: {**_qwen2_settings(m), **moe_settings(m, "qwen2_moe")},
+    }[model_type]
     return {
         "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
@@ -110,6 +117,18 @@ def _qwen2_settings(model: ModelConfig) -> dict:
         "sliding_window": None,
         "max_window_layers": model.num_layers,
         "layer_types": ["full_attention"] * model.num_layers,
+    }
+
+
+def _mixtral_settings(model: ModelConfig) -> dict:
+    """Mixtral's decoder: Llama's without the bias switches, full attention (no sliding window)."""
+    return {
+        "num_key_value_heads": model.kv_heads,
+        "head_dim": model.head_dim,
+        "attention_dropout": model.dropout,
+        **rope_to_hf(model),
+        "hidden_act": "silu",
+        "sliding_window": None,
     }
 
 
@@ -157,7 +176,13 @@ def model_fields_from_hf(config: dict) -> dict:
     """Our model.* settings from a transformers config.json; a feature our GPT lacks fails
     naming its config key (loading it anyway would give a different function)."""
     model_type = _model_type_of(config)
-    fields = {"llama": _llama_fields, "qwen2": _qwen2_fields, "gpt2": _gpt2_fields}[model_type]
+    fields = {
+        "llama": _llama_fields,
+        "qwen2": _qwen2_fields,
+        "gpt2": _gpt2_fields,
+        "mixtral": lambda c: {**_llama_fields(c), **moe_fields(c, "mixtral")},
+        "qwen2_moe": lambda c: {**_qwen2_fields(c), **moe_fields(c, "qwen2_moe")},
+    }[model_type]
     try:
         return fields(config)
     except KeyError as e:
@@ -313,12 +338,18 @@ def _renamed(src: dict[str, torch.Tensor], model: ModelConfig, *, to_hf: bool) -
     top, block = _RENAMES[model.flavour]
     pairs = top + ([] if model.tied else [("head.weight", "lm_head.weight", False)])
     for i in range(model.num_layers):
-        pairs += [(f"blocks.{i}.{o}", f"{_BLOCK_PREFIX[model.flavour]}.{i}.{h}", t) for o, h, t in block]
+        own = [b for b in block if not (_is_moe_block(model, i) and b[0].startswith("mlp."))]
+        pairs += [(f"blocks.{i}.{o}", f"{_BLOCK_PREFIX[model.flavour]}.{i}.{h}", t) for o, h, t in own]
     out = {}
     for ours, hf, transposed in pairs:
         x = src[ours if to_hf else hf]
         out[hf if to_hf else ours] = x.t() if transposed else x
     return out
+
+
+def _is_moe_block(model: ModelConfig, layer: int) -> bool:
+    """Block `layer` has a MoE in place of its MLP (mapped by pretrain/hf/moe_mapping.py)."""
+    return model.moe is not None and model.moe.is_moe_layer(layer)
 
 
 def llama_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
@@ -329,19 +360,17 @@ def llama_to_hf(state: dict[str, torch.Tensor], model: ModelConfig) -> dict[str,
     for i in range(model.num_layers):
         ours, hf = f"blocks.{i}.", f"model.layers.{i}."
         q, k, v = split_qkv(state[ours + "attn.qkv.weight"], model)
-        fc1 = state[ours + "mlp.fc1.weight"]  # [gate; up]
         out.update(
-            {
-                hf + "self_attn.q_proj.weight": q,
-                hf + "self_attn.k_proj.weight": k,
-                hf + "self_attn.v_proj.weight": v,
-                hf + "mlp.gate_proj.weight": fc1[:ffn],
-                hf + "mlp.up_proj.weight": fc1[ffn:],
-            }
+            {hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k, hf + "self_attn.v_proj.weight": v}
         )
+        if not _is_moe_block(model, i):
+            fc1 = state[ours + "mlp.fc1.weight"]  # [gate; up]
+            out.update({hf + "mlp.gate_proj.weight": fc1[:ffn], hf + "mlp.up_proj.weight": fc1[ffn:]})
         if model.qkv_bias:
             biases = split_qkv(state[ours + "attn.qkv.bias"], model)
             out.update({hf + f"self_attn.{x}_proj.bias": b for x, b in zip("qkv", biases)})
+    if model.moe is not None:
+        out.update(moe_to_hf(state, model, hf_model_type(model)))
     return out
 
 
@@ -355,7 +384,10 @@ def llama_from_hf(hf: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, 
         out[ours + "attn.qkv.weight"] = fuse_qkv(q, k, v, model)
         if model.qkv_bias:
             out[ours + "attn.qkv.bias"] = fuse_qkv(*(hf[p + f"self_attn.{x}_proj.bias"] for x in "qkv"), model)
-        out[ours + "mlp.fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        if not _is_moe_block(model, i):
+            out[ours + "mlp.fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+    if model.moe is not None:
+        out.update(moe_from_hf(hf, model, hf_model_type(model)))
     return out
 
 

@@ -30,6 +30,7 @@ from pretrain.models import kernels
 from pretrain.models.attention import Documents, attention
 from pretrain.models.layers import DenseLayers
 from pretrain.models.loss import ScratchBuffer
+from pretrain.models.moe import MoE
 from pretrain.models.rope import rope_inv_freq
 from pretrain.models.sharding import full_shape, mark, shard_tensor, sharding
 
@@ -118,12 +119,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layers) -> None:
+    def __init__(self, config: ModelConfig, layers, layer_id: int = 0) -> None:
         super().__init__()
         self.norm1 = layers.norm(config)
         self.attn = Attention(config, layers)
         self.norm2 = layers.norm(config)
-        self.mlp = MLP(config, layers)
+        moe = config.moe is not None and config.moe.is_moe_layer(layer_id)
+        self.mlp = MoE(config, layers) if moe else MLP(config, layers)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope=None, documents: Documents | None = None) -> torch.Tensor:
@@ -181,7 +183,7 @@ class GPT(nn.Module):
         use_positions = first and config.flavour == "gpt2"
         self.pos_embed = nn.Embedding(config.positions, config.hidden_size) if use_positions else None
         self.embed_dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleDict({str(i): Block(config, self.layers) for i in self.stage.layer_ids})
+        self.blocks = nn.ModuleDict({str(i): Block(config, self.layers, i) for i in self.stage.layer_ids})
         self.final_norm = self.layers.norm(config) if last else None
         self.head = None
         # The fused loss's [tokens, vocab] buffer, kept between steps on CPU (see ScratchBuffer).
@@ -239,7 +241,7 @@ class GPT(nn.Module):
         std = self.config.init_std
         scale = (
             std / math.sqrt(2 * self.config.num_layers)
-            if name.endswith(("attn.proj.weight", "mlp.fc2.weight"))
+            if name.endswith(("attn.proj.weight", "fc2.weight"))  # MoE experts' too
             else std
         )
         generator = torch.Generator(device=device).manual_seed(seed + zlib.crc32(name.encode()))
