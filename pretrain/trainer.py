@@ -51,7 +51,9 @@ class Trainer:
         dtype, device_type = config.compute_dtype, topo.device.type
         mixed = dtype != torch.float32
         self.autocast = lambda: torch.autocast(device_type, dtype=dtype if mixed else torch.bfloat16, enabled=mixed)
-        seq = config.model.seq_length // (topo.tp if topo.sequence_parallel else 1)
+        # A stage's activations: this rank's share of the sequence (context parallelism), split
+        # again over the TP ranks under sequence parallelism.
+        seq = config.model.seq_length // topo.cp // (topo.tp if topo.sequence_parallel else 1)
         self.hidden_shape = (config.train.micro_batch_size, seq, config.model.hidden_size)
         self.hidden_dtype = dtype  # what activations travel in between stages
         self.guard = DivergenceGuard(config.faults)

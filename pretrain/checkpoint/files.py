@@ -4,8 +4,9 @@ Layout of one checkpoint, `{checkpoint.dir}/step_N/`:
   meta.json                             format version, step, layout, trainer state; written last
   config.yaml                           the whole run config, so a checkpoint alone rebuilds its model
   model_tp{T}_pp{P}_part{D}.safetensors      weights held at TP rank T, pipeline rank P, written
-                                             by DP rank D; each file's metadata records every
-                                             tensor's shard spec and full (unsharded) shape
+                                             by replica D (the data x context rank: topology.py);
+                                             each file's metadata records every tensor's shard
+                                             spec and full (unsharded) shape
   optimizer_tp{T}_pp{P}_part{D}.safetensors  the optimizer state of the same tensors, keyed
                                              `{name}/{state key}` (exp_avg, exp_avg_sq, step)
   rng_rank{R}.pt                        every rank's RNG states
@@ -230,10 +231,12 @@ def write_meta_and_config(
     has_rng: bool,
     train_state: dict,
     checksums: dict[str, FileChecksum] | None = None,
+    context: int = 1,
 ) -> None:
     """config.yaml, then meta.json, whose presence marks the checkpoint complete: written last.
     `checksums`: file name -> FileChecksum of every tensor and RNG file written (config.yaml's
-    is added here); recorded in meta.json."""
+    is added here); recorded in meta.json. The data x `context` ranks of a position each write
+    one part (context-parallel ranks are replicas like data-parallel ones)."""
     p = config.parallel
     meta = {
         "format_version": FORMAT_VERSION,
@@ -243,10 +246,11 @@ def write_meta_and_config(
             "pipeline": p.pipeline,
             "virtual_stages": p.virtual_stages,
             "data": data_parallel,
+            "context": context,
             "zero_stage": p.zero_stage,
         },
-        "world_size": p.tensor * p.pipeline * data_parallel,
-        "parts": data_parallel,
+        "world_size": p.tensor * p.pipeline * data_parallel * context,
+        "parts": data_parallel * context,
         "has_optimizer": has_optimizer,
         "has_rng": has_rng,
         "train_state": train_state,

@@ -178,9 +178,10 @@ def _partition_source(
         layout["pipeline"],
         layout.get("virtual_stages", 1),
         layout["data"],
+        layout.get("context", 1),
         layout.get("zero_stage", 0),
-    ) == (topo.tp, topo.pp, p.virtual_stages, topo.dp, engine.stage):
-        own = SavedCheckpoint(step_dir, parts=[(topo.tp_rank, topo.pp_rank, topo.dp_rank)])
+    ) == (topo.tp, topo.pp, p.virtual_stages, topo.dp, topo.cp, engine.stage):
+        own = SavedCheckpoint(step_dir, parts=[(topo.tp_rank, topo.pp_rank, topo.replica_rank)])
         keys = [None, *ADAM_KEYS] if with_state and own.has_optimizer else [None]
         if all(
             own.has_range(f.name, k, tp_rank=topo.tp_rank, pp_rank=topo.pp_rank, start=f.start, numel=f.numel)
@@ -215,7 +216,8 @@ def _restore_rng(step_dir: Path, meta: dict, topo: Topology, checksums: Checksum
     """The RNG streams continue exactly only at the saved layout; elsewhere ranks keep the
     streams they were seeded with (dropout masks then differ from an uninterrupted run)."""
     layout = meta["layout"]
-    if (layout["tensor"], layout["pipeline"], meta["world_size"]) != (topo.tp, topo.pp, topo.world_size):
+    saved = (layout["tensor"], layout["pipeline"], layout.get("context", 1), meta["world_size"])
+    if saved != (topo.tp, topo.pp, topo.cp, topo.world_size):
         return
     if not meta.get("has_rng", True):  # written offline (resharded, imported): fresh streams
         return

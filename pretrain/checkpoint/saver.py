@@ -273,7 +273,7 @@ class Checkpointer:
         sums: dict[str, FileChecksum] = {}
 
         def write_files() -> None:
-            sums.update(shard.write(tmp, tp=topo.tp_rank, pp=topo.pp_rank, part=topo.dp_rank))
+            sums.update(shard.write(tmp, tp=topo.tp_rank, pp=topo.pp_rank, part=topo.replica_rank))
             sums[rng_file(rank)] = write_file(tmp / rng_file(rank), _pt_bytes(rng))
 
         error = _attempt(write_files)
@@ -298,6 +298,7 @@ class Checkpointer:
             self.config,
             step=step,
             data_parallel=self.topo.dp,
+            context=self.topo.cp,
             has_optimizer=has_optimizer,
             has_rng=True,
             train_state=train_state,

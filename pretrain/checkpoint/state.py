@@ -9,6 +9,10 @@ ReplicatedState    whole TP shards on every data-parallel replica (plain data pa
 PartitionedState   optimizer state partitioned over the DP ranks (ZeRO): each rank writes and
                    reads its own fragments of the fp32 masters and Adam moments.
 
+Context-parallel ranks hold the same weights as data-parallel replicas do, and count as replicas
+here (`topo.replicas`, `topo.replica_rank`): nothing in a checkpoint depends on the CP size, so
+one saved at CP = 2 loads at CP = 1 like one saved at DP = 2 does.
+
 `load_checkpoint` (here) and `save_checkpoint` (saver.py) are the one-call forms; their
 `model=`/`optimizer=` stand for a ReplicatedState.
 """
@@ -115,10 +119,11 @@ def take_replicated_shard(
     host = host or HostBuffers()
     params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
     states = {n: optimizer.state.get(p, {}) for n, p in params.items()} if optimizer is not None else {}
-    owner = assign_parts({n: p.numel() for n, p in params.items()}, topo.dp)
+    # Data- and context-parallel ranks hold the same weights: they split the writing alike.
+    owner = assign_parts({n: p.numel() for n, p in params.items()}, topo.replicas)
     shard = Shard()
     for name, param in params.items():
-        if owner[name] != topo.dp_rank:
+        if owner[name] != topo.replica_rank:
             continue
         shard.weights[name] = host.copy(name, param)
         shard.specs[name] = _spec(param)

@@ -63,6 +63,42 @@ def _check_tensor_split(config: RunConfig) -> None:
     )
 
 
+def _check_context_split(config: RunConfig) -> None:
+    """Context parallelism cuts each sequence into 2 x CP equal chunks (rank i holds chunks i and
+    2 x CP - 1 - i, which balances the causal mask's work); under sequence parallelism each
+    rank's share is split again over the TP ranks."""
+    m, p = config.model, config.parallel
+    if p.context == 1:
+        return
+    _need(
+        m.seq_length % (2 * p.context) == 0,
+        "model.seq_length",
+        f"{m.seq_length} is not a multiple of 2 x parallel.context = {2 * p.context}: context "
+        f"parallelism splits every sequence into 2 x {p.context} equal chunks (rank i holds chunks i "
+        f"and {2 * p.context - 1} - i); use a sequence length that is a multiple of {2 * p.context}",
+    )
+    local = m.seq_length // p.context
+    _need(
+        not p.sequence_parallel or local % p.tensor == 0,
+        "parallel.sequence_parallel",
+        f"each context-parallel rank's {local} tokens (model.seq_length / parallel.context) are not "
+        f"divisible by parallel.tensor={p.tensor}",
+    )
+    _need(
+        m.attention_backend == "sdpa",
+        "model.attention_backend",
+        f"{m.attention_backend} with parallel.context > 1 is not supported yet: context-parallel "
+        "attention masks each rank's chunks by their global positions (sdpa with a mask, or the "
+        "ring's blocks with their log-sum-exp); use model.attention_backend=sdpa",
+    )
+    _need(
+        p.context_attention != "ring" or m.dropout == 0,
+        "model.dropout",
+        f"{m.dropout} with parallel.context_attention=ring: the ring's blockwise attention has no "
+        "attention dropout; use model.dropout=0 or parallel.context_attention=all_gather",
+    )
+
+
 def _check_pipeline_split(config: RunConfig) -> None:
     """Every (virtual) pipeline stage gets the same number of layers."""
     m, p = config.model, config.parallel
@@ -137,6 +173,7 @@ def _check_data_stages(config: RunConfig) -> None:
 
 CROSS_SECTION_CHECKS = (
     _check_tensor_split,
+    _check_context_split,
     _check_pipeline_split,
     _check_zero_with_pipeline,
     check_moe_layout,
@@ -150,19 +187,21 @@ def validate_layout(config: RunConfig, world_size: int) -> int:
     """Check that the config's layout fits `world_size` ranks; returns the data-parallel size.
 
     Called before any process group exists (pretrain.parallel.bootstrap.init_distributed), so a
-    bad layout fails in a second with the numbers."""
+    bad layout fails in a second with the numbers. Context-parallel ranks share their samples
+    (each holds a part of every sequence), so they do not count towards the data-parallel size."""
     p = config.parallel
-    model_parallel = p.tensor * p.pipeline
+    model_parallel = p.tensor * p.pipeline * p.context
     if world_size % model_parallel:
-        raise ConfigError(
-            f"parallel: world size {world_size} is not divisible by parallel.tensor x "
-            f"parallel.pipeline = {p.tensor} x {p.pipeline} = {model_parallel}"
-        )
+        names, sizes = "parallel.tensor x parallel.pipeline", f"{p.tensor} x {p.pipeline}"
+        if p.context > 1:
+            names, sizes = names + " x parallel.context", sizes + f" x {p.context}"
+        raise ConfigError(f"parallel: world size {world_size} is not divisible by {names} = {sizes} = {model_parallel}")
     dp = world_size // model_parallel
     try:
         micro_batches = config.accumulation_steps(dp)
     except ConfigError as e:
-        raise ConfigError(f"{e} (world {world_size} / (tensor {p.tensor} x pipeline {p.pipeline}))") from None
+        grid = f"tensor {p.tensor} x pipeline {p.pipeline}" + (f" x context {p.context}" if p.context > 1 else "")
+        raise ConfigError(f"{e} (world {world_size} / ({grid}))") from None
     if p.virtual_stages > 1 and micro_batches % p.pipeline:
         raise ConfigError(
             f"parallel.virtual_stages: the interleaved schedule needs the number of "

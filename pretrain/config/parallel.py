@@ -1,5 +1,5 @@
-"""The `parallel:` section: tensor, pipeline and data parallelism, ZeRO, and communication
-limits. Describes the layout only; the process groups are pretrain.parallel's, which this
+"""The `parallel:` section: tensor, pipeline, context and data parallelism, ZeRO, and
+communication limits. Describes the layout only; the process groups are pretrain.parallel's, which this
 package never imports."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.config.errors import _need
+
+CONTEXT_ATTENTION = ("all_gather", "ring")
 
 
 @dataclass
@@ -19,6 +21,17 @@ class ParallelConfig:
     """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
     sequence_parallel: bool = False
     """Split activations outside tensor-parallel regions along the sequence."""
+    context: int = 1
+    """Context-parallel size: each sequence is split over this many ranks (long context). The
+    sequence is cut into 2 x context chunks and rank i holds chunks i and 2 x context - 1 - i, so
+    every rank gets the same share of the causal attention's work; model.seq_length must be a
+    multiple of 2 x context. Gradients are averaged over the data x context ranks."""
+    context_attention: str = "all_gather"
+    """How attention crosses the context-parallel ranks: `all_gather` gathers every rank's keys
+    and values before a local attention (Llama 3's choice: any attention kernel, and grouped-query
+    attention keeps K/V small), `ring` passes K/V blocks from rank to rank, overlapping each
+    transfer with the attention on the block before, and merges the partial results by their
+    log-sum-exp (memory for one remote block instead of the whole sequence's K/V)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (0 = plain data parallelism): 1 shards the optimizer state
     across the data-parallel ranks, 2 also the gradients, 3 also the weights. Needs the `zero`
@@ -41,7 +54,7 @@ class ParallelConfig:
     def validate(self) -> None:
         """Sizes, and the ZeRO combinations we support (the one that depends on the model's tied
         embeddings is a cross-section check, _check_zero_with_pipeline)."""
-        for key in ("tensor", "pipeline", "virtual_stages"):
+        for key in ("tensor", "pipeline", "virtual_stages", "context"):
             _need(getattr(self, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}")
         _need(
             self.virtual_stages == 1 or self.pipeline > 1,
@@ -49,6 +62,11 @@ class ParallelConfig:
             "interleaving needs parallel.pipeline > 1",
         )
         _need(not self.sequence_parallel or self.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+        _need(
+            self.context_attention in CONTEXT_ATTENTION,
+            "parallel.context_attention",
+            f"must be one of {', '.join(CONTEXT_ATTENTION)}, got {self.context_attention!r}",
+        )
         _need(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"must be 0-3, got {self.zero_stage}")
         _need(self.bucket_mb > 0, "parallel.bucket_mb", f"must be positive, got {self.bucket_mb}")
         _need(self.timeout_minutes > 0, "parallel.timeout_minutes", f"must be > 0, got {self.timeout_minutes}")

@@ -48,6 +48,8 @@ def layout_topology(config: RunConfig, *, dp: int, device: torch.device) -> Topo
         tp=p.tensor,
         pp=p.pipeline,
         dp=dp,
+        cp=p.context,
+        context_attention=p.context_attention,
         virtual_stages=p.virtual_stages,
         sequence_parallel=p.sequence_parallel,
         device=device,
@@ -67,6 +69,8 @@ def build_topology(
     tp: int,
     pp: int,
     dp: int,
+    cp: int = 1,
+    context_attention: str = "all_gather",
     virtual_stages: int = 1,
     sequence_parallel: bool = False,
     device: torch.device = CPU,
@@ -75,8 +79,17 @@ def build_topology(
     """Create all groups of the grid over an initialised default process group; each waits at
     most `timeout_minutes` (parallel.timeout_minutes) in a collective."""
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    assert world_size == tp * pp * dp, (world_size, tp, pp, dp)
-    topo = grid_position(rank=rank, tp=tp, pp=pp, dp=dp, virtual_stages=virtual_stages, device=device)
+    assert world_size == tp * pp * dp * cp, (world_size, tp, pp, dp, cp)
+    topo = grid_position(
+        rank=rank,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        cp=cp,
+        virtual_stages=virtual_stages,
+        context_attention=context_attention,
+        device=device,
+    )
     topo = dataclasses.replace(topo, sequence_parallel=sequence_parallel)
     timeout = group_timeout(timeout_minutes)
     mine: dict[str, dist.ProcessGroup | None] = {}
@@ -85,24 +98,44 @@ def build_topology(
         group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine[kind] = group
+    # Data x context is one of the two when the other has size 1: the same ranks, no new group.
+    if cp == 1:
+        mine["dp_cp_group"] = mine.get("dp_group")
+    elif dp == 1:
+        mine["dp_cp_group"] = mine.get("cp_group")
     return Topology(**{**topo.__dict__, **mine})
 
 
 def grid_groups(topo: Topology) -> Iterator[tuple[str, list[int]]]:
     """(Topology field, its ranks) for every group of the grid, in the one order every rank must
     create them in (new_group matches calls by order, so any rank-dependent order would pair
-    different groups on different ranks): TP, DP, PP with the embedding group, model."""
-    g, tp, dp, pp = topo.global_rank, topo.tp, topo.dp, topo.pp
+    different groups on different ranks): TP, CP, DP, data x context, PP with the embedding
+    group, model. The CP and data x context groups exist only with CP > 1 (and the latter only
+    with DP > 1 too; build_topology reuses the one group of the same ranks otherwise), so a grid
+    without context parallelism creates exactly the groups it always did."""
+    g, tp, cp, dp, pp = topo.global_rank, topo.tp, topo.cp, topo.dp, topo.pp
+    positions = [(c, d) for d in range(dp) for c in range(cp)]  # (cp_rank, dp_rank) in rank order
     for pp_rank in range(pp):
-        for dp_rank in range(dp):
-            yield "tp_group", [g(tp_rank=t, dp_rank=dp_rank, pp_rank=pp_rank) for t in range(tp)]
+        for c, d in positions:
+            yield "tp_group", [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=pp_rank) for t in range(tp)]
+    if cp > 1:
+        for pp_rank in range(pp):
+            for d in range(dp):
+                for t in range(tp):
+                    yield "cp_group", [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=pp_rank) for c in range(cp)]
     for pp_rank in range(pp):
-        for tp_rank in range(tp):
-            yield "dp_group", [g(tp_rank=tp_rank, dp_rank=d, pp_rank=pp_rank) for d in range(dp)]
-    for dp_rank in range(dp):
-        for tp_rank in range(tp):
-            yield "pp_group", [g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=s) for s in range(pp)]
-            ends = {g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=0), g(tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp - 1)}
+        for c in range(cp):
+            for t in range(tp):
+                yield "dp_group", [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=pp_rank) for d in range(dp)]
+    if cp > 1 and dp > 1:
+        for pp_rank in range(pp):
+            for t in range(tp):
+                replicas = [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=pp_rank) for c, d in positions]
+                yield "dp_cp_group", sorted(replicas)
+    for c, d in positions:
+        for t in range(tp):
+            yield "pp_group", [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=s) for s in range(pp)]
+            ends = {g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=0), g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=pp - 1)}
             yield "embedding_group", sorted(ends)
-    for dp_rank in range(dp):
-        yield "model_group", [g(tp_rank=t, dp_rank=dp_rank, pp_rank=s) for s in range(pp) for t in range(tp)]
+    for c, d in positions:
+        yield "model_group", [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=s) for s in range(pp) for t in range(tp)]

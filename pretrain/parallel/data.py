@@ -1,6 +1,9 @@
 """Gradient synchronisation across the grid after the backward passes of one step.
 
-- Data parallel: gradients are averaged over the DP group in buckets. Each bucket's all-reduce
+- Data parallel: gradients are averaged over the DP group in buckets (over the data x context
+  ranks under context parallelism: each CP rank's loss is its share of the sequence's mean,
+  scaled so that the mean over the CP ranks is the sequence's loss, see
+  pretrain/parallel/context.py, so its gradients average like a DP replica's). Each bucket's all-reduce
   starts (asynchronously) as soon as the last gradient in it has been accumulated during the
   final micro-batch's backward, so communication overlaps the rest of the backward pass.
 - Sequence parallel: replicated parameters that act on sequence shards (norms, row-parallel
@@ -75,7 +78,7 @@ class GradientSync:
     def __init__(self, chunks: list[nn.Module], topo: Topology, *, bucket_mb: float = 25.0) -> None:
         self.topo = topo
         self.params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
-        self.dp_group = topo.dp_group if group_size(topo.dp_group) > 1 else None
+        self.dp_group = topo.dp_cp_group if group_size(topo.dp_cp_group) > 1 else None
         self.enabled = [False] * len(chunks)  # per chunk: during its last micro-batch's backward
         self.buckets: list[_Bucket] = []
         self.overlapped = 0  # buckets whose reduction started during backward (for tests, benches)
@@ -126,7 +129,7 @@ class GradientSync:
     def _launch(self, bucket: _Bucket) -> None:
         # In place on the gradients themselves; a parameter that got no gradient this step
         # contributes its zeros (zero_grad left them there).
-        bucket.buffer.div_(self.topo.dp)  # sum of DP means / dp = mean over the global batch
+        bucket.buffer.div_(self.topo.replicas)  # sum of the replicas' means / their count = the global mean
         bucket.work = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
 
     def finish(self) -> None:
@@ -151,21 +154,21 @@ class GradientSync:
 
 
 def reduce_loss(loss: torch.Tensor, topo: Topology) -> float:
-    """Mean loss over the DP group, known on the last pipeline stage."""
-    if group_size(topo.dp_group) > 1:
+    """Mean loss over the data x context group, known on the last pipeline stage."""
+    if group_size(topo.dp_cp_group) > 1:
         loss = loss.detach().clone()
-        all_reduce(loss, topo.dp_group)
-        loss /= topo.dp
+        all_reduce(loss, topo.dp_cp_group)
+        loss /= topo.replicas
     return float(loss)
 
 
 def shared_loss(losses: list[torch.Tensor], topo: Topology) -> float:
-    """The step's loss (mean over micro-batches and the DP group) on every rank: the last
-    pipeline stage computes it and the other stages receive it, so that every rank can judge
+    """The step's loss (mean over micro-batches and the data x context group) on every rank: the
+    last pipeline stage computes it and the other stages receive it, so that every rank can judge
     the step (pretrain/faults/divergence.py) and reach the same verdict."""
     local = torch.stack(losses).mean().detach().float() if losses else torch.zeros((), device=topo.device)
-    if losses and group_size(topo.dp_group) > 1:
-        local = all_reduce(local.clone(), topo.dp_group) / topo.dp
+    if losses and group_size(topo.dp_cp_group) > 1:
+        local = all_reduce(local.clone(), topo.dp_cp_group) / topo.replicas
     if topo.pp > 1:  # the other stages add zeros: the value arrives unchanged, NaN included
         local = all_reduce(local.clone(), topo.pp_group)
     return float(local)
@@ -187,8 +190,8 @@ def _counted_grads(params: list[nn.Parameter], topo: Topology) -> list[torch.Ten
 
 
 def global_grad_norm(params: list[nn.Parameter], *, topo: Topology) -> float:
-    """L2 norm of the gradients of the whole model, the same on every rank (DP replicas hold
-    equal gradients)."""
+    """L2 norm of the gradients of the whole model, the same on every rank (DP and CP replicas
+    hold equal gradients once reduced)."""
     grads = _counted_grads(params, topo)
     squares = torch.zeros((), dtype=torch.float64, device=topo.device)
     if grads:

@@ -1,9 +1,17 @@
-"""The TP x DP x PP grid of ranks: one object, validated and built once, passed down explicitly.
+"""The TP x CP x DP x PP grid of ranks: one object, validated and built once, passed down
+explicitly.
 
-Rank order follows Megatron: tensor-parallel ranks are contiguous (so a TP group stays inside
-a node, where its all-reduces are cheapest), then data-parallel, then pipeline:
+Rank order follows Megatron (`tp-cp-dp-pp`): tensor-parallel ranks are contiguous (so a TP group
+stays inside a node, where its all-reduces are cheapest), then context-parallel (its K/V
+all-gathers or ring transfers run every layer, so they come next in closeness), then
+data-parallel, then pipeline:
 
-    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+    rank = pp_rank * (dp * cp * tp) + dp_rank * (cp * tp) + cp_rank * tp + tp_rank
+
+Context-parallel ranks hold the same weights and the same samples (each a part of every
+sequence), so for gradients they are replicas like data-parallel ranks: gradients are averaged,
+and ZeRO partitions, over the data x context ranks of a TP/PP position (`dp_cp_group`,
+`replicas`, `replica_rank`). With CP = 1 that group is the DP group and nothing changes.
 
 There are no process-group globals: every function that communicates takes the Topology (or
 one of its groups). A single process (world size 1) has no groups at all and every
@@ -33,10 +41,18 @@ class Topology:
     virtual_stages: int
     sequence_parallel: bool
     device: torch.device
+    cp: int = 1
+    # parallel.context_attention: how attention crosses the CP ranks ("all_gather" or "ring").
+    context_attention: str = "all_gather"
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
-    # All ranks of one model replica (TP x PP): grad-norm and loss reductions.
+    # The CP ranks of one TP/DP/PP position: they split each sequence between them.
+    cp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    # The data x context ranks of one TP/PP position (the DP group when CP = 1): gradient
+    # averaging, ZeRO's partitions, loss means.
+    dp_cp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    # All ranks of one model replica (TP x PP at one DP/CP position): grad-norm reductions.
     model_group: dist.ProcessGroup | None = field(default=None, repr=False)
     # First and last pipeline stage of one TP/DP position: keeps tied embeddings in sync.
     embedding_group: dist.ProcessGroup | None = field(default=None, repr=False)
@@ -47,12 +63,26 @@ class Topology:
         return self.rank % self.tp
 
     @property
+    def cp_rank(self) -> int:
+        return (self.rank // self.tp) % self.cp
+
+    @property
     def dp_rank(self) -> int:
-        return (self.rank // self.tp) % self.dp
+        return (self.rank // (self.tp * self.cp)) % self.dp
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp * self.dp)
+        return self.rank // (self.tp * self.cp * self.dp)
+
+    @property
+    def replicas(self) -> int:
+        """Ranks holding the same weights (one TP/PP position): data x context."""
+        return self.dp * self.cp
+
+    @property
+    def replica_rank(self) -> int:
+        """This rank's index among them, in global-rank order (its rank in dp_cp_group)."""
+        return self.dp_rank * self.cp + self.cp_rank
 
     @property
     def is_first_stage(self) -> bool:
@@ -62,22 +92,31 @@ class Topology:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-    def global_rank(self, *, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
-        return pp_rank * (self.dp * self.tp) + dp_rank * self.tp + tp_rank
+    def global_rank(self, *, tp_rank: int, cp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
 
     def pp_peer(self, offset: int) -> int:
-        """Global rank of the pipeline stage `offset` away (wrapping), same TP and DP position."""
-        return self.global_rank(tp_rank=self.tp_rank, dp_rank=self.dp_rank, pp_rank=(self.pp_rank + offset) % self.pp)
+        """Global rank of the pipeline stage `offset` away (wrapping), same TP, CP and DP position."""
+        return self.global_rank(
+            tp_rank=self.tp_rank, cp_rank=self.cp_rank, dp_rank=self.dp_rank, pp_rank=(self.pp_rank + offset) % self.pp
+        )
+
+    def cp_peer(self, offset: int) -> int:
+        """Global rank of the context-parallel rank `offset` away (wrapping): the ring's neighbours."""
+        return self.global_rank(
+            tp_rank=self.tp_rank, cp_rank=(self.cp_rank + offset) % self.cp, dp_rank=self.dp_rank, pp_rank=self.pp_rank
+        )
 
     @property
     def is_logging_rank(self) -> bool:
-        """The rank that prints and writes metrics: last stage (it has the loss), TP 0, DP 0."""
-        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
+        """The rank that prints and writes metrics: last stage (it has the loss), TP 0, CP 0, DP 0."""
+        return self.is_last_stage and self.tp_rank == 0 and self.cp_rank == 0 and self.dp_rank == 0
 
     def describe(self) -> str:
         return (
             f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, "
-            f"dp {self.dp_rank}/{self.dp}, pp {self.pp_rank}/{self.pp}"
+            + (f"cp {self.cp_rank}/{self.cp} ({self.context_attention}), " if self.cp > 1 else "")
+            + f"dp {self.dp_rank}/{self.dp}, pp {self.pp_rank}/{self.pp}"
             + (f" x {self.virtual_stages} virtual" if self.virtual_stages > 1 else "")
         )
 
@@ -88,14 +127,16 @@ def grid_position(
     tp: int = 1,
     pp: int = 1,
     dp: int = 1,
+    cp: int = 1,
     virtual_stages: int = 1,
     sequence_parallel: bool = False,
+    context_attention: str = "all_gather",
     device: torch.device = CPU,
 ) -> Topology:
-    """Rank `rank` of the tp x dp x pp grid, without process groups yet: what bootstrap.py fills
-    in, and what the planner asks about a position (its schedule, its shards) without any."""
+    """Rank `rank` of the tp x cp x dp x pp grid, without process groups yet: what bootstrap.py
+    fills in, and what the planner asks about a position (its schedule, its shards) without any."""
     return Topology(
-        world_size=tp * pp * dp,
+        world_size=tp * pp * dp * cp,
         rank=rank,
         tp=tp,
         pp=pp,
@@ -103,6 +144,8 @@ def grid_position(
         virtual_stages=virtual_stages,
         sequence_parallel=sequence_parallel,
         device=device,
+        cp=cp,
+        context_attention=context_attention,
     )
 
 

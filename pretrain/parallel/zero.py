@@ -64,7 +64,7 @@ class ZeroEngine:
 
         self.config, self.topo, self.stage = config, topo, config.parallel.zero_stage
         self.model_chunks = chunks
-        self.ds_config = deepspeed_config(config, data_parallel=topo.dp, accumulation=accumulation)
+        self.ds_config = deepspeed_config(config, data_parallel=topo.replicas, accumulation=accumulation)
         params = [p for chunk in chunks for p in chunk.parameters()]
         mark_parameters(chunks, topo)
         ensure_process_group(topo, timeout_minutes=config.parallel.timeout_minutes)

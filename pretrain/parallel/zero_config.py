@@ -52,7 +52,8 @@ def check_precision_supported(precision: str) -> None:
 
 
 def deepspeed_config(config: RunConfig, *, data_parallel: int, accumulation: int) -> dict:
-    """The DeepSpeed config equivalent to our run config (printed at start, saved nowhere else)."""
+    """The DeepSpeed config equivalent to our run config (printed at start, saved nowhere else).
+    `data_parallel`: the size of the group DeepSpeed reduces over (data x context ranks)."""
     p, t, o = config.parallel, config.train, config.optimizer
     element_bytes = 4 if t.precision == "fp32" else 2
     # DeepSpeed counts elements, and wants a multiple of its (2-element) all-gather alignment.
@@ -78,7 +79,9 @@ def deepspeed_config(config: RunConfig, *, data_parallel: int, accumulation: int
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": config.global_batch(data_parallel),
+        # DeepSpeed's own arithmetic over its data-parallel group (data x context ranks: each CP
+        # rank counts the samples it holds a part of); only its consistency check reads it.
+        "train_batch_size": t.micro_batch_size * accumulation * data_parallel,
         "gradient_clipping": o.clip_grad,
         "zero_optimization": zero,
         # check_grad_overflow: a non-finite bf16 gradient skips the step as in fp16 and fp32.

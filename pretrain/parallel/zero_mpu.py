@@ -1,8 +1,10 @@
 """DeepSpeed's view of our Topology: the `mpu` it is handed, the marks on parameters its gradient
 norm reads, and the process groups it needs (its one-rank group, its own groups' timeouts).
 
-ZeRO shards over the data-parallel group only: the mpu hands DeepSpeed `topo.dp_group`, and
-the model-parallel group (TP x PP) is where it sums the squared gradient norm, counting a
+ZeRO shards over the ranks that hold the same weights: the mpu hands DeepSpeed the data x context
+group as its data-parallel group (`topo.dp_cp_group`, the DP group without context parallelism;
+CP ranks' gradients average like DP replicas', see pretrain/parallel/data.py), and the
+model-parallel group (TP x PP) is where it sums the squared gradient norm, counting a
 tensor-parallel shard on every TP rank and a replicated weight on TP rank 0 only.
 """
 
@@ -25,7 +27,7 @@ from pretrain.parallel.topology import Topology
 # this rank's index in it, its size). These become TopologyMPU's get_<name>_group/_rank/
 # _world_size methods. Model parallel is one replica's TP x PP ranks, TP ranks contiguous.
 _DIMENSIONS: dict[str, tuple[Callable[[Topology], object], ...]] = {
-    "data_parallel": (attrgetter("dp_group"), attrgetter("dp_rank"), attrgetter("dp")),
+    "data_parallel": (attrgetter("dp_cp_group"), attrgetter("replica_rank"), attrgetter("replicas")),
     "model_parallel": (attrgetter("model_group"), lambda t: t.pp_rank * t.tp + t.tp_rank, lambda t: t.tp * t.pp),
     "tensor_model_parallel": (attrgetter("tp_group"), attrgetter("tp_rank"), attrgetter("tp")),
     "pipeline_model_parallel": (attrgetter("pp_group"), attrgetter("pp_rank"), attrgetter("pp")),
@@ -54,7 +56,7 @@ def _with_dimension_getters(cls: type) -> type:
 class TopologyMPU:
     """DeepSpeed's `mpu` interface (Megatron's names) answered from our Topology.
 
-    Data parallel: the group ZeRO shards over. Model parallel: all TP x PP ranks of one replica,
+    Data parallel: the group ZeRO shards over (data x context). Model parallel: all TP x PP ranks of one replica,
     where DeepSpeed sums gradient norms and overflow flags. Tensor parallel: its rank decides which
     replicated weights count towards the norm (TP rank 0's). The get_<dimension>_group/_rank/
     _world_size methods of the four are generated from `_DIMENSIONS`."""
@@ -64,11 +66,15 @@ class TopologyMPU:
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         t = self.topo
-        return [t.global_rank(tp_rank=t.tp_rank, dp_rank=d, pp_rank=t.pp_rank) for d in range(t.dp)]
+        return [
+            t.global_rank(tp_rank=t.tp_rank, cp_rank=c, dp_rank=d, pp_rank=t.pp_rank)
+            for d in range(t.dp)
+            for c in range(t.cp)
+        ]
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         t = self.topo
-        return t.global_rank(tp_rank=0, dp_rank=t.dp_rank, pp_rank=t.pp_rank)
+        return t.global_rank(tp_rank=0, cp_rank=t.cp_rank, dp_rank=t.dp_rank, pp_rank=t.pp_rank)
 
 
 def mark_parameters(chunks: list[nn.Module], topo: Topology) -> None:
