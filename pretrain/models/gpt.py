@@ -5,7 +5,10 @@
 
 Tensor parallelism swaps the layers the factory builds (pretrain/models/layers.py); pipeline
 parallelism runs `embed`, slices of `blocks` and `head` on different ranks. Nothing here knows
-about either beyond `layers.tp_size`, which divides the heads a rank holds.
+about either beyond `layers.tp_size`, which divides the heads a rank holds. Context parallelism
+is the factory's `context` (None on one device; pretrain/parallel/context.py): given the full
+sequence, the model keeps this rank's tokens at their global positions, its attention crosses
+the context-parallel ranks, and its loss is this rank's share.
 
 Fused QKV layout: output rows are grouped per key/value head as [q x (heads/kv_heads), k, v],
 each head_dim wide, so splitting the rows into TP contiguous chunks gives every rank whole
@@ -57,6 +60,7 @@ class Attention(nn.Module):
         self.rng_region = layers.rng_region
         self.causal = not config.bidirectional
         self.backend = config.attention_backend
+        self.context = getattr(layers, "context", None)
         bias = config.flavour == "gpt2"
         qkv_out = (config.num_heads + 2 * config.kv_heads) * self.head_dim
         # model.qkv_bias (Qwen2): a bias on Q/K/V only, split over TP with the weight's rows.
@@ -64,6 +68,8 @@ class Attention(nn.Module):
         self.proj = layers.row(config.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None) -> torch.Tensor:
+        if self.context is not None:  # `documents` is then its LocalSequence (see run_blocks)
+            return self.context.attention(q, k, v, documents, dropout_p=self.dropout if self.training else 0.0)
         return attention(
             q,
             k,
@@ -77,7 +83,8 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, documents: Documents | None = None
     ) -> torch.Tensor:
-        qkv = self.qkv(x)  # [b, s, (heads + 2 kv_heads) * d]; s is the full sequence under SP
+        # [b, s, (heads + 2 kv_heads) * d]; s is the full sequence under SP (this CP rank's share of it)
+        qkv = self.qkv(x)
         b, s, _ = qkv.shape
         group = self.heads // self.kv_heads
         qkv = qkv.view(b, s, self.kv_heads, group + 2, self.head_dim)
@@ -251,27 +258,48 @@ class GPT(nn.Module):
         return full if spec is None else shard_tensor(full, spec, rank=self.layers.tp_rank, size=self.layers.tp_size)
 
     # The three pieces a pipeline stage runs; forward() chains them on one device.
+    def _positions(self, local_len: int, device: torch.device) -> torch.Tensor:
+        """Global positions [local_len] of the tokens this rank holds (all of them without CP)."""
+        context = getattr(self.layers, "context", None)
+        if context is None:
+            return torch.arange(local_len, device=device)
+        return context.positions(local_len * context.size, device=device)
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [b, s] -> hidden [b, s, h]."""
+        """tokens [b, s] -> hidden [b, s, h] (context parallelism: [b, s/cp, h], this rank's tokens)."""
+        context = getattr(self.layers, "context", None)
+        if context is not None:
+            tokens = context.local(tokens)
         x = self.embed(tokens)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(tokens.shape[1], device=tokens.device))
+            x = x + self.pos_embed(self._positions(tokens.shape[1], tokens.device))
         x = self.layers.enter_sequence_parallel(x)  # [b, s/tp, h] under sequence parallelism
         return self.embed_dropout(x)
 
     def run_blocks(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [b, s(/tp), h] -> hidden; `segments` [b, s]: document numbers (attention stays
-        within a document), or None."""
+        within a document), or None. Under context parallelism hidden holds this rank's s/cp
+        tokens and `segments` is the full sequence's."""
         # RoPE tables for the full sequence: attention runs on whole sequences even under
         # sequence parallelism (the QKV projection gathers them).
         s = x.shape[1] * (self.layers.tp_size if self.layers.sequence_parallel else 1)
-        rope = (self.rope_cos[:s], self.rope_sin[:s]) if self.config.flavour == "llama" else None
-        # The documents' mask or offsets, once for all layers (see Documents).
-        documents = (
-            None
-            if segments is None
-            else Documents.of(segments, backend=self.config.attention_backend, causal=not self.config.bidirectional)
-        )
+        context = getattr(self.layers, "context", None)
+        causal = not self.config.bidirectional
+        rope = None
+        if self.config.flavour == "llama":
+            if context is None:
+                rope = (self.rope_cos[:s], self.rope_sin[:s])
+            else:  # the rows of this rank's tokens' global positions
+                at = self._positions(s, x.device)
+                rope = (self.rope_cos[at], self.rope_sin[at])
+        # The documents' mask or offsets, once for all layers (see Documents); under context
+        # parallelism the masks of this rank's queries against every rank's keys.
+        if context is not None:
+            documents = context.prepare(segments, seq_len=s * context.size, causal=causal, device=x.device)
+        elif segments is not None:
+            documents = Documents.of(segments, backend=self.config.attention_backend, causal=causal)
+        else:
+            documents = None
         for block in self.blocks.values():
             if self.full_checkpoint and self.training:
                 x = checkpoint(block, x, rope, documents, use_reentrant=False)
@@ -288,7 +316,14 @@ class GPT(nn.Module):
         """hidden [b, s, h], labels [b, s] -> mean cross-entropy: `cross_entropy(head_logits(x))`
         over the real vocabulary (padding rows excluded),
         fused when the layer factory offers `linear_cross_entropy` (the [tokens, vocab] logits
-        and their gradient then share one buffer)."""
+        and their gradient then share one buffer). Under context parallelism `labels` are the
+        full sequence's and the result is this rank's share (ContextParallel.loss_share)."""
+        context = getattr(self.layers, "context", None)
+        if context is not None:
+            return context.loss_share(self._local_loss(x, context.local(labels)), labels)
+        return self._local_loss(x, labels)
+
+    def _local_loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         fused = getattr(self.layers, "linear_cross_entropy", None)
         vocab = self.config.vocab_size
         if fused is None:
@@ -306,6 +341,7 @@ class GPT(nn.Module):
         x = self.run_blocks(self.embed_tokens(tokens), segments)
         if labels is not None:
             return self.head_loss(x, labels)
+        # Under context parallelism: the logits of this rank's tokens (its two chunks).
         return self.layers.gather_logits(self.head_logits(x))[..., : self.config.vocab_size]
 
     def num_parameters(self) -> int:

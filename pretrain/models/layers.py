@@ -49,11 +49,16 @@ def _with_specs(module: nn.Module, **specs: ShardSpec) -> nn.Module:
 
 
 class DenseLayers:
-    """Single-device layers (tensor-parallel size 1)."""
+    """Single-device layers (tensor-parallel size 1). `context`: the context-parallel group's
+    operations (pretrain/parallel/context.py's ContextParallel) when the sequence is split over
+    ranks, else None."""
 
     tp_size = 1
     tp_rank = 0
     sequence_parallel = False
+
+    def __init__(self, context=None) -> None:
+        self.context = context
 
     def norm(self, config) -> nn.Module:
         return make_norm(config)

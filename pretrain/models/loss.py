@@ -95,7 +95,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         else:  # not tried in place on GPUs, which normally take the Triton loss (layers.py) anyway
             probs = torch.softmax(logits, dim=1)
         lse = row_max - probs.amax(dim=1).log()
-        count = valid.sum()
+        # clamp: labels all ignored give 0, not 0/0, as kernels.cross_entropy's mean (a context-
+        # parallel rank's share of a masked-LM sequence can hold no masked token).
+        count = valid.sum().clamp(min=1)
         loss = ((lse - target_logit) * valid).sum() / count
         ctx.save_for_backward(hidden, weight, probs, target, valid, count)
         ctx.used = False

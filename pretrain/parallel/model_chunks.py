@@ -15,6 +15,7 @@ from pretrain.config import ModelConfig, RunConfig
 from pretrain.models.build import build_gpt
 from pretrain.models.gpt import GPT, Stage
 from pretrain.models.layers import DenseLayers
+from pretrain.parallel.context import ContextParallel
 from pretrain.parallel.tensor import TensorParallelLayers
 from pretrain.parallel.topology import Topology
 
@@ -49,7 +50,7 @@ def build_model_chunks(
     """This rank's model: the whole GPT without pipelining, else one chunk per virtual stage.
     Built directly on the training device in the weights' dtype (pretrain/models/build.py: no
     full fp32 copy first), initialised to the single-device weights' shards."""
-    layers = TensorParallelLayers(topo) if topo.tp > 1 else DenseLayers()
+    layers = TensorParallelLayers(topo) if topo.tp > 1 else DenseLayers(context=ContextParallel.of(topo))
     if topo.pp == 1:
         return [build_gpt(config, layers=layers, init_seed=init_seed, device=topo.device, dtype=dtype)]
     return [

@@ -26,6 +26,7 @@ from pretrain.parallel.comm import (
     scatter_sequence,
     split_sequence,
 )
+from pretrain.parallel.context import ContextParallel
 from pretrain.parallel.random import tensor_parallel_rng
 from pretrain.parallel.topology import Topology
 from pretrain.parallel.waits import waiting
@@ -135,6 +136,7 @@ class TensorParallelLayers:
         self.tp_rank = topo.tp_rank
         self.group = topo.tp_group
         self.sequence_parallel = topo.sequence_parallel
+        self.context = ContextParallel.of(topo)  # None without context parallelism
 
     def column(self, in_features: int, out_features: int, *, bias: bool, stacked: int = 1) -> nn.Module:
         return ColumnParallelLinear(in_features, out_features, bias=bias, stacked=stacked, topo=self.topo)

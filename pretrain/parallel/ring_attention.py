@@ -1,0 +1,274 @@
+"""Ring attention across the context-parallel ranks (parallel.context_attention=ring).
+
+Each CP rank holds its queries and one K/V block (its own tokens, pretrain/parallel/context.py).
+The K/V blocks travel round the ring, rank i -> i + 1: at step t rank i holds the block of rank
+i - t. Each step posts the transfer of the block it holds to the next rank before computing
+attention on it, so the transfer overlaps the compute; after CP steps every rank has seen every
+block. A block's attention is partial (softmax over its keys only): its output and its
+log-sum-exp per query row are merged into the running result by log-sum-exp, which gives
+exactly softmax over all keys.
+
+Backward (exact, no approximation): with the final output O and log-sum-exp L of each row, a
+block's probabilities are P = exp(S - L), so every block's gradients follow from O, L and the
+incoming dO alone (FlashAttention's backward): dV = P^T dO, dS = P (dO V^T - rowsum(dO O)),
+dQ = dS K, dK = dS^T Q. The K/V blocks go round the ring again; each block's dK/dV accumulator
+travels with it, picking up every rank's contribution, and one last hop brings it home.
+
+Transfers follow NCCL's rules (pretrain/parallel/nccl_rules.py; tests/test_nccl_rules.py runs
+the ring under the checker): every transfer is one `batch_isend_irecv` group of a send to the
+next rank and a receive from the previous one, posted in the same order on every rank, and
+waited for before its buffer is read.
+
+Load balancing decides which parts of a block can matter: with the causal mask, a block from an
+earlier rank is seen whole by this rank's queries but only through its first chunk, and a block
+from a later rank only by this rank's second chunk (`RingBlock`); the rest is never computed.
+
+Block kernel: `block_forward` / `block_backward` are a math attention (scores materialised per
+block, in fp32) that returns the log-sum-exp; it runs on CPU and on GPU as written. They are the one
+place a GPU flash kernel goes: flash-attn's `_flash_attn_forward` returns (out, softmax_lse, ...)
+and `_flash_attn_backward` takes (dout, q, k, v, out, softmax_lse): the same contract, with the
+final out and lse passed to every block's backward; a block here is full, causal on its
+diagonal, or masked by documents, which the varlen kernels express. Not wired yet: context
+parallelism is validated to run with model.attention_backend=sdpa.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pretrain.parallel.waits import waiting
+
+
+def visible(
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    causal: bool,
+    q_seg: torch.Tensor | None = None,
+    k_seg: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """bool [b | 1, 1, sq, sk]: True where a query at global position q_pos may attend to a key at
+    k_pos (causal: the key is not later; documents q_seg [b, sq], k_seg [b, sk]: the same
+    document number). None: every query may see every key."""
+    mask = None
+    if causal:
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+    if q_seg is not None:
+        same = (q_seg[:, :, None] == k_seg[:, None, :])[:, None]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+@dataclass(frozen=True)
+class RingBlock:
+    """What one source rank's K/V block contributes to this rank's queries: the query rows and
+    key columns that can see each other at all (the rest is skipped), and the mask within them
+    (None: every query of `rows` sees every key of `cols`)."""
+
+    rows: slice
+    cols: slice
+    mask: torch.Tensor | None  # bool [b | 1, 1, rows, cols]
+
+    @staticmethod
+    def between(
+        *,
+        q_chunks: tuple[int, int],
+        k_chunks: tuple[int, int],
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        causal: bool,
+        q_seg: torch.Tensor | None,
+        k_seg: torch.Tensor | None,
+    ) -> RingBlock | None:
+        """The block of keys at chunks `k_chunks` (global positions k_pos) for queries at chunks
+        `q_chunks` (q_pos); None when no query sees any of its keys."""
+
+        def sees(a: int, b: int) -> bool:  # query chunk a, key chunk b
+            return not causal or k_chunks[b] <= q_chunks[a]
+
+        rows = [a for a in (0, 1) if any(sees(a, b) for b in (0, 1))]
+        cols = [b for b in (0, 1) if any(sees(a, b) for a in rows)]
+        if not rows:
+            return None
+        c = q_pos.shape[0] // 2
+        row, col = slice(rows[0] * c, (rows[-1] + 1) * c), slice(cols[0] * c, (cols[-1] + 1) * c)
+        partial = causal and any(not sees(a, b) or k_chunks[b] == q_chunks[a] for a in rows for b in cols)
+        mask = None
+        if partial or q_seg is not None:
+            mask = visible(
+                q_pos[row],
+                k_pos[col],
+                causal=partial,
+                q_seg=None if q_seg is None else q_seg[:, row],
+                k_seg=None if k_seg is None else k_seg[:, col],
+            )
+        return RingBlock(row, col, mask)
+
+
+class RingLink:
+    """One step of the ring: send a tensor to the next CP rank while receiving its like from the
+    previous one, as one NCCL-safe batched group."""
+
+    def __init__(self, *, group, next_rank: int, prev_rank: int) -> None:
+        self.group, self.next_rank, self.prev_rank = group, next_rank, prev_rank
+
+    def start(self, t: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Post the exchange; returns what `finish` needs. `t` must not change until then."""
+        buffer = torch.empty_like(t)
+        ops = [
+            dist.P2POp(dist.isend, t, self.next_rank, self.group),
+            dist.P2POp(dist.irecv, buffer, self.prev_rank, self.group),
+        ]
+        return dist.batch_isend_irecv(ops), buffer
+
+    @staticmethod
+    def finish(pending: tuple[list, torch.Tensor]) -> torch.Tensor:
+        works, buffer = pending
+        with waiting():
+            for work in works:
+                work.wait()
+        return buffer
+
+
+# -- the block kernel (math; the GPU flash kernels' place, see the module doc) ------------------
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """t in the dtype the ring computes in: fp32, or the input's own when wider (float64 tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q [b, heads, sq, d], k [b, kv_heads, sk, d] -> scores [b, kv_heads, group, sq, sk] (fp32 or
+    wider; query head h reads kv head h // group, as SDPA's enable_gqa), masked places -inf."""
+    b, heads, sq, d = q.shape
+    kv_heads = k.shape[1]
+    qg = _acc(q).reshape(b, kv_heads, heads // kv_heads, sq, d)
+    s = torch.matmul(qg, _acc(k).unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(d))
+    if mask is not None:
+        s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    return s
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """A row that sees no key has lse -inf: subtracting 0 instead makes its probabilities 0."""
+    return lse.masked_fill(torch.isinf(lse), 0.0)
+
+
+def block_forward(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q over one block of keys -> (out fp32 [b, heads, sq, d], its
+    log-sum-exp fp32 [b, heads, sq]; -inf for a row that sees no key, whose out is 0)."""
+    b, heads, sq, d = q.shape
+    s = _scores(q, k, mask)
+    lse = torch.logsumexp(s, dim=-1)  # [b, kv_heads, group, sq]
+    p = torch.exp(s - _finite(lse).unsqueeze(-1))
+    out = torch.matmul(p, _acc(v).unsqueeze(2))
+    return out.reshape(b, heads, sq, d), lse.reshape(b, heads, sq)
+
+
+def block_backward(dout, q, k, v, lse, delta, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block's share of the gradients, from the final log-sum-exp `lse` [b, heads, sq] and
+    delta = rowsum(dO * O) [b, heads, sq] of the whole attention -> (dq [b, heads, sq, d],
+    dk, dv [b, kv_heads, sk, d]), fp32."""
+    b, heads, sq, d = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    s = _scores(q, k, mask)
+    p = torch.exp(s - _finite(lse).reshape(b, kv_heads, group, sq, 1))  # [b, kv, g, sq, sk]
+    do = _acc(dout).reshape(b, kv_heads, group, sq, d)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
+    dp = torch.matmul(do, _acc(v).unsqueeze(2).transpose(-1, -2))
+    ds = p * (dp - delta.reshape(b, kv_heads, group, sq, 1)) * (1.0 / math.sqrt(d))
+    dq = torch.matmul(ds, _acc(k).unsqueeze(2)).reshape(b, heads, sq, d)
+    dk = torch.matmul(ds.transpose(-1, -2), _acc(q).reshape(b, kv_heads, group, sq, d)).sum(2)
+    return dq, dk, dv
+
+
+def _merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor, rows: slice) -> None:
+    """Fold a block's (out, lse) over `rows` into the running result, in place."""
+    old_out, old_lse = out[:, :, rows], lse[:, :, rows]
+    new_lse = torch.logaddexp(old_lse, part_lse)
+    keep = torch.exp(old_lse - _finite(new_lse)).unsqueeze(-1)
+    take = torch.exp(part_lse - _finite(new_lse)).unsqueeze(-1)
+    out[:, :, rows] = old_out * keep + part * take
+    lse[:, :, rows] = new_lse
+
+
+# -- the ring ------------------------------------------------------------------------------------
+
+
+def _ring_forward(q, k, v, *, blocks, link: RingLink, rank: int, size: int):
+    b, heads, s, d = q.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros((b, heads, s, d), dtype=acc, device=q.device)
+    lse = torch.full((b, heads, s), float("-inf"), dtype=acc, device=q.device)
+    kv = torch.stack([k, v])  # [2, b, kv_heads, s, d]: one message per step
+    for step in range(size):
+        pending = link.start(kv) if step < size - 1 else None  # the next block, while we compute
+        block = blocks[(rank - step) % size]
+        if block is not None:
+            part, part_lse = block_forward(
+                q[:, :, block.rows], kv[0][:, :, block.cols], kv[1][:, :, block.cols], block.mask
+            )
+            _merge(out, lse, part, part_lse, block.rows)
+        if pending is not None:
+            kv = link.finish(pending)
+    return out, lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, *, blocks, link: RingLink, rank: int, size: int):
+    delta = (_acc(dout) * _acc(out)).sum(-1)  # [b, heads, s]
+    acc = delta.dtype
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack([k, v])
+    dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # the held block's sum so far
+    arriving = None  # the accumulator of the block held next, in flight from the previous rank
+    for step in range(size):
+        pending = link.start(kv) if step < size - 1 else None
+        block = blocks[(rank - step) % size]
+        grads = None
+        if block is not None:
+            r, c = block.rows, block.cols
+            dq_b, dk_b, dv_b = block_backward(
+                dout[:, :, r], q[:, :, r], kv[0][:, :, c], kv[1][:, :, c], lse[:, :, r], delta[:, :, r], block.mask
+            )
+            dq[:, :, r] += dq_b
+            grads = (c, dk_b, dv_b)
+        if arriving is not None:  # it travelled while this step computed
+            dkv = link.finish(arriving)
+        if grads is not None:
+            c, dk_b, dv_b = grads
+            dkv[0][:, :, c] += dk_b
+            dkv[1][:, :, c] += dv_b
+        arriving = link.start(dkv)  # on with the block's sum; after the last step, home
+        if pending is not None:
+            kv = link.finish(pending)
+    dkv = link.finish(arriving)  # this rank's own block, summed over every rank's queries
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, blocks, link, rank, size):
+        out, lse = _ring_forward(q, k, v, blocks=blocks, link=link, rank=rank, size=size)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring = (blocks, link, rank, size)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        blocks, link, rank, size = ctx.ring
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, blocks=blocks, link=link, rank=rank, size=size)
+        return dq, dk, dv, None, None, None, None
+
+
+def ring_attention(q, k, v, *, blocks, link: RingLink, rank: int, size: int) -> torch.Tensor:
+    """q [b, heads, s_local, d], k, v [b, kv_heads, s_local, d] -> [b, heads, s_local, d]: this
+    rank's queries over every CP rank's keys; `blocks[r]`: what rank r's block contributes."""
+    return _RingAttention.apply(q, k, v, blocks, link, rank, size)
