@@ -292,8 +292,39 @@ def _step_worker(overrides: list[str]) -> str:
             4,
         ),
         (["parallel.pipeline=2", "train.precision=bf16"], 2),
+        # Context parallelism's ring (K/V blocks and their gradients passed rank to rank inside
+        # every layer's forward and backward) between the pipeline's exchanges, with DP buckets
+        # reducing over data x context ranks during the backward.
+        (
+            [
+                "model.flavour=llama",
+                "model.num_kv_heads=2",
+                "parallel.context=2",
+                "parallel.context_attention=ring",
+                "parallel.pipeline=2",
+                "parallel.virtual_stages=2",
+                "parallel.bucket_mb=0.01",
+            ],
+            4,
+        ),
+        (
+            [
+                "parallel.context=2",
+                "parallel.context_attention=ring",
+                "parallel.zero_stage=1",
+                "parallel.bucket_mb=0.01",
+            ],
+            4,
+        ),
     ],
-    ids=["tp2_pp2_dp2_sp_interleaved", "zero1_tp2_pp2_dp2_sp_tied", "zero2_pp2_dp2", "pp2_bf16"],
+    ids=[
+        "tp2_pp2_dp2_sp_interleaved",
+        "zero1_tp2_pp2_dp2_sp_tied",
+        "zero2_pp2_dp2",
+        "pp2_bf16",
+        "cp2_ring_pp2_interleaved",
+        "cp2_ring_dp2_zero1",
+    ],
 )
 def test_a_training_step_follows_nccl_rules(overrides, world):
     traces = dict(enumerate(map(load_trace, run_ranks(world, _step_worker, overrides))))
