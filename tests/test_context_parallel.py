@@ -5,8 +5,10 @@ attention across them by all-gather or ring, composed with TP (+SP), PP, DP and 
   whole sequence: output and the gradients of q, k, v equal to 1e-12 for both variants, causal or
   not, with and without documents, grouped-query attention, CP = 2 and 4.
 - Training, fp32, 3 optimizer steps (warmup, clipping, AdamW) on the harness's batches: losses
-  and gradient norms equal the single-process run's. Several layouts share one spawn of ranks
-  (each builds its own groups over the same default group), so the file stays quick.
+  and gradient norms equal the single-process run's, for CP 2 and 4, with TP + SP, PP (1F1B and
+  interleaved), DP, ZeRO 1-3, activation checkpointing (full and selective) and documents.
+  Several layouts share one spawn of ranks (each builds its own groups over the same default
+  group), so the file stays quick.
 - Validation before any process group, checkpoints that do not depend on CP, and the ring's
   transfers under the NCCL-rules model (also in tests/test_nccl_rules.py's step test).
 """
@@ -148,6 +150,11 @@ LAYOUTS_2 = {
     "cp2_gpt2_ring": ([], ["parallel.context=2", *RING]),
     "cp2_documents": (LLAMA + DOCUMENTS, ["parallel.context=2"]),
     "cp2_documents_ring": (LLAMA + DOCUMENTS, ["parallel.context=2", *RING]),
+    "cp2_zero2": (LLAMA, ["parallel.context=2", "parallel.zero_stage=2"]),
+    "cp2_selective_checkpointing_ring": (
+        LLAMA,
+        ["parallel.context=2", "model.activation_checkpointing=selective", *RING],
+    ),
 }
 TP2_SP = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
 LAYOUTS_4 = {
@@ -158,6 +165,10 @@ LAYOUTS_4 = {
     "cp2_pp2_1f1b_ring": (LLAMA, ["parallel.context=2", "parallel.pipeline=2", *RING]),
     "cp2_pp2_interleaved": (LLAMA, ["parallel.context=2", "parallel.pipeline=2", "parallel.virtual_stages=2"]),
     "cp2_dp2_zero1_ring": (LLAMA, ["parallel.context=2", "parallel.zero_stage=1", *RING, "parallel.bucket_mb=0.01"]),
+    "cp2_dp2_zero3_ring": (
+        LLAMA,
+        ["parallel.context=2", "parallel.zero_stage=3", "parallel.zero3_persistence_threshold=0", *RING],
+    ),
     "cp2_dp2_checkpointing": (
         LLAMA,
         ["parallel.context=2", "model.activation_checkpointing=full", "parallel.bucket_mb=0.01"],
