@@ -198,6 +198,24 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: t
     lse[:, :, rows] = new_lse
 
 
+# A block's scores are materialised ([b, heads, rows, cols] fp32, and three such in backward):
+# query rows go through in tiles of at most this many scores, so the transient stays ~16 MB
+# however long the sequence, as a flash kernel's tiles would.
+_TILE_SCORES = 2**22
+
+
+def _tiles(block: RingBlock, *, batch: int, heads: int) -> list[tuple[slice, torch.Tensor | None]]:
+    """(query rows, their mask) tiles of a block, in order."""
+    cols = block.cols.stop - block.cols.start
+    step = max(1, _TILE_SCORES // (batch * heads * cols))
+    tiles = []
+    for start in range(block.rows.start, block.rows.stop, step):
+        stop = min(start + step, block.rows.stop)
+        local = slice(start - block.rows.start, stop - block.rows.start)
+        tiles.append((slice(start, stop), None if block.mask is None else block.mask[:, :, local]))
+    return tiles
+
+
 # -- the ring ------------------------------------------------------------------------------------
 
 
@@ -211,10 +229,10 @@ def _ring_forward(q, k, v, *, blocks, link: RingLink, rank: int, size: int):
         pending = link.start(kv) if step < size - 1 else None  # the next block, while we compute
         block = blocks[(rank - step) % size]
         if block is not None:
-            part, part_lse = block_forward(
-                q[:, :, block.rows], kv[0][:, :, block.cols], kv[1][:, :, block.cols], block.mask
-            )
-            _merge(out, lse, part, part_lse, block.rows)
+            k_b, v_b = kv[0][:, :, block.cols], kv[1][:, :, block.cols]
+            for rows, mask in _tiles(block, batch=b, heads=heads):
+                part, part_lse = block_forward(q[:, :, rows], k_b, v_b, mask)
+                _merge(out, lse, part, part_lse, rows)
         if pending is not None:
             kv = link.finish(pending)
     return out, lse
@@ -232,11 +250,16 @@ def _ring_backward(dout, q, k, v, out, lse, *, blocks, link: RingLink, rank: int
         block = blocks[(rank - step) % size]
         grads = None
         if block is not None:
-            r, c = block.rows, block.cols
-            dq_b, dk_b, dv_b = block_backward(
-                dout[:, :, r], q[:, :, r], kv[0][:, :, c], kv[1][:, :, c], lse[:, :, r], delta[:, :, r], block.mask
-            )
-            dq[:, :, r] += dq_b
+            c = block.cols
+            k_b, v_b = kv[0][:, :, c], kv[1][:, :, c]
+            dk_b, dv_b = torch.zeros_like(k_b, dtype=acc), torch.zeros_like(v_b, dtype=acc)
+            for r, mask in _tiles(block, batch=q.shape[0], heads=q.shape[1]):
+                dq_t, dk_t, dv_t = block_backward(
+                    dout[:, :, r], q[:, :, r], k_b, v_b, lse[:, :, r], delta[:, :, r], mask
+                )
+                dq[:, :, r] += dq_t
+                dk_b += dk_t
+                dv_b += dv_t
             grads = (c, dk_b, dv_b)
         if arriving is not None:  # it travelled while this step computed
             dkv = link.finish(arriving)
