@@ -82,7 +82,10 @@ def test_stages_from_yaml_text_or_indexed_overrides_and_back():
         ("[{path: A, start_step: 0}, {path: B, start_step: 3, start_fraction: 0.5}]", "give exactly one of"),
         ("[{path: A, start_step: 0}, {path: B, start_fraction: 1.0}]", "data.stages.1.start_fraction: must be in"),
         ("[{path: A, start_step: -1}]", "data.stages.0.start_step: must be >= 0, got -1"),
-        ("[{path: A, start_step: 0}, {path: '0.5 B C', start_step: 3}]", "data.stages.1.path: the blend '0.5 B C' has 3 words"),
+        (
+            "[{path: A, start_step: 0}, {path: '0.5 B C', start_step: 3}]",
+            "data.stages.1.path: the blend '0.5 B C' has 3 words",
+        ),
         ("[{path: '', start_step: 0}]", "data.stages.0.path: is empty"),
         ("[{path: A, start: 0}]", "data.stages.0.start: unknown key; valid keys under 'data.stages.0' are path"),
         ("{path: A}", "data.stages: expected a list"),
