@@ -199,9 +199,9 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: t
 
 
 # A block's scores are materialised ([b, heads, rows, cols] fp32, and three such in backward):
-# query rows go through in tiles of at most this many scores, so the transient stays ~16 MB
+# query rows go through in tiles of at most this many scores, so the transient stays a few MB
 # however long the sequence, as a flash kernel's tiles would.
-_TILE_SCORES = 2**22
+_TILE_SCORES = 2**20
 
 
 def _tiles(block: RingBlock, *, batch: int, heads: int) -> list[tuple[slice, torch.Tensor | None]]:

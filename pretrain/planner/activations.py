@@ -36,6 +36,9 @@ class ActivationProbe:
     the micro-batch saved (the logits' gradient, the blocks' input gradients)."""
     backward_middle: int
     """The same through blocks alone (a stage without the output layer)."""
+    per_chunk: int = 0
+    """Kept once per micro-batch by every model chunk, whatever its layers: context parallelism's
+    all-gather attention mask (local queries x the whole sequence's keys, shared by the layers)."""
 
 
 class _Saved:
@@ -60,10 +63,19 @@ class _Saved:
 
 
 def probe_activations(config: RunConfig) -> ActivationProbe:
-    """Per-micro-batch saved bytes of the config's model at its tensor-parallel layout."""
+    """Per-micro-batch saved bytes of the config's model at its tensor-parallel layout.
+
+    Context parallelism: a rank holds seq_length / CP tokens of every sequence, so the model is
+    probed at that length; with parallel.context_attention=all_gather each block also keeps the
+    gathered K/V of the whole sequence for its backward (the ring keeps only its own block)."""
     p = config.parallel
+    model = config.model
+    if p.context > 1:
+        model = dataclasses.replace(
+            model, seq_length=model.seq_length // p.context, max_position_embeddings=model.positions
+        )
     key = (
-        repr(config.model),
+        repr(model),
         p.tensor,
         p.sequence_parallel and p.tensor > 1,
         config.train.micro_batch_size,
@@ -71,8 +83,15 @@ def probe_activations(config: RunConfig) -> ActivationProbe:
         _weight_dtype(config),
     )
     if key not in _PROBES:  # --suggest asks again for every pipeline and ZeRO variant
-        _PROBES[key] = _probe(config.model, *key[1:])
-    return _PROBES[key]
+        _PROBES[key] = _probe(model, *key[1:])
+    probe = _PROBES[key]
+    if p.context > 1 and p.context_attention == "all_gather":
+        m, b, width = config.model, config.train.micro_batch_size, config.compute_dtype.itemsize
+        gathered = 2 * b * (m.kv_heads // p.tensor) * m.seq_length * m.head_dim * width
+        rows = b if config.data.document_attention_mask else 1
+        mask = rows * model.seq_length * m.seq_length * width  # additive, [b | 1, 1, s / cp, s]
+        probe = dataclasses.replace(probe, per_block=probe.per_block + gathered, per_chunk=mask)
+    return probe
 
 
 _PROBES: dict[tuple, ActivationProbe] = {}

@@ -130,8 +130,16 @@ def default_ranks(config: RunConfig, world_size: int) -> list[int]:
 def coordinates(config: RunConfig, world_size: int, rank: int) -> Topology:
     """The grid position of `rank` (no process group)."""
     p = config.parallel
-    dp = world_size // (p.tensor * p.pipeline)
-    return grid_position(rank=rank, tp=p.tensor, pp=p.pipeline, dp=dp, virtual_stages=p.virtual_stages)
+    dp = world_size // (p.tensor * p.pipeline * p.context)
+    return grid_position(
+        rank=rank,
+        tp=p.tensor,
+        pp=p.pipeline,
+        dp=dp,
+        cp=p.context,
+        virtual_stages=p.virtual_stages,
+        context_attention=p.context_attention,
+    )
 
 
 def _run_all(config: RunConfig, *, world_size: int, ranks: list[int], steps: int, jobs: int) -> list:

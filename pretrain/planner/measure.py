@@ -28,7 +28,7 @@ class SaveReport:
     """Host memory the snapshot fills (its HostBuffers, and any tensor it hands over as is)."""
     share_bytes: int
     """This rank's share of the state a checkpoint holds: without ZeRO, the weights and optimizer
-    state of its TP/PP position over the DP ranks that split the writing (whole tensors are
+    state of its TP/PP position over the DP (x CP) ranks that split the writing (whole tensors are
     dealt out, so one rank's part can exceed the even split by up to one tensor); with ZeRO, its
     own fp32 masters and moments. A save that gathers more shows up as host_bytes above it."""
     tensors: int
@@ -81,7 +81,7 @@ def measure_save(trainer: Trainer, steady: MemoryBreakdown) -> SaveReport:
     shard = state.take_shard(topo=trainer.topo, host=host)
     tensors = [*shard.weights.values(), *shard.optimizer.values()]
     if isinstance(state, ReplicatedState):
-        share = (steady.weights + steady.optimizer) // trainer.topo.dp
+        share = (steady.weights + steady.optimizer) // trainer.topo.replicas  # data x context ranks split it
     else:  # partitioned: its own masters and moments are its share
         share = steady.optimizer
     return SaveReport(host_bytes=_unique_bytes(tensors), share_bytes=share, tensors=len(tensors))

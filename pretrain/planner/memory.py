@@ -80,8 +80,9 @@ def plan_memory(config: RunConfig, world_size: int, *, overhead: bool = True) ->
     ranks = []
     for pp_rank in range(config.parallel.pipeline):
         params = rank_parameters(config, pp_rank)
-        weights, grads, optimizer = _model_states(config, params, dp)
-        transient = 4 * params // dp if config.parallel.zero_stage else 0
+        replicas = dp * config.parallel.context  # ZeRO partitions over data x context ranks
+        weights, grads, optimizer = _model_states(config, params, replicas)
+        transient = 4 * params // replicas if config.parallel.zero_stage else 0
         activations, in_flight = _peak_activations(config, pp_rank, probe, dp)
         comm = _comm_buffers(config)
         owned = weights + grads + optimizer + max(activations, transient) + comm
@@ -132,7 +133,8 @@ def _peak_activations(config: RunConfig, pp_rank: int, probe, dp: int) -> tuple[
     def cost(chunk: int) -> int:
         virtual = chunk * p.pipeline + pp_rank
         first, last = virtual == 0, virtual == p.pipeline * p.virtual_stages - 1
-        return layers_per_chunk * probe.per_block + (probe.embedding if first else 0) + (probe.head if last else 0)
+        own = layers_per_chunk * probe.per_block + probe.per_chunk
+        return own + (probe.embedding if first else 0) + (probe.head if last else 0)
 
     def backward(chunk: int) -> int:  # what a backward through the chunk adds at its highest
         last = chunk * p.pipeline + pp_rank == p.pipeline * p.virtual_stages - 1

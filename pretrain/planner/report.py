@@ -21,8 +21,9 @@ ROWS = (
 def describe_layout(plan: Plan, world_size: int) -> str:
     c = plan.config
     p, t = c.parallel, c.train
-    dp = world_size // (p.tensor * p.pipeline)
-    parts = [f"tensor {p.tensor} x pipeline {p.pipeline} x data {dp}"]
+    dp = world_size // (p.tensor * p.pipeline * p.context)
+    context = f" x context {p.context} ({p.context_attention})" if p.context > 1 else ""
+    parts = [f"tensor {p.tensor} x pipeline {p.pipeline}{context} x data {dp}"]
     if p.virtual_stages > 1:
         parts.append(f"{p.virtual_stages} virtual stages")
     parts.append(f"ZeRO-{p.zero_stage}" if p.zero_stage else "no ZeRO")

@@ -3,6 +3,9 @@ tensor-parallel collectives over NVLink (not overlapped, as in our code), pipeli
 and bubble (1F1B, interleaved), the data-parallel reduction over the node's link and how much
 of it hides behind the last micro-batch's backward, ZeRO's gathers, and the optimizer step
 (memory bound). Calibrated against published H100/A100 runs (bench/RESULTS.md, "Planner").
+Context parallelism divides each rank's tokens (compute, TP and pipeline traffic) by CP and
+widens the gradient reduction to data x context ranks; its own K/V traffic (all-gather or ring,
+overlapped with attention by the ring) is not modelled.
 """
 
 from __future__ import annotations
@@ -55,8 +58,9 @@ def estimate_step(config: RunConfig, world_size: int, hardware: Hardware, params
         "bubble": bubble_share * micro * per_micro,
         "tensor_parallel": micro * _tensor_parallel_seconds(config, hardware) * (1 + bubble_share),
         "pipeline_transfers": micro * _pipeline_transfer_seconds(config, hardware),
-        "data_parallel": _data_parallel_seconds(config, hardware, dp, params_per_rank, micro, per_micro),
-        "optimizer": _optimizer_seconds(config, hardware, dp, params_per_rank),
+        # Gradients are reduced, and ZeRO partitions, over the data x context ranks.
+        "data_parallel": _data_parallel_seconds(config, hardware, dp * p.context, params_per_rank, micro, per_micro),
+        "optimizer": _optimizer_seconds(config, hardware, dp * p.context, params_per_rank),
     }
     seconds = sum(parts.values())
     mfu = model_flops / (seconds * world_size * peak)
@@ -91,7 +95,8 @@ def _tensor_parallel_seconds(config: RunConfig, hw: Hardware) -> float:
     if p.tensor == 1:
         return 0.0
     width = _width(config)
-    activation = config.train.micro_batch_size * m.seq_length * m.hidden_size * width
+    # a context-parallel rank's share of the sequence
+    activation = config.train.micro_batch_size * m.seq_length // p.context * m.hidden_size * width
     bandwidth = hw.intra_node_gbps if p.tensor <= hw.gpus_per_node else hw.inter_node_gbps
     per_layer = 4 * 2 * _ring(activation, p.tensor, bandwidth)
     if m.activation_checkpointing == "full":
@@ -106,7 +111,7 @@ def _pipeline_transfer_seconds(config: RunConfig, hw: Hardware) -> float:
         return 0.0
     width = _width(config)
     shard = p.tensor if p.sequence_parallel else 1
-    activation = config.train.micro_batch_size * m.seq_length * m.hidden_size * width / shard
+    activation = config.train.micro_batch_size * m.seq_length // p.context * m.hidden_size * width / shard
     bandwidth = hw.inter_node_gbps if p.tensor * p.pipeline > hw.gpus_per_node else hw.intra_node_gbps
     return 2 * p.virtual_stages * activation / (bandwidth * 1e9 * LINK_EFFICIENCY)
 
