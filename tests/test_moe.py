@@ -282,9 +282,11 @@ SOFTMAX = [
     "model.moe.z_loss_coeff=0.1",
     "model.moe.shared_experts=1",
     "model.moe.shared_expert_gate=true",
+    "model.moe.grouped_mm=true",  # the grouped matmul (the sigmoid runs take the per-expert loop)
 ]
 SIGMOID = [
     "model.flavour=gpt2",
+    "model.moe.grouped_mm=false",  # the per-expert loop
     "model.moe.num_experts=4",
     "model.moe.ffn_hidden_size=32",
     "model.moe.router=sigmoid",
@@ -328,7 +330,7 @@ def single_process():
 
 @pytest.mark.parametrize(
     "router,layout",
-    [("softmax", name) for name in LAYOUTS] + [("sigmoid", name) for name in ("tp2-sp", "pp2", "dp2")],
+    [("softmax", name) for name in LAYOUTS] + [("sigmoid", name) for name in ("tp2", "tp2-sp", "pp2", "dp2")],
 )
 def test_layouts_train_as_one_process(single_process, router, layout):
     """3 steps with the optimizer, fp32: losses and grad norms within 2e-5 of one process, the
@@ -395,3 +397,41 @@ def test_moe_tiny_trains_and_logs_the_load(stdlib_data, tmp_path):
             assert sum(layer["tokens_per_expert"]) == 8 * 128 * 2  # the step's tokens x top_k: dropless
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert val[-1] < val[0] - 1.5
+
+
+def test_mixtral_8x7b_config_plans_with_active_flops():
+    """The shipped Mixtral shape: 46.7B parameters, 12.9B active; the planner runs its MoE blocks
+    on fake tensors (equal load) and finds the 128-GPU layout fits in 80 GB."""
+    from pretrain.config import load_config
+    from pretrain.hf.mapping import model_params
+
+    model = load_config(ROOT / "configs/mixtral_8x7b.yaml").model
+    total = sum(math.prod(shape) for _, shape in model_params(model).values())
+    assert round(total / 1e9, 1) == 46.7
+    assert model.moe.active_mlp_weights(model) == 4096 * 8 + 2 * 3 * 4096 * 14336  # router, top-2 experts
+    active = total - 32 * 6 * 3 * 4096 * 14336  # 6 of the 8 experts idle for each token
+    # 6 x active matmul weights per token (the input embedding is a lookup, not a matmul)
+    assert training_flops(model, batch=1, seq=1) == pytest.approx(6 * (active - model.vocab_rows * 4096), rel=1e-4)
+    result = subprocess.run(
+        [sys.executable, "tools/plan.py", "configs/mixtral_8x7b.yaml", "--gpus", "128", "--hardware", "h100", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["plan"]["fits"] is True
+
+
+def test_bench_moe_row_runs():
+    """bench/train_step.py --flavour moe at a toy shape: ours, Mixtral (grouped_mm) and Mixtral's
+    loop over experts, equal parameter counts, one RESULT line with both ratios."""
+    args = ["--flavour", "moe", "--hidden", "64", "--layers", "1", "--heads", "4", "--seq", "32", "--batch", "1"]
+    args += ["--vocab", "200", "--experts", "4", "--steps", "1", "--warmup", "0"]
+    result = subprocess.run(
+        [sys.executable, "bench/train_step.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert line.startswith("RESULT train_step_moe_fp32_h64 tokens_per_s=") and " ratio_eager=" in line
+    assert line.split()[-1].startswith("ratio=")

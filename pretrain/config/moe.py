@@ -63,10 +63,12 @@ class MoEConfig:
     num_experts) assignments per micro-batch, first come first served in token order; the
     rest are dropped (the token keeps its residual and its other experts) and counted in the
     metrics (moe_dropped_tokens)."""
-    grouped_mm: bool = True
+    grouped_mm: bool | None = None
     """Run all experts as one grouped matmul (torch.nn.functional.grouped_mm) where torch offers
     it for the device, dtype and widths (widths a multiple of 8); false, or where it does not:
-    one matmul per expert in a loop."""
+    one matmul per expert in a loop. Null: the grouped matmul on GPUs (one kernel instead of one
+    per expert), the loop on CPUs, where it measured faster (bench/RESULTS.md, "Mixture of
+    experts")."""
 
     # Derived values: read these, not the optional fields above.
     def expert_ffn(self, model: ModelConfig) -> int:

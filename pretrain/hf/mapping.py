@@ -422,8 +422,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], model: ModelConfig) -> dict
     """Our single-device state dict (vocabulary padded to any number of rows) -> the transformers
     one: padding rows dropped, every tensor contiguous and owning its memory (safetensors
     refuses views that share storage)."""
-    if model.flavour not in _TO_HF:
-        hf_config(model, bos=None, eos=None, pad=None)  # raises, naming the flavour
+    hf_model_type(model)  # raises for a flavour (or a MoE) no transformers family holds
     if model.bidirectional:
         raise HFConversionError(
             "model.bidirectional=true: a masked-LM model is not a causal LM; there is no "

@@ -250,7 +250,8 @@ class MoE(nn.Module):
         rows = x[dispatch.tokens]  # [N, h]
         experts = list(self.experts.values())
         widths = (x.shape[1], experts[0].fc1.weight.shape[0], experts[0].fc2.weight.shape[1])
-        if self.moe.grouped_mm and not fake and grouped_mm_fits(rows, widths):
+        grouped = self.moe.grouped_mm if self.moe.grouped_mm is not None else rows.device.type == "cuda"
+        if grouped and not fake and grouped_mm_fits(rows, widths):
             return self._grouped(rows, dispatch, experts)
         if fake:  # no values to count: the planner sees every expert equally loaded
             n, e = rows.shape[0], len(experts)
@@ -266,8 +267,9 @@ class MoE(nn.Module):
     def _looped(self, rows: torch.Tensor, sizes: list[int], experts: list[nn.Module]) -> torch.Tensor:
         outputs = []
         for expert, part in zip(experts, rows.split(sizes)):
-            if part.shape[0]:
-                outputs.append(F.linear(self._activation(expert.fc1(part)), expert.fc2.weight))
+            if part.shape[0]:  # the weights only: under TP the layers' own forward would communicate
+                h = F.linear(part, expert.fc1.weight, expert.fc1.bias)
+                outputs.append(F.linear(self._activation(h), expert.fc2.weight))
         if not outputs:
             return rows.new_zeros((0, experts[0].fc2.weight.shape[0]))
         return torch.cat(outputs)
