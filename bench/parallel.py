@@ -16,6 +16,14 @@ rank's Python thread spends inside communication calls: transfer plus waiting fo
 
     python bench/parallel.py                       # all layouts, default shape, 2 passes (~3 min)
     python bench/parallel.py --layouts single tp2  # a subset
+    python bench/parallel.py --layouts cp2 cp2_ring --cp-memory-seq 4096
+
+Context parallelism (parallel.context): besides its throughput rows (cp2: K/V all-gathered, cp2_ring:
+K/V passed round the ring), a section measures the activation memory per rank of one long
+sequence at CP = 1, 2, 4 with each attention: every rank's live storages counted during two
+training steps (pretrain/planner/measure.py, the planner's own measurement; the peak split into
+weights, gradients, optimizer state and activations by what the trainer holds). Its RESULT line's
+ratio is (CP 1's activations / 4) / CP 4's: 1.0 means activations fall exactly as 1/CP.
 
 Per layout the last lines are `RESULT parallel_<layout> tokens_per_s_per_rank=... step_s=...
 comm_share=... ratio=...`, ratio = tokens/s per rank of the layout / tokens/s of the
@@ -57,6 +65,8 @@ LAYOUTS = {
     "dp2": ([], 2),
     "tp2_pp2": (["parallel.tensor=2", "parallel.pipeline=2"], 4),
     "tp2_pp2_dp2": (["parallel.tensor=2", "parallel.pipeline=2"], 8),
+    "cp2": (["parallel.context=2"], 2),
+    "cp2_ring": (["parallel.context=2", "parallel.context_attention=ring"], 2),
 }
 
 
@@ -182,6 +192,86 @@ def run_layout(args, name: str) -> dict:
     }
 
 
+def _cp_memory_rank(rank: int, world: int, port: int, args, method: str, out: str) -> None:
+    """One rank of a CP = world run of one long sequence: its peak memory, by category."""
+    from pretrain.parallel.bootstrap import init_distributed
+    from pretrain.planner.fake_world import gpu_allocations
+    from pretrain.planner.live_memory import LiveMemory
+    from pretrain.planner.measure import measure_training
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    overrides = [
+        f"parallel.context={world}",
+        f"parallel.context_attention={method}",
+        f"model.seq_length={args.cp_memory_seq}",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=1",
+    ]
+    config = make_config(args, overrides, steps=2)
+    topo = init_distributed(config, device=torch.device("cpu"))
+    # As a GPU allocates (no logits buffer kept between steps), as the planner's benches measure.
+    with gpu_allocations(), LiveMemory() as tracker:
+        measured = measure_training(config, topo, tracker=tracker)
+    peak = measured.peak
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"activations": peak.activations, "total": peak.total}))
+    if world > 1:
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # as _rank: skip gloo's occasionally aborting teardown
+
+
+def cp_memory(args) -> list[dict]:
+    """Peak activation memory per rank (the largest over ranks) at CP = 1, 2, 4, each attention."""
+    rows = []
+    for cp, method in [(1, "all_gather"), (2, "all_gather"), (4, "all_gather"), (2, "ring"), (4, "ring")]:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as out:
+            mp.spawn(_cp_memory_rank, args=(cp, free_port(), args, method, out), nprocs=cp, join=True)
+            ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(cp)]
+        rows.append(
+            {
+                "cp": cp,
+                "attention": "-" if cp == 1 else method,
+                "activations": max(r["activations"] for r in ranks),
+                "total": max(r["total"] for r in ranks),
+                "wall_s": time.perf_counter() - start,
+            }
+        )
+        print(f"  CP {cp} {rows[-1]['attention']}: {rows[-1]['wall_s']:.0f} s wall", flush=True)
+    return rows
+
+
+def print_cp_memory(args, rows: list[dict]) -> None:
+    mib = 2**20
+    base = rows[0]["activations"]
+    print(
+        f"\nactivation memory per rank, one sequence of {args.cp_memory_seq} tokens (llama {args.layers} layers, "
+        f"hidden {args.hidden}, fp32; peak over 2 training steps, largest rank):"
+    )
+    print(f"{'CP':>4}{'attention':>12}{'activations MiB':>17}{'x CP 1':>8}{'1/CP':>7}{'peak total MiB':>16}")
+    for r in rows:
+        print(
+            f"{r['cp']:>4}{r['attention']:>12}{r['activations'] / mib:>17.1f}{r['activations'] / base:>8.3f}"
+            f"{1 / r['cp']:>7.3f}{r['total'] / mib:>16.1f}"
+        )
+
+
+def cp_memory_results(rows: list[dict]) -> list[str]:
+    mib, lines = 2**20, []
+    for method in ("all_gather", "ring"):
+        by_cp = {r["cp"]: r["activations"] for r in rows if r["attention"] in ("-", method)}
+        lines.append(
+            f"RESULT parallel_cp_memory_{method} activation_mb_cp1={by_cp[1] / mib:.1f} "
+            f"activation_mb_cp2={by_cp[2] / mib:.1f} activation_mb_cp4={by_cp[4] / mib:.1f} "
+            f"ratio={by_cp[1] / 4 / by_cp[4]:.3f}"
+        )
+    return lines
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
@@ -196,6 +286,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--repeat", type=int, default=2, help="passes over the layouts; the fastest run is kept")
+    p.add_argument(
+        "--cp-memory-seq",
+        type=int,
+        default=4096,
+        help="sequence length of the context-parallel memory section (a multiple of 8); 0 skips it",
+    )
     return p.parse_args(argv)
 
 
@@ -255,6 +351,9 @@ def main(argv=None) -> None:
         "cores busy with other processes during the kept run"
     )
     print("load average at end (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    memory = cp_memory(args) if args.cp_memory_seq else []
+    if memory:
+        print_cp_memory(args, memory)
     print()
     for r in results:
         print(
@@ -262,6 +361,8 @@ def main(argv=None) -> None:
             f"step_s={r['step_s']:.4f} comm_share={r['comm_share']:.4f} ranks={r['world']} "
             f"ratio={r['ratio']:.3f}"
         )
+    for line in cp_memory_results(memory):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ RING = ["parallel.context_attention=ring"]
 # attention is exact (float64 test below); in fp32 its sums run in another order than one
 # device's SDPA, and AdamW's first steps (update ~ g / |g| per element) magnify the rounding of
 # near-zero gradient entries: measured up to 2.7e-5 on the third step's norm (documents, ring),
-# while the first step's norm, before any update, agrees to 2e-6.
+# while the first step's norm, before any update, agrees exactly there (0.0).
 LOSS_TOL = 2e-5
 NORM_TOL = 1e-4
 FIRST_NORM_TOL = 2e-5
