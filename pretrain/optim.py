@@ -176,3 +176,9 @@ class BackwardRootChunk:
     def run_blocks(self, x: torch.Tensor, segments=None) -> torch.Tensor:
         out = self.chunk.run_blocks(x, segments)
         return out if self.chunk.stage.last else self._root(out, loss=False)
+
+    def weight_root(self, x: torch.Tensor) -> torch.Tensor:
+        """The root of a zero-bubble W pass (pretrain/models/weight_grads.py accumulate): a
+        backward pass of its own, so `on_start` runs for it too; its gradients come from B's
+        that were scaled already."""
+        return self._root(x, loss=False)

@@ -9,6 +9,7 @@ import dataclasses
 from pretrain.config.errors import ConfigError, _need
 from pretrain.config.model import pad_vocab
 from pretrain.config.moe import check_moe_layout
+from pretrain.config.parallel import ZERO_BUBBLE
 from pretrain.config.run import RunConfig
 
 
@@ -31,6 +32,7 @@ def derive(config: RunConfig) -> None:
     m = config.model
     if m.padded_vocab_size is None:
         m.padded_vocab_size = pad_vocab(m.vocab_size, m.make_vocab_size_divisible_by * config.parallel.tensor)
+    config.parallel.derive_schedule()
 
 
 def _check_tensor_split(config: RunConfig) -> None:
@@ -125,6 +127,33 @@ def _check_zero_with_pipeline(config: RunConfig) -> None:
     )
 
 
+def _check_zero_bubble(config: RunConfig) -> None:
+    """What the zero-bubble schedules (pretrain/parallel/zero_bubble.py) do not combine with."""
+    p, m = config.parallel, config.model
+    if p.pipeline_schedule not in ZERO_BUBBLE:
+        return
+    _need(
+        not (p.pipeline_schedule == "zb-v" and m.tied),
+        "model.tie_embeddings",
+        "zb-v puts the first and the last stage on pipeline rank 0, and tied embeddings "
+        "(model.tie_embeddings, on by default for gpt2) are kept in sync between two pipeline ranks; "
+        "set model.tie_embeddings=false, or use parallel.pipeline_schedule=zb-h1",
+    )
+    _need(
+        p.zero_stage in (0, 1),
+        "parallel.zero_stage",
+        f"{p.zero_stage} with parallel.pipeline_schedule={p.pipeline_schedule}: ZeRO-2 reduces every "
+        "micro-batch's gradients as its backward produces them, and a zero-bubble schedule produces "
+        "them later, in its weight-gradient passes; use parallel.zero_stage=1 or 0",
+    )
+    _need(
+        not m.compile,
+        "model.compile",
+        f"torch.compile with parallel.pipeline_schedule={p.pipeline_schedule} is not supported: the "
+        "split backward defers weight gradients from inside autograd functions; set model.compile=false",
+    )
+
+
 def _check_objective(config: RunConfig) -> None:
     """The training objective and the attention direction go together."""
     _need(
@@ -176,6 +205,7 @@ CROSS_SECTION_CHECKS = (
     _check_context_split,
     _check_pipeline_split,
     _check_zero_with_pipeline,
+    _check_zero_bubble,
     check_moe_layout,
     _check_objective,
     _check_attention_precision,
@@ -202,7 +232,7 @@ def validate_layout(config: RunConfig, world_size: int) -> int:
     except ConfigError as e:
         grid = f"tensor {p.tensor} x pipeline {p.pipeline}" + (f" x context {p.context}" if p.context > 1 else "")
         raise ConfigError(f"{e} (world {world_size} / ({grid}))") from None
-    if p.virtual_stages > 1 and micro_batches % p.pipeline:
+    if p.pipeline_schedule == "interleaved" and micro_batches % p.pipeline:
         raise ConfigError(
             f"parallel.virtual_stages: the interleaved schedule needs the number of "
             f"micro-batches per step ({micro_batches}) to be a multiple of "

@@ -5,10 +5,12 @@ package never imports."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pretrain.config.errors import _need
 
 CONTEXT_ATTENTION = ("all_gather", "ring")
+ZERO_BUBBLE = ("zb-h1", "zb-v")
 
 
 @dataclass
@@ -19,6 +21,13 @@ class ParallelConfig:
     """Pipeline-parallel stages."""
     virtual_stages: int = 1
     """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
+    pipeline_schedule: Literal["1f1b", "interleaved", "zb-h1", "zb-v"] | None = None
+    """The pipeline schedule: `1f1b`; `interleaved` (needs virtual_stages > 1); `zb-h1` and
+    `zb-v`, the zero-bubble schedules (each backward split into the input gradient, on the
+    critical path, and the weight gradients, run where the pipeline would idle): zb-h1 keeps
+    1F1B's order and memory peak, zb-v puts two stages on each rank in V order (rank r: stages r
+    and 2 x pipeline - 1 - r; it implies virtual_stages=2, and untied embeddings). Unset: 1f1b,
+    or interleaved when virtual_stages > 1."""
     sequence_parallel: bool = False
     """Split activations outside tensor-parallel regions along the sequence."""
     context: int = 1
@@ -62,6 +71,7 @@ class ParallelConfig:
             "interleaving needs parallel.pipeline > 1",
         )
         _need(not self.sequence_parallel or self.tensor > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+        self._validate_schedule()
         _need(
             self.context_attention in CONTEXT_ATTENTION,
             "parallel.context_attention",
@@ -94,3 +104,44 @@ class ParallelConfig:
             "gathered and released once per micro-batch with nothing in flight to hide it (DeepSpeed's own "
             "pipeline engine refuses it too). Use parallel.zero_stage=1 or 2 with pipelining",
         )
+
+    def _validate_schedule(self) -> None:
+        """parallel.pipeline_schedule against pipeline and virtual_stages (derive() fills it in
+        when unset, and gives zb-v its two chunks)."""
+        schedule, vs = self.pipeline_schedule, self.virtual_stages
+        if schedule is None:
+            return
+        _need(  # 1f1b at pipeline 1 is the plain loop (what derive() fills in)
+            self.pipeline > 1 or schedule == "1f1b",
+            "parallel.pipeline_schedule",
+            f"{schedule} schedules a pipeline: set parallel.pipeline > 1 (or leave the schedule unset)",
+        )
+        if schedule == "interleaved":
+            _need(
+                vs > 1,
+                "parallel.pipeline_schedule",
+                "interleaved runs several model chunks per rank: set parallel.virtual_stages > 1",
+            )
+        elif schedule == "zb-v":
+            _need(
+                vs in (1, 2),
+                "parallel.virtual_stages",
+                f"{vs} with parallel.pipeline_schedule=zb-v: zb-v runs exactly two chunks per rank "
+                "(rank r holds stages r and 2 x pipeline - 1 - r); leave parallel.virtual_stages unset or 2",
+            )
+        else:
+            _need(
+                vs == 1,
+                "parallel.virtual_stages",
+                f"{vs} with parallel.pipeline_schedule={schedule}: {schedule} runs one chunk per rank; "
+                "use parallel.pipeline_schedule=interleaved (or zb-v, two chunks in V order) for "
+                "several, or set parallel.virtual_stages=1",
+            )
+
+    def derive_schedule(self) -> None:
+        """Fill parallel.pipeline_schedule when unset (1f1b, interleaved when virtual_stages > 1)
+        and virtual_stages for zb-v (2): saved with every checkpoint, explicit from then on."""
+        if self.pipeline_schedule is None:
+            self.pipeline_schedule = "interleaved" if self.virtual_stages > 1 else "1f1b"
+        if self.pipeline_schedule == "zb-v":
+            self.virtual_stages = 2

@@ -20,16 +20,26 @@ from pretrain.models.sharding import ShardSpec, mark
 
 class RMSNorm(nn.RMSNorm):
     """nn.RMSNorm (same parameters and state dict) computed by kernels.rms_norm (the fused Triton
-    kernel where kernels.use_triton says so, else the PyTorch reference)."""
+    kernel where kernels.use_triton says so, else the PyTorch reference). `weight_grads`: a
+    zero-bubble schedule's store (pretrain/models/weight_grads.py), which then gets the weight
+    gradient (the split norm runs F.rms_norm's own PyTorch operations, not the Triton kernel)."""
+
+    weight_grads = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_grads is not None:
+            return self.weight_grads.rms_norm(x, self.weight, self.eps)
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm computed by kernels.layer_norm."""
+    """nn.LayerNorm computed by kernels.layer_norm (`weight_grads`: as RMSNorm's)."""
+
+    weight_grads = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_grads is not None:
+            return self.weight_grads.layer_norm(x, self.weight, self.bias, self.eps)
         return kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
@@ -56,6 +66,9 @@ class DenseLayers:
     tp_size = 1
     tp_rank = 0
     sequence_parallel = False
+    # A zero-bubble schedule's store (pretrain/models/weight_grads.py): the fused output layer's
+    # weight gradient is deferred to it (the other layers get it themselves).
+    weight_grads = None
 
     def __init__(self, context=None) -> None:
         self.context = context
@@ -90,7 +103,7 @@ class DenseLayers:
 
     def output_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden [b, s, h] x weight [vocab, h] -> logits [b, s, vocab] (vocab local under TP)."""
-        return F.linear(hidden, weight)
+        return F.linear(hidden, weight) if self.weight_grads is None else self.weight_grads.linear(hidden, weight, None)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits from this rank's output (identity on one device)."""
@@ -103,6 +116,9 @@ class DenseLayers:
         is written over them."""
         return kernels.cross_entropy(logits, labels, vocab_size=vocab_size, inplace_backward=True, reduction="mean")
 
-    # cross_entropy(output_logits(hidden, weight), labels), fused so that the [tokens, vocab] logits
-    # are allocated once (on CPU kept in `scratch` between steps).
-    linear_cross_entropy = staticmethod(kernels.linear_cross_entropy)
+    def linear_cross_entropy(self, hidden, weight, labels, *, vocab_size: int, scratch=None) -> torch.Tensor:
+        """cross_entropy(output_logits(hidden, weight), labels), fused so that the [tokens, vocab]
+        logits are allocated once (on CPU kept in `scratch` between steps)."""
+        return kernels.linear_cross_entropy(
+            hidden, weight, labels, vocab_size=vocab_size, scratch=scratch, weight_grads=self.weight_grads
+        )

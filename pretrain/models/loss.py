@@ -68,8 +68,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, vocab_size, scratch):
+    def forward(ctx, hidden, weight, labels, ignore_index, vocab_size, scratch, deferred=None, anchor=None):
         # hidden [N, h], weight [V padded, h], labels [N]; only the first vocab_size rows count.
+        # deferred: (WeightGradStore, the weight parameter) when a zero-bubble schedule runs the
+        # weight's gradient later (pretrain/models/weight_grads.py; `weight` is then detached and
+        # `anchor` keeps the loss in the graph).
+        ctx.deferred = deferred
         device = hidden.device
         ctx.dtypes, ctx.rows = (hidden.dtype, weight.dtype), weight.shape[0]
         ctx.autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
@@ -123,14 +127,24 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = ((grad @ weight) * per_row.to(grad.dtype)).to(ctx.dtypes[0])
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            # Straight into a buffer of the padded shape (padding rows zero): slicing the weight
-            # outside would cost a zero-filled [V padded, h] buffer and a copy into it.
-            vocab = weight.shape[0]
-            scaled = hidden * per_row.to(hidden.dtype)
-            grad_weight = torch.empty((ctx.rows, hidden.shape[1]), dtype=ctx.dtypes[1], device=hidden.device)
-            if grad.dtype == grad_weight.dtype:
-                torch.mm(grad.t(), scaled, out=grad_weight[:vocab])
-            else:
-                grad_weight[:vocab] = grad.t() @ scaled
-            grad_weight[vocab:].zero_()
-        return grad_hidden, grad_weight, None, None, None, None
+            grad_weight = _weight_grad(grad, hidden, per_row, rows=ctx.rows, dtype=ctx.dtypes[1])
+        elif ctx.deferred is not None:  # the [tokens, vocab] gradient lives on until the W
+            store, param = ctx.deferred
+            rows, dtype, hidden = ctx.rows, ctx.dtypes[1], hidden.detach()
+            store.defer(lambda: [(param, _weight_grad(grad, hidden, per_row, rows=rows, dtype=dtype))])
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _weight_grad(grad, hidden, per_row, *, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d weight [rows, h] from (softmax - onehot) [N, vocab], hidden [N, h] and the
+    per-row factor [N, 1]. Straight into a buffer of the padded shape (padding rows zero):
+    slicing the weight outside would cost a zero-filled [V padded, h] buffer and a copy into it."""
+    vocab = grad.shape[1]
+    scaled = hidden * per_row.to(hidden.dtype)
+    grad_weight = torch.empty((rows, hidden.shape[1]), dtype=dtype, device=hidden.device)
+    if grad.dtype == grad_weight.dtype:
+        torch.mm(grad.t(), scaled, out=grad_weight[:vocab])
+    else:
+        grad_weight[:vocab] = grad.t() @ scaled
+    grad_weight[vocab:].zero_()
+    return grad_weight

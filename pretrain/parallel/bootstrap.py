@@ -51,6 +51,7 @@ def layout_topology(config: RunConfig, *, dp: int, device: torch.device) -> Topo
         cp=p.context,
         context_attention=p.context_attention,
         virtual_stages=p.virtual_stages,
+        pipeline_schedule=p.pipeline_schedule,
         sequence_parallel=p.sequence_parallel,
         device=device,
         timeout_minutes=p.timeout_minutes,
@@ -72,6 +73,7 @@ def build_topology(
     cp: int = 1,
     context_attention: str = "all_gather",
     virtual_stages: int = 1,
+    pipeline_schedule: str | None = None,
     sequence_parallel: bool = False,
     device: torch.device = CPU,
     timeout_minutes: float | None = None,
@@ -88,6 +90,7 @@ def build_topology(
         cp=cp,
         virtual_stages=virtual_stages,
         context_attention=context_attention,
+        pipeline_schedule=pipeline_schedule,
         device=device,
     )
     topo = dataclasses.replace(topo, sequence_parallel=sequence_parallel)

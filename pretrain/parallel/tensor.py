@@ -37,7 +37,12 @@ def _param(shape: tuple[int, ...], spec: ShardSpec | None = None, *, sequence_pa
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W's output rows split across TP ranks; y stays split (no comm)."""
+    """y = x W^T + b with W's output rows split across TP ranks; y stays split (no comm).
+    `weight_grads`: a zero-bubble schedule's store (pretrain/models/weight_grads.py), which then
+    gets dW and db. Under sequence parallelism their W keeps the all-gathered input (as the
+    plain backward keeps it until B) instead of gathering it again: no communication in W."""
+
+    weight_grads = None
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, stacked: int, topo: Topology) -> None:
         super().__init__()
@@ -53,11 +58,17 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [b, s(/tp under SP), in] -> [b, s, out/tp]
         x = gather_sequence(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        if self.weight_grads is not None:
+            return self.weight_grads.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T + b with W's input columns split; partial products are summed across TP."""
+    """y = x W^T + b with W's input columns split; partial products are summed across TP.
+    `weight_grads`: as ColumnParallelLinear's (dW from this rank's input shard, db after the
+    reduction)."""
+
+    weight_grads = None
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, topo: Topology) -> None:
         super().__init__()
@@ -69,13 +80,19 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [b, s, in/tp] -> [b, s(/tp under SP), out]
-        y = F.linear(x, self.weight)
+        split = self.weight_grads
+        y = F.linear(x, self.weight) if split is None else split.linear(x, self.weight, None)
         y = scatter_sequence(y, self.group) if self.sequence_parallel else reduce_from_tp(y, self.group)
-        return y if self.bias is None else y + self.bias
+        if self.bias is None:
+            return y
+        return y + self.bias if split is None else split.bias_add(y, self.bias)
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Token embedding with the vocabulary rows split; each rank looks up the ids it owns."""
+    """Token embedding with the vocabulary rows split; each rank looks up the ids it owns.
+    `weight_grads`: as ColumnParallelLinear's."""
+
+    weight_grads = None
 
     def __init__(self, rows: int, dim: int, *, topo: Topology) -> None:
         super().__init__()
@@ -89,7 +106,9 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.start
         outside = (local < 0) | (local >= self.local_rows)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        ids = local.masked_fill(outside, 0)
+        split = self.weight_grads
+        out = F.embedding(ids, self.weight) if split is None else split.embedding(ids, self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.group)  # [b, s, h], full on every rank
 
@@ -130,6 +149,8 @@ class _GatherVocab(torch.autograd.Function):
 class TensorParallelLayers:
     """The layer factory for tensor parallelism (see pretrain/models/layers.py for the contract)."""
 
+    weight_grads = None  # a zero-bubble schedule's store: the output layer's dW goes there
+
     def __init__(self, topo: Topology) -> None:
         self.topo = topo
         self.tp_size = topo.tp
@@ -161,7 +182,7 @@ class TensorParallelLayers:
     def output_logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # hidden [b, s(/tp), h] -> logits [b, s, V/tp]; the vocabulary stays split.
         x = gather_sequence(hidden, self.group) if self.sequence_parallel else copy_to_tp(hidden, self.group)
-        return F.linear(x, weight)
+        return F.linear(x, weight) if self.weight_grads is None else self.weight_grads.linear(x, weight, None)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.tp_size == 1 else _GatherVocab.apply(logits, self.group)

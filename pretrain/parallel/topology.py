@@ -44,6 +44,9 @@ class Topology:
     cp: int = 1
     # parallel.context_attention: how attention crosses the CP ranks ("all_gather" or "ring").
     context_attention: str = "all_gather"
+    # parallel.pipeline_schedule ("1f1b", "interleaved", "zb-h1", "zb-v"); None: 1F1B, or
+    # interleaved 1F1B when virtual_stages > 1 (pretrain/parallel/pipeline.py make_schedule).
+    pipeline_schedule: str | None = None
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
@@ -89,8 +92,15 @@ class Topology:
         return self.pp_rank == 0
 
     @property
+    def v_shape(self) -> bool:
+        """ZB-V: rank r holds stages r and 2p-1-r, so the first and the last stage (the
+        embedding and the loss) are both on pipeline rank 0."""
+        return self.pipeline_schedule == "zb-v"
+
+    @property
     def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
+        """Whether this rank holds the model's last stage (the loss)."""
+        return self.pp_rank == (0 if self.v_shape else self.pp - 1)
 
     def global_rank(self, *, tp_rank: int, cp_rank: int, dp_rank: int, pp_rank: int) -> int:
         return ((pp_rank * self.dp + dp_rank) * self.cp + cp_rank) * self.tp + tp_rank
@@ -118,6 +128,7 @@ class Topology:
             + (f"cp {self.cp_rank}/{self.cp} ({self.context_attention}), " if self.cp > 1 else "")
             + f"dp {self.dp_rank}/{self.dp}, pp {self.pp_rank}/{self.pp}"
             + (f" x {self.virtual_stages} virtual" if self.virtual_stages > 1 else "")
+            + (f" ({self.pipeline_schedule})" if self.pp > 1 and self.pipeline_schedule else "")
         )
 
 
@@ -131,6 +142,7 @@ def grid_position(
     virtual_stages: int = 1,
     sequence_parallel: bool = False,
     context_attention: str = "all_gather",
+    pipeline_schedule: str | None = None,
     device: torch.device = CPU,
 ) -> Topology:
     """Rank `rank` of the tp x cp x dp x pp grid, without process groups yet: what bootstrap.py
@@ -146,6 +158,7 @@ def grid_position(
         device=device,
         cp=cp,
         context_attention=context_attention,
+        pipeline_schedule=pipeline_schedule,
     )
 
 

@@ -180,7 +180,13 @@ def cross_entropy(
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, vocab_size: int, scratch=None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_size: int,
+    scratch=None,
+    weight_grads=None,
 ) -> torch.Tensor:
     """Mean cross_entropy(hidden @ weight[:vocab_size].T, labels) over labels != -100, the output
     layer fused with its loss: hidden [..., h], weight [padded vocab, h], labels [...].
@@ -188,9 +194,16 @@ def linear_cross_entropy(
     Triton: the logits stay in the matmul's dtype (bf16 under autocast; the kernel computes in
     fp32) and their gradient is written over them. Elsewhere pretrain/models/loss.py's
     LinearCrossEntropy, which allocates the [tokens, vocab] fp32 logits once (on CPU kept in
-    `scratch`, a loss.ScratchBuffer, between steps).
+    `scratch`, a loss.ScratchBuffer, between steps). `weight_grads`: a zero-bubble schedule's
+    store (pretrain/models/weight_grads.py); the weight's gradient is then deferred to it, by
+    LinearCrossEntropy on every device (the Triton loss has no split backward).
     """
     hidden, labels = hidden.flatten(0, -2), labels.flatten()
+    if weight_grads is not None:
+        deferred = (weight_grads, weight)
+        return LinearCrossEntropy.apply(
+            hidden, weight.detach(), labels, IGNORE_INDEX, vocab_size, scratch, deferred, weight_grads.anchor
+        )
     if not use_triton(hidden):
         return LinearCrossEntropy.apply(hidden, weight, labels, IGNORE_INDEX, vocab_size, scratch)
     logits = torch.nn.functional.linear(hidden, weight[:vocab_size])
