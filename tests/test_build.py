@@ -35,7 +35,7 @@ MODELS = {
 
 def tp_layers(rank: int, *, sequence_parallel: bool = True) -> TensorParallelLayers:
     """The TP factory of rank `rank` of 2; building its modules needs no process group."""
-    topo = types.SimpleNamespace(tp=2, tp_rank=rank, tp_group=None, sequence_parallel=sequence_parallel)
+    topo = types.SimpleNamespace(tp=2, tp_rank=rank, tp_group=None, sequence_parallel=sequence_parallel, cp=1)
     return TensorParallelLayers(topo)
 
 
