@@ -218,6 +218,97 @@ def test_every_schedule_is_deadlock_free_under_nccl_rules(pp):
         assert all(op.nbytes == 4 * 8 * 4 and op.dtype == "float32" for op in wire), case
 
 
+# -- the zero-bubble schedules (pretrain/parallel/zero_bubble.py) ------------------------------------------
+
+ZERO_BUBBLE = {"zb-h1": 1, "zb-v": 2}  # schedule -> chunks per rank
+
+
+def _zero_bubble_worker(pp: int, micro_batches: list[int]) -> dict[str, str]:
+    """Every zero-bubble case's step (and its evaluation) through the real executor with the
+    real split layers; case -> this rank's trace."""
+    from pretrain.parallel.bootstrap import build_topology
+    from pretrain.parallel.model_chunks import build_model_chunks
+    from pretrain.parallel.pipeline import forward_backward
+
+    dist.init_process_group("gloo")
+    traces = {}
+    for schedule, vp in ZERO_BUBBLE.items():
+        topo = build_topology(tp=1, pp=pp, dp=1, virtual_stages=vp, pipeline_schedule=schedule)
+        config = make_config(TINY + [f"model.num_layers={pp * vp}", "model.tie_embeddings=false"])
+        chunks = build_model_chunks(config.model, topo, init_seed=0)
+        for micro in micro_batches:
+            for forward_only in (False, True):
+                with CommRecorder() as rec, torch.set_grad_enabled(not forward_only):
+                    forward_backward(
+                        chunks=chunks,
+                        topo=topo,
+                        batches=_batches(micro, 0),
+                        micro_batches=micro,
+                        autocast=lambda: torch.autocast("cpu", enabled=False),
+                        hidden_shape=(1, 4, 8),
+                        forward_only=forward_only,
+                    )
+                traces[f"{schedule}/{micro}/{int(forward_only)}"] = dump_trace(rec.events)
+    return traces
+
+
+@pytest.mark.parametrize("pp", [2, 3, 4])
+def test_zero_bubble_schedules_are_deadlock_free_under_nccl_rules(pp):
+    """ZB-H1 and ZB-V on real ranks, with their W's, early receives and (ZB-V) the V's turn on
+    the last rank, which moves its activation and gradient without a transfer."""
+    micro_batches = list(range(1, 2 * pp + 3))
+    per_rank = run_ranks(pp, _zero_bubble_worker, pp, micro_batches)
+    assert len(per_rank[0]) == 2 * 2 * len(micro_batches)
+    for case in per_rank[0]:
+        schedule, micro, forward_only = case.split("/")
+        summary = check_nccl_rules({r: load_trace(per_rank[r][case]) for r in range(pp)})
+        boundaries = pp * ZERO_BUBBLE[schedule] - 1 - (schedule == "zb-v")  # the turn is local
+        assert summary["p2p"] == boundaries * int(micro) * (1 if forward_only == "1" else 2), case
+        assert summary["collectives"] == 0, case
+
+
+def _replayed(steps: list[list], pp: int, v_shape: bool) -> dict[int, list[Event]]:
+    """The transfers the executor issues for every rank's zero-bubble steps: before each step
+    the previous step's sends and the step's receives (its RF/RB ops, in order) as one group."""
+    from pretrain.parallel.zero_bubble import stage_owner
+
+    stages = 2 * pp if v_shape else pp
+    traces = {}
+    for r in range(pp):
+        events, sends = [], []
+        for unit, step in enumerate([*steps[r], ()], start=1):
+            receives = []
+            for kind, chunk, _ in step:
+                stage = 2 * pp - 1 - r if chunk == 1 else r
+                if kind in ("RF", "RB"):
+                    source = stage_owner(stage - 1 if kind == "RF" else stage + 1, pp=pp, v_shape=v_shape)[0]
+                    receives.append(Op(kind="recv", nbytes=128, dtype="float32", peer=source))
+            if sends or receives:
+                events += [post(unit, *sends, *receives), wait(unit)]
+            sends = []
+            for kind, chunk, _ in step:
+                stage = 2 * pp - 1 - r if chunk == 1 else r
+                target = stage + 1 if kind == "F" else stage - 1
+                if kind in ("F", "B") and 0 <= target < stages:
+                    peer = stage_owner(target, pp=pp, v_shape=v_shape)[0]
+                    if peer != r:
+                        sends.append(Op(kind="send", nbytes=128, dtype="float32", peer=peer))
+        traces[r] = events
+    return traces
+
+
+def test_zero_bubble_schedules_up_to_8_stages_replayed_under_nccl_rules():
+    """Every ZB-H1 and ZB-V schedule of 2-8 stages and 1-16 micro-batches (and ZB-V's
+    evaluation) through the model, from the schedules alone (the real executor: above)."""
+    from pretrain.parallel.zero_bubble import simulate
+
+    for pp in range(2, 9):
+        for micro in range(1, 17):
+            for v_shape, forward_only in ((False, False), (True, False), (True, True)):
+                steps = simulate(pp=pp, micro_batches=micro, v_shape=v_shape, forward_only=forward_only)
+                check_nccl_rules(_replayed(steps, pp, v_shape))
+
+
 def test_the_model_catches_the_old_lone_send_executor():
     traces = run_schedules(2, which="lone_sends")
     verdicts = {}
@@ -316,6 +407,29 @@ def _step_worker(overrides: list[str]) -> str:
             ],
             4,
         ),
+        # Zero-bubble: DP buckets reduced from the W passes (run while a step's transfers are in
+        # flight), SP's TP sums, and ZeRO-1's hand-on from the W's.
+        (
+            [
+                "model.flavour=llama",
+                "model.num_kv_heads=2",
+                "parallel.tensor=2",
+                "parallel.pipeline=2",
+                "parallel.sequence_parallel=true",
+                "parallel.pipeline_schedule=zb-v",
+                "parallel.bucket_mb=0.01",
+            ],
+            8,
+        ),
+        (
+            [
+                "parallel.pipeline=2",
+                "parallel.pipeline_schedule=zb-h1",
+                "parallel.zero_stage=1",
+                "parallel.bucket_mb=0.01",
+            ],
+            4,
+        ),
     ],
     ids=[
         "tp2_pp2_dp2_sp_interleaved",
@@ -324,6 +438,8 @@ def _step_worker(overrides: list[str]) -> str:
         "pp2_bf16",
         "cp2_ring_pp2_interleaved",
         "cp2_ring_dp2_zero1",
+        "zbv_tp2_pp2_dp2_sp",
+        "zbh1_zero1_pp2_dp2_tied",
     ],
 )
 def test_a_training_step_follows_nccl_rules(overrides, world):
