@@ -113,8 +113,9 @@ def reference_moe(layer: MoE, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]
     return torch.stack(rows).view(b, s, h), kept
 
 
-def moe_model(flavour: str = "llama", **moe) -> GPT:
+def moe_model(flavour: str = "llama", activation_checkpointing: str = "none", **moe) -> GPT:
     model = {"flavour": flavour, "num_layers": 2, "hidden_size": 32, "num_heads": 4, "vocab_size": 64}
+    model |= {"activation_checkpointing": activation_checkpointing}
     model["moe"] = {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 24, **moe}
     config = config_from_dict({"model": {**model, "seq_length": 16}}).model
     return GPT(config, init_seed=3)
@@ -208,6 +209,22 @@ def test_model_forward_returns_cross_entropy_and_backward_adds_aux():
     assert not torch.allclose(grads[0], grads[1])
     expert = "blocks.1.mlp.experts.1.fc2.weight"  # no aux loss downstream of the last layer's experts
     assert torch.equal(dict(plain.named_parameters())[expert].grad, dict(aux.named_parameters())[expert].grad)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_counts_each_micro_batch_once(mode):
+    """A recomputed block routes again in the backward; its gradients are the same and its
+    load is recorded once (in the backward of the forward that was kept)."""
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    models = [moe_model(z_loss_coeff=0.1), moe_model(z_loss_coeff=0.1, activation_checkpointing=mode)]
+    for model in models:
+        model(tokens, labels=tokens).backward()
+    plain, recomputed = (dict(m.named_parameters()) for m in models)
+    for name, param in plain.items():
+        assert torch.allclose(param.grad, recomputed[name].grad, atol=1e-6), name
+    for model in models:
+        load = model.blocks["0"].mlp.load
+        assert load.micro_batches == 1 and load.tokens.sum().item() == 2 * 16 * 2
 
 
 def test_flops_count_active_experts_only():
@@ -343,6 +360,17 @@ def test_layouts_train_as_one_process(single_process, router, layout):
     assert got["tokens"] == ref["tokens"] and got["dropped"] == ref["dropped"]
     if router == "sigmoid":
         assert all(d > 0 for d in ref["dropped"])  # the capacity bites
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_trains_as_one_process(single_process, stage):
+    """DeepSpeed's ZeRO-1/2 over DP 2: its gradient hooks see every expert's gradient in every
+    micro-batch (experts without tokens run on zero rows), the frozen router bias stays out of
+    its optimizer, and the losses are one process's."""
+    got = run_job(SIGMOID + [f"parallel.zero_stage={stage}"], world=2)[0]
+    ref = single_process["sigmoid"]
+    assert got["loss"] == pytest.approx(ref["loss"], abs=2e-5, rel=0)
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], abs=2e-5, rel=0)
 
 
 def test_resume_at_another_layout(tmp_path):

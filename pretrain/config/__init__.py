@@ -9,6 +9,7 @@ One job per module; import from the package, not from them:
 
     errors.py     ConfigError, the one error a config raises
     model.py      model:                  ModelConfig (and pad_vocab)
+    moe.py        model.moe:              MoEConfig, check_moe_layout (what parallel.* can do with it)
     parallel.py   parallel:               ParallelConfig
     data.py       data:                   DataConfig, DataStage (data.stages)
     optimizer.py  optimizer:, schedule:   OptimizerConfig, ScheduleConfig

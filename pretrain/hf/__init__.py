@@ -1,5 +1,6 @@
 """Hugging Face conversion: our checkpoints <-> transformers' LlamaForCausalLM / Qwen2ForCausalLM /
-GPT2LMHeadModel (a llama-flavour model with model.qkv_bias is a Qwen2).
+GPT2LMHeadModel (a llama-flavour model with model.qkv_bias is a Qwen2), and for model.moe
+MixtralForCausalLM / Qwen2MoeForCausalLM (pretrain/hf/moe_mapping.py).
 
 Export (`tools/convert_to_hf.py`): read a checkpoint of any layout (pretrain/checkpoint/reader.py
 merges the TP/PP shards), map the single-device state dict to the transformers names, and write

@@ -266,12 +266,13 @@ class MoE(nn.Module):
 
     def _looped(self, rows: torch.Tensor, sizes: list[int], experts: list[nn.Module]) -> torch.Tensor:
         outputs = []
+        # An expert without tokens runs too (on zero rows): every weight then gets a gradient
+        # (zeros) in every micro-batch on every rank, as hook-driven reductions (DeepSpeed's ZeRO
+        # buckets) need to issue the same collectives everywhere.
         for expert, part in zip(experts, rows.split(sizes)):
-            if part.shape[0]:  # the weights only: under TP the layers' own forward would communicate
-                h = F.linear(part, expert.fc1.weight, expert.fc1.bias)
-                outputs.append(F.linear(self._activation(h), expert.fc2.weight))
-        if not outputs:
-            return rows.new_zeros((0, experts[0].fc2.weight.shape[0]))
+            # The weights only: under TP the layers' own forward would communicate.
+            h = F.linear(part, expert.fc1.weight, expert.fc1.bias)
+            outputs.append(F.linear(self._activation(h), expert.fc2.weight))
         return torch.cat(outputs)
 
     def _grouped(self, rows: torch.Tensor, dispatch: Dispatch, experts: list[nn.Module]) -> torch.Tensor:
