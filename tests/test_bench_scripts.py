@@ -39,6 +39,12 @@ def test_gpu_train_dry_run_on_cpu():
     assert "RESULT gpu_train_gpt_tiny_eager tokens_per_s=" in out
 
 
+def test_context_kernel_check_on_cpu():
+    """bench/gpu.sh's context-parallel check, on the CPU (the ring's kernel; no flash there)."""
+    out = bench("bench/gpu_context.py", "--device", "cpu", "--seq", "256", "--blocks", "4")
+    assert out.count("ok=True") == 4 and "ok=False" not in out
+
+
 def test_checkpoint_bench_small():
     out = bench(
         "bench/checkpoint.py", "--hidden", "128", "--layers", "1", "--vocab", "1000", "--repeats", "1", "--steps", "8"
