@@ -26,7 +26,7 @@ from torch import nn
 from pretrain.config import ConfigError
 from pretrain.models.gpt import GPT
 from pretrain.models.layers import DenseLayers, LayerNorm, RMSNorm
-from pretrain.models.weight_grads import SplitLinear, WeightGradStore, accumulate, split_weight_gradients
+from pretrain.models.weight_grads import SplitLinear, WeightGradStore, split_weight_gradients
 from pretrain.parallel import zero_bubble
 from pretrain.parallel.pipeline import Op, flatten, make_schedule, one_f_one_b
 from pretrain.parallel.tensor import (
@@ -132,13 +132,48 @@ def test_b_then_w_equals_the_plain_backward(name):
                 assert all(torch.equal(a, b) if a is not None else b is None for a, b in zip(before, _grads(split)))
                 assert store.pending() > 0
                 store.seal(micro)
-                accumulate(store.take(micro))  # W
+                store.run(micro)  # W
                 assert store.pending() == 0
             input_grads.append(xi.grad)
         if kind != "ids":
             torch.testing.assert_close(input_grads[1], input_grads[0], **EXACT)
     for (n, p), q in zip(plain.named_parameters(), split.parameters()):
         torch.testing.assert_close(q.grad, p.grad, **EXACT, msg=f"{name}: {n}")
+
+
+def test_a_w_pass_adds_one_closure_at_a_time_in_b_order():
+    """One autograd pass per W: each closure's gradients are computed when the engine reaches it
+    and accumulated (hooks fired) before the next closure runs, in the order the B deferred them;
+    a parameter in two closures gets their sum, and its hook fires once."""
+    store, events = WeightGradStore(), []
+    params = [nn.Parameter(torch.zeros(3)) for _ in range(4)]
+
+    def closure(name: str, p: nn.Parameter, value: float):
+        def run():
+            events.append(f"compute {name}")
+            return [(p, torch.full((3,), value))]
+
+        return run
+
+    for i, p in enumerate(params):
+        p.register_post_accumulate_grad_hook(lambda q, i=i: events.append(f"add {i}"))
+        store.defer((p,), closure(str(i), p, float(i)))
+    store.defer((None, params[0]), closure("0 again", params[0], 1.0))
+    store.seal("B")
+    store.run("B")
+    assert events == [
+        "compute 0",
+        "compute 1",
+        "add 1",
+        "compute 2",
+        "add 2",
+        "compute 3",
+        "add 3",
+        "compute 0 again",
+        "add 0",
+    ]
+    assert params[0].grad.tolist() == [1.0] * 3 and params[3].grad.tolist() == [3.0] * 3
+    assert store.pending() == 0
 
 
 FLAVOURS = {
@@ -165,7 +200,7 @@ def test_a_whole_model_splits_its_backward_exactly(flavour, recompute):
         assert all(p.grad is None for p in split.parameters())  # only B's so far
         store.seal(micro)
     for micro in range(len(tokens)):
-        accumulate(store.take(micro))
+        store.run(micro)
     grads = dict(split.named_parameters())
     for n, p in plain.named_parameters():
         torch.testing.assert_close(grads[n].grad, p.grad, **EXACT, msg=n)

@@ -131,7 +131,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         elif ctx.deferred is not None:  # the [tokens, vocab] gradient lives on until the W
             store, param = ctx.deferred
             rows, dtype, hidden = ctx.rows, ctx.dtypes[1], hidden.detach()
-            store.defer(lambda: [(param, _weight_grad(grad, hidden, per_row, rows=rows, dtype=dtype))])
+            store.defer((param,), lambda: [(param, _weight_grad(grad, hidden, per_row, rows=rows, dtype=dtype))])
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 

@@ -17,10 +17,9 @@ decomposition, the same matmuls), so B + W gives the plain backward's gradients 
 CPU (tests/test_zero_bubble.py).
 
 The pipeline executor seals a B's closures under (chunk, micro-batch) and runs them at that
-W (`take`), then hands the gradients to autograd in one pass (`accumulate`): AccumulateGrad adds
-them into `.grad` (the data-parallel gradient buffers) and the post-accumulate hooks fire as in
-a plain backward, so DP buckets and ZeRO start reducing when the W's of their parameters are
-done.
+W (`run`) inside one autograd pass (`accumulate`): AccumulateGrad adds the gradients into
+`.grad` (the data-parallel gradient buffers) and the post-accumulate hooks fire as in a plain
+backward, so DP buckets and ZeRO start reducing when the W's of their parameters are done.
 
 Weights enter the split functions detached: a weight that took part in autograd would get its
 AccumulateGrad node called in B (with no gradient, but its hooks still fire, which would count
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Grads = list[tuple[nn.Parameter, torch.Tensor]]
+Deferred = tuple[tuple[nn.Parameter, ...], Callable[[], Grads]]  # the parameters, their W
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -62,23 +62,24 @@ class WeightGradStore:
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.anchor = torch.zeros((), device=device, requires_grad=True)
-        self._open: list[Callable[[], Grads]] = []
-        self._sealed: dict[Hashable, list[Callable[[], Grads]]] = {}
+        self._open: list[Deferred] = []
+        self._sealed: dict[Hashable, list[Deferred]] = {}
 
-    def defer(self, fn: Callable[[], Grads]) -> None:
-        """Called by a split layer's backward: fn() returns (parameter, gradient) pairs."""
-        self._open.append(fn)
+    def defer(self, params: tuple[nn.Parameter | None, ...], fn: Callable[[], Grads]) -> None:
+        """Called by a split layer's backward: fn() returns the (parameter, gradient) pairs of
+        `params` (those that require a gradient)."""
+        params = tuple(p for p in params if p is not None and p.requires_grad)
+        if params:
+            self._open.append((params, fn))
 
     def seal(self, key: Hashable) -> None:
         """After a B: its closures belong to `key` (the executor's (chunk, micro-batch))."""
         assert key not in self._sealed, f"B {key} ran twice before its W"
         self._sealed[key], self._open = self._open, []
 
-    def take(self, key: Hashable) -> Grads:
-        """Run the W of `key`: the weight gradients of its B, computed now (no graph)."""
-        closures = self._sealed.pop(key, [])
-        with torch.no_grad():
-            return [pair for fn in closures for pair in fn()]
+    def run(self, key: Hashable, *, root: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """The W of `key`: its B's weight gradients, added to .grad (`accumulate`)."""
+        accumulate(self._sealed.pop(key, []), root=root)
 
     def pending(self) -> int:
         """Closures not yet run (0 after a step's schedule has run every W)."""
@@ -123,38 +124,44 @@ def _trainable(*params: nn.Parameter | None) -> bool:
     return any(p is not None and p.requires_grad for p in params)
 
 
-def accumulate(grads: Grads, *, root: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-    """Add each gradient into its parameter's .grad through one autograd pass (AccumulateGrad,
-    its hooks). `root` wraps the pass's root as a chunk's backward root (pretrain/optim.py's
-    BackwardRootChunk.weight_root: ZeRO's per-pass prologue and epilogue)."""
-    summed: dict[int, list] = {}
-    for param, grad in grads:  # one gradient per parameter and pass, as a plain backward gives
-        if id(param) in summed:
-            summed[id(param)][1] = summed[id(param)][1] + grad
-        else:
-            summed[id(param)] = [param, grad]
-    if not summed:
+def accumulate(closures: list[Deferred], *, root: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Run the closures inside one autograd pass, which adds their gradients into .grad as a
+    plain backward would: AccumulateGrad (in place into the DP buffers), its post-accumulate hooks,
+    once per parameter and pass. The pass is a chain of nodes, one per closure, each computing
+    its gradients when the engine reaches it, and AccumulateGrad runs as soon as they are ready:
+    one layer's weight gradients exist at a time, and each closure's inputs are freed once it
+    has run. The chain runs in the order the closures were deferred (the B's order: last layer
+    first, as a plain backward fills the gradients). `root` wraps the pass's root as the chunk's
+    backward passes are (pretrain/optim.py BackwardRootChunk.weight_root: ZeRO's prologue and
+    epilogue for each pass). Empties `closures`."""
+    if not closures:
         return
-    params = [p for p, _ in summed.values()]
     with torch.enable_grad():
-        out = _Gradients.apply([g.to(p.dtype) for p, g in summed.values()], *params)
+        link = closures[0][0][0].new_zeros(())
+        while closures:  # the first deferred ends up at the root: the engine starts there
+            params, fn = closures.pop()
+            link = _Deferred.apply(link, fn, *params)
+        del fn
         if root is not None:
-            out = root(out)
-    out.backward()
+            link = root(link)
+    link.backward()
 
 
-class _Gradients(torch.autograd.Function):
-    """A scalar depending on the parameters whose backward hands each its given gradient."""
-
-    @staticmethod
-    def forward(ctx, grads, *params):
-        ctx.grads = grads
-        return params[0].new_zeros(())
+class _Deferred(torch.autograd.Function):
+    """One closure's place in a W pass: forward passes the chain's scalar on; backward runs the
+    closure and hands each parameter its gradient."""
 
     @staticmethod
-    def backward(ctx, _):
-        grads, ctx.grads = ctx.grads, None
-        return (None, *grads)
+    def forward(ctx, link, fn, *params):
+        ctx.fn, ctx.params = fn, params
+        return link.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        fn, params, ctx.fn = ctx.fn, ctx.params, None  # dropped: its saved inputs go now
+        got = {id(p): g for p, g in fn()}
+        link = grad if ctx.needs_input_grad[0] else None
+        return (link, None, *(got[id(p)].to(p.dtype) if id(p) in got else None for p in params))
 
 
 def _linear_grads(x: torch.Tensor, grad: torch.Tensor, weight, bias) -> Grads:
@@ -176,8 +183,7 @@ class _SplitLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
         grad_x = grad @ w if ctx.needs_input_grad[1] else None  # [..., out] @ [out, in]
-        if _trainable(*ctx.params):
-            ctx.store.defer(functools.partial(_linear_grads, x.detach(), grad.detach(), *ctx.params))
+        ctx.store.defer(ctx.params, functools.partial(_linear_grads, x.detach(), grad.detach(), *ctx.params))
         return None, grad_x, None, None, None, None
 
 
@@ -189,9 +195,8 @@ class _SplitBiasAdd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.bias.requires_grad:
-            g, bias = grad.detach(), ctx.bias
-            ctx.store.defer(lambda: [(bias, _rows(g).sum(0))])
+        g, bias = grad.detach(), ctx.bias
+        ctx.store.defer((bias,), lambda: [(bias, _rows(g).sum(0))])
         return None, grad, None, None, None
 
 
@@ -209,9 +214,8 @@ class _SplitEmbedding(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.weight.requires_grad:
-            (ids,) = ctx.saved_tensors
-            ctx.store.defer(functools.partial(_embedding_grads, ids, grad.detach(), ctx.weight))
+        (ids,) = ctx.saved_tensors
+        ctx.store.defer((ctx.weight,), functools.partial(_embedding_grads, ids, grad.detach(), ctx.weight))
         return None, None, None, None, None
 
 
@@ -244,7 +248,7 @@ class _SplitLayerNorm(torch.autograd.Function):
                 _, dw, db = torch.ops.aten.native_layer_norm_backward(g, x, shape, mean, rstd, w, b, mask)
                 return [(p, d) for p, d in ((weight, dw), (bias, db)) if d is not None]
 
-            ctx.store.defer(w_pass)
+            ctx.store.defer(ctx.params, w_pass)
         return None, grad_x, None, None, None, None, None
 
 
@@ -261,9 +265,8 @@ class _SplitScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x_hat, w = ctx.saved_tensors
-        if ctx.weight.requires_grad:
-            g, x_hat, weight = grad.detach(), x_hat.detach(), ctx.weight
-            ctx.store.defer(lambda: [(weight, _rows(g * x_hat).sum(0))])
+        g, xh, weight = grad.detach(), x_hat.detach(), ctx.weight
+        ctx.store.defer((weight,), lambda: [(weight, _rows(g * xh).sum(0))])
         return None, grad * w, None, None, None
 
 

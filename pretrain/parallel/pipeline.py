@@ -30,7 +30,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from pretrain.models.weight_grads import accumulate
 from pretrain.parallel import zero_bubble
 from pretrain.parallel.model_chunks import stage_index
 from pretrain.parallel.topology import Topology
@@ -393,4 +392,4 @@ class _StageRunner:
         (rooted as the chunk's backward passes are: loss scaling, ZeRO's hooks)."""
         if self.store is not None:
             chunk = self.chunks[op.chunk]
-            accumulate(self.store.take((op.chunk, op.micro)), root=getattr(chunk, "weight_root", None))
+            self.store.run((op.chunk, op.micro), root=getattr(chunk, "weight_root", None))
