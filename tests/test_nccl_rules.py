@@ -430,6 +430,22 @@ def _step_worker(overrides: list[str]) -> str:
             ],
             4,
         ),
+        # Expert parallelism: each MoE layer's two all-to-alls (counts, then rows) in the forward,
+        # the rows' reverse all-to-all in the backward, inside an interleaved schedule, with the
+        # non-expert DP buckets reducing during the backward (the experts' have no other holder).
+        (
+            [
+                "model.flavour=llama",
+                "model.num_kv_heads=2",
+                "model.moe.num_experts=4",
+                "model.moe.ffn_hidden_size=32",
+                "parallel.expert=2",
+                "parallel.pipeline=2",
+                "parallel.virtual_stages=2",
+                "parallel.bucket_mb=0.01",
+            ],
+            4,
+        ),
     ],
     ids=[
         "tp2_pp2_dp2_sp_interleaved",
@@ -440,6 +456,7 @@ def _step_worker(overrides: list[str]) -> str:
         "cp2_ring_dp2_zero1",
         "zbv_tp2_pp2_dp2_sp",
         "zbh1_zero1_pp2_dp2_tied",
+        "ep2_pp2_interleaved_dp2",
     ],
 )
 def test_a_training_step_follows_nccl_rules(overrides, world):

@@ -119,11 +119,10 @@ def take_replicated_shard(
     host = host or HostBuffers()
     params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
     states = {n: optimizer.state.get(p, {}) for n, p in params.items()} if optimizer is not None else {}
-    # Data- and context-parallel ranks hold the same weights: they split the writing alike.
-    owner = assign_parts({n: p.numel() for n, p in params.items()}, topo.replicas)
+    written = _written(params, topo)
     shard = Shard()
     for name, param in params.items():
-        if owner[name] != topo.replica_rank:
+        if name not in written:
             continue
         shard.weights[name] = host.copy(name, param)
         shard.specs[name] = _spec(param)
@@ -132,6 +131,23 @@ def take_replicated_shard(
             value = value if torch.is_tensor(value) else torch.tensor(value)
             shard.optimizer[f"{name}/{key}"] = host.copy(f"{name}/{key}", value)
     return shard
+
+
+def _written(params: dict, topo: Topology) -> set[str]:
+    """The names this rank writes. Data- and context-parallel ranks hold the same weights: they
+    split the writing alike. Under expert parallelism the routed experts' weights (keyed by global
+    expert index, so a checkpoint does not depend on the EP size) are split among the replicas
+    holding the same experts: this rank is replica_rank // ep of replicas // ep of them (CP is 1
+    with MoE), and the other weights among all replicas as without EP."""
+    split = topo.ep > 1
+    experts = {n: p.numel() for n, p in params.items() if split and sharding(p).expert}
+    others = {n: p.numel() for n, p in params.items() if n not in experts}
+    owner = assign_parts(others, topo.replicas)
+    mine = {n for n, part in owner.items() if part == topo.replica_rank}
+    if experts:
+        owner = assign_parts(experts, topo.replicas // topo.ep)
+        mine |= {n for n, part in owner.items() if part == topo.replica_rank // topo.ep}
+    return mine
 
 
 def take_partitioned_shard(

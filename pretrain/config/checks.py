@@ -227,6 +227,12 @@ def validate_layout(config: RunConfig, world_size: int) -> int:
             names, sizes = names + " x parallel.context", sizes + f" x {p.context}"
         raise ConfigError(f"parallel: world size {world_size} is not divisible by {names} = {sizes} = {model_parallel}")
     dp = world_size // model_parallel
+    if dp % p.expert:
+        raise ConfigError(
+            f"parallel.expert: {p.expert} does not divide the data-parallel size {dp} (world {world_size} / "
+            f"(tensor {p.tensor} x pipeline {p.pipeline} x context {p.context})): expert-parallel ranks are "
+            "carved out of the data-parallel ranks"
+        )
     try:
         micro_batches = config.accumulation_steps(dp)
     except ConfigError as e:

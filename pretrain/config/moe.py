@@ -153,8 +153,17 @@ def check_moe_layout(config: RunConfig) -> None:
     """What parallel.* can do with MoE layers so far: tensor parallelism splits every expert like
     the dense MLP; context parallelism and ZeRO-3 are refused, saying why."""
     moe, p = config.model.moe, config.parallel
+    expert = getattr(p, "expert", 1)
+    _need(
+        moe is not None or expert == 1,
+        "parallel.expert",
+        f"{expert} needs model.moe (expert parallelism splits the experts of MoE layers); set "
+        "model.moe.num_experts or parallel.expert=1",
+    )
     if moe is None:
         return
+    if expert > 1:
+        _check_expert_parallel(config, expert)
     for name, width in (
         ("ffn_hidden_size", moe.expert_ffn(config.model)),
         ("shared_experts", moe.shared_ffn(config.model)),
@@ -178,4 +187,31 @@ def check_moe_layout(config: RunConfig) -> None:
         "3 with model.moe is not supported: ZeRO-3 gathers a module's weights when its own forward "
         "runs, and the MoE layer reads all its experts' weights in one grouped matmul; use "
         "parallel.zero_stage=1 or 2",
+    )
+
+
+def _check_expert_parallel(config: RunConfig, expert: int) -> None:
+    """What expert parallelism needs of the model and the strategy (its fit with the
+    data-parallel size is checked with the world size, in validate_layout)."""
+    moe, p = config.model.moe, config.parallel
+    _need(
+        moe.num_experts % expert == 0,
+        "parallel.expert",
+        f"{expert} does not divide model.moe.num_experts={moe.num_experts}: every EP rank holds the "
+        "same number of experts",
+    )
+    _need(
+        p.zero_stage == 0,
+        "parallel.zero_stage",
+        f"{p.zero_stage} with parallel.expert={expert} is not supported: DeepSpeed's ZeRO would "
+        "partition and average the expert weights over all data-parallel ranks, while each EP rank "
+        "holds different experts (DeepSpeed's expert parameter groups are not wired here); use "
+        "parallel.zero_stage=0 with expert parallelism",
+    )
+    _need(
+        config.model.flavour == "llama",
+        "model.flavour",
+        f"{config.model.flavour} with parallel.expert={expert} is not supported: gpt2's experts "
+        "have output biases, which the MoE layer adds once per token after the tensor-parallel sum, "
+        "where an EP rank does not hold the other ranks' experts; use model.flavour=llama",
     )

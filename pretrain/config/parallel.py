@@ -41,6 +41,13 @@ class ParallelConfig:
     attention keeps K/V small), `ring` passes K/V blocks from rank to rank, overlapping each
     transfer with the attention on the block before, and merges the partial results by their
     log-sum-exp (memory for one remote block instead of the whole sequence's K/V)."""
+    expert: int = 1
+    """Expert-parallel size (model.moe): the experts are split over this many ranks carved out
+    of the data-parallel ranks, as Megatron does (it must divide the data-parallel size; each
+    group of `expert` consecutive DP ranks holds all experts between them, num_experts / expert
+    each, and exchanges tokens by all-to-all; everything else stays replicated over all DP
+    ranks). Expert gradients are averaged over the ranks holding the same experts (the other
+    EP groups, and the context-parallel ranks)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3 (0 = plain data parallelism): 1 shards the optimizer state
     across the data-parallel ranks, 2 also the gradients, 3 also the weights. Needs the `zero`
@@ -63,7 +70,7 @@ class ParallelConfig:
     def validate(self) -> None:
         """Sizes, and the ZeRO combinations we support (the one that depends on the model's tied
         embeddings is a cross-section check, _check_zero_with_pipeline)."""
-        for key in ("tensor", "pipeline", "virtual_stages", "context"):
+        for key in ("tensor", "pipeline", "virtual_stages", "context", "expert"):
             _need(getattr(self, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}")
         _need(
             self.virtual_stages == 1 or self.pipeline > 1,

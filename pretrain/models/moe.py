@@ -183,7 +183,13 @@ class MoE(nn.Module):
         if moe.router == "sigmoid":  # steered after each step (pretrain/moe_training.py), never by gradient
             self.router.expert_bias = nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
         expert_config = dataclasses.replace(config, ffn_hidden_size=moe.expert_ffn(config), moe=None)
-        self.experts = nn.ModuleDict({str(e): MLP(expert_config, layers) for e in range(moe.num_experts)})
+        # Expert parallelism (pretrain/parallel/expert.py): this rank holds a block of the experts,
+        # still under their global indices; None: all of them.
+        self.ep = getattr(layers, "expert_parallel", None)
+        held = self.ep.local_experts(moe.num_experts) if self.ep is not None else range(moe.num_experts)
+        self.experts = nn.ModuleDict({str(e): MLP(expert_config, layers) for e in held})
+        for param in self.experts.parameters():
+            mark(param, expert=True)
         self.shared = None
         if moe.shared_experts:
             self.shared = MLP(dataclasses.replace(config, ffn_hidden_size=moe.shared_ffn(config), moe=None), layers)
@@ -248,16 +254,25 @@ class MoE(nn.Module):
 
     def _run_experts(self, x: torch.Tensor, dispatch: Dispatch, *, fake: bool) -> torch.Tensor:
         rows = x[dispatch.tokens]  # [N, h]
+        if self.ep is None or fake:
+            return self._compute(rows, dispatch.counts, fake=fake)
+        # Expert parallelism: [N, h] -> this rank's experts' rows from the whole EP group [M, h]
+        # -> their outputs [M, h] -> [N, h] back here, in dispatch order.
+        local_rows, counts, exchange = self.ep.dispatch(rows, dispatch.counts)
+        return self.ep.combine(self._compute(local_rows, counts, fake=False), exchange)
+
+    def _compute(self, rows: torch.Tensor, counts: torch.Tensor, *, fake: bool) -> torch.Tensor:
+        """rows [N, h] sorted by this rank's experts, counts [experts held] -> outputs [N, h]."""
         experts = list(self.experts.values())
-        widths = (x.shape[1], experts[0].fc1.weight.shape[0], experts[0].fc2.weight.shape[1])
+        widths = (rows.shape[1], experts[0].fc1.weight.shape[0], experts[0].fc2.weight.shape[1])
         grouped = self.moe.grouped_mm if self.moe.grouped_mm is not None else rows.device.type == "cuda"
         if grouped and not fake and grouped_mm_fits(rows, widths):
-            return self._grouped(rows, dispatch, experts)
+            return self._grouped(rows, counts, experts)
         if fake:  # no values to count: the planner sees every expert equally loaded
             n, e = rows.shape[0], len(experts)
             sizes = [n // e + (i < n % e) for i in range(e)]
         else:
-            sizes = dispatch.counts.tolist()
+            sizes = counts.tolist()
         return self._looped(rows, sizes, experts)
 
     def _activation(self, h: torch.Tensor) -> torch.Tensor:
@@ -275,15 +290,16 @@ class MoE(nn.Module):
             outputs.append(F.linear(self._activation(h), expert.fc2.weight))
         return torch.cat(outputs)
 
-    def _grouped(self, rows: torch.Tensor, dispatch: Dispatch, experts: list[nn.Module]) -> torch.Tensor:
+    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor, experts: list[nn.Module]) -> torch.Tensor:
         dtype = (
             torch.get_autocast_dtype(rows.device.type) if torch.is_autocast_enabled(rows.device.type) else rows.dtype
         )
-        offsets = torch.cumsum(dispatch.counts, 0, dtype=torch.int32)
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         w1 = torch.stack([e.fc1.weight for e in experts]).to(dtype)  # [E, parts f/tp, h]
         w2 = torch.stack([e.fc2.weight for e in experts]).to(dtype)  # [E, h, f/tp]
         h = F.grouped_mm(rows.to(dtype), w1.transpose(1, 2), offs=offsets)
         if experts[0].fc1.bias is not None:
-            h = h + torch.stack([e.fc1.bias for e in experts]).to(dtype)[dispatch.row_experts]
+            row_experts = torch.repeat_interleave(torch.arange(len(experts), device=rows.device), counts)
+            h = h + torch.stack([e.fc1.bias for e in experts]).to(dtype)[row_experts]
         h = self._activation(_ContiguousGrad.apply(h))
         return _ContiguousGrad.apply(F.grouped_mm(h, w2.transpose(1, 2), offs=offsets))

@@ -5,7 +5,7 @@ know whether a parameter is a tensor-parallel shard, whether its gradient is a p
 under sequence parallelism, and whether it is the pipeline's second copy of a tied embedding.
 The layers that create a parameter say so once with `mark(param, ...)`; everyone else reads
 `sharding(param)`, one typed value, instead of probing ad-hoc attributes. New parallel
-dimensions (experts, context) add a field here.
+dimensions add a field here.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ class Sharding:
     tied_embedding: bool = False
     """One of the two pipeline copies of a tied embedding (first and last stage): their
     gradients are summed and the norm counts the first stage's only."""
+    expert: bool = False
+    """A routed expert's weight of a MoE layer (pretrain/models/moe.py), under its global expert
+    index in the parameter name. With expert parallelism each EP rank holds other experts: its
+    gradient is averaged over the ranks holding the same experts, and the norm sums it over the
+    EP group."""
 
 
 REPLICATED = Sharding()

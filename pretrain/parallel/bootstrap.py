@@ -53,6 +53,7 @@ def layout_topology(config: RunConfig, *, dp: int, device: torch.device) -> Topo
         virtual_stages=p.virtual_stages,
         pipeline_schedule=p.pipeline_schedule,
         sequence_parallel=p.sequence_parallel,
+        ep=p.expert,
         device=device,
         timeout_minutes=p.timeout_minutes,
     )
@@ -75,6 +76,7 @@ def build_topology(
     virtual_stages: int = 1,
     pipeline_schedule: str | None = None,
     sequence_parallel: bool = False,
+    ep: int = 1,
     device: torch.device = CPU,
     timeout_minutes: float | None = None,
 ) -> Topology:
@@ -91,6 +93,7 @@ def build_topology(
         virtual_stages=virtual_stages,
         context_attention=context_attention,
         pipeline_schedule=pipeline_schedule,
+        ep=ep,
         device=device,
     )
     topo = dataclasses.replace(topo, sequence_parallel=sequence_parallel)
@@ -113,9 +116,10 @@ def grid_groups(topo: Topology) -> Iterator[tuple[str, list[int]]]:
     """(Topology field, its ranks) for every group of the grid, in the one order every rank must
     create them in (new_group matches calls by order, so any rank-dependent order would pair
     different groups on different ranks): TP, CP, DP, data x context, PP with the embedding
-    group, model. The CP and data x context groups exist only with CP > 1 (and the latter only
-    with DP > 1 too; build_topology reuses the one group of the same ranks otherwise), so a grid
-    without context parallelism creates exactly the groups it always did."""
+    group, model; the EP and expert data-parallel groups (only at EP > 1) come before PP. The CP
+    and data x context groups exist only with CP > 1 (and the latter only with DP > 1 too;
+    build_topology reuses the one group of the same ranks otherwise), so a grid without context
+    or expert parallelism creates exactly the groups it always did."""
     g, tp, cp, dp, pp = topo.global_rank, topo.tp, topo.cp, topo.dp, topo.pp
     positions = [(c, d) for d in range(dp) for c in range(cp)]  # (cp_rank, dp_rank) in rank order
     for pp_rank in range(pp):
@@ -135,6 +139,7 @@ def grid_groups(topo: Topology) -> Iterator[tuple[str, list[int]]]:
             for t in range(tp):
                 replicas = [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=pp_rank) for c, d in positions]
                 yield "dp_cp_group", sorted(replicas)
+    yield from _expert_groups(topo)
     for c, d in positions:
         for t in range(tp):
             yield "pp_group", [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=s) for s in range(pp)]
@@ -142,3 +147,30 @@ def grid_groups(topo: Topology) -> Iterator[tuple[str, list[int]]]:
             yield "embedding_group", sorted(ends)
     for c, d in positions:
         yield "model_group", [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=s) for s in range(pp) for t in range(tp)]
+
+
+def _expert_groups(topo: Topology) -> Iterator[tuple[str, list[int]]]:
+    """EP groups: `ep` consecutive DP ranks (same TP, CP, PP position), which split the experts;
+    expert data-parallel groups: the data x context ranks of a TP/PP position with the same
+    ep_rank (the same experts), over which expert gradients are averaged; created only when
+    they have more than one rank (so EP 1 creates nothing new)."""
+    g, tp, cp, dp, pp, ep = topo.global_rank, topo.tp, topo.cp, topo.dp, topo.pp, topo.ep
+    if ep == 1:
+        return
+    for pp_rank in range(pp):
+        for block in range(dp // ep):
+            for c in range(cp):
+                for t in range(tp):
+                    ranks = [g(tp_rank=t, cp_rank=c, dp_rank=block * ep + e, pp_rank=pp_rank) for e in range(ep)]
+                    yield "ep_group", ranks
+    if dp // ep * cp == 1:
+        return
+    for pp_rank in range(pp):
+        for t in range(tp):
+            for e in range(ep):
+                ranks = [
+                    g(tp_rank=t, cp_rank=c, dp_rank=block * ep + e, pp_rank=pp_rank)
+                    for block in range(dp // ep)
+                    for c in range(cp)
+                ]
+                yield "expert_dp_group", sorted(ranks)

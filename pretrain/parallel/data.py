@@ -8,6 +8,8 @@
   final micro-batch's backward, so communication overlaps the rest of the backward pass.
 - Sequence parallel: replicated parameters that act on sequence shards (norms, row-parallel
   biases) hold partial gradients on each TP rank; they are summed over the TP group.
+- Expert parallelism: the routed experts' gradients are averaged in buckets of their own over
+  the ranks that hold the same experts (Topology.expert_dp_group), not the whole DP group.
 - Tied embeddings under pipeline parallelism: the first and the last stage each hold the
   embedding; their gradients are summed over the embedding group so both copies stay equal.
 
@@ -35,8 +37,11 @@ class _Bucket:
     """Parameters of one chunk, in the order their gradients arrive, whose `.grad`s are views
     into one flat buffer: [sum of numels], in the parameters' dtype, on their device."""
 
-    def __init__(self, params: list[nn.Parameter]) -> None:
+    def __init__(self, params: list[nn.Parameter], *, group=None, reduce: bool = True) -> None:
         self.params = params
+        # Where its average runs: the data x context group, or for experts under expert
+        # parallelism the ranks holding the same experts (reduce=False: this rank alone).
+        self.group, self.reduce = group, reduce
         self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         self.views: list[torch.Tensor] = []
         offset = 0
@@ -79,6 +84,10 @@ class GradientSync:
         self.topo = topo
         self.params = [p for chunk in chunks for p in chunk.parameters() if p.requires_grad]
         self.dp_group = topo.dp_cp_group if group_size(topo.dp_cp_group) > 1 else None
+        # Expert parallelism: experts' gradients are averaged over the ranks holding the same
+        # experts (None: this rank is the only one), in buckets of their own.
+        self.split_experts = topo.ep > 1
+        expert_group = topo.expert_dp_group if group_size(topo.expert_dp_group) > 1 else None
         self.enabled = [False] * len(chunks)  # per chunk: during its last micro-batch's backward
         self.buckets: list[_Bucket] = []
         self.overlapped = 0  # buckets whose reduction started during backward (for tests, benches)
@@ -95,14 +104,20 @@ class GradientSync:
                 current.append(p)
                 size += p.numel() * p.element_size()
                 last = i == len(order) - 1
-                if last or size >= limit or (order[i + 1].dtype, order[i + 1].device) != (p.dtype, p.device):
-                    bucket = _Bucket(current)
+                if last or size >= limit or self._kind(order[i + 1]) != self._kind(p):
+                    expert = self.split_experts and sharding(p).expert
+                    group = expert_group if expert else self.dp_group
+                    bucket = _Bucket(current, group=group, reduce=group is not None)
                     self.buckets.append(bucket)
                     self._bucket_of.update({id(q): (index, bucket) for q in current})
                     current, size = [], 0
             if self.dp_group is not None:
                 for p in params:
                     p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    def _kind(self, p: nn.Parameter) -> tuple:
+        """What a bucket's parameters share: dtype, device, and (under EP) expert or not."""
+        return p.dtype, p.device, self.split_experts and sharding(p).expert
 
     def enable(self, chunk: int) -> None:
         """Called right before chunk's last backward of the step: reduce as gradients complete."""
@@ -129,8 +144,11 @@ class GradientSync:
     def _launch(self, bucket: _Bucket) -> None:
         # In place on the gradients themselves; a parameter that got no gradient this step
         # contributes its zeros (zero_grad left them there).
+        # An expert's gradient on an EP rank already sums the EP group's tokens' contributions
+        # (the all-to-all's backward brought them): summed over the ranks holding the same
+        # experts, it is a sum over all replicas too, so the divisor is the same.
         bucket.buffer.div_(self.topo.replicas)  # sum of the replicas' means / their count = the global mean
-        bucket.work = dist.all_reduce(bucket.buffer, group=self.dp_group, async_op=True)
+        bucket.work = dist.all_reduce(bucket.buffer, group=bucket.group, async_op=True) if bucket.reduce else _DONE
 
     def finish(self) -> None:
         """Wait for the DP reductions (the averaged gradients are then in place), then do the SP
@@ -174,11 +192,23 @@ def shared_loss(losses: list[torch.Tensor], topo: Topology) -> float:
     return float(local)
 
 
-def _counted_grads(params: list[nn.Parameter], topo: Topology) -> list[torch.Tensor]:
-    """The gradients that make up the model's norm, each TP/PP shard once."""
+class _Done:
+    """The finished work of a bucket with nothing to reduce (an expert bucket whose experts no
+    other rank holds)."""
+
+    def wait(self) -> bool:
+        return True
+
+
+_DONE = _Done()
+
+
+def _counted_grads(params: list[nn.Parameter], topo: Topology, *, experts: bool | None = None) -> list[torch.Tensor]:
+    """The gradients that make up the model's norm, each TP/PP shard once (experts=True/False:
+    only the routed experts' / only the others')."""
     grads = []
     for p in params:
-        if p.grad is None:
+        if p.grad is None or (experts is not None and sharding(p).expert != experts):
             continue
         replicated = sharding(p).tp is None
         if replicated and topo.tp_rank != 0:
@@ -192,13 +222,20 @@ def _counted_grads(params: list[nn.Parameter], topo: Topology) -> list[torch.Ten
 def global_grad_norm(params: list[nn.Parameter], *, topo: Topology) -> float:
     """L2 norm of the gradients of the whole model, the same on every rank (DP and CP replicas
     hold equal gradients once reduced)."""
-    grads = _counted_grads(params, topo)
-    squares = torch.zeros((), dtype=torch.float64, device=topo.device)
-    if grads:
-        squares += torch.nn.utils.get_total_norm(grads, foreach=True).double() ** 2
+    squares = _squares(_counted_grads(params, topo, experts=False if topo.ep > 1 else None), topo)
+    if topo.ep > 1:  # each EP rank holds other experts: their squares summed over the EP group
+        squares += all_reduce(_squares(_counted_grads(params, topo, experts=True), topo), topo.ep_group)
     if topo.world_size > 1:
         all_reduce(squares, topo.model_group)
     return float(squares.sqrt())
+
+
+def _squares(grads: list[torch.Tensor], topo: Topology) -> torch.Tensor:
+    """The sum of squares of `grads`, fp64, 0-d."""
+    squares = torch.zeros((), dtype=torch.float64, device=topo.device)
+    if grads:
+        squares += torch.nn.utils.get_total_norm(grads, foreach=True).double() ** 2
+    return squares
 
 
 def clip_gradients(params: list[nn.Parameter], *, norm: float, max_norm: float) -> None:

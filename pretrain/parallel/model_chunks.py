@@ -22,6 +22,7 @@ from pretrain.models.gpt import GPT, Stage
 from pretrain.models.layers import DenseLayers
 from pretrain.models.weight_grads import WeightGradStore, split_weight_gradients
 from pretrain.parallel.context import ContextParallel
+from pretrain.parallel.expert import ExpertParallel
 from pretrain.parallel.tensor import TensorParallelLayers
 from pretrain.parallel.topology import Topology
 
@@ -66,6 +67,7 @@ def build_model_chunks(
     Built directly on the training device in the weights' dtype (pretrain/models/build.py: no
     full fp32 copy first), initialised to the single-device weights' shards."""
     layers = TensorParallelLayers(topo) if topo.tp > 1 else DenseLayers(context=ContextParallel.of(topo))
+    layers.expert_parallel = ExpertParallel.of(topo)  # the MoE layers' experts and all-to-all
     if topo.pp == 1:
         return [build_gpt(config, layers=layers, init_seed=init_seed, device=topo.device, dtype=dtype)]
     chunks = [

@@ -47,6 +47,9 @@ class Topology:
     # parallel.pipeline_schedule ("1f1b", "interleaved", "zb-h1", "zb-v"); None: 1F1B, or
     # interleaved 1F1B when virtual_stages > 1 (pretrain/parallel/pipeline.py make_schedule).
     pipeline_schedule: str | None = None
+    # parallel.expert: EP ranks carved out of the DP ranks (consecutive DP ranks form an EP
+    # group, as in Megatron); 1 without expert parallelism.
+    ep: int = 1
     tp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
@@ -55,6 +58,11 @@ class Topology:
     # The data x context ranks of one TP/PP position (the DP group when CP = 1): gradient
     # averaging, ZeRO's partitions, loss means.
     dp_cp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    # The DP ranks that split the experts between them (None at EP 1): tokens go by all-to-all.
+    ep_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    # The data x context ranks holding the same experts (None when that is this rank alone):
+    # expert gradients are averaged over it, not over dp_cp_group.
+    expert_dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     # All ranks of one model replica (TP x PP at one DP/CP position): grad-norm reductions.
     model_group: dist.ProcessGroup | None = field(default=None, repr=False)
     # First and last pipeline stage of one TP/DP position: keeps tied embeddings in sync.
@@ -76,6 +84,11 @@ class Topology:
     @property
     def pp_rank(self) -> int:
         return self.rank // (self.tp * self.cp * self.dp)
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's place in its EP group: it holds experts [ep_rank x E/ep, (ep_rank+1) x E/ep)."""
+        return self.dp_rank % self.ep
 
     @property
     def replicas(self) -> int:
@@ -126,7 +139,9 @@ class Topology:
         return (
             f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, "
             + (f"cp {self.cp_rank}/{self.cp} ({self.context_attention}), " if self.cp > 1 else "")
-            + f"dp {self.dp_rank}/{self.dp}, pp {self.pp_rank}/{self.pp}"
+            + f"dp {self.dp_rank}/{self.dp}, "
+            + (f"ep {self.ep_rank}/{self.ep}, " if self.ep > 1 else "")
+            + f"pp {self.pp_rank}/{self.pp}"
             + (f" x {self.virtual_stages} virtual" if self.virtual_stages > 1 else "")
             + (f" ({self.pipeline_schedule})" if self.pp > 1 and self.pipeline_schedule else "")
         )
@@ -143,6 +158,7 @@ def grid_position(
     sequence_parallel: bool = False,
     context_attention: str = "all_gather",
     pipeline_schedule: str | None = None,
+    ep: int = 1,
     device: torch.device = CPU,
 ) -> Topology:
     """Rank `rank` of the tp x cp x dp x pp grid, without process groups yet: what bootstrap.py
@@ -159,6 +175,7 @@ def grid_position(
         cp=cp,
         context_attention=context_attention,
         pipeline_schedule=pipeline_schedule,
+        ep=ep,
     )
 
 
