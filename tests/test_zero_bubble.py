@@ -256,14 +256,16 @@ def test_every_operation_runs_once_in_order(pp):
 
 @pytest.mark.parametrize("pp", range(2, 9))
 def test_bubbles_and_memory_of_the_schedules(pp):
+    """In the simulation's own costs (F : B : W = 4 : 4 : 3 ticks): 1F1B idles (p-1)(F+B+W) and
+    interleaving halves that; ZB-H1 idles the paper's (p-1)(F+B-W), ZB-V less still."""
+    f, b, w = (zero_bubble.COSTS[k] for k in "FBW")
     for micro in range(pp, 4 * pp + 1):
         h1 = zero_bubble.figures(pp=pp, micro_batches=micro, v_shape=False)
         v = zero_bubble.figures(pp=pp, micro_batches=micro, v_shape=True)
-        # Unit costs F = B = W: 1F1B idles (p-1)(F+B+W) = 3(p-1) and interleaving halves it;
-        # ZB-H1 idles the paper's (p-1)(F+B-W) = p-1.
-        assert h1["makespan"] - h1["work"] == pp - 1, (pp, micro)
-        # ZB-V's operations are half a stage long: its bubble in stage units is below ZB-H1's.
-        assert (v["makespan"] - v["work"]) / 2 < pp - 1, (pp, micro, v)
+        assert h1["makespan"] - h1["work"] == (pp - 1) * (f + b - w), (pp, micro)
+        # ZB-V's operations are half a stage long: its bubble in whole-stage ticks
+        v_bubble = (v["makespan"] - v["work"]) / 2
+        assert v_bubble < (pp - 1) * (f + b - w) < (pp - 1) * (f + b + w) / 2, (pp, micro, v)
         # Held micro-batches (forward done, W not yet): 1F1B's first rank holds p, at most.
         assert h1["peak"] == [pp] * pp
         assert v["peak"] == [2 * pp] * pp  # half-stage micro-batches: p stages' worth

@@ -6,13 +6,22 @@ for it), and W, the gradients of the weights (nobody waits for them; pretrain/mo
 weight_grads.py). The W's go where 1F1B would leave the rank idle.
 
 The schedules are computed, not drawn: `simulate` runs the executor for all ranks at once with
-unit costs (F = B = W = 1) and records what each rank does. Whenever a rank is free it runs
+the costs F : B : W = 4 : 4 : 3 (`COSTS`: a layer's input gradient costs about what its forward
+does, attention's backward included, and its weight gradient is the weight half of the linears'
+backward alone; measured on CPU here: 30 : 31 : 22 ms for a 4-layer stage) and records what each
+rank does. The W's are placed where that simulation waits, so the assumed W matters: placed for
+W = F, they overrun real, shorter waits and the bubble comes back (bench/RESULTS.md, "Zero-bubble
+pipeline", has the sensitivity). Whenever a rank is free it starts, of the operations whose input
+is there:
 
-1. a B whose gradient is there (the later stage first): B is on the critical path;
-2. else an F whose input is there (the later stage first), if the rank holds fewer
-   micro-batches than its limit (held: forward done, W not yet: the saved activations, and the
-   inputs and output gradients a W keeps, live until then);
-3. else its oldest pending W: W's fill the time the rank would otherwise wait.
+1. ZB-H1: the next F or B in 1F1B's order. ZB-V: an F of its later stage (the V's way back up to
+   the loss), else a B (the later stage first: B's are the critical path), else an F of its first
+   stage (new work);
+2. an F only while the rank holds fewer micro-batches than its limit (held: forward done, W not
+   yet; the saved activations, and the inputs and output gradients a W keeps, live until then);
+3. else its oldest pending W, if it ends before the next F or B could start (as far as the
+   simulation knows: what its neighbours are running), so W's fill waits without delaying the
+   critical path.
 
 How the executor moves data decides what the simulation must respect. Before each step a rank
 posts one group of transfers (the sends of its previous step, the receives of this one), runs
@@ -27,12 +36,14 @@ schedule (`("RF" | "RB", chunk, micro)`: receive the input of that F or B), so t
 replays exactly the transfers the simulation made, and a schedule the simulation finishes runs
 under NCCL's rules without deadlock (tests/test_nccl_rules.py checks it on real ranks too).
 
-ZB-H1: one stage per rank; every rank holds at most p micro-batches, 1F1B's peak (that of its
-first rank), and the backward chain runs through B's alone: the bubble shrinks from 1F1B's
-(p-1)(F+B+W) to (p-1)(F+B-W) (the paper's ZB-H1; tests/test_zero_bubble.py checks the figure).
+ZB-H1: one stage per rank in 1F1B's order of F's and B's (so 1F1B's transfers); every rank holds
+at most p micro-batches, 1F1B's peak (that of its first rank), and the backward chain runs
+through B's alone: the bubble shrinks from 1F1B's (p-1)(F+B+W) to (p-1)(F+B-W) (the paper's
+ZB-H1; tests/test_zero_bubble.py checks the figure at 2-8 stages).
 ZB-V: two stages per rank in V order, rank r holds stages r and 2p-1-r (rank 0 the embedding
 and the loss), at most 2p half-size stages each: the same activation memory as 1F1B's first
-rank, on every rank. The second half's warm-up overlaps the first's and the W's fill the rest.
+rank, on every rank. The second half's warm-up overlaps the first's and the W's fill the rest:
+below ZB-H1's bubble at every size tested (2-8 stages, p to 4p micro-batches).
 """
 
 from __future__ import annotations
@@ -43,6 +54,8 @@ from dataclasses import dataclass, field
 
 # (kind, chunk, micro): what pretrain/parallel/pipeline.py calls an Op.
 RawOp = tuple[str, int, int]
+# The simulation's operation costs, in ticks (module doc).
+COSTS = {"F": 4, "B": 4, "W": 3}
 
 
 def stage_owner(stage: int, *, pp: int, v_shape: bool) -> tuple[int, int]:
@@ -77,8 +90,11 @@ class _Rank:
 class _Pipeline:
     """All ranks' state; `run` advances time until every operation has run."""
 
-    def __init__(self, *, pp: int, micro_batches: int, v_shape: bool, forward_only: bool, orders=None) -> None:
+    def __init__(
+        self, *, pp: int, micro_batches: int, v_shape: bool, forward_only: bool, orders=None, costs=None
+    ) -> None:
         self.pp, self.micro, self.v_shape, self.forward_only = pp, micro_batches, v_shape, forward_only
+        self.costs = costs or COSTS
         self.stages = 2 * pp if v_shape else pp
         self.kinds = "F" if forward_only else "BF"
         self.channels: dict[tuple[int, int], deque] = {}  # (sender, receiver) -> messages not yet read
@@ -114,13 +130,17 @@ class _Pipeline:
                 rank.step.append(self.raw("R" + kind, stage, micro))
                 self.ranks[sender].unmatched -= 1
 
-    def _decide(self, rank: _Rank) -> None:
-        """Rules 1 and 2 of the module doc, or the next F/B of a given order."""
+    def _choices(self, rank: _Rank) -> list[tuple[str, int, int]]:
+        """The operations the rank would run next, in order of preference: the next of a fixed
+        order (ZB-H1: 1F1B's), else rules 1-3 of the module doc."""
         if rank.order is not None:
-            choices = [rank.order[0]] if rank.order else []
-        else:
-            choices = [(k, s, rank.next_op[(k, s)]) for k in self.kinds for s in rank.stages]
-        for kind, stage, micro in choices:
+            return [rank.order[0]] if rank.order else []
+        late, early = rank.stages[0], rank.stages[-1]
+        preference = [("F", late), ("B", late), ("B", early), ("F", early)]
+        return [(kind, stage, rank.next_op[(kind, stage)]) for kind, stage in preference if kind in self.kinds]
+
+    def _decide(self, rank: _Rank) -> None:
+        for kind, stage, micro in self._choices(rank):
             if micro < self.micro and self._ready(rank, kind, stage, micro):
                 rank.inbox.discard((kind, stage, micro))
                 rank.next_op[(kind, stage)] += 1
@@ -137,12 +157,37 @@ class _Pipeline:
             rank.step = []
             rank.held += op[0] == "F"
             rank.peak = max(rank.peak, rank.held)
-        elif rank.pending_w:
+        elif rank.pending_w and now + self.costs["W"] <= self._can_go_on(rank, now):
             op = ("W", *rank.pending_w.popleft())
             rank.step.append(self.raw(*op))
         else:
             return
-        rank.running, rank.busy_until = op, now + 1
+        rank.running, rank.busy_until = op, now + self.costs[op[0]]
+
+    def _can_go_on(self, rank: _Rank, now: int) -> float:
+        """The earliest the rank's next F or B could start, as far as the simulation can tell: a
+        W that would overrun it delays the critical path instead of filling a wait (rule 4)."""
+        if rank.committed is not None:
+            if rank.order is None:
+                return float("inf")
+            # its sends are read once their receivers are between two F/B operations
+            receivers = [self.ranks[r] for (s, r), channel in self.channels.items() if s == rank.rank and channel]
+            return max([now] + [r.busy_until for r in receivers if r.running is not None and r.running[0] != "W"])
+        return min([self._input_at(rank, *op, now) for op in self._choices(rank)], default=float("inf"))
+
+    def _input_at(self, rank: _Rank, kind: str, stage: int, micro: int, now: int) -> float:
+        """The earliest op's input can be here (inf: unknown, or the memory limit holds it)."""
+        if micro >= self.micro or (kind, stage, micro) in rank.inbox:
+            return float("inf")  # no such op; or its input is here and the limit holds it: W's make room
+        if self._ready(rank, kind, stage, micro):
+            return now
+        source = stage - 1 if kind == "F" else stage + 1
+        if not 0 <= source < self.stages or self.owner(source)[0] == rank.rank:
+            return float("inf")
+        producer = self.ranks[self.owner(source)[0]]
+        if producer.running == (kind, source, micro):
+            return producer.busy_until
+        return now + self.costs[kind]  # not started yet: at least its own duration away
 
     def _finish(self, rank: _Rank) -> None:
         """The operation ends: its output goes to the next (F) or previous (B) stage."""
@@ -167,7 +212,7 @@ class _Pipeline:
             rank.unmatched += 1
 
     def run(self) -> int:
-        """Returns the time the last operation ends (the makespan, in unit operations)."""
+        """Returns the time the last operation ends (the makespan, in COSTS' ticks)."""
         per_stage = 1 if self.forward_only else 3  # F, or F, B and W
         total = [len(rank.stages) * self.micro * per_stage for rank in self.ranks]
         now = 0
@@ -188,8 +233,9 @@ class _Pipeline:
                     self._start(rank, now)
             done = all(rank.finished == n for rank, n in zip(self.ranks, total))
             if not done and all(rank.running is None for rank in self.ranks):
-                # Cannot happen under these rules (every message is read as soon as its receiver
-                # is between operations); kept so that a change to them fails loudly.
+                # Not seen with these rules (2-12 stages x 1-64 micro-batches tried); fails loudly
+                # if a change to them leaves a rank waiting for good (say, at its memory limit
+                # with no W left to run).
                 raise AssertionError(f"zero-bubble schedule stuck at time {now}: pp={self.pp} micro={self.micro}")
             now += 1
         for rank in self.ranks:
@@ -225,12 +271,12 @@ def _pipeline(*, pp: int, micro_batches: int, v_shape: bool, forward_only: bool)
 
 
 def figures(*, pp: int, micro_batches: int, v_shape: bool) -> dict:
-    """The simulation's own figures, in unit operations (F = B = W = 1; ZB-V's are half-stage
-    operations): `makespan`, each rank's `peak` held micro-batches (ZB-V: half-stage ones) and
-    `work` per rank (3 x micro-batches x stages per rank)."""
+    """The simulation's own figures, in COSTS' ticks (ZB-V's operations are half-stage ones):
+    `makespan`, each rank's `peak` held micro-batches (ZB-V: half-stage ones) and `work` per
+    rank (micro-batches x stages per rank x (F + B + W))."""
     pipeline = _pipeline(pp=pp, micro_batches=micro_batches, v_shape=v_shape, forward_only=False)
     makespan = pipeline.run()
-    work = 3 * micro_batches * (2 if v_shape else 1)
+    work = sum(COSTS.values()) * micro_batches * (2 if v_shape else 1)
     return {"makespan": makespan, "peak": [rank.peak for rank in pipeline.ranks], "work": work}
 
 
