@@ -17,6 +17,7 @@ rank's Python thread spends inside communication calls: transfer plus waiting fo
     python bench/parallel.py                       # all layouts, default shape, 2 passes (~3 min)
     python bench/parallel.py --layouts single tp2  # a subset
     python bench/parallel.py --layouts cp2 cp2_ring --cp-memory-seq 4096
+    python bench/parallel.py --layouts pp2_1f1b pp2_vp2 pp2_zb_h1 pp2_zb_v --cp-memory-seq 0
 
 Context parallelism (parallel.context): besides its throughput rows (cp2: K/V all-gathered, cp2_ring:
 K/V passed round the ring), a section measures the activation memory per rank of one long
@@ -24,6 +25,22 @@ sequence at CP = 1, 2, 4 with each attention: every rank's live storages counted
 training steps (pretrain/planner/measure.py, the planner's own measurement; the peak split into
 weights, gradients, optimizer state and activations by what the trainer holds). Its RESULT line's
 ratio is (CP 1's activations / 4) / CP 4's: 1.0 means activations fall exactly as 1/CP.
+
+Pipeline schedules (parallel.pipeline_schedule, issue 20): the PP=2 rows run 1F1B, interleaved
+1F1B (2 chunks per rank), ZB-H1 and ZB-V at the same micro-batch count. Their bubble is measured
+as the time each rank waits in the pipeline: on its receives (the executor's exchange waits,
+recorded by CommRecorder: seconds inside waits on point-to-point groups), then from the end of its
+own schedule until the slowest rank's ends. With fewer free cores than ranks that wall time also
+holds time a peer spent descheduled, so the same steps are also replayed on dedicated cores from
+each operation's measured CPU time (bench/pipeline_replay.py), next to the idle share the
+schedule's model predicts (1F1B (p-1)(F+B+W), interleaved half that, the zero-bubble schedules'
+own simulation at F : B : W = 4 : 4 : 3). A section measures each schedule's activation memory per pipeline rank
+(the planner's live-storage measurement over two training steps, as the CP section). Its RESULT
+lines: parallel_pp2_bubble ratio = interleaved's wait / the larger zero-bubble wait (> 1: both
+zero-bubble schedules wait less); parallel_pp2_bubble_replayed the same for the replayed bubble
+(the replayed step less the busier rank's work: the stages' imbalance taken out);
+parallel_pp2_activations ratio = 1F1B's largest rank / the
+largest rank of any zero-bubble schedule (1.0: the same peak).
 
 Per layout the last lines are `RESULT parallel_<layout> tokens_per_s_per_rank=... step_s=...
 comm_share=... ratio=...`, ratio = tokens/s per rank of the layout / tokens/s of the
@@ -51,6 +68,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from parallel_harness import build_trainer, free_port  # noqa: E402
+from pipeline_replay import OpTimer, replay  # noqa: E402
 
 from pretrain.config import config_from_dict  # noqa: E402
 from pretrain.parallel.nccl_rules import CommRecorder  # noqa: E402
@@ -67,7 +85,11 @@ LAYOUTS = {
     "tp2_pp2_dp2": (["parallel.tensor=2", "parallel.pipeline=2"], 8),
     "cp2": (["parallel.context=2"], 2),
     "cp2_ring": (["parallel.context=2", "parallel.context_attention=ring"], 2),
+    "pp2_zb_h1": (["parallel.pipeline=2", "parallel.pipeline_schedule=zb-h1"], 2),
+    "pp2_zb_v": (["parallel.pipeline=2", "parallel.pipeline_schedule=zb-v"], 2),
 }
+# The PP=2 rows of the pipeline section, by schedule (the same micro-batch count in each).
+PIPELINE_ROWS = {"1f1b": "pp2_1f1b", "interleaved": "pp2_vp2", "zb-h1": "pp2_zb_h1", "zb-v": "pp2_zb_v"}
 
 
 def comm_seconds(events) -> dict[str, float]:
@@ -82,6 +104,23 @@ def comm_seconds(events) -> dict[str, float]:
         if e.kind in ("post", "wait") and e.unit in kinds:
             seconds[kinds[e.unit]] += e.seconds
     return seconds
+
+
+def p2p_wait_seconds(events) -> float:
+    """Seconds inside waits on point-to-point groups: for a pipeline rank, the time it waits on
+    its neighbours (the executor posts a step's transfers, runs its W's, then waits)."""
+    p2p = {e.unit for e in events if e.kind == "post" and any(op.kind != "collective" for op in e.ops)}
+    return sum(e.seconds for e in events if e.kind == "wait" and e.unit in p2p)
+
+
+def pipeline_waits(ranks: list[dict]) -> list[list[float]]:
+    """Per rank, per timed step: seconds waiting on pipeline receives, plus (PP > 1) the time
+    from the end of its own schedule to the end of the slowest rank's, which it spends waiting
+    in the next collective (ranks start each step together, after a barrier)."""
+    if not all(r["pipeline_s"] for r in ranks):  # no pipeline: the trainer made no progress calls
+        return [[s["wait_s"] for s in r["steps"]] for r in ranks]
+    slowest = [max(ends) for ends in zip(*(r["pipeline_s"] for r in ranks))]
+    return [[s["wait_s"] + last - end for s, end, last in zip(r["steps"], r["pipeline_s"], slowest)] for r in ranks]
 
 
 def make_config(args, overrides: list[str], *, steps: int):
@@ -119,21 +158,34 @@ def _rank(rank: int, world: int, port: int, args, overrides: list[str], out: str
     recorder = CommRecorder().__enter__()  # this process only, until it exits
     trainer = build_trainer(config, steps)
     topo = trainer.topo
+    timer = trainer.progress = OpTimer()  # CPU seconds of each pipeline operation (pipeline_replay.py)
     records = []
     for step in range(1, steps + 1):
         if world > 1:
             barrier()
         recorder.clear()
+        timer.start_step()
         start = time.perf_counter()
         loss = trainer.step(step)["loss"]
         elapsed = time.perf_counter() - start
         calls = sum(e.kind == "post" for e in recorder.events)
-        records.append({"step_s": elapsed, "comm_s": comm_seconds(recorder.events), "calls": calls, "loss": loss})
+        records.append(
+            {
+                "step_s": elapsed,
+                "comm_s": comm_seconds(recorder.events),
+                "wait_s": p2p_wait_seconds(recorder.events),
+                "calls": calls,
+                "loss": loss,
+            }
+        )
     result = {
         "rank": topo.rank,
         "logging": topo.is_logging_rank,
         "steps": records[args.warmup :],
         "first_loss": records[0]["loss"],
+        "pp_rank": topo.pp_rank,
+        "op_seconds": timer.steps[args.warmup :],
+        "pipeline_s": timer.ends[args.warmup :],
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     if world > 1:
@@ -186,14 +238,21 @@ def run_layout(args, name: str) -> dict:
         "comm_share_max": max(shares),
         "p2p_share": statistics.mean(p2p),
         "calls_per_step": statistics.mean(r["steps"][-1]["calls"] for r in ranks),
+        # per rank (rank order): median seconds per step it waits in the pipeline, and their share
+        "wait_s": [statistics.median(w) for w in pipeline_waits(ranks)],
+        "wait_share": [
+            statistics.mean(w / s["step_s"] for w, s in zip(waits, r["steps"]))
+            for waits, r in zip(pipeline_waits(ranks), ranks)
+        ],
+        "op_seconds": [r["op_seconds"] for r in ranks],  # rank order (pipeline rank order at PP=2 alone)
         "first_loss": logging["first_loss"],
         "wall_s": wall,
         "foreign_cores": foreign,
     }
 
 
-def _cp_memory_rank(rank: int, world: int, port: int, args, method: str, out: str) -> None:
-    """One rank of a CP = world run of one long sequence: its peak memory, by category."""
+def _memory_rank(rank: int, world: int, port: int, args, overrides: list[str], out: str) -> None:
+    """One rank of a run at `overrides`: its peak memory over two training steps, by category."""
     from pretrain.parallel.bootstrap import init_distributed
     from pretrain.planner.fake_world import gpu_allocations
     from pretrain.planner.live_memory import LiveMemory
@@ -203,20 +262,15 @@ def _cp_memory_rank(rank: int, world: int, port: int, args, method: str, out: st
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    overrides = [
-        f"parallel.context={world}",
-        f"parallel.context_attention={method}",
-        f"model.seq_length={args.cp_memory_seq}",
-        "train.micro_batch_size=1",
-        "train.global_batch_size=1",
-    ]
     config = make_config(args, overrides, steps=2)
     topo = init_distributed(config, device=torch.device("cpu"))
     # As a GPU allocates (no logits buffer kept between steps), as the planner's benches measure.
     with gpu_allocations(), LiveMemory() as tracker:
         measured = measure_training(config, topo, tracker=tracker)
     peak = measured.peak
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"activations": peak.activations, "total": peak.total}))
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"activations": peak.activations, "total": peak.total, "pp_rank": topo.pp_rank})
+    )
     if world > 1:
         dist.destroy_process_group()
         sys.stdout.flush()
@@ -224,14 +278,26 @@ def _cp_memory_rank(rank: int, world: int, port: int, args, method: str, out: st
         os._exit(0)  # as _rank: skip gloo's occasionally aborting teardown
 
 
+def measure_memory(args, overrides: list[str], world: int) -> list[dict]:
+    """Every rank's peak memory (rank order) of a run at `overrides` on `world` ranks."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_memory_rank, args=(world, free_port(), args, overrides, out), nprocs=world, join=True)
+        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+
+
 def cp_memory(args) -> list[dict]:
     """Peak activation memory per rank (the largest over ranks) at CP = 1, 2, 4, each attention."""
     rows = []
     for cp, method in [(1, "all_gather"), (2, "all_gather"), (4, "all_gather"), (2, "ring"), (4, "ring")]:
         start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as out:
-            mp.spawn(_cp_memory_rank, args=(cp, free_port(), args, method, out), nprocs=cp, join=True)
-            ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(cp)]
+        overrides = [
+            f"parallel.context={cp}",
+            f"parallel.context_attention={method}",
+            f"model.seq_length={args.cp_memory_seq}",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=1",
+        ]
+        ranks = measure_memory(args, overrides, cp)
         rows.append(
             {
                 "cp": cp,
@@ -272,6 +338,112 @@ def cp_memory_results(rows: list[dict]) -> list[str]:
     return lines
 
 
+def model_idle_share(schedule: str, *, pp: int, micro: int) -> float:
+    """The share of a step a rank idles in the schedule's model: the zero-bubble schedules' own
+    simulation (pretrain/parallel/zero_bubble.py figures), 1F1B's (p-1)(F+B+W) and interleaved's
+    half of it (shares that do not depend on the costs)."""
+    from pretrain.parallel.zero_bubble import figures
+
+    if schedule in ("zb-h1", "zb-v"):
+        f = figures(pp=pp, micro_batches=micro, v_shape=schedule == "zb-v")
+        return (f["makespan"] - f["work"]) / f["makespan"]
+    bubble = (pp - 1) / (2 if schedule == "interleaved" else 1)
+    return bubble / (micro + bubble)
+
+
+def replayed_waits(args, name: str, runs: list[list[dict]]) -> tuple[list[float], list[float]]:
+    """(wait, busy) seconds per step per pipeline rank of a PP=2 row on dedicated cores: its
+    real schedule replayed with each operation's measured CPU time (bench/pipeline_replay.py)."""
+    from pipeline_replay import OpTimer
+
+    from pretrain.parallel.pipeline import make_schedule
+    from pretrain.parallel.topology import grid_position
+
+    p = make_config(args, LAYOUTS[name][0], steps=1).parallel
+    micro = args.global_batch // args.micro
+    topos = [
+        grid_position(rank=r, pp=2, virtual_stages=p.virtual_stages, pipeline_schedule=p.pipeline_schedule)
+        for r in range(2)
+    ]
+    schedules = [make_schedule(topo, micro) for topo in topos]
+    costs = []
+    for steps in runs:
+        timer = OpTimer()
+        timer.steps = steps
+        costs.append(timer.costs())
+    return replay(topos, schedules, costs), [sum(c.values()) for c in costs]
+
+
+def pipeline_memory(args) -> dict[str, list[int]]:
+    """Peak activation bytes per pipeline rank (rank order) of each PP=2 schedule."""
+    memory = {}
+    for schedule, name in PIPELINE_ROWS.items():
+        start = time.perf_counter()
+        overrides, world = LAYOUTS[name]
+        ranks = sorted(measure_memory(args, overrides, world), key=lambda r: r["pp_rank"])
+        memory[schedule] = [r["activations"] for r in ranks]
+        print(f"  activations {schedule}: {time.perf_counter() - start:.0f} s wall", flush=True)
+    return memory
+
+
+def print_pipeline(args, best: dict[str, dict], memory: dict[str, list[int]]) -> None:
+    micro, mib = args.global_batch // args.micro, 2**20
+    print(
+        f"\npipeline schedules, PP=2, {micro} micro-batches, seconds per step per pipeline rank (r0, r1): work = "
+        "CPU time of its F, B and W operations; wait = wall time it waits in the pipeline (on its receives, "
+        "then until the slowest rank's schedule ends; median over timed steps); replay = the same steps on "
+        "dedicated cores from the measured CPU times (bench/pipeline_replay.py): each rank's wait, and the "
+        "bubble = step - the busier rank's work (what is left when the stages' imbalance is taken out); "
+        "model = idle share of the schedule's own simulation (F : B : W = 4 : 4 : 3, zero_bubble.COSTS)"
+    )
+    print(
+        f"{'schedule':<13}{'work r0':>9}{'work r1':>9}{'wait r0':>9}{'wait r1':>9}{'share':>7}{'replay r0':>11}"
+        f"{'replay r1':>11}{'bubble':>8}{'share':>7}{'model':>7}{'per rank':>10}"
+    )
+    for schedule, name in PIPELINE_ROWS.items():
+        r = best[name]
+        waits, work = replayed_waits(args, name, r["op_seconds"])
+        step = waits[0] + work[0]  # every rank's wait + work is the replayed step
+        r["replay_wait_s"], r["replay_bubble_s"] = waits, step - max(work)
+        print(
+            f"{schedule:<13}{work[0]:>9.3f}{work[1]:>9.3f}{r['wait_s'][0]:>9.3f}{r['wait_s'][1]:>9.3f}"
+            f"{statistics.mean(r['wait_share']):>7.1%}{waits[0]:>11.3f}{waits[1]:>11.3f}"
+            f"{r['replay_bubble_s']:>8.3f}{r['replay_bubble_s'] / step:>7.1%}"
+            f"{model_idle_share(schedule, pp=2, micro=micro):>7.1%}{r['ratio']:>10.3f}"
+        )
+    print("per rank = the layout table's per-rank efficiency")
+    if memory:
+        print(
+            "\npeak activation memory per pipeline rank over two training steps (live storages, as the CP "
+            "section; zb-v's rank 0 holds the first and the last stage)"
+        )
+        print(f"{'schedule':<13}{'MiB r0':>9}{'MiB r1':>9}{'peak / 1F1B peak':>18}")
+        for schedule, act in memory.items():
+            print(f"{schedule:<13}{act[0] / mib:>9.1f}{act[1] / mib:>9.1f}{max(act) / max(memory['1f1b']):>18.3f}")
+
+
+def pipeline_results(best: dict[str, dict], memory: dict[str, list[int]]) -> list[str]:
+    waits = {schedule: statistics.mean(best[name]["wait_s"]) for schedule, name in PIPELINE_ROWS.items()}
+    bubbles = {schedule: best[name]["replay_bubble_s"] for schedule, name in PIPELINE_ROWS.items()}
+    lines = [
+        "RESULT parallel_pp2_bubble "
+        + " ".join(f"wait_s_{s.replace('-', '_')}={w:.4f}" for s, w in waits.items())
+        + f" ratio={waits['interleaved'] / max(waits['zb-h1'], waits['zb-v']):.3f}",
+        "RESULT parallel_pp2_bubble_replayed "
+        + " ".join(f"bubble_s_{s.replace('-', '_')}={w:.4f}" for s, w in bubbles.items())
+        + f" ratio={bubbles['interleaved'] / max(bubbles['zb-h1'], bubbles['zb-v']):.3f}",
+    ]
+    if memory:
+        mib = 2**20
+        peaks = {s: max(a) for s, a in memory.items()}
+        lines.append(
+            "RESULT parallel_pp2_activations "
+            + " ".join(f"peak_mb_{s.replace('-', '_')}={p / mib:.1f}" for s, p in peaks.items())
+            + f" ratio={peaks['1f1b'] / max(peaks['zb-h1'], peaks['zb-v']):.3f}"
+        )
+    return lines
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
@@ -286,6 +458,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--repeat", type=int, default=2, help="passes over the layouts; the fastest run is kept")
+    p.add_argument(
+        "--pp-memory",
+        type=int,
+        default=1,
+        help="1: measure the activation memory of each PP=2 schedule (when all four PP=2 rows run); 0 skips it",
+    )
     p.add_argument(
         "--cp-memory-seq",
         type=int,
@@ -354,6 +532,10 @@ def main(argv=None) -> None:
     memory = cp_memory(args) if args.cp_memory_seq else []
     if memory:
         print_cp_memory(args, memory)
+    pipelines = all(name in best for name in PIPELINE_ROWS.values())
+    pp_memory = pipeline_memory(args) if pipelines and args.pp_memory else {}
+    if pipelines:
+        print_pipeline(args, best, pp_memory)
     print()
     for r in results:
         print(
@@ -361,7 +543,9 @@ def main(argv=None) -> None:
             f"step_s={r['step_s']:.4f} comm_share={r['comm_share']:.4f} ranks={r['world']} "
             f"ratio={r['ratio']:.3f}"
         )
-    for line in cp_memory_results(memory):
+    for line in cp_memory_results(memory) if memory else []:
+        print(line)
+    for line in pipeline_results(best, pp_memory) if pipelines else []:
         print(line)
 
 
