@@ -358,6 +358,18 @@ def test_zero1_matches_single_process():
     _assert_same(logging, reference(LLAMA), "zero1_pp2_dp2_zb_v")
 
 
+def test_a_zero_bubble_checkpoint_resumes_under_other_schedules(tmp_path):
+    """ZB-V's rank 0 holds stages 0 and 3 (interleaved's: 0 and 2): a ZB-V checkpoint saved under
+    ZeRO-1 at step 2 resumes under interleaved 1F1B (as many chunks, other layers) and under
+    ZB-H1 without ZeRO, with the uninterrupted run's losses."""
+    saved = LLAMA + ["parallel.pipeline=2", V, "parallel.zero_stage=1"]
+    straight = run_job(saved, world=4, last=3, save=str(tmp_path), save_at=2)[0]
+    interleaved = ["parallel.pipeline=2", "parallel.virtual_stages=2", "parallel.zero_stage=1"]
+    for layout, world in ((interleaved, 4), (["parallel.pipeline=2", H1], 2)):
+        resumed = run_job(LLAMA + layout, world=world, first=3, last=3, resume=str(tmp_path / "step_2"))[0]
+        assert resumed["loss"] == pytest.approx(straight["loss"][2:], abs=2e-5), layout
+
+
 # -- 4. refused settings ----------------------------------------------------------------------------------
 
 
@@ -382,7 +394,7 @@ def test_bad_schedule_settings_are_refused(overrides, key, words):
 
 def test_virtual_stages_alone_still_means_interleaved():
     config = make_config(["parallel.pipeline=2", "parallel.virtual_stages=2"])
-    assert config.parallel.pipeline_schedule == "interleaved"
+    assert (config.parallel.pipeline_schedule, config.parallel.schedule) == (None, "interleaved")
     v = make_config(["parallel.pipeline=2", V] + LLAMA)
     assert (v.parallel.pipeline_schedule, v.parallel.virtual_stages) == ("zb-v", 2)
     # The V's first and last stage (embedding, loss) share rank 0.

@@ -238,7 +238,7 @@ def validate_layout(config: RunConfig, world_size: int) -> int:
     except ConfigError as e:
         grid = f"tensor {p.tensor} x pipeline {p.pipeline}" + (f" x context {p.context}" if p.context > 1 else "")
         raise ConfigError(f"{e} (world {world_size} / ({grid}))") from None
-    if p.pipeline_schedule == "interleaved" and micro_batches % p.pipeline:
+    if p.schedule == "interleaved" and micro_batches % p.pipeline:
         raise ConfigError(
             f"parallel.virtual_stages: the interleaved schedule needs the number of "
             f"micro-batches per step ({micro_batches}) to be a multiple of "

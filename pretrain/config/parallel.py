@@ -145,10 +145,14 @@ class ParallelConfig:
                 "several, or set parallel.virtual_stages=1",
             )
 
+    @property
+    def schedule(self) -> str:
+        """The schedule that runs: parallel.pipeline_schedule, or when unset 1f1b (interleaved
+        when virtual_stages > 1). Unset stays unset in saved configs, so a run resumed or
+        resharded with other virtual_stages picks its schedule again."""
+        return self.pipeline_schedule or ("interleaved" if self.virtual_stages > 1 else "1f1b")
+
     def derive_schedule(self) -> None:
-        """Fill parallel.pipeline_schedule when unset (1f1b, interleaved when virtual_stages > 1)
-        and virtual_stages for zb-v (2): saved with every checkpoint, explicit from then on."""
-        if self.pipeline_schedule is None:
-            self.pipeline_schedule = "interleaved" if self.virtual_stages > 1 else "1f1b"
+        """zb-v's two chunks per rank, as virtual_stages (saved with every checkpoint)."""
         if self.pipeline_schedule == "zb-v":
             self.virtual_stages = 2
