@@ -20,7 +20,7 @@ import copy
 
 import pytest
 import torch
-from parallel_harness import make_config, run_job, run_layout
+from parallel_harness import make_config, run_job, run_layout, torchrun
 from torch import nn
 
 from pretrain.config import ConfigError
@@ -368,6 +368,37 @@ def test_a_zero_bubble_checkpoint_resumes_under_other_schedules(tmp_path):
     for layout, world in ((interleaved, 4), (["parallel.pipeline=2", H1], 2)):
         resumed = run_job(LLAMA + layout, world=world, first=3, last=3, resume=str(tmp_path / "step_2"))[0]
         assert resumed["loss"] == pytest.approx(straight["loss"][2:], abs=2e-5), layout
+
+
+def test_train_cli_under_zb_v_logs_validates_and_exports(stdlib_data, tmp_path):
+    """`python -m pretrain.train` at PP2 under ZB-V (torchrun): the loss and the validation loss
+    live on pipeline rank 0 (the V's last stage), the run logs both, checkpoints, and the merged
+    single-device model reproduces the logged validation loss."""
+    import json
+
+    from test_train_parallel import small
+
+    from pretrain.checkpoint import load_model
+    from pretrain.data.gpt_dataset import GPTDataset
+    from pretrain.data.loader import SampleLoader
+
+    layout = ["parallel.tensor=1", "parallel.pipeline=2", V, "model.flavour=llama", "model.num_kv_heads=2"]
+    result = torchrun(2, small(stdlib_data, tmp_path) + layout + ["train.steps=4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "logs/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    validations = [r["val_loss"] for r in records if "val_loss" in r]
+    assert validations and all(v == v for v in validations)  # no NaN: the loss is on rank 0
+    logged = validations[-1]
+    model, config = load_model(tmp_path / "ckpt")
+    valid = GPTDataset(
+        config.data.path, seq_length=64, split="valid", split_ratios=config.data.split_ratios, seed=config.train.seed
+    )
+    loader = iter(SampleLoader(valid, micro_batch_size=2, seed=config.train.seed))
+    with torch.no_grad():
+        ours = sum(model(b["tokens"], labels=b["labels"]).item() for b in (next(loader) for _ in range(2))) / 2
+    assert abs(ours - logged) < 1e-5
 
 
 # -- 4. refused settings ----------------------------------------------------------------------------------
