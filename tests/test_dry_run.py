@@ -128,8 +128,10 @@ def _measure_real(overrides: list[str]) -> dict:
         ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.activation_checkpointing=selective"],
         ["parallel.zero_stage=1", "train.precision=bf16"],
         ["parallel.zero_stage=3", "train.precision=bf16"],
+        ["parallel.pipeline=2", "parallel.pipeline_schedule=zb-h1"],
+        ["parallel.pipeline=2", "parallel.pipeline_schedule=zb-v", "model.tie_embeddings=false"],
     ],
-    ids=["pp2", "tp2-sp", "dp2-zero1", "dp2-zero3"],
+    ids=["pp2", "tp2-sp", "dp2-zero1", "dp2-zero3", "pp2-zb-h1", "pp2-zb-v"],
 )
 def test_dry_run_matches_a_real_gloo_run(overrides):
     """2 real gloo ranks and the dry run of the same 2 ranks: each category of the peak and of

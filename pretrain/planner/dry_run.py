@@ -139,6 +139,7 @@ def coordinates(config: RunConfig, world_size: int, rank: int) -> Topology:
         cp=p.context,
         virtual_stages=p.virtual_stages,
         context_attention=p.context_attention,
+        pipeline_schedule=p.pipeline_schedule,
     )
 
 

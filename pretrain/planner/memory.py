@@ -126,18 +126,24 @@ def _comm_buffers(config: RunConfig) -> int:
 
 def _peak_activations(config: RunConfig, pp_rank: int, probe, dp: int) -> tuple[int, int]:
     """The most bytes the schedule keeps at once on pipeline rank `pp_rank`, and how many chunk
-    forwards are then waiting for their backward."""
+    forwards are then waiting for their backward (under a zero-bubble schedule: for their W,
+    which keeps the layers' inputs and output gradients until then; counted as the whole
+    forward's, an upper bound)."""
+    from pretrain.parallel.model_chunks import stage_index
+
     p = config.parallel
     layers_per_chunk = config.model.num_layers // (p.pipeline * p.virtual_stages)
+    v_shape, releases = p.schedule == "zb-v", "W" if p.schedule in ("zb-h1", "zb-v") else "B"
+    last_stage = p.pipeline * p.virtual_stages - 1
 
     def cost(chunk: int) -> int:
-        virtual = chunk * p.pipeline + pp_rank
-        first, last = virtual == 0, virtual == p.pipeline * p.virtual_stages - 1
+        virtual = stage_index(pp=p.pipeline, pp_rank=pp_rank, chunk=chunk, v_shape=v_shape)
+        first, last = virtual == 0, virtual == last_stage
         own = layers_per_chunk * probe.per_block + probe.per_chunk
         return own + (probe.embedding if first else 0) + (probe.head if last else 0)
 
     def backward(chunk: int) -> int:  # what a backward through the chunk adds at its highest
-        last = chunk * p.pipeline + pp_rank == p.pipeline * p.virtual_stages - 1
+        last = stage_index(pp=p.pipeline, pp_rank=pp_rank, chunk=chunk, v_shape=v_shape) == last_stage
         return probe.backward_last if last else probe.backward_middle
 
     live: list[int] = []
@@ -148,7 +154,7 @@ def _peak_activations(config: RunConfig, pp_rank: int, probe, dp: int) -> tuple[
         held = sum(cost(c) for c in live) + (backward(chunk) if kind == "B" else 0)
         if held > peak:
             peak, at_peak = held, len(live)
-        if kind == "B":
+        if kind == releases:
             live.remove(chunk)
     return peak, at_peak
 
@@ -162,7 +168,13 @@ def _schedule_ops(config: RunConfig, pp_rank: int, dp: int) -> list[tuple[str, i
     micro = config.accumulation_steps(dp)
     if p.pipeline == 1:  # one micro-batch's forward and backward back to back
         return [(k, 0) for _ in range(micro) for k in "FB"]
-    topo = grid_position(rank=pp_rank * p.tensor, tp=p.tensor, pp=p.pipeline, virtual_stages=p.virtual_stages)
+    topo = grid_position(
+        rank=pp_rank * p.tensor,
+        tp=p.tensor,
+        pp=p.pipeline,
+        virtual_stages=p.virtual_stages,
+        pipeline_schedule=p.pipeline_schedule,
+    )
     return [(op.kind, op.chunk) for op in flatten(make_schedule(topo, micro))]
 
 
@@ -174,7 +186,14 @@ def rank_parameters(config: RunConfig, pp_rank: int) -> int:
     p, m = config.parallel, config.model
     total = 0
     for chunk in range(p.virtual_stages):
-        stage = stage_layout(num_layers=m.num_layers, pp=p.pipeline, vp=p.virtual_stages, pp_rank=pp_rank, chunk=chunk)
+        stage = stage_layout(
+            num_layers=m.num_layers,
+            pp=p.pipeline,
+            vp=p.virtual_stages,
+            pp_rank=pp_rank,
+            chunk=chunk,
+            v_shape=p.schedule == "zb-v",
+        )
         total += _stage_parameters(m, p.tensor, len(stage.layer_ids), stage.first, stage.last)
     return total
 

@@ -52,7 +52,7 @@ def estimate_step(config: RunConfig, world_size: int, hardware: Hardware, params
     per_micro = (
         model_flops * _recompute_factor(config) / world_size / micro / (peak * SUSTAINED.get(hardware.name, 1.0))
     )
-    bubble_share = (p.pipeline - 1) / (p.virtual_stages * micro)  # of the step, the pipeline idles
+    bubble_share = _bubble_share(config, micro)  # of the step's compute, the pipeline idles
     parts = {
         "compute": micro * per_micro,
         "bubble": bubble_share * micro * per_micro,
@@ -65,6 +65,18 @@ def estimate_step(config: RunConfig, world_size: int, hardware: Hardware, params
     seconds = sum(parts.values())
     mfu = model_flops / (seconds * world_size * peak)
     return StepTime(seconds=seconds, tokens_per_s_per_gpu=tokens / seconds / world_size, mfu=mfu, **parts)
+
+
+def _bubble_share(config: RunConfig, micro: int) -> float:
+    """Idle time over compute time: 1F1B's (p-1)/m, interleaving's divided by its chunks; the
+    zero-bubble schedules' from their own simulation (pretrain/parallel/zero_bubble.py)."""
+    p = config.parallel
+    if p.schedule in ("zb-h1", "zb-v") and p.pipeline > 1:
+        from pretrain.parallel.zero_bubble import figures
+
+        f = figures(pp=p.pipeline, micro_batches=micro, v_shape=p.schedule == "zb-v")
+        return (f["makespan"] - f["work"]) / f["work"]
+    return (p.pipeline - 1) / (p.virtual_stages * micro)
 
 
 def _recompute_factor(config: RunConfig) -> float:
