@@ -499,8 +499,31 @@ def main(argv=None) -> None:
             if name not in best or r["step_s"] < best[name]["step_s"]:
                 best[name] = r
     results = [best[name] for name in args.layouts]
-    base = results[0]["tokens_per_s"]
+    print_layouts(results, cores)
+    print("load average at end (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    memory = cp_memory(args) if args.cp_memory_seq else []
+    if memory:
+        print_cp_memory(args, memory)
+    pipelines = all(name in best for name in PIPELINE_ROWS.values())
+    pp_memory = pipeline_memory(args) if pipelines and args.pp_memory else {}
+    if pipelines:
+        print_pipeline(args, best, pp_memory)
+    print()
+    for r in results:
+        print(
+            f"RESULT parallel_{r['layout']} tokens_per_s_per_rank={r['tokens_per_s_per_rank']:.1f} "
+            f"step_s={r['step_s']:.4f} comm_share={r['comm_share']:.4f} ranks={r['world']} "
+            f"ratio={r['ratio']:.3f}"
+        )
+    for line in cp_memory_results(memory) if memory else []:
+        print(line)
+    for line in pipeline_results(best, pp_memory) if pipelines else []:
+        print(line)
 
+
+def print_layouts(results: list[dict], cores: int) -> None:
+    """The layout table; sets each result's ratio (per-rank efficiency) and per_core."""
+    base = results[0]["tokens_per_s"]
     print(
         f"\n{'layout':<13}{'ranks':>6}{'step s':>8}{'tok/s':>8}{'tok/s/rank':>11}{'per rank':>9}"
         f"{'per core':>9}{'comm':>7}{'(p2p)':>7}{'min-max':>13}{'loss@1':>9}{'other':>7}"
@@ -528,25 +551,6 @@ def main(argv=None) -> None:
         "ranks); loss@1 = first-step loss (equal across layouts: same model, same data); other = CPU "
         "cores busy with other processes during the kept run"
     )
-    print("load average at end (1/5/15 min): " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    memory = cp_memory(args) if args.cp_memory_seq else []
-    if memory:
-        print_cp_memory(args, memory)
-    pipelines = all(name in best for name in PIPELINE_ROWS.values())
-    pp_memory = pipeline_memory(args) if pipelines and args.pp_memory else {}
-    if pipelines:
-        print_pipeline(args, best, pp_memory)
-    print()
-    for r in results:
-        print(
-            f"RESULT parallel_{r['layout']} tokens_per_s_per_rank={r['tokens_per_s_per_rank']:.1f} "
-            f"step_s={r['step_s']:.4f} comm_share={r['comm_share']:.4f} ranks={r['world']} "
-            f"ratio={r['ratio']:.3f}"
-        )
-    for line in cp_memory_results(memory) if memory else []:
-        print(line)
-    for line in pipeline_results(best, pp_memory) if pipelines else []:
-        print(line)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,17 @@ def test_planner_calibration_prints_every_published_row():
     for row in rows:
         ratio = float(row.rsplit("ratio=", 1)[1])
         assert 0.5 < ratio < 2, row  # the model is calibrated; a regression shows as a far-off ratio
+
+
+def test_parallel_bench_pipeline_schedules_small():
+    """bench/parallel.py's PP=2 schedule rows (1F1B, interleaved, ZB-H1, ZB-V), the replay of
+    their steps on dedicated cores and their activation memory, at a tiny size."""
+    out = bench(
+        "bench/parallel.py",
+        *("--layouts", "pp2_1f1b", "pp2_vp2", "pp2_zb_h1", "pp2_zb_v", "--cp-memory-seq", "0"),
+        *("--layers", "4", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "500", "--seq", "64"),
+        *("--warmup", "1", "--steps", "1", "--repeat", "1"),
+    )
+    for name in ("parallel_pp2_zb_h1", "parallel_pp2_zb_v", "parallel_pp2_bubble", "parallel_pp2_bubble_replayed"):
+        assert f"RESULT {name} " in out
+    assert "RESULT parallel_pp2_activations peak_mb_1f1b=" in out
