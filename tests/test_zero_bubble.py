@@ -10,7 +10,7 @@
 3. Training on real gloo ranks equals the single-process run (loss within 2e-5, gradient norm
    within 1e-4 relative, 3 steps, fp32) for PP 2 and 4 with each schedule, with TP 2 (+SP), DP 2
    (buckets reduced during the W's), ZeRO-1, document masks, activation checkpointing, gpt2's
-   tied embeddings and context parallelism.
+   tied embeddings, context parallelism and mixture-of-experts layers.
 4. Bad schedule settings are refused at config validation, naming the key.
 """
 
@@ -307,6 +307,7 @@ def test_receives_come_in_the_senders_order():
 LLAMA = FLAVOURS["llama"]
 DOCUMENTS = ["data.document_attention_mask=true", "data.tokenizer=unused"]
 H1, V = "parallel.pipeline_schedule=zb-h1", "parallel.pipeline_schedule=zb-v"
+MOE = ["model.moe.num_experts=4", "model.moe.ffn_hidden_size=32", "model.moe.shared_experts=1"]
 # name -> (reference overrides, layout overrides, world)
 LAYOUTS = {
     "pp2_zb_h1": (LLAMA, ["parallel.pipeline=2", H1], 2),
@@ -326,6 +327,14 @@ LAYOUTS = {
     "pp2_dp2_zb_h1": (LLAMA, ["parallel.pipeline=2", H1, "parallel.bucket_mb=0.01"], 4),
     "pp2_dp2_zb_v_documents": (LLAMA + DOCUMENTS, ["parallel.pipeline=2", V, "parallel.bucket_mb=0.01"], 4),
     "cp2_pp2_zb_h1": (LLAMA, ["parallel.pipeline=2", "parallel.context=2", H1], 4),
+    # Mixture of experts: grouped-matmul experts and the router compute their weight gradients in
+    # B (not split: correct, only not deferred); the per-expert loop's experts are split linears.
+    "moe_pp2_zb_v": (LLAMA + MOE + ["model.moe.grouped_mm=true"], ["parallel.pipeline=2", V], 2),
+    "moe_sigmoid_router_pp2_zb_h1": (
+        MOE + ["model.moe.router=sigmoid", "model.moe.bias_update_rate=0.05", "model.moe.grouped_mm=false"],
+        ["parallel.pipeline=2", H1],
+        2,
+    ),
 }
 _reference: dict = {}
 

@@ -272,34 +272,28 @@ class _SplitScale(torch.autograd.Function):
 
 def split_weight_gradients(model: nn.Module, store: WeightGradStore) -> None:
     """Make `model`'s layers defer their weight gradients to `store`: torch's own nn.Linear and
-    nn.Embedding (what the single-device factory and the GPT's learned positions use) are
-    swapped for split subclasses holding the same parameters (same names, same state dict);
-    the project's layers (norms, tensor-parallel layers, the factory's output layer and loss)
-    take the store as their `weight_grads`."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, SplitLinear.sharing(child, store))
-            elif type(child) is nn.Embedding:
-                setattr(parent, name, SplitEmbedding.sharing(child, store))
-            elif hasattr(child, "weight_grads"):
-                child.weight_grads = store
+    nn.Embedding (what the single-device factory and the GPT's learned positions use) become
+    their split subclasses in place (the same objects with everything on them: parameters, state
+    dict, anything else a model attached; as FSDP2's fully_shard swaps a module's class); the
+    project's layers (norms, tensor-parallel layers, the factory's output layer and loss) take
+    the store as their `weight_grads`."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = SplitLinear
+        elif type(module) is nn.Embedding:
+            assert module.padding_idx is None and module.max_norm is None and not module.sparse
+            module.__class__ = SplitEmbedding
+        if hasattr(module, "weight_grads"):
+            module.weight_grads = store
     layers = getattr(model, "layers", None)  # the GPT's layer factory (a plain object)
     if layers is not None and hasattr(layers, "weight_grads"):
         layers.weight_grads = store
 
 
 class SplitLinear(nn.Linear):
-    """nn.Linear whose weight gradients go to a WeightGradStore."""
+    """nn.Linear whose weight gradients go to a WeightGradStore (split_weight_gradients)."""
 
     weight_grads: WeightGradStore | None = None
-
-    @classmethod
-    def sharing(cls, linear: nn.Linear, store: WeightGradStore) -> SplitLinear:
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        new.weight, new.bias = linear.weight, linear.bias
-        new.weight_grads = store
-        return new.train(linear.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight_grads.linear(x, self.weight, self.bias)
@@ -307,17 +301,9 @@ class SplitLinear(nn.Linear):
 
 class SplitEmbedding(nn.Embedding):
     """nn.Embedding (no padding_idx, max_norm or sparse: what the model builds) whose weight
-    gradient goes to a WeightGradStore."""
+    gradient goes to a WeightGradStore (split_weight_gradients)."""
 
     weight_grads: WeightGradStore | None = None
-
-    @classmethod
-    def sharing(cls, embedding: nn.Embedding, store: WeightGradStore) -> SplitEmbedding:
-        assert embedding.padding_idx is None and embedding.max_norm is None and not embedding.sparse
-        new = cls(embedding.num_embeddings, embedding.embedding_dim, device="meta")
-        new.weight = embedding.weight
-        new.weight_grads = store
-        return new.train(embedding.training)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight_grads.embedding(ids, self.weight)
