@@ -330,6 +330,12 @@ LAYOUTS = {
     # Mixture of experts: grouped-matmul experts and the router compute their weight gradients in
     # B (not split: correct, only not deferred); the per-expert loop's experts are split linears.
     "moe_pp2_zb_v": (LLAMA + MOE + ["model.moe.grouped_mm=true"], ["parallel.pipeline=2", V], 2),
+    # expert parallelism: EP 2 over the 2 data-parallel ranks of each stage
+    "moe_ep2_pp2_zb_v": (
+        LLAMA + MOE + ["model.moe.grouped_mm=false"],
+        ["parallel.pipeline=2", "parallel.expert=2", V, "parallel.bucket_mb=0.01"],
+        4,
+    ),
     "moe_sigmoid_router_pp2_zb_h1": (
         MOE + ["model.moe.router=sigmoid", "model.moe.bias_update_rate=0.05", "model.moe.grouped_mm=false"],
         ["parallel.pipeline=2", H1],
