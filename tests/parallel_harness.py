@@ -92,6 +92,22 @@ def train_steps(config, steps: int) -> dict:
     }
 
 
+def train_steps_float64(overrides: list[str], steps: int) -> dict:
+    """`train_steps` with float64 weights and activations (exactness checks): fp32 rounding,
+    which AdamW's first updates magnify (update ~ g / |g| per element), is taken out, so what
+    differs between a layout and one process is the layout's own doing."""
+    from unittest import mock
+
+    from pretrain.strategy import DataParallel
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        with mock.patch.object(DataParallel, "weight_dtype", staticmethod(lambda config: torch.float64)):
+            return train_steps(make_config(overrides), steps)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def _rank_main(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)

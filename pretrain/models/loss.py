@@ -81,12 +81,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         if ctx.autocast_dtype is not None:  # what autocast does to F.linear, done by hand
             hidden, weight = hidden.to(ctx.autocast_dtype), weight.to(ctx.autocast_dtype)
         n = hidden.shape[0]
+        # fp32, or the input's own dtype when wider (float64 exactness tests)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
         logits = (
-            scratch.take((n, vocab_size), torch.float32, device)
+            scratch.take((n, vocab_size), acc, device)
             if scratch
-            else torch.empty((n, vocab_size), dtype=torch.float32, device=device)
+            else torch.empty((n, vocab_size), dtype=acc, device=device)
         )
-        if hidden.dtype == torch.float32:
+        if hidden.dtype == acc:
             torch.mm(hidden, weight.t(), out=logits)
         else:
             logits.copy_(F.linear(hidden, weight))
