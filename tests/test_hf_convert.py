@@ -13,6 +13,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from hf_helpers import QUIET, assert_same_tensors, max_logit_diff  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from pretrain.checkpoint import load_model, reshard_checkpoint, save_checkpoint  # noqa: E402
@@ -23,7 +24,6 @@ from pretrain.hf import HFConversionError, export_checkpoint, import_checkpoint,
 from pretrain.models.gpt import GPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = {"log": lambda message: None}
 
 # Grouped-query llama with an odd vocabulary larger than the tokenizer's (2000): the 47 padding
 # rows of the 2048-row embedding must be dropped, the one real id beyond the tokenizer kept.
@@ -112,14 +112,6 @@ def hf_model(path):
     return model.eval()
 
 
-def max_logit_diff(ours, theirs, vocab_size):
-    tokens = torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = ours(tokens), theirs(tokens).logits
-    assert a.shape == b.shape == (2, 32, vocab_size)
-    return (a - b).abs().max().item()
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_matches_our_logits_and_greedy_samples(name, exported, stdlib_data):
     root, hf_dir = exported[name]
@@ -135,7 +127,7 @@ def test_export_matches_our_logits_and_greedy_samples(name, exported, stdlib_dat
         assert c["rope_theta"] == m.rope_theta and c["rms_norm_eps"] == m.norm_eps
     weights = load_file(hf_dir / "model.safetensors")
     assert ("lm_head.weight" in weights) == (not m.tied)
-    diff = max_logit_diff(ours, theirs, m.vocab_size)
+    diff = max_logit_diff(ours, theirs, vocab_size=m.vocab_size, seq=32)
     print(f"{name}: export max |logit diff| {diff:.3g}")
     assert diff <= 1e-5
     prompt = load_tokenizer(stdlib_data["tokenizer"]).encode("def main(argv):\n    ")
@@ -207,10 +199,7 @@ def test_export_of_any_layout_is_bit_exact(name, exported, tmp_path):
     resharded = reshard_checkpoint(root, tmp_path / "tp2pp2", ["parallel.tensor=2", "parallel.pipeline=2"])
     assert (resharded / "model_tp1_pp1_part0.safetensors").is_file()
     export_checkpoint(resharded, tmp_path / "hf", **QUIET)
-    a, b = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "hf/model.safetensors")
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_tensors(hf_dir / "model.safetensors", tmp_path / "hf/model.safetensors")
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -226,10 +215,7 @@ def test_import_then_export_round_trips(name, exported, tmp_path):
         export_checkpoint(tmp_path / "ckpt", tmp_path / "hf", **QUIET)
     meta = json.loads((tmp_path / "ckpt/step_0/meta.json").read_text())
     assert meta["layout"]["tensor"] == 2 and meta["has_optimizer"] is False
-    a, b = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "hf/model.safetensors")
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_tensors(hf_dir / "model.safetensors", tmp_path / "hf/model.safetensors")
     assert json.loads((hf_dir / "config.json").read_text()) == json.loads((tmp_path / "hf/config.json").read_text())
 
 
@@ -282,7 +268,7 @@ def test_import_of_a_transformers_model(flavour, tmp_path):
     import_checkpoint(tmp_path / "hf", tmp_path / "ckpt", ["parallel.tensor=2", "parallel.pipeline=2"], **QUIET)
     ours, ours_config = load_model(tmp_path / "ckpt")
     assert ours_config.model.vocab_rows == 1024 and ours_config.data.tokenizer == ""
-    diff = max_logit_diff(ours, model.eval(), 1001)
+    diff = max_logit_diff(ours, model.eval(), seq=32)
     print(f"{flavour}: import max |logit diff| {diff:.3g}")
     assert diff <= 1e-5
 

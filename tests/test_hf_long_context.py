@@ -13,7 +13,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
+from hf_helpers import QUIET, assert_same_tensors, max_logit_diff, perturbed  # noqa: E402
 
 from pretrain.checkpoint import load_model, reshard_checkpoint  # noqa: E402
 from pretrain.config import ConfigError, config_from_dict  # noqa: E402
@@ -23,7 +23,6 @@ from pretrain.models.gpt import GPT  # noqa: E402
 from pretrain.models.rope import rope_inv_freq  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = {"log": lambda message: None}
 TP2_PP2 = ["parallel.tensor=2", "parallel.pipeline=2"]
 
 # head_dim 16, theta 1e4: rotation wavelengths 6.3, 20, 63, 199, 628, ... positions. Against an
@@ -50,7 +49,7 @@ SIZES = {
 
 def llama3_model() -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(**SIZES, max_position_embeddings=1024, rope_parameters=dict(LLAMA3))
-    return _perturbed(transformers.LlamaForCausalLM(config))
+    return perturbed(transformers.LlamaForCausalLM(config))
 
 
 def qwen2_model(tied: bool) -> transformers.Qwen2ForCausalLM:
@@ -60,32 +59,7 @@ def qwen2_model(tied: bool) -> transformers.Qwen2ForCausalLM:
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         tie_word_embeddings=tied,
     )
-    return _perturbed(transformers.Qwen2ForCausalLM(config))
-
-
-def _perturbed(model):
-    """Random weights everywhere (transformers zero-initialises biases and sets norms to one,
-    which a mapping that mixed them up could pass)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
-def max_logit_diff(ours, theirs, *, seq: int = 64) -> float:
-    tokens = torch.randint(0, 1001, (2, seq), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = ours(tokens), theirs(tokens).logits
-    assert a.shape == b.shape == (2, seq, 1001)
-    return (a - b).abs().max().item()
-
-
-def assert_same_tensors(a_file: Path, b_file: Path) -> None:
-    a, b = load_file(a_file), load_file(b_file)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    return perturbed(transformers.Qwen2ForCausalLM(config))
 
 
 def round_trip(model, tmp_path: Path):

@@ -10,17 +10,15 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file  # noqa: E402
+from hf_helpers import QUIET, assert_same_tensors, max_logit_diff, perturbed  # noqa: E402
 
 from pretrain.checkpoint import load_model, save_checkpoint  # noqa: E402
 from pretrain.config import config_from_dict  # noqa: E402
 from pretrain.hf import HFConversionError, export_checkpoint, import_checkpoint, model_fields_from_hf  # noqa: E402
 from pretrain.models.gpt import GPT  # noqa: E402
 
-QUIET = {"log": lambda message: None}
 SIZES = {
     "vocab_size": 1001,
     "hidden_size": 64,
@@ -32,19 +30,9 @@ SIZES = {
 }
 
 
-def _perturbed(model):
-    """Random weights everywhere (transformers initialises norms to one and the Qwen2-MoE router
-    to zero, which a mapping that mixed them up could pass)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 def mixtral() -> transformers.MixtralForCausalLM:
     config = transformers.MixtralConfig(**SIZES, intermediate_size=48, num_hidden_layers=2, num_local_experts=4)
-    return _perturbed(transformers.MixtralForCausalLM(config))
+    return perturbed(transformers.MixtralForCausalLM(config))
 
 
 def qwen2_moe() -> transformers.Qwen2MoeForCausalLM:
@@ -58,22 +46,7 @@ def qwen2_moe() -> transformers.Qwen2MoeForCausalLM:
         decoder_sparse_step=2,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     )
-    return _perturbed(transformers.Qwen2MoeForCausalLM(config))
-
-
-def max_logit_diff(ours, theirs) -> float:
-    tokens = torch.randint(0, 1001, (2, 64), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = ours(tokens), theirs(tokens).logits
-    assert a.shape == b.shape == (2, 64, 1001)
-    return (a - b).abs().max().item()
-
-
-def assert_same_tensors(a_file: Path, b_file: Path) -> None:
-    a, b = load_file(a_file), load_file(b_file)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    return perturbed(transformers.Qwen2MoeForCausalLM(config))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
