@@ -135,14 +135,11 @@ def model_config(args: argparse.Namespace, flavour: str) -> ModelConfig:
     return config_from_dict({"model": model, "train": {"micro_batch_size": args.batch}}).model
 
 
-def build_mixtral(mc: ModelConfig) -> torch.nn.Module:
-    """MixtralForCausalLM of our MoE's shape, its router loss (router_aux_loss_coef) on as ours is."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    cfg = MixtralConfig(
+def _llama_shape(mc: ModelConfig) -> dict:
+    """The transformers config fields Llama and Mixtral share, at our model's shape."""
+    return dict(
         vocab_size=mc.vocab_rows,
         hidden_size=mc.hidden_size,
-        intermediate_size=mc.moe.expert_ffn(mc),
         num_hidden_layers=mc.num_layers,
         num_attention_heads=mc.num_heads,
         num_key_value_heads=mc.kv_heads,
@@ -151,42 +148,30 @@ def build_mixtral(mc: ModelConfig) -> torch.nn.Module:
         rms_norm_eps=mc.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": mc.rope_theta},
         tie_word_embeddings=False,
-        num_local_experts=mc.moe.num_experts,
-        num_experts_per_tok=mc.moe.top_k,
-        output_router_logits=True,
-        router_aux_loss_coef=0.01,
         attention_dropout=0.0,
         use_cache=False,
         attn_implementation="sdpa",
     )
-    return MixtralForCausalLM(cfg)
 
 
 def build_peer(mc: ModelConfig) -> torch.nn.Module:
     """The transformers model of the same shape (vocabulary = our padded rows)."""
-    if mc.moe is not None:
-        return build_mixtral(mc)
+    if mc.moe is not None:  # Mixtral, its router loss (router_aux_loss_coef) on as ours is
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        cfg = MixtralConfig(
+            **_llama_shape(mc),
+            intermediate_size=mc.moe.expert_ffn(mc),
+            num_local_experts=mc.moe.num_experts,
+            num_experts_per_tok=mc.moe.top_k,
+            output_router_logits=True,
+            router_aux_loss_coef=0.01,
+        )
+        return MixtralForCausalLM(cfg)
     if mc.flavour == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(
-            vocab_size=mc.vocab_rows,
-            hidden_size=mc.hidden_size,
-            intermediate_size=mc.ffn_size,
-            num_hidden_layers=mc.num_layers,
-            num_attention_heads=mc.num_heads,
-            num_key_value_heads=mc.kv_heads,
-            head_dim=mc.head_dim,
-            max_position_embeddings=mc.positions,
-            rms_norm_eps=mc.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": mc.rope_theta},
-            tie_word_embeddings=False,
-            attention_bias=False,
-            mlp_bias=False,
-            attention_dropout=0.0,
-            use_cache=False,
-            attn_implementation="sdpa",
-        )
+        cfg = LlamaConfig(**_llama_shape(mc), intermediate_size=mc.ffn_size, attention_bias=False, mlp_bias=False)
         return LlamaForCausalLM(cfg)
     from transformers import GPT2Config, GPT2LMHeadModel
 
