@@ -88,19 +88,22 @@ def _attention_worker() -> dict:
     """On 4 ranks: CP = 4, and CP = 2 x DP = 2; every variant against the whole-sequence
     attention computed on each rank. Returns the largest differences per case."""
     from pretrain.models.attention import attention
-    from pretrain.parallel import ring_attention
+    from pretrain.parallel import ring_kernels
     from pretrain.parallel.bootstrap import build_topology
     from pretrain.parallel.context import ContextParallel
 
     dist.init_process_group("gloo")
     errors = {}
-    default_tile = ring_attention._TILE_SCORES
+    default_tile = ring_kernels._TILE_SCORES
     for cp, dp in ((4, 1), (2, 2)):
-        # "ring_tiled": blocks' query rows in tiles of 3 rows (2 x 4 heads x 3 rows x <= 8 keys)
-        for method in ("all_gather", "ring", "ring_tiled"):
-            ring_attention._TILE_SCORES = 2 * 4 * 3 * 8 if method == "ring_tiled" else default_tile
-            topo = build_topology(tp=1, pp=1, dp=dp, cp=cp, context_attention=method.removesuffix("_tiled"))
-            ctx = ContextParallel(topo)
+        # "ring": the block kernel float64 picks (math); "ring_tiled": math with the blocks' query
+        # rows in tiles of 3 rows (2 x 4 heads x 3 rows x <= 8 keys); "ring_cpu_flash": torch's
+        # fused CPU kernel (CPU's default in fp32 and bf16), which takes float64 too
+        for method in ("all_gather", "ring", "ring_tiled", "ring_cpu_flash"):
+            ring_kernels._TILE_SCORES = 2 * 4 * 3 * 8 if method == "ring_tiled" else default_tile
+            variant = "all_gather" if method == "all_gather" else "ring"
+            topo = build_topology(tp=1, pp=1, dp=dp, cp=cp, context_attention=variant)
+            ctx = ContextParallel(topo, block_kernel="cpu_flash" if method == "ring_cpu_flash" else "auto")
             for causal in (True, False):
                 for documents in (False, True):
                     mask = f"{'causal' if causal else 'bidirectional'}/{'docs' if documents else 'plain'}"
@@ -138,7 +141,7 @@ def _compare_attention(ctx, attention, *, causal: bool, documents: bool, seed: i
 def test_attention_equals_one_device_in_float64():
     per_rank = run_ranks(4, _attention_worker)
     for rank, errors in enumerate(per_rank):
-        assert len(errors) == 24
+        assert len(errors) == 32
         for case, error in errors.items():
             assert error < 1e-12, (rank, case, error)
 

@@ -22,7 +22,9 @@ Attention (parallel.context_attention):
   backward reduce-scatters their gradients), then this rank's queries attend to them with a
   mask built from the global positions (causal) and the documents: any attention kernel that
   takes a mask works, and grouped-query attention keeps the gathered K/V small.
-- `ring`: pretrain/parallel/ring_attention.py.
+- `ring`: pretrain/parallel/ring_attention.py; each K/V block through a fused kernel that returns
+  its log-sum-exp (pretrain/parallel/ring_kernels.py: torch's flash kernel on CPU, torch's or
+  flash-attn's on CUDA, following model.attention_backend).
 
 Without context parallelism the layer factory's `context` is None and none of this runs.
 """
@@ -37,6 +39,7 @@ import torch.distributed as dist
 from pretrain.models.attention import Documents, attention
 from pretrain.models.loss import IGNORE_INDEX
 from pretrain.parallel.ring_attention import RingBlock, RingLink, ring_attention, visible
+from pretrain.parallel.ring_kernels import choose_kernel
 from pretrain.parallel.topology import Topology
 from pretrain.parallel.waits import waiting
 
@@ -68,9 +71,11 @@ class ContextParallel:
     """This rank's place in its CP group, and the operations the model asks of it (see the module
     doc). Built by the layer factory from the Topology when parallel.context > 1."""
 
-    def __init__(self, topo: Topology) -> None:
+    def __init__(self, topo: Topology, *, block_kernel: str = "auto") -> None:
         self.size, self.rank, self.group = topo.cp, topo.cp_rank, topo.cp_group
         self.method = topo.context_attention
+        self.block_kernel = block_kernel  # the ring's (pretrain/parallel/ring_kernels.py); tests pick one
+        self._kernels: dict = {}
         self.link = RingLink(group=topo.cp_group, next_rank=topo.cp_peer(1), prev_rank=topo.cp_peer(-1))
 
     @staticmethod
@@ -136,12 +141,26 @@ class ContextParallel:
         return LocalSequence(positions, blocks=blocks)
 
     def attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: LocalSequence, *, dropout_p: float = 0.0
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        local: LocalSequence,
+        *,
+        dropout_p: float = 0.0,
+        backend: str = "sdpa",
     ) -> torch.Tensor:
         """q [b, heads, s / cp, d], k, v [b, kv_heads, s / cp, d] of this rank's tokens ->
-        attention output [b, heads, s / cp, d] over the whole sequence's keys."""
+        attention output [b, heads, s / cp, d] over the whole sequence's keys; `backend`:
+        model.attention_backend (the ring's block kernel follows it on CUDA)."""
         if self.method == "ring":
-            return ring_attention(q, k, v, blocks=local.blocks, link=self.link, rank=self.rank, size=self.size)
+            key = (q.device.type, q.dtype, backend)
+            if key not in self._kernels:
+                self._kernels[key] = choose_kernel(self.block_kernel, device=q.device, dtype=q.dtype, backend=backend)
+            kernel = self._kernels[key]
+            return ring_attention(
+                q, k, v, blocks=local.blocks, link=self.link, rank=self.rank, size=self.size, kernel=kernel
+            )
         kv = gather_sequence_blocks(torch.stack([k, v]), self.group)  # [2, b, kv_heads, s, d]
         documents = None if local.mask is None else Documents(mask=local.additive_mask(q.dtype))
         return attention(q, kv[0], kv[1], dropout_p=dropout_p, causal=False, segments=documents)

@@ -34,12 +34,12 @@ parallelism is validated to run with model.attention_backend=sdpa.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from pretrain.parallel.ring_kernels import Block, BlockKernel, finite_lse, widen
 from pretrain.parallel.waits import waiting
 
 
@@ -66,12 +66,12 @@ def visible(
 @dataclass(frozen=True)
 class RingBlock:
     """What one source rank's K/V block contributes to this rank's queries: the query rows and
-    key columns that can see each other at all (the rest is skipped), and the mask within them
-    (None: every query of `rows` sees every key of `cols`)."""
+    key columns that can see each other at all (the rest is skipped), and which of them see which
+    (`kind`: full, causal or masked; pretrain/parallel/ring_kernels.py)."""
 
     rows: slice
     cols: slice
-    mask: torch.Tensor | None  # bool [b | 1, 1, rows, cols]
+    kind: Block
 
     @staticmethod
     def between(
@@ -97,16 +97,18 @@ class RingBlock:
         c = q_pos.shape[0] // 2
         row, col = slice(rows[0] * c, (rows[-1] + 1) * c), slice(cols[0] * c, (cols[-1] + 1) * c)
         partial = causal and any(not sees(a, b) or k_chunks[b] == q_chunks[a] for a in rows for b in cols)
-        mask = None
-        if partial or q_seg is not None:
-            mask = visible(
-                q_pos[row],
-                k_pos[col],
-                causal=partial,
-                q_seg=None if q_seg is None else q_seg[:, row],
-                k_seg=None if k_seg is None else k_seg[:, col],
-            )
-        return RingBlock(row, col, mask)
+        if q_seg is None and (not partial or q_chunks == k_chunks):
+            # Without documents a block is full, or the rank's own (its local order is the global
+            # order, so the mask is the square causal one): the fused kernels' is_causal.
+            return RingBlock(row, col, Block(causal=partial))
+        mask = visible(
+            q_pos[row],
+            k_pos[col],
+            causal=partial,
+            q_seg=None if q_seg is None else q_seg[:, row],
+            k_seg=None if k_seg is None else k_seg[:, col],
+        )
+        return RingBlock(row, col, Block(mask=mask))
 
 
 class RingLink:
@@ -134,92 +136,20 @@ class RingLink:
         return buffer
 
 
-# -- the block kernel (math; the GPU flash kernels' place, see the module doc) ------------------
-
-
-def _acc(t: torch.Tensor) -> torch.Tensor:
-    """t in the dtype the ring computes in: fp32, or the input's own when wider (float64 tests)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [b, heads, sq, d], k [b, kv_heads, sk, d] -> scores [b, kv_heads, group, sq, sk] (fp32 or
-    wider; query head h reads kv head h // group, as SDPA's enable_gqa), masked places -inf."""
-    b, heads, sq, d = q.shape
-    kv_heads = k.shape[1]
-    qg = _acc(q).reshape(b, kv_heads, heads // kv_heads, sq, d)
-    s = torch.matmul(qg, _acc(k).unsqueeze(2).transpose(-1, -2)) * (1.0 / math.sqrt(d))
-    if mask is not None:
-        s = s.masked_fill(~mask.unsqueeze(2), float("-inf"))
-    return s
-
-
-def _finite(lse: torch.Tensor) -> torch.Tensor:
-    """A row that sees no key has lse -inf: subtracting 0 instead makes its probabilities 0."""
-    return lse.masked_fill(torch.isinf(lse), 0.0)
-
-
-def block_forward(q, k, v, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of q over one block of keys -> (out fp32 [b, heads, sq, d], its
-    log-sum-exp fp32 [b, heads, sq]; -inf for a row that sees no key, whose out is 0)."""
-    b, heads, sq, d = q.shape
-    s = _scores(q, k, mask)
-    lse = torch.logsumexp(s, dim=-1)  # [b, kv_heads, group, sq]
-    p = torch.exp(s - _finite(lse).unsqueeze(-1))
-    out = torch.matmul(p, _acc(v).unsqueeze(2))
-    return out.reshape(b, heads, sq, d), lse.reshape(b, heads, sq)
-
-
-def block_backward(dout, q, k, v, lse, delta, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block's share of the gradients, from the final log-sum-exp `lse` [b, heads, sq] and
-    delta = rowsum(dO * O) [b, heads, sq] of the whole attention -> (dq [b, heads, sq, d],
-    dk, dv [b, kv_heads, sk, d]), fp32."""
-    b, heads, sq, d = q.shape
-    kv_heads = k.shape[1]
-    group = heads // kv_heads
-    s = _scores(q, k, mask)
-    p = torch.exp(s - _finite(lse).reshape(b, kv_heads, group, sq, 1))  # [b, kv, g, sq, sk]
-    do = _acc(dout).reshape(b, kv_heads, group, sq, d)
-    dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
-    dp = torch.matmul(do, _acc(v).unsqueeze(2).transpose(-1, -2))
-    ds = p * (dp - delta.reshape(b, kv_heads, group, sq, 1)) * (1.0 / math.sqrt(d))
-    dq = torch.matmul(ds, _acc(k).unsqueeze(2)).reshape(b, heads, sq, d)
-    dk = torch.matmul(ds.transpose(-1, -2), _acc(q).reshape(b, kv_heads, group, sq, d)).sum(2)
-    return dq, dk, dv
+# -- the ring ------------------------------------------------------------------------------------
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor, rows: slice) -> None:
-    """Fold a block's (out, lse) over `rows` into the running result, in place."""
+    """Fold a block's (out, lse) over `rows` into the running result (fp32 or wider), in place."""
     old_out, old_lse = out[:, :, rows], lse[:, :, rows]
     new_lse = torch.logaddexp(old_lse, part_lse)
-    keep = torch.exp(old_lse - _finite(new_lse)).unsqueeze(-1)
-    take = torch.exp(part_lse - _finite(new_lse)).unsqueeze(-1)
+    keep = torch.exp(old_lse - finite_lse(new_lse)).unsqueeze(-1)
+    take = torch.exp(part_lse - finite_lse(new_lse)).unsqueeze(-1)
     out[:, :, rows] = old_out * keep + part * take
     lse[:, :, rows] = new_lse
 
 
-# A block's scores are materialised ([b, heads, rows, cols] fp32, and three such in backward):
-# query rows go through in tiles of at most this many scores, so the transient stays a few MB
-# however long the sequence, as a flash kernel's tiles would.
-_TILE_SCORES = 2**20
-
-
-def _tiles(block: RingBlock, *, batch: int, heads: int) -> list[tuple[slice, torch.Tensor | None]]:
-    """(query rows, their mask) tiles of a block, in order."""
-    cols = block.cols.stop - block.cols.start
-    step = max(1, _TILE_SCORES // (batch * heads * cols))
-    tiles = []
-    for start in range(block.rows.start, block.rows.stop, step):
-        stop = min(start + step, block.rows.stop)
-        local = slice(start - block.rows.start, stop - block.rows.start)
-        tiles.append((slice(start, stop), None if block.mask is None else block.mask[:, :, local]))
-    return tiles
-
-
-# -- the ring ------------------------------------------------------------------------------------
-
-
-def _ring_forward(q, k, v, *, blocks, link: RingLink, rank: int, size: int):
+def _ring_forward(q, k, v, *, blocks, link: RingLink, rank: int, size: int, kernel: BlockKernel):
     b, heads, s, d = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros((b, heads, s, d), dtype=acc, device=q.device)
@@ -229,17 +159,16 @@ def _ring_forward(q, k, v, *, blocks, link: RingLink, rank: int, size: int):
         pending = link.start(kv) if step < size - 1 else None  # the next block, while we compute
         block = blocks[(rank - step) % size]
         if block is not None:
-            k_b, v_b = kv[0][:, :, block.cols], kv[1][:, :, block.cols]
-            for rows, mask in _tiles(block, batch=b, heads=heads):
-                part, part_lse = block_forward(q[:, :, rows], k_b, v_b, mask)
-                _merge(out, lse, part, part_lse, rows)
+            r, c = block.rows, block.cols
+            part, part_lse = kernel.forward(q[:, :, r], kv[0][:, :, c], kv[1][:, :, c], block.kind)
+            _merge(out, lse, part.to(acc), part_lse.to(acc), r)
         if pending is not None:
             kv = link.finish(pending)
     return out, lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, *, blocks, link: RingLink, rank: int, size: int):
-    delta = (_acc(dout) * _acc(out)).sum(-1)  # [b, heads, s]
+def _ring_backward(dout, q, k, v, out, lse, *, blocks, link: RingLink, rank: int, size: int, kernel: BlockKernel):
+    delta = (widen(dout) * widen(out)).sum(-1)  # [b, heads, s]
     acc = delta.dtype
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
@@ -250,16 +179,12 @@ def _ring_backward(dout, q, k, v, out, lse, *, blocks, link: RingLink, rank: int
         block = blocks[(rank - step) % size]
         grads = None
         if block is not None:
-            c = block.cols
-            k_b, v_b = kv[0][:, :, c], kv[1][:, :, c]
-            dk_b, dv_b = torch.zeros_like(k_b, dtype=acc), torch.zeros_like(v_b, dtype=acc)
-            for r, mask in _tiles(block, batch=q.shape[0], heads=q.shape[1]):
-                dq_t, dk_t, dv_t = block_backward(
-                    dout[:, :, r], q[:, :, r], k_b, v_b, lse[:, :, r], delta[:, :, r], mask
-                )
-                dq[:, :, r] += dq_t
-                dk_b += dk_t
-                dv_b += dv_t
+            r, c = block.rows, block.cols
+            dq_b, dk_b, dv_b = kernel.backward(
+                dout[:, :, r], q[:, :, r], kv[0][:, :, c], kv[1][:, :, c], out[:, :, r], lse[:, :, r],
+                delta[:, :, r], block.kind,
+            )  # fmt: skip
+            dq[:, :, r] += dq_b
             grads = (c, dk_b, dv_b)
         if arriving is not None:  # it travelled while this step computed
             dkv = link.finish(arriving)
@@ -276,22 +201,23 @@ def _ring_backward(dout, q, k, v, out, lse, *, blocks, link: RingLink, rank: int
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, blocks, link, rank, size):
-        out, lse = _ring_forward(q, k, v, blocks=blocks, link=link, rank=rank, size=size)
+    def forward(ctx, q, k, v, blocks, link, rank, size, kernel):
+        ring = dict(blocks=blocks, link=link, rank=rank, size=size, kernel=kernel)
+        out, lse = _ring_forward(q, k, v, **ring)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring = (blocks, link, rank, size)
+        ctx.ring = ring
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        blocks, link, rank, size = ctx.ring
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, blocks=blocks, link=link, rank=rank, size=size)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, **ctx.ring)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def ring_attention(q, k, v, *, blocks, link: RingLink, rank: int, size: int) -> torch.Tensor:
+def ring_attention(q, k, v, *, blocks, link: RingLink, rank: int, size: int, kernel: BlockKernel) -> torch.Tensor:
     """q [b, heads, s_local, d], k, v [b, kv_heads, s_local, d] -> [b, heads, s_local, d]: this
-    rank's queries over every CP rank's keys; `blocks[r]`: what rank r's block contributes."""
-    return _RingAttention.apply(q, k, v, blocks, link, rank, size)
+    rank's queries over every CP rank's keys; `blocks[r]`: what rank r's block contributes,
+    computed by `kernel` (pretrain/parallel/ring_kernels.py's choose_kernel)."""
+    return _RingAttention.apply(q, k, v, blocks, link, rank, size, kernel)
