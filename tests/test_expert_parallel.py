@@ -52,6 +52,24 @@ LAYOUTS_4 = {
     "ep2_in_dp4": (MOE, [*EP2, "parallel.bucket_mb=0.01"], False),
     "ep2_in_dp4_rank1_gets_no_tokens": (SKEWED, EP2, True),
 }
+# DeepSpeed ZeRO-1/2 with the experts in its expert parameter groups (pretrain/parallel/
+# zero_experts.py): dense weights partitioned over DP 4, experts over the 2 ranks holding them (at
+# EP 2 x PP 2 over this rank alone); small buckets, so buckets mix expert and dense gradients.
+ZERO = ["parallel.bucket_mb=0.01"]
+LAYOUTS_4_ZERO = {
+    "ep2_in_dp4_zero1": (MOE, [*EP2, *ZERO, "parallel.zero_stage=1"], False),
+    "ep2_in_dp4_zero2": (MOE, [*EP2, *ZERO, "parallel.zero_stage=2"], False),
+    "ep2_in_dp4_zero2_rank1_gets_no_tokens": (SKEWED, [*EP2, *ZERO, "parallel.zero_stage=2"], True),
+    "ep2_pp2_zero1": (MOE, [*EP2, *ZERO, "parallel.pipeline=2", "parallel.zero_stage=1"], False),
+}
+# layout -> rank -> (the DP group's ranks, the ranks holding the same experts): rank order tp-dp-pp
+# with TP 1, EP groups of consecutive DP ranks.
+ZERO_GROUPS = {
+    "ep2_in_dp4_zero1": lambda rank: ([0, 1, 2, 3], [rank % 2, rank % 2 + 2]),
+    "ep2_in_dp4_zero2": lambda rank: ([0, 1, 2, 3], [rank % 2, rank % 2 + 2]),
+    "ep2_in_dp4_zero2_rank1_gets_no_tokens": lambda rank: ([0, 1, 2, 3], [rank % 2, rank % 2 + 2]),
+    "ep2_pp2_zero1": lambda rank: ([rank // 2 * 2, rank // 2 * 2 + 1], [rank]),  # DP 2 = EP 2
+}
 
 
 def _skew(trainer) -> None:
@@ -63,16 +81,29 @@ def _skew(trainer) -> None:
 
 
 def _train(overrides: list[str], skewed: bool) -> dict:
-    trainer = build_trainer(make_config(overrides), 3)
+    config = make_config(overrides)
+    trainer = build_trainer(config, 3)
     if skewed:
         _skew(trainer)
     records = [trainer.step(step) for step in (1, 2, 3)]
-    return {
+    result = {
         "logging": trainer.topo.is_logging_rank,
         "loss": [r["loss"] for r in records],
         "grad_norm": [r["grad_norm"] for r in records],
         "tokens": [[v["tokens_per_expert"] for _, v in sorted(r["moe_layers"].items())] for r in records],
     }
+    if config.parallel.zero_stage:
+        result["zero_groups"] = _zero_groups(trainer.strategy.optimizer)
+    return result
+
+
+def _zero_groups(optimizer) -> list[tuple[bool, list[int], int]]:
+    """Per parameter group of DeepSpeed's ZeRO-1/2 optimizer: whether it is an expert group, the
+    global ranks it is partitioned and reduced over, and its parameters' count."""
+    import torch.distributed as dist
+
+    groups = zip(optimizer.optimizer.param_groups, optimizer.real_dp_process_group, optimizer.bit16_groups)
+    return [(bool(group.get("moe")), dist.get_process_group_ranks(pg), len(params)) for group, pg, params in groups]
 
 
 def _layouts_worker(layouts: dict) -> dict:
@@ -93,11 +124,20 @@ def _reference(overrides: list[str], skewed: bool) -> dict:
     return _references[key]
 
 
-@pytest.mark.parametrize("world, layouts", [(2, LAYOUTS_2), (4, LAYOUTS_4)], ids=["world2", "world4"])
+@pytest.mark.parametrize(
+    "world, layouts", [(2, LAYOUTS_2), (4, LAYOUTS_4), (4, LAYOUTS_4_ZERO)], ids=["world2", "world4", "world4_zero"]
+)
 def test_layouts_train_like_one_process(world, layouts):
     per_rank = run_ranks(world, _layouts_worker, layouts)
     for r in per_rank:  # EP rank 0 holds experts 0 and 1, EP rank 1 experts 2 and 3, by global index
         assert r["experts_held"] == (0, ["0", "1"]) or r["experts_held"] == (1, ["2", "3"])
+    for name, groups_of in ZERO_GROUPS.items():
+        for rank, r in enumerate(per_rank if name in layouts else []):
+            dense, experts = groups_of(rank)
+            groups = r[name]["zero_groups"]
+            # Dense groups over DP, the experts' (every MoE layer's) over the ranks holding them
+            assert any(moe for moe, _, n in groups if n) and any(not moe for moe, _, n in groups if n), name
+            assert all(ranks == (experts if moe else dense) for moe, ranks, _ in groups), (name, rank, groups)
     deviations = {}
     for name, (reference, _, skewed) in layouts.items():
         (got,) = [r[name] for r in per_rank if r[name]["logging"]]
@@ -125,7 +165,7 @@ def test_layouts_train_like_one_process(world, layouts):
         ([*MOE, "parallel.expert=3"], 3, "3 does not divide model.moe.num_experts=4"),
         ([*MOE, "parallel.expert=4"], 2, "4 does not divide the data-parallel size 2"),
         ([*MOE, "parallel.expert=2", "parallel.tensor=2"], 2, "2 does not divide the data-parallel size 1"),
-        ([*MOE, "parallel.expert=2", "parallel.zero_stage=1"], 2, "expert parameter groups are not wired"),
+        ([*MOE, "parallel.expert=2", "parallel.zero_stage=3"], 2, "_validate_zero3_moe_compatibility"),
         ([*MOE[2:], "parallel.expert=2", "model.flavour=gpt2"], 2, "gpt2's experts have output biases"),
         ([*MOE, "parallel.expert=0"], 1, "parallel.expert: must be >= 1"),
     ],

@@ -200,13 +200,17 @@ def _check_expert_parallel(config: RunConfig, expert: int) -> None:
         f"{expert} does not divide model.moe.num_experts={moe.num_experts}: every EP rank holds the "
         "same number of experts",
     )
+    # ZeRO-1/2 keep the experts in DeepSpeed's expert parameter groups (pretrain/parallel/
+    # zero_experts.py); its ZeRO-3 has no such groups for a model's own MoE layers.
     _need(
-        p.zero_stage == 0,
+        p.zero_stage != 3,
         "parallel.zero_stage",
-        f"{p.zero_stage} with parallel.expert={expert} is not supported: DeepSpeed's ZeRO would "
-        "partition and average the expert weights over all data-parallel ranks, while each EP rank "
-        "holds different experts (DeepSpeed's expert parameter groups are not wired here); use "
-        "parallel.zero_stage=0 with expert parallelism",
+        f"3 with parallel.expert={expert} is not supported: DeepSpeed's ZeRO-3 partitions expert "
+        "weights over the ranks holding the same experts only for its AutoEP layers (its replacements "
+        "of Hugging Face MoE modules) and refuses other MoE layers (deepspeed/runtime/engine.py, "
+        "_validate_zero3_moe_compatibility: 'Native DeepSpeed MoE is not supported with ZeRO Stage "
+        "3'), so it would partition and average each EP rank's different experts over all "
+        "data-parallel ranks; use parallel.zero_stage=1 or 2 with expert parallelism",
     )
     _need(
         config.model.flavour == "llama",

@@ -72,10 +72,21 @@ class ZeroEngine:
         # One module holding all of this rank's chunks: the engine flattens their parameters into
         # one ZeRO partition per parameter group.
         module = chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
+        optimizer = build_optimizer(params, config.optimizer)
+        if topo.ep > 1:  # experts in DeepSpeed's expert parameter groups, over our groups
+            from pretrain.parallel.zero_experts import prepare_expert_groups  # imports deepspeed
+
+            module = prepare_expert_groups(
+                chunks,
+                optimizer,
+                topo,
+                num_experts=config.model.moe.num_experts,
+                timeout_minutes=config.parallel.timeout_minutes,
+            )
         with groups_time_out_after(config.parallel.timeout_minutes):
             engine, optimizer, _, _ = deepspeed.initialize(
                 model=module,
-                optimizer=build_optimizer(params, config.optimizer),
+                optimizer=optimizer,
                 config=self.ds_config,
                 mpu=TopologyMPU(topo) if topo.world_size > 1 else None,
                 dist_init_required=False,
