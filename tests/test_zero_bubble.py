@@ -11,6 +11,10 @@
    within 1e-4 relative, 3 steps, fp32) for PP 2 and 4 with each schedule, with TP 2 (+SP), DP 2
    (buckets reduced during the W's), ZeRO-1, document masks, activation checkpointing, gpt2's
    tied embeddings, context parallelism and mixture-of-experts layers.
+   gpt2's tied embedding under zb-v, whose rank 0 holds both copies (the first stage's input
+   embedding, the last stage's output layer): the same at PP 2 and 4, TP 2 (+SP), DP 2 and
+   ZeRO-1, with both copies bit-for-bit equal after every run; its checkpoints resume under 1F1B
+   and interleaved 1F1B and theirs under zb-v, and it exports to transformers.
 4. Bad schedule settings are refused at config validation, naming the key.
 """
 
@@ -20,7 +24,7 @@ import copy
 
 import pytest
 import torch
-from parallel_harness import make_config, run_job, run_layout, torchrun
+from parallel_harness import make_config, run_job, run_layout, run_ranks, torchrun
 from torch import nn
 
 from pretrain.config import ConfigError
@@ -367,6 +371,57 @@ def test_layout_matches_single_process(name):
         assert got["buckets"] > 1 and got["overlapped"] == 3 * got["buckets"]
 
 
+# gpt2 (tied embedding) under zb-v: pipeline rank 0 holds both copies, summed within the rank
+# (pretrain/parallel/tied.py). name -> (reference overrides, layout overrides, world)
+TIED_V = {
+    "gpt2_pp2_zb_v": ([], ["parallel.pipeline=2", V], 2),
+    "gpt2_pp4_zb_v": (["model.num_layers=8"], ["parallel.pipeline=4", V], 4),
+    "gpt2_pp2_tp2_sp_zb_v": ([], ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true", V], 4),
+    "gpt2_pp2_dp2_zb_v": ([], ["parallel.pipeline=2", V, "parallel.bucket_mb=0.01"], 4),
+    "gpt2_zero1_pp2_dp2_zb_v": ([], ["parallel.pipeline=2", V, "parallel.zero_stage=1", "parallel.bucket_mb=0.01"], 4),
+}
+
+
+def _train_tied(overrides: list[str], steps: int) -> dict:
+    """train_steps (any strategy), and how far apart this rank's copies of the tied embedding
+    ended up (zb-v's rank 0 holds both: they must stay bit-for-bit equal)."""
+    from parallel_harness import build_trainer
+
+    from pretrain.parallel.tied import tied_copies
+
+    trainer = build_trainer(make_config(overrides), steps)
+    records = [trainer.step(step) for step in range(1, steps + 1)]
+    copies = tied_copies([p for chunk in trainer.chunks for p in chunk.parameters()])
+    sync = getattr(trainer.strategy, "grad_sync", None)  # plain data parallelism's buckets
+    return {
+        "logging": trainer.topo.is_logging_rank,
+        "copies": len(copies),
+        "copies_differ": float((copies[0] - copies[1]).detach().abs().max()) if len(copies) == 2 else None,
+        "buckets": len(sync.buckets) if sync else 0,
+        "overlapped": sync.overlapped if sync else 0,
+        "loss": [r["loss"] for r in records],
+        "grad_norm": [r["grad_norm"] for r in records],
+    }
+
+
+@pytest.mark.parametrize("name", TIED_V)
+def test_tied_embedding_under_zb_v_matches_single_process(name):
+    base, layout, world = TIED_V[name]
+    results = run_ranks(world, _train_tied, base + layout, 3)
+    (got,) = [r for r in results if r["logging"]]
+    ref = reference(base)
+    loss = max(abs(a - b) for a, b in zip(got["loss"], ref["loss"]))
+    norm = max(abs(a - b) / b for a, b in zip(got["grad_norm"], ref["grad_norm"]))
+    print(f"{name}: max |loss diff| {loss:.3g}, max relative grad-norm diff {norm:.3g}")
+    _assert_same(got, ref, name)
+    # Pipeline rank 0 (and only it) holds both copies; they were equal after every step's update.
+    holders = [r for r in results if r["copies"] == 2]
+    assert holders and all(r["copies_differ"] == 0.0 for r in holders), results
+    assert all(r["copies"] == 0 for r in results if r not in holders)
+    if "dp2" in name and "zero1" not in name:  # the buckets, the tied copies' included, overlapped the W's
+        assert got["buckets"] > 1 and got["overlapped"] == 3 * got["buckets"]
+
+
 def test_zero1_matches_single_process():
     layout = ["parallel.pipeline=2", V, "parallel.zero_stage=1", "parallel.bucket_mb=0.01"]
     (logging, *_) = run_job(LLAMA + layout, world=4)
@@ -427,7 +482,6 @@ def test_train_cli_under_zb_v_logs_validates_and_exports(stdlib_data, tmp_path):
         (["parallel.pipeline=2", V, "parallel.virtual_stages=4"] + LLAMA, "parallel.virtual_stages", "exactly two"),
         (["parallel.pipeline=2", H1, "parallel.virtual_stages=2"], "parallel.virtual_stages", "one chunk per rank"),
         (["parallel.pipeline=2", "parallel.pipeline_schedule=interleaved"], "parallel.pipeline_schedule", "> 1"),
-        (["parallel.pipeline=2", V], "model.tie_embeddings", "tie_embeddings=false"),
         (["parallel.pipeline=2", H1, "parallel.zero_stage=2"] + LLAMA, "parallel.zero_stage", "zero_stage=1"),
         (["parallel.pipeline=2", H1, "model.compile=true"], "model.compile", "compile=false"),
     ],

@@ -26,8 +26,9 @@ class ParallelConfig:
     `zb-v`, the zero-bubble schedules (each backward split into the input gradient, on the
     critical path, and the weight gradients, run where the pipeline would idle): zb-h1 keeps
     1F1B's order and memory peak, zb-v puts two stages on each rank in V order (rank r: stages r
-    and 2 x pipeline - 1 - r; it implies virtual_stages=2, and untied embeddings). Unset: 1f1b,
-    or interleaved when virtual_stages > 1."""
+    and 2 x pipeline - 1 - r; it implies virtual_stages=2; rank 0 holds the embedding and the
+    output layer, and sums a tied embedding's two copies' gradients itself). Unset: 1f1b, or
+    interleaved when virtual_stages > 1."""
     sequence_parallel: bool = False
     """Split activations outside tensor-parallel regions along the sequence."""
     context: int = 1

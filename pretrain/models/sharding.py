@@ -35,7 +35,11 @@ class Sharding:
     must be summed over them."""
     tied_embedding: bool = False
     """One of the two pipeline copies of a tied embedding (first and last stage): their
-    gradients are summed and the norm counts the first stage's only."""
+    gradients are summed (pretrain/parallel/tied.py) and the norm counts the first stage's only."""
+    tied_output_copy: bool = False
+    """The last stage's copy of a tied embedding (the output layer's): left out of the gradient
+    norm, and not saved by a rank that also holds the first stage's copy (zb-v's rank 0). Marked
+    on the copy, not inferred from the pipeline rank, because under zb-v both copies are on rank 0."""
     expert: bool = False
     """A routed expert's weight of a MoE layer (pretrain/models/moe.py), under its global expert
     index in the parameter name. With expert parallelism each EP rank holds other experts: its

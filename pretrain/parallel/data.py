@@ -11,7 +11,8 @@
 - Expert parallelism: the routed experts' gradients are averaged in buckets of their own over
   the ranks that hold the same experts (Topology.expert_dp_group), not the whole DP group.
 - Tied embeddings under pipeline parallelism: the first and the last stage each hold the
-  embedding; their gradients are summed over the embedding group so both copies stay equal.
+  embedding; their gradients are summed (over the embedding group, or within pipeline rank 0
+  under zb-v, which holds both stages: pretrain/parallel/tied.py) so both copies stay equal.
 
 Gradients live in persistent flat buffers, one per bucket, allocated once (Megatron's contiguous
 grad buffer, torch DDP's gradient_as_bucket_view): each parameter's `.grad` is a view into its
@@ -29,6 +30,7 @@ from torch import nn
 
 from pretrain.models.sharding import sharding
 from pretrain.parallel.comm import all_reduce, all_reduce_flat, group_size
+from pretrain.parallel.tied import sum_tied_gradients, tied_copies
 from pretrain.parallel.topology import Topology
 from pretrain.parallel.waits import waiting
 
@@ -167,8 +169,7 @@ class GradientSync:
             partial = [p.grad for p in self.params if sharding(p).sequence_parallel and p.grad is not None]
             all_reduce_flat(partial, self.topo.tp_group)
         if self.topo.pp > 1:
-            tied = [p.grad for p in self.params if sharding(p).tied_embedding and p.grad is not None]
-            all_reduce_flat(tied, self.topo.embedding_group)
+            sum_tied_gradients([p.grad for p in tied_copies(self.params) if p.grad is not None], self.topo)
 
 
 def reduce_loss(loss: torch.Tensor, topo: Topology) -> float:
@@ -213,7 +214,7 @@ def _counted_grads(params: list[nn.Parameter], topo: Topology, *, experts: bool 
         replicated = sharding(p).tp is None
         if replicated and topo.tp_rank != 0:
             continue  # the same tensor on every TP rank: count it once
-        if sharding(p).tied_embedding and not topo.is_first_stage:
+        if sharding(p).tied_output_copy:
             continue  # the last stage's copy of the tied embedding
         grads.append(p.grad)
     return grads

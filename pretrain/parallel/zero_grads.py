@@ -21,8 +21,8 @@ parallel reduction:
   same order and holds the same bucket layout, so the all-reduces line up, and every rank of a
   DP group fills DeepSpeed's buckets in the same order.
 - Tied embeddings under pipeline parallelism (stage 1 only: the config (ParallelConfig.validate) refuses ZeRO-2/3
-  with them): the first and last stage's copies are summed over the embedding group after the
-  backward passes, then reduced over DP in the final bucket.
+  with them): the first and last stage's copies are summed after the backward passes (over the
+  embedding group, or within pipeline rank 0 under zb-v), then reduced over DP in the final bucket.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch import nn
 
 from pretrain.models.sharding import sharding
 from pretrain.parallel.comm import all_reduce_flat, group_size
+from pretrain.parallel.tied import sum_tied_gradients, tied_copies
 from pretrain.parallel.topology import Topology
 
 
@@ -67,11 +68,8 @@ class ZeroGradientRouter:
                 self._bucket_held(sp, bucket_elements)
             for p in params:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
-        self.tied = (
-            {id(p) for p in self.params if sharding(p).tied_embedding}
-            if topo.pp > 1 and group_size(topo.embedding_group) > 1
-            else set()
-        )
+        # Both copies on this rank (zb-v) or one, summed with the other end's (pretrain/parallel/tied.py).
+        self.tied = {id(p) for p in tied_copies(self.params)} if topo.pp > 1 else set()
         self._reducing = [stage >= 2] * len(chunks)  # per chunk: hand gradients on as they complete
         self._handed: set[int] = set()  # stage 1: parameters handed on this step
 
@@ -111,7 +109,7 @@ class ZeroGradientRouter:
         on, and everything still held (unused in the last micro-batch); DeepSpeed's epilogue
         (ZeroEngine) then reduces the last bucket."""
         tied = [p for p in self.params if id(p) in self.tied and self._grad(p) is not None]
-        all_reduce_flat([self._grad(p) for p in tied], self.topo.embedding_group)
+        sum_tied_gradients([self._grad(p) for p in tied], self.topo)
         for p in tied:
             self._hand_on(p)
         left = [p for p in self.params if id(p) not in self._handed and self._grad(p) is not None]

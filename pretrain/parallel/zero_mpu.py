@@ -83,7 +83,7 @@ def mark_parameters(chunks: list[nn.Module], topo: Topology) -> None:
         for param in chunk.parameters():
             if sharding(param).tp is not None:
                 param.tensor_model_parallel = True  # a shard: every TP rank's part counts
-            if sharding(param).tied_embedding and not topo.is_first_stage:
+            if sharding(param).tied_output_copy:
                 param.ds_pipe_replicated = True  # the last stage's copy: counted on the first
 
 
