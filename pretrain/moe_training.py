@@ -9,8 +9,10 @@ trainer holds; everything but `step` is the wrapped strategy's own. It
   its output, so it reaches the backward on whatever pipeline stage the layer is;
 - after each optimizer step, sums every MoE layer's record (tokens per expert, drops, aux and z
   losses) over all ranks in one all-reduce: tensor-parallel ranks hold the same routing, so only
-  TP rank 0 adds its record; data-parallel ranks and micro-batches add up; each pipeline stage
-  fills its own layers' rows;
+  TP rank 0 adds its record; data-parallel ranks and micro-batches add up; so do context-parallel
+  ranks, each with its own tokens' counts and its aux and z values (whose mean over the CP ranks
+  is the micro-batch's, pretrain/models/moe.py) and counting each micro-batch once, so the sums
+  over the micro-batch count are still means; each pipeline stage fills its own layers' rows;
 - moves the sigmoid routers' biases towards equal load with those global counts (DeepSeek-V3),
   unless the step was skipped, so every rank applies the same update;
 - returns the figures with the step's record: `moe_loss` (the weighted aux + z losses the

@@ -151,7 +151,9 @@ class MoEConfig:
 
 def check_moe_layout(config: RunConfig) -> None:
     """What parallel.* can do with MoE layers so far: tensor parallelism splits every expert like
-    the dense MLP; context parallelism and ZeRO-3 are refused, saying why."""
+    the dense MLP; context parallelism routes each rank's tokens and sums the micro-batch's tokens
+    per expert over its group (pretrain/models/moe.py), dropless only; ZeRO-3 is refused, saying
+    why."""
     moe, p = config.model.moe, config.parallel
     expert = getattr(p, "expert", 1)
     _need(
@@ -175,10 +177,11 @@ def check_moe_layout(config: RunConfig) -> None:
         )
     context = getattr(p, "context", 1)
     _need(
-        context == 1,
-        "parallel.context",
-        f"{context} with model.moe is not supported yet: the load-balancing loss and the expert loads "
-        "are statistics of a whole micro-batch, which context parallelism splits over ranks; use "
+        context == 1 or moe.capacity_factor is None,
+        "model.moe.capacity_factor",
+        f"{moe.capacity_factor} with parallel.context={context} is not supported: an expert's capacity "
+        "is filled first come first served in the micro-batch's token order, which context "
+        "parallelism splits over ranks; use model.moe.capacity_factor=null (dropless) or "
         "parallel.context=1",
     )
     _need(
@@ -211,11 +214,4 @@ def _check_expert_parallel(config: RunConfig, expert: int) -> None:
         "_validate_zero3_moe_compatibility: 'Native DeepSpeed MoE is not supported with ZeRO Stage "
         "3'), so it would partition and average each EP rank's different experts over all "
         "data-parallel ranks; use parallel.zero_stage=1 or 2 with expert parallelism",
-    )
-    _need(
-        config.model.flavour == "llama",
-        "model.flavour",
-        f"{config.model.flavour} with parallel.expert={expert} is not supported: gpt2's experts "
-        "have output biases, which the MoE layer adds once per token after the tensor-parallel sum, "
-        "where an EP rank does not hold the other ranks' experts; use model.flavour=llama",
     )

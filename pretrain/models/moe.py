@@ -11,6 +11,14 @@ Every expert is an MLP of the layer factory's column/row layers, under its globa
 tensor parallelism splits each expert as it splits the dense MLP (fc1 by output rows, SwiGLU's
 gate and up separately; fc2 by input columns). Only the weights are taken from those layers:
 the experts' tokens enter the tensor-parallel region once for all experts (see _TensorRegion).
+gpt2's experts have output biases: each is added to its expert's rows where the expert runs
+(its EP rank), on TP rank 0 only, so the tensor-parallel sum counts it once (_OncePerTP).
+
+Context parallelism (the factory's `context`): each rank routes its s/cp tokens of every sequence
+itself; the load-balancing loss takes the tokens per expert of the whole micro-batch (one
+all-reduce of E counts over the CP group) and the mean router probabilities of this rank's
+tokens (see load_balancing_loss), the z-loss the mean over this rank's tokens: the mean over the
+CP ranks of each value is the micro-batch's, and so is the average of their gradients.
 
 The auxiliary losses (load balancing, z-loss) are not added to the returned activations'
 value: their gradient is attached to the layer's output (_AuxLossGrad), so it flows in the same
@@ -85,6 +93,21 @@ class _AuxLossGrad(torch.autograd.Function):
         return grad, loss_grad, None, None
 
 
+class _OncePerTP(torch.autograd.Function):
+    """An expert's output bias, added to its rows before the tensor-parallel sum: the bias on TP
+    rank 0, zeros on the others, so the sum holds it once. Backward: the gradient unchanged on
+    every rank, since each TP rank gets the whole output's gradient (the sum's backward hands it
+    to every rank), so every rank computes the bias's full gradient, as for a replicated weight."""
+
+    @staticmethod
+    def forward(ctx, bias, include):
+        return bias.view_as(bias) if include else torch.zeros_like(bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward hands on a contiguous gradient: grouped_mm's backward refuses
     the stride-0 gradient a .sum() produces."""
@@ -139,14 +162,6 @@ class _TensorRegion:
             return self.comm.scatter_sequence(y, self.group)
         return self.comm.reduce_from_tp(y, self.group)
 
-    def own(self, y: torch.Tensor) -> torch.Tensor:
-        """[b, s, h] -> this rank's rows of the sequence under sequence parallelism (plain slicing:
-        the gradient of the other rows is zero here, theirs elsewhere)."""
-        if not self.sequence_parallel:
-            return y
-        local = y.shape[1] // self.size
-        return y[:, self.rank * local : (self.rank + 1) * local]
-
 
 def grouped_mm_fits(x: torch.Tensor, widths: tuple[int, ...]) -> bool:
     """Whether F.grouped_mm runs here: torch has it, the device has a kernel for the dtype (CPU:
@@ -190,6 +205,11 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict({str(e): MLP(expert_config, layers) for e in held})
         for param in self.experts.parameters():
             mark(param, expert=True)
+        for expert in self.experts.values():
+            if expert.fc2.bias is not None:  # full gradient on every TP rank (_OncePerTP): no TP sum
+                mark(expert.fc2.bias, sequence_parallel=False)
+        # Context parallelism: the micro-batch's tokens per expert are summed over its group.
+        self.context = getattr(layers, "context", None)
         self.shared = None
         if moe.shared_experts:
             self.shared = MLP(dataclasses.replace(config, ffn_hidden_size=moe.shared_ffn(config), moe=None), layers)
@@ -216,9 +236,6 @@ class MoE(nn.Module):
         rows = self._run_experts(region.enter(tokens).reshape(b * s, h), dispatch, fake=fake)
         y = combine(rows, region.enter(routing.weights), dispatch, tokens=b * s)  # [T, h], partial under TP
         out = region.leave(y.view(b, s, h).to(x.dtype))
-        if not self.swiglu:  # fc2's biases, once per token after the TP sum: sum_k w_k b_e(k)
-            biases = torch.stack([e.fc2.bias for e in self.experts.values()])[dispatch.row_experts]  # [N, h]
-            out = out + region.own(combine(biases, routing.weights, dispatch, tokens=b * s).view(b, s, h)).to(x.dtype)
         if self.shared is not None:
             out = out + self._shared(x)
         if self.training and torch.is_grad_enabled():
@@ -240,7 +257,13 @@ class MoE(nn.Module):
         return out
 
     def _attach_aux(self, out: torch.Tensor, routing, dispatch: Dispatch) -> torch.Tensor:
-        aux = load_balancing_loss(routing, dispatch.received)
+        counts, counted = dispatch.received, None
+        if self.context is not None:  # the whole micro-batch's assignments per expert
+            from pretrain.parallel import comm
+
+            counts = comm.all_reduce(counts.clone(), self.context.group)
+            counted = routing.experts.shape[0] * self.context.size
+        aux = load_balancing_loss(routing, counts, counted_tokens=counted)
         z = z_loss(routing.logits)
         loss = None
         if self.moe.aux_coeff or self.moe.z_loss_coeff:
@@ -250,7 +273,7 @@ class MoE(nn.Module):
         return _AuxLossGrad.apply(out, loss, scale, lambda: self.load.add(**record))
 
     # ---------------------------------------------------------------------------------------------
-    # The experts: rows [N, h] in dispatch order -> [N, h] (fc2 without its bias; partial under TP)
+    # The experts: rows [N, h] in dispatch order -> [N, h] (partial under TP; fc2's bias on TP rank 0)
 
     def _run_experts(self, x: torch.Tensor, dispatch: Dispatch, *, fake: bool) -> torch.Tensor:
         rows = x[dispatch.tokens]  # [N, h]
@@ -287,8 +310,15 @@ class MoE(nn.Module):
         for expert, part in zip(experts, rows.split(sizes)):
             # The weights only: under TP the layers' own forward would communicate.
             h = F.linear(part, expert.fc1.weight, expert.fc1.bias)
-            outputs.append(F.linear(self._activation(h), expert.fc2.weight))
+            outputs.append(F.linear(self._activation(h), expert.fc2.weight, self._output_bias(expert)))
         return torch.cat(outputs)
+
+    def _output_bias(self, expert: nn.Module) -> torch.Tensor | None:
+        """fc2's bias as this TP rank adds it to the expert's partial outputs (see _OncePerTP)."""
+        bias = expert.fc2.bias
+        if bias is None or self.region.size == 1:
+            return bias
+        return _OncePerTP.apply(bias, self.region.rank == 0)
 
     def _grouped(self, rows: torch.Tensor, counts: torch.Tensor, experts: list[nn.Module]) -> torch.Tensor:
         dtype = (
@@ -298,8 +328,12 @@ class MoE(nn.Module):
         w1 = torch.stack([e.fc1.weight for e in experts]).to(dtype)  # [E, parts f/tp, h]
         w2 = torch.stack([e.fc2.weight for e in experts]).to(dtype)  # [E, h, f/tp]
         h = F.grouped_mm(rows.to(dtype), w1.transpose(1, 2), offs=offsets)
+        row_experts = None
         if experts[0].fc1.bias is not None:
             row_experts = torch.repeat_interleave(torch.arange(len(experts), device=rows.device), counts)
             h = h + torch.stack([e.fc1.bias for e in experts]).to(dtype)[row_experts]
         h = self._activation(_ContiguousGrad.apply(h))
-        return _ContiguousGrad.apply(F.grouped_mm(h, w2.transpose(1, 2), offs=offsets))
+        out = _ContiguousGrad.apply(F.grouped_mm(h, w2.transpose(1, 2), offs=offsets))
+        if row_experts is not None:  # gpt2: fc1 and fc2 both have biases
+            out = out + torch.stack([self._output_bias(e) for e in experts]).to(dtype)[row_experts]
+        return out

@@ -55,12 +55,18 @@ def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def load_balancing_loss(routing: Routing, counts: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(routing: Routing, counts: torch.Tensor, *, counted_tokens: int | None = None) -> torch.Tensor:
     """Switch/GShard: E x sum_e f_e P_e, f_e = counts_e / (T k) (not differentiable), P_e the mean
     router probability of e. 1.0 at perfect balance (f = P = 1/E); E when one expert takes all.
-    Megatron's normalisation (Hugging Face's load_balancing_loss_func is k times this)."""
+    Megatron's normalisation (Hugging Face's load_balancing_loss_func is k times this).
+
+    `counted_tokens`: the tokens `counts` were taken over, when more than the routing's own (under
+    context parallelism, the whole micro-batch's; default T). P_e stays the mean over the routing's
+    own tokens: each of n ranks holding T/n of the micro-batch's tokens gets a value whose mean
+    over the ranks is the micro-batch's loss, and whose gradient per token is n times the
+    micro-batch loss's, which the average of gradients over those ranks divides back."""
     tokens, num_experts = routing.balance_probs.shape
-    fraction = counts.to(torch.float32) / (tokens * routing.experts.shape[1])
+    fraction = counts.to(torch.float32) / ((counted_tokens or tokens) * routing.experts.shape[1])
     return num_experts * (fraction * routing.balance_probs.mean(dim=0)).sum()
 
 
@@ -84,8 +90,6 @@ class Dispatch:
     dropped: torch.Tensor
     received: torch.Tensor
     """[E] assignments each expert was chosen for, before any drop (the load metrics)."""
-    row_experts: torch.Tensor
-    """[N] the expert of each row."""
 
 
 def plan_dispatch(experts: torch.Tensor, num_experts: int, *, capacity: int | None) -> Dispatch:
@@ -104,9 +108,7 @@ def plan_dispatch(experts: torch.Tensor, num_experts: int, *, capacity: int | No
         order = order[keep]
         counts = received.clamp(max=capacity)
         dropped = (received - counts).sum()
-    return Dispatch(
-        order=order, tokens=order // k, counts=counts, dropped=dropped, received=received, row_experts=flat[order]
-    )
+    return Dispatch(order=order, tokens=order // k, counts=counts, dropped=dropped, received=received)
 
 
 def combine(rows: torch.Tensor, weights: torch.Tensor, dispatch: Dispatch, *, tokens: int) -> torch.Tensor:
