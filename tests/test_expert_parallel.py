@@ -8,8 +8,13 @@ interleaved), DP and activation checkpointing.
   the other EP group only) and activation checkpointing; also with every token routed to EP
   rank 0's experts, so EP rank 1 receives no tokens in any layer (forward and backward).
   Several layouts share one spawn of ranks.
+- DeepSpeed ZeRO-1/2 with EP 2 inside DP 4 (also with EP rank 1 receiving no tokens) and EP 2 x
+  PP 2: the same, and DeepSpeed partitions the dense groups over DP and the expert groups over
+  the ranks holding the same experts (checked on every rank).
 - A training step at EP 2 x DP 4 under the NCCL-rules model.
-- Validation before any process group.
+- Validation before any process group (ZeRO-3 with EP refused, citing DeepSpeed's check).
+- Checkpoints resume at another EP (and TP/DP, ZeRO or not) size with the uninterrupted run's
+  losses, ZeRO-1/2 checkpoints with EP included.
 """
 
 from __future__ import annotations
@@ -220,17 +225,17 @@ ZERO1, ZERO2 = ["parallel.zero_stage=1"], ["parallel.zero_stage=2"]
         (EP2, 2, [*EP2, "parallel.tensor=2"], 4),
         # ZeRO: each rank writes its fragments of the fp32 masters and Adam moments, the experts'
         # partitioned over the ranks holding them (pretrain/parallel/zero_experts.py)
-        ([*EP2, *ZERO1], 4, ["parallel.expert=4", *ZERO2], 4),
+        ([*EP2, *ZERO1], 4, ["parallel.expert=4", *ZERO1], 4),  # same layout and stage, other EP
         ([*EP2, *ZERO2], 2, [], 1),
-        ([], 1, [*EP2, *ZERO1], 2),
+        ([], 1, [*EP2, *ZERO2], 2),
     ],
     ids=[
         "ep2_to_one_process",
         "one_process_to_ep2",
         "ep2_to_ep2_tp2",
-        "ep2_zero1_dp4_to_ep4_zero2",
+        "ep2_zero1_dp4_to_ep4_zero1",
         "ep2_zero2_to_one_process",
-        "one_process_to_ep2_zero1",
+        "one_process_to_ep2_zero2",
     ],
 )
 def test_checkpoint_resumes_at_another_ep_size(tmp_path, saved_at, world, resumed_at, resumed_world):

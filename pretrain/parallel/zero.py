@@ -11,7 +11,9 @@ while a pipeline stage calls it on an activation with a received gradient. What
 epilogue that flushes the reduce buckets (stages 2 and 3, every micro-batch; stage 1 once,
 after the step's backward passes). When each gradient enters the reduce buckets is decided by
 our own hooks (pretrain/parallel/zero_grads.py): stage 1 reduces during the last micro-batch's
-backward, sequence-parallel gradients are summed over TP once per bucket.
+backward, sequence-parallel gradients are summed over TP once per bucket. Under expert
+parallelism the routed experts go in DeepSpeed's expert parameter groups, partitioned and reduced
+over the ranks holding the same experts (pretrain/parallel/zero_experts.py).
 
 `import deepspeed` happens only when a ZeroEngine is built, so the rest of the framework runs
 without it.
