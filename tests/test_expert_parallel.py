@@ -193,21 +193,27 @@ def _step_trace_worker(overrides: list[str]) -> str:
     return dump_trace(rec.events)
 
 
-def test_a_training_step_at_ep2_in_dp4_follows_nccl_rules():
-    """EP 2 inside DP 4 with every token routed to EP rank 0 (rank 1 sends and receives empty
-    splits): the all-to-alls over the EP groups, the expert buckets over the expert data-parallel
-    groups and the others over DP 4 are issued alike by every member of each group. (The same
-    with a pipeline: tests/test_nccl_rules.py.)"""
+@pytest.mark.parametrize(
+    "strategy",
+    [[], ["parallel.zero_stage=2"], ["parallel.pipeline=2", "parallel.zero_stage=1"]],
+    ids=["dp4", "dp4_zero2", "pp2_zero1"],
+)
+def test_a_training_step_at_ep2_follows_nccl_rules(strategy):
+    """EP 2 inside DP 4 (without ZeRO, with ZeRO-2) or EP 2 x PP 2 with ZeRO-1 (EP = DP: one-rank
+    expert groups), every token routed to EP rank 0 (rank 1 sends and receives empty splits):
+    the all-to-alls over the EP groups, the expert buckets (ours or DeepSpeed's) over the expert
+    data-parallel groups and the others over DP are issued alike by every member of each group,
+    and every rank creates the same groups. (The same with a pipeline: tests/test_nccl_rules.py.)"""
     from pretrain.parallel.nccl_rules import check_nccl_rules, load_trace
 
-    traces = dict(
-        enumerate(map(load_trace, run_ranks(4, _step_trace_worker, [*SKEWED, *EP2, "parallel.bucket_mb=0.01"])))
-    )
+    overrides = [*SKEWED, *EP2, "parallel.bucket_mb=0.01", *strategy]
+    traces = dict(enumerate(map(load_trace, run_ranks(4, _step_trace_worker, overrides))))
     summary = check_nccl_rules(traces)
     assert summary["collectives"] > 0
     ops = [op for e in traces[0] for op in e.ops]
-    # Per rank: 4 MoE layers x 2 steps x 1 micro-batch x (forward: counts, rows there, rows back;
-    # backward: the two rows' exchanges reversed), empty splits included
+    # Per rank: 4 MoE layers x 2 steps x 1 micro-batch (PP 2: 2 layers x 2 micro-batches) x
+    # (forward: counts, rows there, rows back; backward: the two rows' exchanges reversed), empty
+    # splits included
     assert sum(op.name == "all_to_all_single" for op in ops) == 4 * 2 * 1 * 5, summary
 
 

@@ -84,11 +84,14 @@ def prepare_expert_groups(
 
 def _expert_dp_group(topo: Topology, timeout_minutes: float | None) -> dist.ProcessGroup:
     """The ranks holding this rank's experts. The topology has no group when that is this rank
-    alone (EP = data x context), and DeepSpeed needs one to partition over: a one-rank group,
-    created by this rank only (use_local_synchronization: the other ranks need not take part)."""
+    alone (EP = data x context, the same on every rank), and DeepSpeed needs one to partition
+    over: one-rank groups, every rank's created by every rank in rank order, since new_group is
+    collective (a non-member's call only counts; torch builds no backend for it)."""
     if topo.expert_dp_group is not None:
         return topo.expert_dp_group
-    return dist.new_group([topo.rank], timeout=group_timeout(timeout_minutes), use_local_synchronization=True)
+    timeout = group_timeout(timeout_minutes)
+    alone = [dist.new_group([rank], timeout=timeout) for rank in range(topo.world_size)]
+    return alone[topo.rank]
 
 
 class _ExpertGroups(DeepSpeedMoE):
