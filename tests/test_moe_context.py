@@ -11,6 +11,7 @@ parallelism.
   EP 2 (EP ranks from the DP ranks of one CP position), TP 2 + SP and PP 2.
 - gpt2 with expert parallelism: each expert's output bias is added on its own EP rank, on TP rank
   0 only; EP 2, EP 2 x TP 2 (with and without SP, loop and grouped matmul) equal one process.
+- A training step at CP 2 x EP 2 with ring attention under the NCCL-rules model.
 - Validation: a capacity factor with context parallelism is refused before any process group.
 """
 
@@ -141,3 +142,35 @@ def test_capacity_with_context_parallelism_is_refused_before_any_process_group()
         validate_layout(make_config([*LLAMA, *CP2, "model.moe.capacity_factor=1.5"]), 2)
     validate_layout(make_config([*LLAMA, *CP2]), 2)  # dropless: accepted
     validate_layout(make_config([*GPT2, *EP2, "parallel.tensor=2"]), 4)  # gpt2 experts with EP: accepted
+
+
+# -- NCCL's rules -----------------------------------------------------------------------------
+
+
+def _step_trace_worker(overrides: list[str]) -> str:
+    from pretrain.parallel.nccl_rules import CommRecorder, dump_trace
+
+    with CommRecorder() as rec:
+        trainer = build_trainer(make_config(overrides), 2)
+        for step in (1, 2):
+            trainer.step(step)
+    return dump_trace(rec.events)
+
+
+def test_a_training_step_at_cp2_ep2_follows_nccl_rules():
+    """CP 2 x EP 2 (world 4) with ring attention: the ring's transfers, the tokens-per-expert
+    all-reduces over the CP groups, the all-to-alls over the EP groups and the gradient buckets
+    are issued alike by every member of each group."""
+    from pretrain.parallel.nccl_rules import check_nccl_rules, load_trace
+
+    traces = dict(enumerate(map(load_trace, run_ranks(4, _step_trace_worker, [*LLAMA, *CP2, *EP2, *RING]))))
+    summary = check_nccl_rules(traces)
+    assert summary["collectives"] > 0 and summary["p2p"] > 0
+    ops = [op for e in traces[0] for op in e.ops if e.kind == "post"]
+    # Per rank: 4 MoE layers x 2 steps x 2 micro-batches, one all-reduce of the 4 experts' counts
+    # over the CP group (ranks 0 and 1) in each forward; 5 all-to-alls each (forward: counts, rows
+    # there, rows back; backward: the rows' exchanges reversed) over the EP group (ranks 0 and 2)
+    counts = [op for op in ops if op.name == "all_reduce" and op.ranks == (0, 1) and op.nbytes == 4 * 8]
+    exchanges = [op for op in ops if op.name == "all_to_all_single"]
+    assert len(counts) == 4 * 2 * 2 and {op.ranks for op in exchanges} == {(0, 2)}, summary
+    assert len(exchanges) == 4 * 2 * 2 * 5, summary
