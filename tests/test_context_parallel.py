@@ -59,9 +59,12 @@ def test_bad_context_layouts_are_refused_before_any_process_group(overrides, wor
         validate_layout(make_config(overrides), world)
 
 
-def test_flash_attn_backend_is_refused_with_context_parallelism():
-    with pytest.raises(ConfigError, match="model.attention_backend: flash_attn with parallel.context > 1"):
-        make_config(["parallel.context=2", "model.attention_backend=flash_attn", "train.precision=bf16"])
+def test_flash_attn_backend_takes_the_ring_and_refuses_all_gather():
+    flash = ["parallel.context=2", "model.attention_backend=flash_attn", "train.precision=bf16"]
+    with pytest.raises(ConfigError, match="model.attention_backend: flash_attn with parallel.context > 1 and "):
+        make_config(flash)
+    config = make_config([*flash, *RING])
+    assert (config.model.attention_backend, config.parallel.context_attention) == ("flash_attn", "ring")
 
 
 def test_rank_order_is_tp_cp_dp_pp():

@@ -87,11 +87,12 @@ def _check_context_split(config: RunConfig) -> None:
         f"divisible by parallel.tensor={p.tensor}",
     )
     _need(
-        m.attention_backend == "sdpa",
+        m.attention_backend == "sdpa" or p.context_attention == "ring",
         "model.attention_backend",
-        f"{m.attention_backend} with parallel.context > 1 is not supported yet: context-parallel "
-        "attention masks each rank's chunks by their global positions (sdpa with a mask, or the "
-        "ring's blocks with their log-sum-exp); use model.attention_backend=sdpa",
+        f"{m.attention_backend} with parallel.context > 1 and parallel.context_attention=all_gather: "
+        "the gathered keys need a mask of global positions over this rank's two chunks, which "
+        "flash-attn's kernels do not take; use parallel.context_attention=ring (its blocks run "
+        "flash-attn's kernels) or model.attention_backend=sdpa",
     )
     _need(
         p.context_attention != "ring" or m.dropout == 0,
