@@ -440,6 +440,58 @@ def test_a_zero_bubble_checkpoint_resumes_under_other_schedules(tmp_path):
         assert resumed["loss"] == pytest.approx(straight["loss"][2:], abs=2e-5), layout
 
 
+ZERO1 = ["parallel.zero_stage=1"]
+PP2_1F1B, PP2_ZB_V = ["parallel.pipeline=2"], ["parallel.pipeline=2", V]
+PP2_INTERLEAVED = ["parallel.pipeline=2", "parallel.virtual_stages=2"]
+# saved layout (world) -> the layouts (world) it resumes under; gpt2, tied embedding
+TIED_RESUMES = {
+    # zb-v's rank 0 saves one of its two copies; ZeRO-1: its own fragments of the first one
+    "zb_v_zero1": ((PP2_ZB_V + ZERO1, 4), [(PP2_ZB_V + ZERO1, 4), (PP2_INTERLEAVED + ZERO1, 4), (PP2_1F1B, 2)]),
+    "zb_v": ((PP2_ZB_V, 2), [(PP2_ZB_V, 2), (PP2_1F1B + ZERO1, 4)]),
+    # and the other way: the first and the last rank's copies both load into zb-v's rank 0
+    "1f1b": ((PP2_1F1B, 2), [(PP2_ZB_V, 2), (PP2_ZB_V + ZERO1, 4)]),
+    "interleaved_zero1": ((PP2_INTERLEAVED + ZERO1, 4), [(PP2_ZB_V + ZERO1, 4)]),
+}
+
+
+@pytest.mark.parametrize("name", TIED_RESUMES)
+def test_a_tied_checkpoint_resumes_across_zb_v(name, tmp_path):
+    """A gpt2 checkpoint saved at step 2 resumes for steps 3 and 4 with the uninterrupted run's
+    losses and gradient norms (step 4's after an update from the restored optimizer state),
+    between zb-v (both copies of the tied embedding on rank 0) and the schedules that hold them
+    on two ranks, with and without ZeRO-1 on either side."""
+    (saved, world), resumes = TIED_RESUMES[name]
+    straight = run_job(saved, world=world, last=4, save=str(tmp_path), save_at=2)[0]
+    for layout, world in resumes:
+        resumed = run_job(layout, world=world, first=3, last=4, resume=str(tmp_path / "step_2"))[0]
+        loss = max(abs(a - b) for a, b in zip(resumed["loss"], straight["loss"][2:]))
+        norm = max(abs(a / b - 1) for a, b in zip(resumed["grad_norm"], straight["grad_norm"][2:]))
+        print(f"{name} -> {layout}: max |loss diff| {loss:.3g}, max grad-norm rel diff {norm:.3g}")
+        assert resumed["loss"] == pytest.approx(straight["loss"][2:], abs=2e-5), layout
+        assert resumed["grad_norm"] == pytest.approx(straight["grad_norm"][2:], rel=1e-4), layout
+    if name == "zb_v_zero1":  # and the checkpoint exports: transformers' GPT-2 computes our logits
+        _check_hf_export(tmp_path / "step_2", tmp_path / "hf")
+
+
+def _check_hf_export(step_dir, hf_dir) -> None:
+    import transformers
+
+    from pretrain.checkpoint import load_model
+    from pretrain.hf import export_checkpoint
+
+    export_checkpoint(step_dir, hf_dir, log=lambda message: None)
+    ours, config = load_model(step_dir)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, local_files_only=True).eval()
+    assert theirs.config.tie_word_embeddings
+    tokens = torch.randint(
+        0, config.model.vocab_size, (2, config.model.seq_length), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        diff = (ours(tokens)[..., : config.model.vocab_size] - theirs(tokens).logits).abs().max()
+    print(f"zb-v tied checkpoint exported: max |logit diff| vs transformers {float(diff):.3g}")
+    assert diff < 1e-4
+
+
 def test_train_cli_under_zb_v_logs_validates_and_exports(stdlib_data, tmp_path):
     """`python -m pretrain.train` at PP2 under ZB-V (torchrun): the loss and the validation loss
     live on pipeline rank 0 (the V's last stage), the run logs both, checkpoints, and the merged

@@ -69,8 +69,10 @@ def restore_replicated(
     """Whole TP shards on every DP replica: a rank reads its position's shards (and their
     optimizer state when `optimizer` is given)."""
     saved = SavedCheckpoint(step_dir)
-    params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
-    _check_names(saved, params)
+    # (name, parameter) pairs, not a dict: a rank holding both copies of the tied embedding
+    # (zb-v's rank 0) loads the one saved tensor into each.
+    params = [(name, p) for chunk in chunks for name, p in chunk.named_parameters()]
+    _check_names(saved, [name for name, _ in params])
     # At the saved TP size a rank needs exactly its own position's files: read them whole.
     saved.read_whole_files = saved.tp == topo.tp and saved.pp == topo.pp
 
@@ -85,7 +87,7 @@ def restore_replicated(
         )
 
     with torch.no_grad():
-        for name, param in params.items():
+        for name, param in params:
             value = shard(name)
             if value.shape != param.shape:
                 saved.blame()
@@ -95,10 +97,17 @@ def restore_replicated(
                 )
             param.copy_(value)
         if optimizer is not None:
-            for name, param in params.items():
+            restored: set[str] = set()
+            for name, param in params:
                 keys = saved.optimizer_keys(name) if with_state else []
                 if keys:
-                    optimizer.state[param] = {k: shard(name, k).to(param.device) for k in keys}
+                    state = {k: shard(name, k).to(param.device) for k in keys}
+                    if name in restored:
+                        # The tied embedding's second copy (zb-v's rank 0): state tensors of its own,
+                        # not the first copy's (a file read whole hands out the same tensor twice).
+                        state = {k: v.clone() for k, v in state.items()}
+                    optimizer.state[param] = state
+                    restored.add(name)
                 else:  # as a fresh optimizer has it (and nothing of an earlier attempt's load)
                     optimizer.state.pop(param, None)
 

@@ -117,7 +117,7 @@ def take_replicated_shard(
     """Whole TP shards on every DP replica (weights, and the optimizer's state of them when
     given): this rank's part of its position's tensors, copied to the host (no communication)."""
     host = host or HostBuffers()
-    params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}
+    params = saved_parameters(chunks)
     states = {n: optimizer.state.get(p, {}) for n, p in params.items()} if optimizer is not None else {}
     written = _written(params, topo)
     shard = Shard()
@@ -131,6 +131,18 @@ def take_replicated_shard(
             value = value if torch.is_tensor(value) else torch.tensor(value)
             shard.optimizer[f"{name}/{key}"] = host.copy(f"{name}/{key}", value)
     return shard
+
+
+def saved_parameters(chunks: list[torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
+    """name -> the parameter a checkpoint stores under it. A name is held by one chunk, except the
+    tied embedding's when a rank holds both of its copies (zb-v's rank 0: the first stage's
+    chunk 0 and the last stage's chunk 1): the copies are equal (pretrain/parallel/tied.py), so
+    the first chunk's is saved, once, as a rank holding only one copy saves it."""
+    params: dict[str, torch.nn.Parameter] = {}
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            params.setdefault(name, p)
+    return params
 
 
 def _written(params: dict, topo: Topology) -> set[str]:
@@ -158,9 +170,12 @@ def take_partitioned_shard(
     host = host or HostBuffers()
     shard = Shard()
     step = torch.tensor(engine.adam_step())
+    saved = saved_parameters(chunks)
     for chunk in chunks:
         for frag in engine.local_fragments(chunk):
             name = frag.name
+            if saved[name] is not frag.param:
+                continue  # the tied embedding's second copy on this rank (see saved_parameters)
             shard.weights[name] = host.copy(name, frag.master)
             shard.fragments[name] = [frag.start, frag.numel]
             shard.specs[name] = _spec(frag.param)

@@ -143,7 +143,10 @@ def grid_groups(topo: Topology) -> Iterator[tuple[str, list[int]]]:
     for c, d in positions:
         for t in range(tp):
             yield "pp_group", [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=s) for s in range(pp)]
-            ends = {g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=0), g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=pp - 1)}
+            # The ranks of the first and the last stage: zb-v puts both on pipeline rank 0 (a group
+            # of one; its tied copies are summed within the rank, pretrain/parallel/tied.py).
+            last = 0 if topo.v_shape else pp - 1
+            ends = {g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=0), g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=last)}
             yield "embedding_group", sorted(ends)
     for c, d in positions:
         yield "model_group", [g(tp_rank=t, cp_rank=c, dp_rank=d, pp_rank=s) for s in range(pp) for t in range(tp)]

@@ -65,7 +65,8 @@ class Topology:
     expert_dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     # All ranks of one model replica (TP x PP at one DP/CP position): grad-norm reductions.
     model_group: dist.ProcessGroup | None = field(default=None, repr=False)
-    # First and last pipeline stage of one TP/DP position: keeps tied embeddings in sync.
+    # First and last pipeline stage of one TP/DP position: keeps tied embeddings in sync (under
+    # zb-v both stages are pipeline rank 0: a group of that one rank).
     embedding_group: dist.ProcessGroup | None = field(default=None, repr=False)
 
     # Coordinates of this rank.
