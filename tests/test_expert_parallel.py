@@ -8,9 +8,10 @@ interleaved), DP and activation checkpointing.
   the other EP group only) and activation checkpointing; also with every token routed to EP
   rank 0's experts, so EP rank 1 receives no tokens in any layer (forward and backward).
   Several layouts share one spawn of ranks.
-- DeepSpeed ZeRO-1/2 with EP 2 inside DP 4 (also with EP rank 1 receiving no tokens) and EP 2 x
-  PP 2: the same, and DeepSpeed partitions the dense groups over DP and the expert groups over
-  the ranks holding the same experts (checked on every rank).
+- DeepSpeed ZeRO-1/2 with EP 2 inside DP 4 (also with EP rank 1 receiving no tokens, and with
+  gpt2's expert biases), EP 2 x PP 2 and EP 2 x CP 2: the same, and DeepSpeed partitions the
+  dense groups over data x context and the expert groups over the ranks holding the same
+  experts (checked on every rank).
 - A training step at EP 2 x DP 4 under the NCCL-rules model.
 - Validation before any process group (ZeRO-3 with EP refused, citing DeepSpeed's check).
 - Checkpoints resume at another EP (and TP/DP, ZeRO or not) size with the uninterrupted run's
@@ -40,6 +41,7 @@ GROUPED = [*MOE, "model.moe.grouped_mm=true"]
 # token there, i.e. to EP rank 0, for all 3 steps (the bias update moves it by 0.01 a step).
 SKEWED = [*MOE, "model.moe.router=sigmoid", "model.moe.bias_update_rate=0.01", "model.moe.aux_loss_coeff=0.0"]
 EP2 = ["parallel.expert=2"]
+GPT2 = ["model.flavour=gpt2", *MOE[2:]]
 
 # name -> (reference overrides, the layout's, whether the router is skewed)
 LAYOUTS_2 = {
@@ -66,6 +68,10 @@ LAYOUTS_4_ZERO = {
     "ep2_in_dp4_zero2": (MOE, [*EP2, *ZERO, "parallel.zero_stage=2"], False),
     "ep2_in_dp4_zero2_rank1_gets_no_tokens": (SKEWED, [*EP2, *ZERO, "parallel.zero_stage=2"], True),
     "ep2_pp2_zero1": (MOE, [*EP2, *ZERO, "parallel.pipeline=2", "parallel.zero_stage=1"], False),
+    # the experts' groups span the context-parallel ranks too
+    "ep2_cp2_zero2": (MOE, [*EP2, *ZERO, "parallel.context=2", "parallel.zero_stage=2"], False),
+    # gpt2's experts have output biases: an expert group with weight decay and one without
+    "gpt2_ep2_in_dp4_zero1": (GPT2, [*EP2, *ZERO, "parallel.zero_stage=1"], False),
 }
 # layout -> rank -> (the DP group's ranks, the ranks holding the same experts): rank order tp-dp-pp
 # with TP 1, EP groups of consecutive DP ranks.
@@ -74,6 +80,9 @@ ZERO_GROUPS = {
     "ep2_in_dp4_zero2": lambda rank: ([0, 1, 2, 3], [rank % 2, rank % 2 + 2]),
     "ep2_in_dp4_zero2_rank1_gets_no_tokens": lambda rank: ([0, 1, 2, 3], [rank % 2, rank % 2 + 2]),
     "ep2_pp2_zero1": lambda rank: ([rank // 2 * 2, rank // 2 * 2 + 1], [rank]),  # DP 2 = EP 2
+    # rank order tp-cp-dp-pp: data x context = all 4, the same experts = both CP ranks of a DP rank
+    "ep2_cp2_zero2": lambda rank: ([0, 1, 2, 3], [rank // 2 * 2, rank // 2 * 2 + 1]),
+    "gpt2_ep2_in_dp4_zero1": lambda rank: ([0, 1, 2, 3], [rank % 2, rank % 2 + 2]),
 }
 
 
