@@ -430,6 +430,17 @@ def _step_worker(overrides: list[str]) -> str:
             ],
             4,
         ),
+        # gpt2's tied embedding under zb-v: both copies on pipeline rank 0, summed there (no
+        # collective of their own), then handed to ZeRO-1's last bucket like any gradient.
+        (
+            [
+                "parallel.pipeline=2",
+                "parallel.pipeline_schedule=zb-v",
+                "parallel.zero_stage=1",
+                "parallel.bucket_mb=0.01",
+            ],
+            4,
+        ),
         # Expert parallelism: each MoE layer's two all-to-alls (counts, then rows) in the forward,
         # the rows' reverse all-to-all in the backward, inside an interleaved schedule, with the
         # non-expert DP buckets reducing during the backward (the experts' have no other holder).
@@ -456,6 +467,7 @@ def _step_worker(overrides: list[str]) -> str:
         "cp2_ring_dp2_zero1",
         "zbv_tp2_pp2_dp2_sp",
         "zbh1_zero1_pp2_dp2_tied",
+        "zbv_zero1_pp2_dp2_tied",
         "ep2_pp2_interleaved_dp2",
     ],
 )
