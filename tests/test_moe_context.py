@@ -12,7 +12,9 @@ parallelism.
 - gpt2 with expert parallelism: each expert's output bias is added on its own EP rank, on TP rank
   0 only; EP 2, EP 2 x TP 2 (with and without SP, loop and grouped matmul) equal one process.
 - A training step at CP 2 x EP 2 with ring attention under the NCCL-rules model.
-- Validation: a capacity factor with context parallelism is refused before any process group.
+- With a capacity factor under context parallelism, each expert is filled first come first
+  served in the whole micro-batch's token order (every CP rank's choices gathered): the same
+  drops as on one device, with CP alone, TP 2 + SP and EP 2.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from __future__ import annotations
 import pytest
 import torch
 from parallel_harness import build_trainer, make_config, run_ranks
-
-from pretrain.config import ConfigError, validate_layout
 
 # As tests/test_context_parallel.py: 2e-5 absolute on the losses (and the aux and z figures), on
 # the first step's gradient norm (before any update), 1e-4 relative on the later norms, where
@@ -45,6 +45,7 @@ GPT2 = ["model.flavour=gpt2", *ROUTED, *SOFTMAX]
 CP2, EP2, RING = ["parallel.context=2"], ["parallel.expert=2"], ["parallel.context_attention=ring"]
 TP2_SP = ["parallel.tensor=2", "parallel.sequence_parallel=true"]
 GROUPED = ["model.moe.grouped_mm=true"]
+CAPACITY = ["model.moe.capacity_factor=1.0"]  # drops in every step (checked below)
 
 # name -> (the reference's overrides, the layout's); one spawn of ranks per world size.
 LAYOUTS_2 = {
@@ -53,6 +54,7 @@ LAYOUTS_2 = {
     "cp2_sigmoid_bias_update": (SIGMOID, CP2),
     "cp2_sigmoid_grouped_mm_ring": (SIGMOID + GROUPED, [*CP2, *RING]),
     "cp2_gpt2_ring": (GPT2, [*CP2, *RING]),
+    "cp2_sigmoid_capacity": (SIGMOID + CAPACITY, CP2),
     "gpt2_ep2": (GPT2, EP2),
     "gpt2_ep2_grouped_mm": (GPT2 + GROUPED, EP2),
 }
@@ -60,6 +62,8 @@ LAYOUTS_4 = {
     "cp2_ep2": (LLAMA, [*CP2, *EP2]),
     "cp2_ep2_sigmoid_ring": (SIGMOID, [*CP2, *EP2, *RING]),
     "cp2_tp2_sp": (LLAMA, [*CP2, *TP2_SP]),
+    "cp2_tp2_sp_capacity": (LLAMA + CAPACITY, [*CP2, *TP2_SP]),
+    "cp2_ep2_sigmoid_capacity_grouped_mm": (SIGMOID + CAPACITY + GROUPED, [*CP2, *EP2]),
     "cp2_pp2": (SIGMOID, [*CP2, "parallel.pipeline=2"]),
     "gpt2_ep2_tp2": (GPT2, [*EP2, "parallel.tensor=2"]),
     "gpt2_ep2_tp2_sp_grouped_mm": (GPT2 + GROUPED, [*EP2, *TP2_SP]),
@@ -76,6 +80,7 @@ def _train(overrides: list[str]) -> dict:
         "tokens": [[v["tokens_per_expert"] for _, v in sorted(r["moe_layers"].items())] for r in records],
         "aux": [r["moe_aux_loss"] for r in records],
         "z": [r["moe_z_loss"] for r in records],
+        "dropped": [r.get("moe_dropped_tokens") for r in records],
         "tp_rank": trainer.topo.tp_rank,
         # gpt2: the experts' output biases, which only TP rank 0 adds to the output and every TP
         # rank must keep equal (a replicated weight; its gradient the full one on every rank)
@@ -112,7 +117,9 @@ def test_layouts_train_like_one_process(world, layouts):
         assert got["loss"] == pytest.approx(ref["loss"], abs=TOL, rel=0), name
         assert got["grad_norm"][0] == pytest.approx(ref["grad_norm"][0], abs=TOL, rel=0), name
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=NORM_TOL), name
-        assert got["tokens"] == ref["tokens"], name
+        assert got["tokens"] == ref["tokens"] and got["dropped"] == ref["dropped"], name
+        if "capacity" in name:
+            assert all(d > 0 for d in ref["dropped"]), name  # the capacity bites
         assert got["aux"] == pytest.approx(ref["aux"], abs=TOL, rel=0), name
         assert got["z"] == pytest.approx(ref["z"], abs=TOL, rel=0), name
         assert ref["loss"][0] != ref["loss"][-1]
@@ -135,13 +142,6 @@ def test_sigmoid_bias_update_changes_the_routing():
     still = _reference([*SIGMOID, "model.moe.bias_update_rate=0.0"])
     assert updated["tokens"][0] == still["tokens"][0]
     assert updated["tokens"][2] != still["tokens"][2]
-
-
-def test_capacity_with_context_parallelism_is_refused_before_any_process_group():
-    with pytest.raises(ConfigError, match="model.moe.capacity_factor: 1.5 with parallel.context=2"):
-        validate_layout(make_config([*LLAMA, *CP2, "model.moe.capacity_factor=1.5"]), 2)
-    validate_layout(make_config([*LLAMA, *CP2]), 2)  # dropless: accepted
-    validate_layout(make_config([*GPT2, *EP2, "parallel.tensor=2"]), 4)  # gpt2 experts with EP: accepted
 
 
 # -- NCCL's rules -----------------------------------------------------------------------------

@@ -151,9 +151,8 @@ class MoEConfig:
 
 def check_moe_layout(config: RunConfig) -> None:
     """What parallel.* can do with MoE layers so far: tensor parallelism splits every expert like
-    the dense MLP; context parallelism routes each rank's tokens and sums the micro-batch's tokens
-    per expert over its group (pretrain/models/moe.py), dropless only; ZeRO-3 is refused, saying
-    why."""
+    the dense MLP; context parallelism routes each rank's tokens and takes the micro-batch's
+    statistics over its group (pretrain/models/moe.py); ZeRO-3 is refused, saying why."""
     moe, p = config.model.moe, config.parallel
     expert = getattr(p, "expert", 1)
     _need(
@@ -175,15 +174,6 @@ def check_moe_layout(config: RunConfig) -> None:
             "parallel.tensor",
             f"the MoE width {width} (model.moe.{name}) is not divisible by parallel.tensor={p.tensor}",
         )
-    context = getattr(p, "context", 1)
-    _need(
-        context == 1 or moe.capacity_factor is None,
-        "model.moe.capacity_factor",
-        f"{moe.capacity_factor} with parallel.context={context} is not supported: an expert's capacity "
-        "is filled first come first served in the micro-batch's token order, which context "
-        "parallelism splits over ranks; use model.moe.capacity_factor=null (dropless) or "
-        "parallel.context=1",
-    )
     _need(
         p.zero_stage != 3,
         "parallel.zero_stage",

@@ -39,7 +39,15 @@ from torch import nn
 
 from pretrain.config import ModelConfig
 from pretrain.models import kernels
-from pretrain.models.moe_routing import Dispatch, combine, load_balancing_loss, plan_dispatch, route, z_loss
+from pretrain.models.moe_routing import (
+    Dispatch,
+    combine,
+    load_balancing_loss,
+    plan_dispatch,
+    route,
+    within_capacity,
+    z_loss,
+)
 from pretrain.models.sharding import mark
 
 
@@ -231,8 +239,12 @@ class MoE(nn.Module):
         s = tokens.shape[1]
         routing = route(logits.reshape(b * s, -1), self.moe, bias=getattr(self.router, "expert_bias", None))
         fake = _is_fake(x)
-        capacity = None if fake else self.moe.capacity(b * s)
-        dispatch = plan_dispatch(routing.experts, self.moe.num_experts, capacity=capacity)
+        cp = 1 if self.context is None else self.context.size
+        capacity = None if fake else self.moe.capacity(b * s * cp)  # of the whole micro-batch
+        keep = None
+        if capacity is not None and cp > 1:
+            keep = self._keep_in_sequence_order(routing.experts.view(b, s, -1), capacity)
+        dispatch = plan_dispatch(routing.experts, self.moe.num_experts, capacity=capacity, keep=keep)
         rows = self._run_experts(region.enter(tokens).reshape(b * s, h), dispatch, fake=fake)
         y = combine(rows, region.enter(routing.weights), dispatch, tokens=b * s)  # [T, h], partial under TP
         out = region.leave(y.view(b, s, h).to(x.dtype))
@@ -241,6 +253,14 @@ class MoE(nn.Module):
         if self.training and torch.is_grad_enabled():
             out = self._attach_aux(out, routing, dispatch)
         return out
+
+    def _keep_in_sequence_order(self, experts: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Context parallelism: experts [b, s/cp, k] of this rank's tokens -> [b * s/cp * k] bool,
+        which of its assignments are within capacity, first come first served in the whole
+        micro-batch's token order (as on one device), from every CP rank's choices."""
+        whole = self.context.whole(experts)  # [b, s, k]
+        keep = within_capacity(whole.flatten(0, 1), self.moe.num_experts, capacity=capacity)
+        return self.context.local(keep.view(whole.shape)).reshape(-1)
 
     def _router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """[b, s, h] -> [b, s, E] in fp32, outside autocast: the top-k choice and the softmax

@@ -92,23 +92,38 @@ class Dispatch:
     """[E] assignments each expert was chosen for, before any drop (the load metrics)."""
 
 
-def plan_dispatch(experts: torch.Tensor, num_experts: int, *, capacity: int | None) -> Dispatch:
+def plan_dispatch(
+    experts: torch.Tensor, num_experts: int, *, capacity: int | None, keep: torch.Tensor | None = None
+) -> Dispatch:
     """Sort the assignments by expert (stable: token order within an expert) and, with a
-    capacity, drop each expert's assignments past it."""
+    capacity, drop each expert's assignments past it. `keep` [T * k] bool: which assignments run,
+    decided elsewhere (under context parallelism, over the whole micro-batch: within_capacity);
+    default within_capacity of these assignments."""
     k = experts.shape[1]
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
     received = expert_counts(experts, num_experts)
     dropped = torch.zeros((), dtype=torch.long, device=flat.device)
     counts = received
-    if capacity is not None and capacity < flat.numel():
-        starts = torch.cumsum(received, 0) - received
-        position = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-        keep = position < capacity
-        order = order[keep]
-        counts = received.clamp(max=capacity)
+    if keep is None and capacity is not None and capacity < flat.numel():
+        keep = within_capacity(experts, num_experts, capacity=capacity)
+    if keep is not None:
+        order = order[keep[order]]
+        counts = expert_counts(flat[order], num_experts)
         dropped = (received - counts).sum()
     return Dispatch(order=order, tokens=order // k, counts=counts, dropped=dropped, received=received)
+
+
+def within_capacity(experts: torch.Tensor, num_experts: int, *, capacity: int) -> torch.Tensor:
+    """experts [T, k] -> [T * k] bool: whether each assignment is among its expert's first
+    `capacity` in the flattened order (token t's slot j is t * k + j)."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    received = expert_counts(experts, num_experts)
+    starts = torch.cumsum(received, 0) - received
+    position = torch.empty_like(flat)
+    position[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    return position < capacity
 
 
 def combine(rows: torch.Tensor, weights: torch.Tensor, dispatch: Dispatch, *, tokens: int) -> torch.Tensor:

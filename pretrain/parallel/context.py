@@ -107,6 +107,17 @@ class ContextParallel:
         first, second = self.chunk_ids(self.rank)
         return torch.cat([pieces[first], pieces[second]], dim=1)
 
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """Every CP rank's tokens [b, s / cp, ...] -> the whole sequence's [b, s, ...] in order
+        (`local`'s inverse; an all-gather without gradient: the MoE capacity's token order)."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        with waiting():
+            dist.all_gather(parts, x.contiguous(), group=self.group)
+        out = x.new_empty((x.shape[0], x.shape[1] * self.size, *x.shape[2:]))
+        for rank, part in enumerate(parts):
+            out[:, self.positions(out.shape[1], device=x.device, rank=rank)] = part
+        return out
+
     def loss_share(self, loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This rank's mean loss over its local labels -> its share (see the module doc);
         `labels` [b, s]: the full sequence's."""
