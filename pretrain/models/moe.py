@@ -18,7 +18,9 @@ Context parallelism (the factory's `context`): each rank routes its s/cp tokens 
 itself; the load-balancing loss takes the tokens per expert of the whole micro-batch (one
 all-reduce of E counts over the CP group) and the mean router probabilities of this rank's
 tokens (see load_balancing_loss), the z-loss the mean over this rank's tokens: the mean over the
-CP ranks of each value is the micro-batch's, and so is the average of their gradients.
+CP ranks of each value is the micro-batch's, and so is the average of their gradients. With a
+capacity, every CP rank's choices are gathered and each expert is filled in the micro-batch's
+token order (_keep_in_sequence_order), so the same assignments drop as on one device.
 
 The auxiliary losses (load balancing, z-loss) are not added to the returned activations'
 value: their gradient is attached to the layer's output (_AuxLossGrad), so it flows in the same
