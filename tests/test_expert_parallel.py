@@ -8,10 +8,10 @@ interleaved), DP and activation checkpointing.
   the other EP group only) and activation checkpointing; also with every token routed to EP
   rank 0's experts, so EP rank 1 receives no tokens in any layer (forward and backward).
   Several layouts share one spawn of ranks.
-- DeepSpeed ZeRO-1/2 with EP 2 inside DP 4 (also with EP rank 1 receiving no tokens, and with
-  gpt2's expert biases), EP 2 x PP 2 and EP 2 x CP 2: the same, and DeepSpeed partitions the
-  dense groups over data x context and the expert groups over the ranks holding the same
-  experts (checked on every rank).
+- DeepSpeed ZeRO-1/2 with EP 2 inside DP 4 (also with EP rank 1 receiving no tokens, with the
+  optimizer offloaded, and with gpt2's expert biases), EP 2 x PP 2 and EP 2 x CP 2: the same,
+  and DeepSpeed partitions the dense groups over data x context and the expert groups over the
+  ranks holding the same experts (checked on every rank).
 - A training step at EP 2 x DP 4 under the NCCL-rules model.
 - Validation before any process group (ZeRO-3 with EP refused, citing DeepSpeed's check).
 - Checkpoints resume at another EP (and TP/DP, ZeRO or not) size with the uninterrupted run's
@@ -67,6 +67,7 @@ LAYOUTS_4_ZERO = {
     "ep2_in_dp4_zero1": (MOE, [*EP2, *ZERO, "parallel.zero_stage=1"], False),
     "ep2_in_dp4_zero2": (MOE, [*EP2, *ZERO, "parallel.zero_stage=2"], False),
     "ep2_in_dp4_zero2_rank1_gets_no_tokens": (SKEWED, [*EP2, *ZERO, "parallel.zero_stage=2"], True),
+    "ep2_in_dp4_zero2_offload": (MOE, [*EP2, *ZERO, "parallel.zero_stage=2", "parallel.offload_optimizer=true"], False),
     "ep2_pp2_zero1": (MOE, [*EP2, *ZERO, "parallel.pipeline=2", "parallel.zero_stage=1"], False),
     # the experts' groups span the context-parallel ranks too
     "ep2_cp2_zero2": (MOE, [*EP2, *ZERO, "parallel.context=2", "parallel.zero_stage=2"], False),
@@ -79,6 +80,7 @@ ZERO_GROUPS = {
     "ep2_in_dp4_zero1": lambda rank: ([0, 1, 2, 3], [rank % 2, rank % 2 + 2]),
     "ep2_in_dp4_zero2": lambda rank: ([0, 1, 2, 3], [rank % 2, rank % 2 + 2]),
     "ep2_in_dp4_zero2_rank1_gets_no_tokens": lambda rank: ([0, 1, 2, 3], [rank % 2, rank % 2 + 2]),
+    "ep2_in_dp4_zero2_offload": lambda rank: ([0, 1, 2, 3], [rank % 2, rank % 2 + 2]),
     "ep2_pp2_zero1": lambda rank: ([rank // 2 * 2, rank // 2 * 2 + 1], [rank]),  # DP 2 = EP 2
     # rank order tp-cp-dp-pp: data x context = all 4, the same experts = both CP ranks of a DP rank
     "ep2_cp2_zero2": lambda rank: ([0, 1, 2, 3], [rank // 2 * 2, rank // 2 * 2 + 1]),
