@@ -7,7 +7,10 @@ moments of elements [start, start + numel). A checkpoint stores exactly that run
 offset, so any layout can put the parameter back together (pretrain/checkpoint/reader.py).
 
 - ZeRO-1/2 flatten a parameter group and cut the flat tensor into one partition per DP rank,
-  so a parameter may straddle two partitions. DeepSpeed links each parameter to its slice of
+  so a parameter may straddle two partitions. Under expert parallelism the routed experts'
+  groups are cut over the ranks holding the same experts instead (pretrain/parallel/
+  zero_experts.py); their names carry the global expert index, so the runs a rank saves or
+  reads do not depend on the EP size either. DeepSpeed links each parameter to its slice of
   this rank's partition, if it has one: `param._hp_mapping`, a tensor_fragment whose
   `lp_fragment_address` is (start, numel) within the parameter and whose hp fragment and
   optimizer-state fragments are views of the flat fp32 partition and of the Adam state.
@@ -119,7 +122,8 @@ def load_local_state(optimizer, stage: int, chunks: list[nn.Module], *, read: Re
     """Set this rank's fp32 masters (and, when `step` is given, its Adam moments and step) from
     `read`, then derive the module's weights from the masters the way an optimizer step does:
     stages 1/2 copy each rank's partition into the 16-bit flat buffer and all-gather it over
-    DP (every rank holds whole 16-bit weights); stage 3 re-partitions its own weights."""
+    the group it is partitioned over (DP; an expert group's expert data-parallel ranks), so
+    every rank holds whole 16-bit weights; stage 3 re-partitions its own weights."""
     if step is not None:
         ensure_adam_state(optimizer, stage)
     with torch.no_grad():
