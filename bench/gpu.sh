@@ -4,8 +4,10 @@
 #      odd sizes): tests/test_kernels.py --worker cuda;
 #   2. a tiny GPT through the kernels against its torch path, on the GPU;
 #   3. per-kernel time: PyTorch eager vs torch.compile vs Triton at 1.3B sizes (bench/kernels.py);
-#   3b. context parallelism's kernel path: key blocks merged by log-sum-exp (the ring's own kernel,
-#      and the flash kernel's LSE) against SDPA over the whole sequence (bench/gpu_context.py);
+#   3b. context parallelism's kernel path: the ring's blocks (CP 4 played on one GPU) through each
+#      block kernel (math, torch's flash / memory-efficient, flash-attn's when installed; fp32 and
+#      bf16, causal and documents), merged by log-sum-exp, against SDPA over the whole sequence,
+#      forward and backward; then fused against math per block (bench/gpu_context.py);
 #   4. gpt_1.3b, sequence 2048, bf16, one GPU, 30 steps eager and with model.compile: tokens/s and
 #      MFU against the GPU's datasheet dense bf16 peak (pretrain/hardware.py) and against a bf16
 #      matmul rate measured in the same process (bench/gpu_train.py);
@@ -58,7 +60,7 @@ for flavour, extra in (("llama", {"num_kv_heads": 2}), ("gpt2", {})):
     err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(out["triton"], out["torch"]))
     print(f"RESULT model_kernels_{flavour}_bf16 max_rel_err={err:.2e} ok={err < 2e-2}")
 PYEOF
-part context_kernel 60 "$PY" bench/gpu_context.py --device cuda --seq 8192 --blocks 4
+part context_kernel 120 "$PY" bench/gpu_context.py --device cuda --seq 8192 --cp 4 --speed
 part kernels_bench 180 "$PY" bench/kernels.py --device cuda
 part train_1.3b 300 "$PY" bench/gpu_train.py --config configs/gpt_1.3b.yaml --seq 2048 --micro-batch 8 \
     --accumulation 2 --steps 30 --warmup 10 --variants eager,compile

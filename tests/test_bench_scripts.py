@@ -40,9 +40,24 @@ def test_gpu_train_dry_run_on_cpu():
 
 
 def test_context_kernel_check_on_cpu():
-    """bench/gpu.sh's context-parallel check, on the CPU (the ring's kernel; no flash there)."""
-    out = bench("bench/gpu_context.py", "--device", "cpu", "--seq", "256", "--blocks", "4")
-    assert out.count("ok=True") == 4 and "ok=False" not in out
+    """bench/gpu.sh's context-parallel check, on the CPU: the ring's math kernel (fp32) and torch's
+    fused CPU kernel (fp32, bf16), causal and with documents; and the per-block timing."""
+    out = bench(
+        "bench/gpu_context.py",
+        "--device",
+        "cpu",
+        "--seq",
+        "256",
+        "--cp",
+        "4",
+        "--speed",
+        "--local",
+        "64",
+        "--reps",
+        "1",
+    )
+    assert out.count("ok=True") == 6 and "ok=False" not in out
+    assert out.count("RESULT context_kernel_speed device=cpu") == 4
 
 
 def test_checkpoint_bench_small():

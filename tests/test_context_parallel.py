@@ -2,15 +2,17 @@
 attention across them by all-gather or ring, composed with TP (+SP), PP, DP and ZeRO-1.
 
 - The attention itself, in float64 on real gloo ranks, against one device's attention on the
-  whole sequence: output and the gradients of q, k, v equal to 1e-12 for both variants, causal or
-  not, with and without documents, grouped-query attention, CP = 2 and 4.
+  whole sequence: output and the gradients of q, k, v equal to 1e-12 for both variants (the ring
+  with its math block kernel, tiled or not, and with torch's fused CPU kernel, its default in
+  fp32 and bf16), causal or not, with and without documents, grouped-query attention, CP = 2, 4.
 - Training, fp32, 3 optimizer steps (warmup, clipping, AdamW) on the harness's batches: losses
   and gradient norms equal the single-process run's, for CP 2 and 4, with TP + SP, PP (1F1B and
   interleaved), DP, ZeRO 1-3, activation checkpointing (full and selective) and documents.
   Several layouts share one spawn of ranks (each builds its own groups over the same default
   group), so the file stays quick.
-- Validation before any process group, checkpoints that do not depend on CP, and the ring's
-  transfers under the NCCL-rules model (also in tests/test_nccl_rules.py's step test).
+- Validation before any process group, checkpoints that do not depend on CP (saved at CP 2,
+  resumed at CP 1 and at CP 4), and the ring's transfers under the NCCL-rules model (also in
+  tests/test_nccl_rules.py's step test).
 """
 
 from __future__ import annotations
@@ -284,10 +286,12 @@ def test_ring_transfers_follow_nccl_rules():
         ([*LLAMA, "parallel.context=2", *RING], 2, LLAMA, 1),
         # ZeRO-1 partitions over data x context (CP 2 x DP 1): resumed over DP 2 at CP 1.
         ([*LLAMA, "parallel.context=2", "parallel.zero_stage=1"], 2, [*LLAMA, "parallel.zero_stage=1"], 2),
+        # and at a larger CP: each of 4 ranks holds 2 of 8 chunks instead of 2 of 4
+        ([*LLAMA, "parallel.context=2", *RING], 2, [*LLAMA, "parallel.context=4", *RING], 4),
     ],
-    ids=["cp2_to_one_process", "cp2_zero1_to_dp2_zero1"],
+    ids=["cp2_to_one_process", "cp2_zero1_to_dp2_zero1", "cp2_to_cp4"],
 )
-def test_checkpoint_saved_at_cp2_resumes_at_cp1(tmp_path, saved_at, world, resumed_at, resumed_world):
+def test_checkpoint_saved_at_cp2_resumes_at_another_cp(tmp_path, saved_at, world, resumed_at, resumed_world):
     straight = run_job(saved_at, world=world, last=4, save=str(tmp_path), save_at=2)[0]
     files = sorted(p.name for p in (tmp_path / "step_2").glob("model_*"))
     assert files == ["model_tp0_pp0_part0.safetensors", "model_tp0_pp0_part1.safetensors"]  # one part per CP rank

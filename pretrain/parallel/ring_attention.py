@@ -23,13 +23,15 @@ Load balancing decides which parts of a block can matter: with the causal mask, 
 earlier rank is seen whole by this rank's queries but only through its first chunk, and a block
 from a later rank only by this rank's second chunk (`RingBlock`); the rest is never computed.
 
-Block kernel: `block_forward` / `block_backward` are a math attention (scores materialised per
-block, in fp32) that returns the log-sum-exp; it runs on CPU and on GPU as written. They are the one
-place a GPU flash kernel goes: flash-attn's `_flash_attn_forward` returns (out, softmax_lse, ...)
-and `_flash_attn_backward` takes (dout, q, k, v, out, softmax_lse): the same contract, with the
-final out and lse passed to every block's backward; a block here is full, causal on its
-diagonal, or masked by documents, which the varlen kernels express. Not wired yet: context
-parallelism is validated to run with model.attention_backend=sdpa.
+Block kernels (pretrain/parallel/ring_kernels.py, picked once per device, dtype and
+model.attention_backend): each block's attention comes from a kernel that returns its
+log-sum-exp, and each block's backward takes the final out and lse (FlashAttention's own
+contract). On CPU that is torch's fused flash kernel (fp32, bf16); on CUDA torch's flash and
+memory-efficient kernels, or flash-attn's under model.attention_backend=flash_attn; a math
+kernel (scores per tile of query rows, fp32) is the reference, runs float64, and is the fallback.
+A block is full, causal (the rank's own, without documents: the kernels' is_causal) or masked
+(documents); a row that sees no key of a masked block merges as lse -inf, out 0. The merge and
+the accumulated gradients stay in fp32 whatever the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -203,7 +205,10 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, blocks, link, rank, size, kernel):
         ring = dict(blocks=blocks, link=link, rank=rank, size=size, kernel=kernel)
-        out, lse = _ring_forward(q, k, v, **ring)
+        # The blocks compute in their own dtypes (math: fp32; fused: the inputs', lse in fp32), and
+        # the merge in fp32: not in whatever an enclosing bf16 autocast would pick for matmuls.
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = _ring_forward(q, k, v, **ring)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring = ring
@@ -212,7 +217,8 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, **ctx.ring)
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = _ring_backward(dout.contiguous(), q, k, v, out, lse, **ctx.ring)
         return dq, dk, dv, None, None, None, None, None
 
 
