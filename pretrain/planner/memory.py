@@ -65,6 +65,10 @@ class PlannedMemory:
 class RankMemory:
     pp_rank: int
     parameters: int
+    expert_parameters: int
+    """Of parameters, the routed experts' (model.moe): under expert parallelism this rank's
+    num_experts / parallel.expert of them, reduced and (ZeRO) partitioned over the expert-data-
+    parallel ranks instead of all data x context ranks."""
     in_flight: int
     """Micro-batch chunks (forwards without their backward yet) at this rank's peak."""
     memory: PlannedMemory
@@ -78,11 +82,11 @@ def plan_memory(config: RunConfig, world_size: int, *, overhead: bool = True) ->
     dp = validate_layout(config, world_size)
     probe = probe_activations(config)
     ranks = []
+    groups = ReplicaGroups.of(config, dp)
     for pp_rank in range(config.parallel.pipeline):
-        params = rank_parameters(config, pp_rank)
-        replicas = dp * config.parallel.context  # ZeRO partitions over data x context ranks
-        weights, grads, optimizer = _model_states(config, params, replicas)
-        transient = 4 * params // replicas if config.parallel.zero_stage else 0
+        params, experts = rank_parameter_split(config, pp_rank)
+        weights, grads, optimizer = _model_states(config, params, experts, groups)
+        transient = groups.sharded(4, params, experts) if config.parallel.zero_stage else 0
         activations, in_flight = _peak_activations(config, pp_rank, probe, dp)
         comm = _comm_buffers(config)
         owned = weights + grads + optimizer + max(activations, transient) + comm
@@ -90,29 +94,65 @@ def plan_memory(config: RunConfig, world_size: int, *, overhead: bool = True) ->
         last = pp_rank == config.parallel.pipeline - 1
         logits = probe.head if last else 0
         memory = PlannedMemory(weights, grads, optimizer, activations, logits, transient, comm, extra)
-        ranks.append(RankMemory(pp_rank, params, in_flight, memory))
+        ranks.append(RankMemory(pp_rank, params, experts, in_flight, memory))
     return ranks
+
+
+def model_state_floor(config: RunConfig, world_size: int) -> int:
+    """The least the fullest pipeline rank needs whatever its activations: weights, gradients,
+    optimizer state and the CUDA context. Cheap (no activation probe): --suggest drops layouts
+    over the memory limit with it before planning them."""
+    dp = validate_layout(config, world_size)
+    groups = ReplicaGroups.of(config, dp)
+    states = []
+    for pp_rank in range(config.parallel.pipeline):
+        params, experts = rank_parameter_split(config, pp_rank)
+        states.append(sum(_model_states(config, params, experts, groups)))
+    return max(states) + CONTEXT_BYTES
 
 
 def peak_rank(ranks: list[RankMemory]) -> RankMemory:
     return max(ranks, key=lambda r: r.memory.total)
 
 
-def _model_states(config: RunConfig, params: int, dp: int) -> tuple[int, int, int]:
-    """(weights, gradients, optimizer state) bytes for `params` parameters on one rank.
+@dataclass(frozen=True)
+class ReplicaGroups:
+    """Over how many ranks a parameter's gradient is averaged and its ZeRO state partitioned:
+    dense parameters over the data x context ranks of their TP/PP position; the routed experts'
+    under expert parallelism over the expert-data-parallel group, the data x context ranks
+    holding the same experts (parallel.expert times fewer: Topology.expert_dp_group)."""
+
+    dense: int
+    expert: int
+
+    @staticmethod
+    def of(config: RunConfig, dp: int) -> ReplicaGroups:
+        replicas = dp * config.parallel.context
+        return ReplicaGroups(dense=replicas, expert=replicas // config.parallel.expert)
+
+    def sharded(self, width: int, params: int, experts: int) -> int:
+        """Bytes per rank of `width` bytes per parameter partitioned over each one's group."""
+        return width * (params - experts) // self.dense + width * experts // self.expert
+
+
+def _model_states(config: RunConfig, params: int, experts: int, groups: ReplicaGroups) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes for `params` parameters on one rank, `experts`
+    of them routed experts.
 
     Our data parallelism keeps fp32 weights (autocast runs the matmuls in 16 bits) that double
     as the master copy, fp32 gradients in the flat DP buckets and AdamW's two fp32 moments.
     DeepSpeed ZeRO keeps the weights and gradients in the compute dtype and shards its fp32
     master copy and moments (12 bytes) over the DP ranks; stage 2 also the gradients, stage 3
-    also the weights (Rajbhandari et al. 2020)."""
+    also the weights (Rajbhandari et al. 2020). With expert parallelism the experts' partitions
+    span their expert-data-parallel group only (DeepSpeed's expert parameter groups do the same:
+    an expert's state can only be split among the ranks that hold that expert)."""
     stage = config.parallel.zero_stage
     if stage == 0:
         return 4 * params, 4 * params, 8 * params
     width = torch.tensor([], dtype=config.compute_dtype).element_size()
-    weights = width * params // (dp if stage == 3 else 1)
-    grads = width * params // (dp if stage >= 2 else 1)
-    return weights, grads, 12 * params // dp
+    weights = groups.sharded(width, params, experts) if stage == 3 else width * params
+    grads = groups.sharded(width, params, experts) if stage >= 2 else width * params
+    return weights, grads, groups.sharded(12, params, experts)
 
 
 def _comm_buffers(config: RunConfig) -> int:
@@ -179,12 +219,19 @@ def _schedule_ops(config: RunConfig, pp_rank: int, dp: int) -> list[tuple[str, i
 
 
 def rank_parameters(config: RunConfig, pp_rank: int) -> int:
-    """Parameters pipeline rank `pp_rank` holds (one tensor-parallel shard), counted on the model
-    built on the meta device: nothing is allocated, a 70B model counts in a second."""
+    """Parameters pipeline rank `pp_rank` holds (one tensor- and expert-parallel shard)."""
+    return rank_parameter_split(config, pp_rank)[0]
+
+
+def rank_parameter_split(config: RunConfig, pp_rank: int) -> tuple[int, int]:
+    """(all, routed experts') parameters pipeline rank `pp_rank` holds, counted on the model
+    built on the meta device at the rank's TP and EP layout (an EP rank builds num_experts /
+    parallel.expert experts of each MoE layer): nothing is allocated, a 70B model counts in a
+    second."""
     from pretrain.parallel.model_chunks import stage_layout
 
     p, m = config.parallel, config.model
-    total = 0
+    total = experts = 0
     for chunk in range(p.virtual_stages):
         stage = stage_layout(
             num_layers=m.num_layers,
@@ -194,37 +241,57 @@ def rank_parameters(config: RunConfig, pp_rank: int) -> int:
             chunk=chunk,
             v_shape=p.schedule == "zb-v",
         )
-        total += _stage_parameters(m, p.tensor, len(stage.layer_ids), stage.first, stage.last)
-    return total
+        moe_blocks = sum(1 for i in stage.layer_ids if m.moe is not None and m.moe.is_moe_layer(i))
+        kinds = {"dense": len(stage.layer_ids) - moe_blocks, "moe": moe_blocks}
+        for kind, blocks in kinds.items():
+            if not blocks:
+                continue
+            all_, expert = _block_parameters(m, p.tensor, p.expert, kind)
+            total, experts = total + blocks * all_, experts + blocks * expert
+        total += _end_parameters(m, p.tensor, stage.first, stage.last)
+    return total, experts
 
 
-def _stage_parameters(model, tp: int, blocks: int, first: bool, last: bool) -> int:
-    key = (repr(model), tp, blocks, first, last)
+def _block_parameters(model, tp: int, ep: int, kind: str) -> tuple[int, int]:
+    """(all, routed experts') parameters of one dense or one MoE block at TP x EP."""
+    key = (repr(model), tp, ep, kind)
     if key not in _COUNTS:
-        _COUNTS[key] = _count_on_meta(model, tp, blocks, first, last)
+        # A one-block model whose block is of that kind (every block a MoE layer, or none).
+        moe = None if kind == "dense" else dataclasses.replace(model.moe, layer_interval=1)
+        one = dataclasses.replace(model, num_layers=1, moe=moe)
+        with_block, with_block_experts = _count_on_meta(one, tp, ep, blocks=1, first=False, last=False)
+        ends, _ = _count_on_meta(one, tp, ep, blocks=0, first=False, last=False)
+        _COUNTS[key] = (with_block - ends, with_block_experts)
     return _COUNTS[key]
 
 
-_COUNTS: dict[tuple, int] = {}
+def _end_parameters(model, tp: int, first: bool, last: bool) -> int:
+    """What a stage's ends add: the embedding (first), the final norm and output layer (last)."""
+    key = (repr(model), tp, first, last)
+    if key not in _COUNTS:
+        _COUNTS[key] = _count_on_meta(model, tp, 1, blocks=0, first=first, last=last)[0]
+    return _COUNTS[key]
 
 
-def _count_on_meta(model, tp: int, blocks: int, first: bool, last: bool) -> int:
-    """One block's parameters times `blocks`, plus what the stage's ends add (the model with one
-    block is built, not all of them)."""
+_COUNTS: dict[tuple, object] = {}
+
+
+def _count_on_meta(model, tp: int, ep: int, *, blocks: int, first: bool, last: bool) -> tuple[int, int]:
+    """(all, routed experts') parameters of the model's first `blocks` blocks and the ends asked
+    for, built on the meta device as an EP rank builds them (pretrain/parallel/model_chunks.py)."""
     from pretrain.models.build import build_gpt
     from pretrain.models.gpt import Stage
     from pretrain.models.layers import DenseLayers
+    from pretrain.models.sharding import sharding
+    from pretrain.parallel.expert import ExpertParallel
     from pretrain.parallel.tensor import TensorParallelLayers
     from pretrain.parallel.topology import grid_position
 
     meta = torch.device("meta")
-    topo = grid_position(tp=tp, device=meta)
+    topo = grid_position(tp=tp, dp=ep, ep=ep, device=meta)
     layers = TensorParallelLayers(topo) if tp > 1 else DenseLayers()
-
-    def count(n: int) -> int:
-        one = dataclasses.replace(model, num_layers=max(n, 1))
-        gpt = build_gpt(one, init_seed=1, device=meta, layers=layers, stage=Stage(range(n), first, last))
-        return sum(p.numel() for p in gpt.parameters())
-
-    ends = count(0)
-    return ends + blocks * (count(1) - ends)
+    layers.expert_parallel = ExpertParallel.of(topo)
+    one = dataclasses.replace(model, num_layers=max(blocks, 1))
+    gpt = build_gpt(one, init_seed=1, device=meta, layers=layers, stage=Stage(range(blocks), first, last))
+    params = list(gpt.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if sharding(p).expert)

@@ -23,7 +23,8 @@ def describe_layout(plan: Plan, world_size: int) -> str:
     p, t = c.parallel, c.train
     dp = world_size // (p.tensor * p.pipeline * p.context)
     context = f" x context {p.context} ({p.context_attention})" if p.context > 1 else ""
-    parts = [f"tensor {p.tensor} x pipeline {p.pipeline}{context} x data {dp}"]
+    expert = f" (expert {p.expert} of them)" if p.expert > 1 else ""
+    parts = [f"tensor {p.tensor} x pipeline {p.pipeline}{context} x data {dp}{expert}"]
     if p.virtual_stages > 1:
         parts.append(f"{p.virtual_stages} virtual stages")
     parts.append(f"ZeRO-{p.zero_stage}" if p.zero_stage else "no ZeRO")
@@ -43,16 +44,22 @@ def text_report(plan: Plan, world_size: int, hardware) -> str:
         lines.append(f"  {label:<20}{values}" + (f"   ({note})" if note else ""))
     lines.append(f"  {'total':<20}" + "".join(f"{r.memory.total / GIB:12.2f}" for r in ranks))
     lines.append(f"  {'parameters':<20}" + "".join(f"{r.parameters / 1e9:11.2f}B" for r in ranks))
+    if any(r.expert_parameters for r in ranks):
+        lines.append(f"  {'of which experts':<20}" + "".join(f"{r.expert_parameters / 1e9:11.2f}B" for r in ranks))
     lines.append(f"  {'in flight':<20}" + "".join(f"{r.in_flight:12d}" for r in ranks))
     peak, limit = plan.peak.memory.total, plan.memory_limit
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"peak {peak / GIB:.1f} GiB of {limit / GIB:.0f} GiB per GPU: {verdict}")
-    s = plan.step
+    s, p = plan.step, plan.config.parallel
+    # the context- and expert-parallel parts only where the layout has them
+    context = f", context-parallel exposed {s.context_parallel:.2f}" if p.context > 1 else ""
+    expert = f", expert all-to-all {s.expert_parallel:.2f}" if p.expert > 1 else ""
+    active = " (of active parameters)" if plan.config.model.moe is not None else ""
     lines.append(
         f"step {s.seconds:.2f} s (compute {s.compute:.2f}, bubble {s.bubble:.2f}, tensor-parallel "
-        f"{s.tensor_parallel:.2f}, pipeline sends {s.pipeline_transfers:.2f}, data-parallel exposed "
-        f"{s.data_parallel:.2f}, optimizer {s.optimizer:.2f}): {s.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, "
-        f"MFU {100 * s.mfu:.1f}%"
+        f"{s.tensor_parallel:.2f}, pipeline sends {s.pipeline_transfers:.2f}{context}{expert}, data-parallel "
+        f"exposed {s.data_parallel:.2f}, optimizer {s.optimizer:.2f}): {s.tokens_per_s_per_gpu:,.0f} tokens/s "
+        f"per GPU, MFU {100 * s.mfu:.1f}%{active}"
     )
     return "\n".join(lines)
 
@@ -84,7 +91,13 @@ def json_report(plan: Plan, world_size: int) -> dict:
 
 def _rank_json(rank: RankMemory) -> dict:
     memory = dataclasses.asdict(rank.memory)
-    return {"pp_rank": rank.pp_rank, "parameters": rank.parameters, "in_flight": rank.in_flight, **memory}
+    return {
+        "pp_rank": rank.pp_rank,
+        "parameters": rank.parameters,
+        "expert_parameters": rank.expert_parameters,
+        "in_flight": rank.in_flight,
+        **memory,
+    }
 
 
 def _shown_ranks(ranks: list[RankMemory]) -> list[RankMemory]:
