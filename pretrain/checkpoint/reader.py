@@ -372,7 +372,8 @@ class SavedCheckpoint:
 
 
 def _covers(pieces: list[_Piece], start: int, end: int) -> bool:
-    """Whether the pieces' runs, together, cover [start, end) (they never overlap: DP partitions)."""
+    """Whether the pieces' runs, together, cover [start, end) (DP partitions, which never overlap,
+    except the runs of zb-v's two equal tied embedding copies, pretrain/checkpoint/state.py)."""
     at = start
     for p in sorted(pieces, key=lambda p: p.start):
         if p.start > at:

@@ -170,12 +170,16 @@ def take_partitioned_shard(
     host = host or HostBuffers()
     shard = Shard()
     step = torch.tensor(engine.adam_step())
-    saved = saved_parameters(chunks)
+    # One fragment per name, the first chunk's where this rank has one. zb-v's rank 0 holds the
+    # tied embedding twice (equal copies, pretrain/parallel/tied.py, at two places of the flat
+    # buffer): a rank whose partition has a run of the second copy only writes that run, so that
+    # resuming at this layout every rank finds its own runs in its own files. The first copy's
+    # runs cover the tensor on their own; the second's may overlap them, with equal values.
     for chunk in chunks:
         for frag in engine.local_fragments(chunk):
             name = frag.name
-            if saved[name] is not frag.param:
-                continue  # the tied embedding's second copy on this rank (see saved_parameters)
+            if name in shard.weights:
+                continue  # the tied embedding's second copy, the first's run written
             shard.weights[name] = host.copy(name, frag.master)
             shard.fragments[name] = [frag.start, frag.numel]
             shard.specs[name] = _spec(frag.param)
