@@ -12,9 +12,10 @@ are summed by an all-reduce over `topo.embedding_group`. Under zb-v both stages 
 rank 0, as two chunks: the sum is an addition within the rank.
 
 Why two Parameters summed within the rank, not one Parameter shared by the two chunks: the sum
-is exact (the one addition autograd would have made, done once after the backward passes, then
-copied: the two copies stay bit-for-bit equal), and everything else stays per chunk, as it is
-for every other parameter. A shared Parameter would receive its two contributions at different
+is exact (one fp add of the two contributions, where a shared Parameter's AccumulateGrad would
+add them micro-batch by micro-batch: the same sum up to the order of additions; copied to both,
+so the copies stay bit-for-bit equal, which tests/test_zero_bubble checks), and everything else
+stays per chunk, as it is for every other parameter. A shared Parameter would receive its two contributions at different
 times (the output layer's in chunk 1's backward and W passes, the embedding's in chunk 0's),
 while gradient buckets and ZeRO's hand-on fire once per parameter, in its chunk's last
 backward; it would also belong to two chunks' parameter lists (buckets, ZeRO's flat groups,
