@@ -414,7 +414,7 @@ def test_tied_embedding_under_zb_v_matches_single_process(name):
     norm = max(abs(a - b) / b for a, b in zip(got["grad_norm"], ref["grad_norm"]))
     print(f"{name}: max |loss diff| {loss:.3g}, max relative grad-norm diff {norm:.3g}")
     _assert_same(got, ref, name)
-    # Pipeline rank 0 (and only it) holds both copies; they were equal after every step's update.
+    # Pipeline rank 0 (and only it) holds both copies; they are still bit-for-bit equal after 3 updates.
     holders = [r for r in results if r["copies"] == 2]
     assert holders and all(r["copies_differ"] == 0.0 for r in holders), results
     assert all(r["copies"] == 0 for r in results if r not in holders)
@@ -445,7 +445,7 @@ PP2_1F1B, PP2_ZB_V = ["parallel.pipeline=2"], ["parallel.pipeline=2", V]
 PP2_INTERLEAVED = ["parallel.pipeline=2", "parallel.virtual_stages=2"]
 # saved layout (world) -> the layouts (world) it resumes under; gpt2, tied embedding
 TIED_RESUMES = {
-    # zb-v's rank 0 saves one of its two copies; ZeRO-1: its own fragments of the first one
+    # zb-v's rank 0 saves one of its two copies (ZeRO-1: one run per rank, the first copy's where it has one)
     "zb_v_zero1": ((PP2_ZB_V + ZERO1, 4), [(PP2_ZB_V + ZERO1, 4), (PP2_INTERLEAVED + ZERO1, 4), (PP2_1F1B, 2)]),
     "zb_v": ((PP2_ZB_V, 2), [(PP2_ZB_V, 2), (PP2_1F1B + ZERO1, 4)]),
     # and the other way: the first and the last rank's copies both load into zb-v's rank 0
