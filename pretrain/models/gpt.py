@@ -187,7 +187,7 @@ class GPT(nn.Module):
         needs_embed = self.stage.holds_embedding(config.tied)
         self.embed = self.layers.embedding(config.vocab_rows, config.hidden_size) if needs_embed else None
         if needs_embed and not (first and last) and config.tied:
-            mark(self.embed.weight, tied_embedding=True)
+            mark(self.embed.weight, tied_embedding=True, tied_output_copy=not first)
         use_positions = first and config.flavour == "gpt2"
         self.pos_embed = nn.Embedding(config.positions, config.hidden_size) if use_positions else None
         self.embed_dropout = nn.Dropout(config.dropout)
