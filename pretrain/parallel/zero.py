@@ -68,7 +68,7 @@ class ZeroEngine:
         self.model_chunks = chunks
         self.ds_config = deepspeed_config(config, data_parallel=topo.replicas, accumulation=accumulation)
         params = [p for chunk in chunks for p in chunk.parameters()]
-        mark_parameters(chunks, topo)
+        mark_parameters(chunks)
         ensure_process_group(topo, timeout_minutes=config.parallel.timeout_minutes)
         check_precision_supported(config.train.precision)
         # One module holding all of this rank's chunks: the engine flattens their parameters into

@@ -77,7 +77,7 @@ class TopologyMPU:
         return t.global_rank(tp_rank=0, cp_rank=t.cp_rank, dp_rank=t.dp_rank, pp_rank=t.pp_rank)
 
 
-def mark_parameters(chunks: list[nn.Module], topo: Topology) -> None:
+def mark_parameters(chunks: list[nn.Module]) -> None:
     """Tell DeepSpeed's norm which parameters are TP shards and which are pipeline copies."""
     for chunk in chunks:
         for param in chunk.parameters():
