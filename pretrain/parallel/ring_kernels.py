@@ -20,7 +20,8 @@ Kernels (`choose_kernel`; parallel/ring_attention.py calls `forward` / `backward
   these ops' contract), and the gradients summed back over each group.
 - `flash_attn`: the flash-attn package's `_flash_attn_forward` / `_flash_attn_backward` (2.7+
   signature; GQA native, [b, s, heads, d] layout) for full and causal blocks; masked blocks
-  (documents) go to `cuda_sdpa`'s memory-efficient kernel.
+  (documents) go to `cuda_sdpa`'s memory-efficient kernel (flash-attn's varlen kernels could take
+  them as per-document sequences; not written: untestable here).
 The CUDA kernels are written from the ops' schemas and cannot run on this project's CPU
 machines; bench/gpu_context.py checks them against `math` on a lent GPU.
 """
