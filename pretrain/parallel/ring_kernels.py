@@ -263,6 +263,19 @@ class FlashAttnKernel:
         self._masked = CudaSdpaKernel()
 
     @staticmethod
+    def _options(q, block: Block) -> dict:
+        """What forward and backward both pass: no dropout, window, softcap or ALiBi."""
+        return dict(
+            dropout_p=0.0,
+            softmax_scale=q.shape[-1] ** -0.5,
+            causal=block.causal,
+            window_size_left=-1,
+            window_size_right=-1,
+            softcap=0.0,
+            alibi_slopes=None,
+        )
+
+    @staticmethod
     def _layout(*ts):
         """[b, heads, s, d] -> flash-attn's [b, s, heads, d], last dim contiguous."""
         return [t.transpose(1, 2).contiguous() for t in ts]
@@ -271,19 +284,7 @@ class FlashAttnKernel:
         if not _flash_takes(q, block):
             return self._masked.forward(q, k, v, block)
         qt, kt, vt = self._layout(q, k, v)
-        out, lse, _, _ = self._fwd(
-            qt,
-            kt,
-            vt,
-            dropout_p=0.0,
-            softmax_scale=q.shape[-1] ** -0.5,
-            causal=block.causal,
-            window_size_left=-1,
-            window_size_right=-1,
-            softcap=0.0,
-            alibi_slopes=None,
-            return_softmax=False,
-        )
+        out, lse, _, _ = self._fwd(qt, kt, vt, **self._options(q, block), return_softmax=False)
         return out.transpose(1, 2), lse  # lse [b, heads, rows] fp32
 
     def backward(self, dout, q, k, v, out, lse, delta, block: Block):
@@ -291,25 +292,7 @@ class FlashAttnKernel:
             return self._masked.backward(dout, q, k, v, out, lse, delta, block)
         dt, qt, kt, vt, ot = self._layout(dout, q, k, v, out)
         dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
-        self._bwd(
-            dt,
-            qt,
-            kt,
-            vt,
-            ot,
-            lse.contiguous(),
-            dq,
-            dk,
-            dv,
-            dropout_p=0.0,
-            softmax_scale=q.shape[-1] ** -0.5,
-            causal=block.causal,
-            window_size_left=-1,
-            window_size_right=-1,
-            softcap=0.0,
-            alibi_slopes=None,
-            deterministic=False,
-        )
+        self._bwd(dt, qt, kt, vt, ot, lse.contiguous(), dq, dk, dv, **self._options(q, block), deterministic=False)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
