@@ -7,7 +7,8 @@
 Exit code 0: the layout fits; 1: it does not (the breakdown and the fastest layout that fits
 are printed), or a simulated rank failed in the dry run; 2: a bad request (unknown hardware,
 a layout that cannot run on that many GPUs).
-`--suggest` ranks the layouts the code supports that fit; `--dry-run` also builds the real
+`--suggest` ranks the layouts the code supports that fit (expert parallelism for a MoE model,
+context parallelism for long sequences included); `--dry-run` also builds the real
 model, optimizer and schedule of the first and last pipeline rank at full size on fake tensors
 over a fake process group of the requested world size and runs one training step.
 """
