@@ -45,4 +45,4 @@ started_cluster=0
 if [ ! -f "${PRETRAIN_SLURM_DIR:-/tmp/pretrain-slurm}/started" ]; then started_cluster=1; fi
 bash tests/slurm/cluster_up.sh
 if [ "$started_cluster" = 1 ]; then trap 'bash tests/slurm/cluster_down.sh' EXIT; fi
-"$PY" -m pytest -q tests "$@"
+"$PY" -m pytest -q --durations=25 tests "$@"
