@@ -41,6 +41,21 @@ def losses(run_dir) -> dict:
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
+def merged_validation_loss(ckpt: Path) -> float:
+    """The latest checkpoint, loaded as one single-device model, over the first two validation
+    micro-batches of `small`'s run (what its last evaluation logged)."""
+    from pretrain.data.gpt_dataset import GPTDataset
+    from pretrain.data.loader import SampleLoader
+
+    model, config = load_model(ckpt)
+    valid = GPTDataset(
+        config.data.path, seq_length=64, split="valid", split_ratios=config.data.split_ratios, seed=config.train.seed
+    )
+    loader = iter(SampleLoader(valid, micro_batch_size=2, seed=config.train.seed))
+    with torch.no_grad():
+        return sum(model(b["tokens"], labels=b["labels"]).item() for b in (next(loader) for _ in range(2))) / 2
+
+
 def test_tp2_pp2_trains_resumes_and_exports(stdlib_data, tmp_path):
     straight = torchrun(4, small(stdlib_data, tmp_path / "a") + ["train.steps=8"])
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -61,16 +76,7 @@ def test_tp2_pp2_trains_resumes_and_exports(stdlib_data, tmp_path):
     ]
 
     # The merged single-device model reproduces the grid's final validation loss.
-    model, config = load_model(tmp_path / "a/ckpt")
-    from pretrain.data.gpt_dataset import GPTDataset
-    from pretrain.data.loader import SampleLoader
-
-    valid = GPTDataset(
-        config.data.path, seq_length=64, split="valid", split_ratios=config.data.split_ratios, seed=config.train.seed
-    )
-    loader = iter(SampleLoader(valid, micro_batch_size=2, seed=config.train.seed))
-    with torch.no_grad():
-        ours = sum(model(b["tokens"], labels=b["labels"]).item() for b in (next(loader) for _ in range(2))) / 2
+    ours = merged_validation_loss(tmp_path / "a/ckpt")
     lines = (tmp_path / "a/logs/metrics.jsonl").read_text().splitlines()
     logged = [r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r][-1]
     assert abs(ours - logged) < 1e-5
