@@ -320,17 +320,22 @@ LAYOUTS = {
 }
 
 
-def _train(overrides: list[str], steps: int) -> dict:
-    trainer = build_trainer(make_config(overrides), steps)
-    records = [trainer.step(step) for step in range(1, steps + 1)]
+def moe_figures(trainer, records: list[dict]) -> dict:
+    """What the layout tests compare from a run's step records (tests/test_moe_context.py too)."""
     return {
         "logging": trainer.topo.is_logging_rank,
         "loss": [r["loss"] for r in records],
         "grad_norm": [r["grad_norm"] for r in records],
         "tokens": [[v["tokens_per_expert"] for _, v in sorted(r["moe_layers"].items())] for r in records],
         "aux": [r["moe_aux_loss"] for r in records],
+        "z": [r["moe_z_loss"] for r in records],
         "dropped": [r.get("moe_dropped_tokens") for r in records],
     }
+
+
+def _train(overrides: list[str], steps: int) -> dict:
+    trainer = build_trainer(make_config(overrides), steps)
+    return moe_figures(trainer, [trainer.step(step) for step in range(1, steps + 1)])
 
 
 def _layout_run(overrides: list[str], world: int) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 from parallel_harness import build_trainer, make_config, run_ranks
+from test_moe import moe_figures
 
 # As tests/test_context_parallel.py: 2e-5 absolute on the losses (and the aux and z figures), on
 # the first step's gradient norm (before any update), 1e-4 relative on the later norms, where
@@ -72,15 +73,8 @@ LAYOUTS_4 = {
 
 def _train(overrides: list[str]) -> dict:
     trainer = build_trainer(make_config(overrides), 3)
-    records = [trainer.step(step) for step in (1, 2, 3)]
     return {
-        "logging": trainer.topo.is_logging_rank,
-        "loss": [r["loss"] for r in records],
-        "grad_norm": [r["grad_norm"] for r in records],
-        "tokens": [[v["tokens_per_expert"] for _, v in sorted(r["moe_layers"].items())] for r in records],
-        "aux": [r["moe_aux_loss"] for r in records],
-        "z": [r["moe_z_loss"] for r in records],
-        "dropped": [r.get("moe_dropped_tokens") for r in records],
+        **moe_figures(trainer, [trainer.step(step) for step in (1, 2, 3)]),
         "tp_rank": trainer.topo.tp_rank,
         # gpt2: the experts' output biases, which only TP rank 0 adds to the output and every TP
         # rank must keep equal (a replicated weight; its gradient the full one on every rank)
